@@ -1,0 +1,185 @@
+"""Spatial transforms on tensors: one code path for 2D and 3D.
+
+Coordinate domains used throughout voxreg (see docs/conventions.md):
+
+- **voxel coordinates**: a point along array axis ``d`` runs from ``0`` to ``S_d - 1``;
+  voxel centres sit on integers. Tensors are ``(N, C, *spatial)`` float32.
+- **displacement field** ``u``: shape ``(N, ndim, *spatial)``, in voxels of the fixed
+  grid, channel ``d`` = displacement along array axis ``d``. Warping samples the
+  moving image at ``x + u(x)``: ``warped(x) = moving(x + u(x))``.
+- **normalised coordinates** (``torch.nn.functional.grid_sample`` with
+  ``align_corners=True``): ``-1`` at voxel ``0``, ``+1`` at voxel ``S-1``, with the
+  last grid dimension in *reversed* axis order (x = last array axis). Only
+  :func:`voxel_to_normalized` knows about this.
+- **world coordinates** (RAS mm) belong to :mod:`voxreg.io`; this module never
+  touches files or affines of images.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Interpolation = Literal["linear", "nearest"]
+Padding = Literal["border", "zeros"]
+
+
+def spatial_ndim(tensor: Tensor) -> int:
+    """Number of spatial dimensions of an ``(N, C, *spatial)`` tensor (2 or 3)."""
+    ndim = tensor.dim() - 2
+    if ndim not in (2, 3):
+        raise ValueError(f"expected a (N, C, H, W) or (N, C, D, H, W) tensor, got shape {tuple(tensor.shape)}")
+    return ndim
+
+
+@lru_cache(maxsize=16)
+def _cached_identity(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    axes = [torch.arange(s, device=device, dtype=dtype) for s in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
+
+
+def identity_grid(shape: Sequence[int], device: torch.device | str | None = None,
+                  dtype: torch.dtype = torch.float32) -> Tensor:
+    """Voxel coordinates of every voxel, shape ``(1, ndim, *shape)`` (cached per shape)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    return _cached_identity(tuple(int(s) for s in shape), device, dtype)
+
+
+def voxel_to_normalized(coords: Tensor, shape: Sequence[int]) -> Tensor:
+    """Convert voxel coordinates ``(N, ndim, *S_out)`` of an image of spatial ``shape``
+    to a grid_sample grid ``(N, *S_out, ndim)`` (normalised, reversed axis order)."""
+    ndim = coords.shape[1]
+    scale = torch.tensor([2.0 / max(s - 1, 1) for s in shape], device=coords.device, dtype=coords.dtype)
+    normalized = coords * scale.view(1, ndim, *([1] * ndim)) - 1.0
+    return normalized.movedim(1, -1).flip(-1)
+
+
+def normalized_to_voxel(grid: Tensor, shape: Sequence[int]) -> Tensor:
+    """Inverse of :func:`voxel_to_normalized`: grid ``(N, *S, ndim)`` -> voxels ``(N, ndim, *S)``."""
+    coords = grid.flip(-1).movedim(-1, 1)
+    ndim = coords.shape[1]
+    scale = torch.tensor([max(s - 1, 1) / 2.0 for s in shape], device=grid.device, dtype=grid.dtype)
+    return (coords + 1.0) * scale.view(1, ndim, *([1] * ndim))
+
+
+def sample(image: Tensor, coords: Tensor, mode: Interpolation = "linear",
+           padding: Padding = "border") -> Tensor:
+    """Sample ``image`` ``(N, C, *S_in)`` at voxel coordinates ``coords`` ``(N, ndim, *S_out)``.
+
+    Linear interpolation is bilinear/trilinear; ``nearest`` is for label maps.
+    ``padding='border'`` repeats edge values outside the image, ``'zeros'`` fills 0.
+    Label maps of integer dtype are sampled with nearest and keep their dtype.
+    """
+    ndim = spatial_ndim(image)
+    if coords.shape[1] != ndim:
+        raise ValueError(f"coords have {coords.shape[1]} channels for a {ndim}D image")
+    is_int = not torch.is_floating_point(image)
+    if is_int:
+        mode = "nearest"
+    work = image.to(coords.dtype) if is_int else image
+    if coords.shape[0] != work.shape[0]:
+        coords = coords.expand(work.shape[0], *coords.shape[1:])
+    grid = voxel_to_normalized(coords, work.shape[2:])
+    out = F.grid_sample(work, grid, mode="bilinear" if mode == "linear" else "nearest",
+                        padding_mode=padding, align_corners=True)
+    return out.round().to(image.dtype) if is_int else out
+
+
+def warp(image: Tensor, field: Tensor, mode: Interpolation = "linear",
+         padding: Padding = "border") -> Tensor:
+    """Warp ``image`` ``(N, C, *S)`` by a displacement ``field`` ``(N, ndim, *S_fixed)`` in
+    voxels: ``out(x) = image(x + field(x))``. The output lives on the field's grid."""
+    coords = identity_grid(field.shape[2:], field.device, field.dtype) + field
+    return sample(image, coords, mode, padding)
+
+
+def compose(outer: Tensor, inner: Tensor) -> Tensor:
+    """Displacement of the composition, such that
+    ``warp(warp(M, outer), inner) == warp(M, compose(outer, inner))``:
+    ``u(x) = inner(x) + outer(x + inner(x))``."""
+    return inner + warp(outer, inner)
+
+
+def integrate_velocity(velocity: Tensor, steps: int = 7) -> Tensor:
+    """Integrate a stationary velocity field by scaling and squaring.
+
+    The velocity is scaled by ``2**-steps`` and composed with itself ``steps`` times;
+    the result is a diffeomorphic displacement field in the same voxel units.
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    field = velocity / (2 ** steps)
+    for _ in range(steps):
+        field = field + warp(field, field)
+    return field
+
+
+def resize_field(field: Tensor, shape: Sequence[int]) -> Tensor:
+    """Resample a displacement field to a new grid ``shape`` covering the same extent,
+    rescaling its values so they stay in voxels of the new grid."""
+    ndim = spatial_ndim(field)
+    shape = tuple(int(s) for s in shape)
+    if tuple(field.shape[2:]) == shape:
+        return field
+    mode = "bilinear" if ndim == 2 else "trilinear"
+    resized = F.interpolate(field, size=shape, mode=mode, align_corners=True)
+    factors = [(new - 1) / max(old - 1, 1) for new, old in zip(shape, field.shape[2:])]
+    scale = torch.tensor(factors, device=field.device, dtype=field.dtype)
+    return resized * scale.view(1, ndim, *([1] * ndim))
+
+
+def resize_image(image: Tensor, shape: Sequence[int]) -> Tensor:
+    """Linearly resample an ``(N, C, *S)`` image to ``shape`` over the same extent."""
+    ndim = spatial_ndim(image)
+    if tuple(image.shape[2:]) == tuple(shape):
+        return image
+    mode = "bilinear" if ndim == 2 else "trilinear"
+    return F.interpolate(image, size=tuple(int(s) for s in shape), mode=mode, align_corners=True)
+
+
+def spatial_gradient(field: Tensor) -> Tensor:
+    """Central-difference derivatives ``d field[c] / d axis[k]``, shape ``(N, C, ndim, *S)``
+    (one-sided at the borders)."""
+    ndim = spatial_ndim(field)
+    grads = torch.gradient(field, dim=tuple(range(2, 2 + ndim)))
+    return torch.stack(grads, dim=2)
+
+
+def jacobian_determinant(field: Tensor) -> Tensor:
+    """Determinant of the Jacobian of ``x -> x + field(x)``, shape ``(N, *S)``.
+
+    Values <= 0 mark folding; 1 means volume preserved.
+    """
+    ndim = spatial_ndim(field)
+    jac = spatial_gradient(field)
+    eye = torch.eye(ndim, device=field.device, dtype=field.dtype).view(1, ndim, ndim, *([1] * ndim))
+    jac = (jac + eye).movedim((1, 2), (-2, -1))
+    if ndim == 2:
+        return jac[..., 0, 0] * jac[..., 1, 1] - jac[..., 0, 1] * jac[..., 1, 0]
+    a, b, c = jac[..., 0, 0], jac[..., 0, 1], jac[..., 0, 2]
+    d, e, f = jac[..., 1, 0], jac[..., 1, 1], jac[..., 1, 2]
+    g, h, i = jac[..., 2, 0], jac[..., 2, 1], jac[..., 2, 2]
+    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+
+
+def matrix_to_field(matrix: Tensor, shape: Sequence[int]) -> Tensor:
+    """Displacement field ``(1, ndim, *shape)`` of a voxel-space affine ``matrix``
+    ``(ndim+1, ndim+1)`` mapping output voxel ``x`` to input voxel ``M @ [x, 1]``."""
+    ndim = len(shape)
+    grid = identity_grid(shape, matrix.device, matrix.dtype)
+    flat = grid.reshape(ndim, -1)
+    mapped = matrix[:ndim, :ndim] @ flat + matrix[:ndim, ndim:]
+    return (mapped - flat).reshape(1, ndim, *shape)
+
+
+def invert_field(field: Tensor, iterations: int = 30) -> Tensor:
+    """Numerical inverse of a displacement field by fixed-point iteration
+    ``v(x) = -u(x + v(x))`` (converges for smooth, non-folding fields)."""
+    inverse = -field
+    for _ in range(iterations):
+        inverse = -warp(field, inverse)
+    return inverse
