@@ -1,0 +1,147 @@
+"""Instance optimisation: register one pair by optimising a field directly.
+
+The field is parameterised on a grid at most ``field_scale`` times coarser than the
+image (a stationary velocity integrated by scaling and squaring when
+``diffeomorphic``), optimised with Adam over a multi-scale image pyramid with the same
+losses as training: ``similarity(fixed, moving o phi) + lam * regulariser(phi)``.
+Used alone (the default engine with no trained model) or as refinement after a network
+(``initial_field``). Tensors follow voxreg's conventions: images ``(1, 1, *S)``, fields
+``(1, ndim, *S)`` in voxels of the fixed grid.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field as dataclass_field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from voxreg import losses, spatial
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass
+class AlignConfig:
+    """Settings of instance optimisation (defaults tuned on brain MRI at 1 mm)."""
+
+    similarity: str = "ncc"
+    window: int = 5
+    lam: float = 1.0
+    regularizer: str = "l2"
+    scales: tuple[int, ...] = (4, 2, 1)
+    iterations: tuple[int, ...] = (150, 100, 40)
+    lr: float = 0.5
+    diffeomorphic: bool = True
+    int_steps: int = 6
+    field_scale: int = 2
+    mi_bins: int = 32
+
+    def __post_init__(self) -> None:
+        if len(self.scales) != len(self.iterations):
+            raise ValueError("scales and iterations must have the same length")
+        if self.similarity not in losses.SIMILARITY_LOSSES:
+            raise ValueError(f"similarity must be one of {sorted(losses.SIMILARITY_LOSSES)}, got {self.similarity!r}")
+        if self.lam < 0:
+            raise ValueError(f"lam must be >= 0, got {self.lam}")
+
+    @property
+    def total_iterations(self) -> int:
+        """Number of optimiser steps over all levels."""
+        return int(sum(self.iterations))
+
+    def refinement(self, steps: int) -> "AlignConfig":
+        """A config for ``steps`` refinement iterations at full and half scale only."""
+        fine = max(1, steps // 3)
+        return AlignConfig(**{**self.__dict__, "scales": (2, 1), "iterations": (steps - fine, fine)})
+
+
+@dataclass
+class AlignResult:
+    """Field found by :func:`align` with the loss history and runtime."""
+
+    field: Tensor
+    history: list[float] = dataclass_field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _downsample(image: Tensor, factor: int) -> Tensor:
+    """Average-pool-free downsampling by linear interpolation after light blurring."""
+    if factor == 1:
+        return image
+    shape = [max(2, s // factor) for s in image.shape[2:]]
+    pooled = F.avg_pool3d(image, 3, 1, 1) if image.dim() == 5 else F.avg_pool2d(image, 3, 1, 1)
+    return spatial.resize_image(pooled, shape)
+
+
+def _parameter_shape(image_shape: tuple[int, ...], level_scale: int, field_scale: int) -> list[int]:
+    """Grid of the optimised field at one pyramid level (never finer than ``field_scale``)."""
+    extra = max(1, field_scale // level_scale)
+    return [max(2, s // extra) for s in image_shape]
+
+
+def _field_from_parameter(param: Tensor, shape: tuple[int, ...], config: AlignConfig) -> Tensor:
+    """Displacement on the image grid ``shape`` from the optimised parameter."""
+    field = spatial.integrate_velocity(param, config.int_steps) if config.diffeomorphic else param
+    return spatial.resize_field(field, shape)
+
+
+def _similarity(config: AlignConfig) -> torch.nn.Module:
+    if config.similarity == "ncc":
+        return losses.similarity_loss("ncc", window=config.window)
+    if config.similarity == "mi":
+        return losses.similarity_loss("mi", bins=config.mi_bins)
+    return losses.similarity_loss(config.similarity)
+
+
+def align(fixed: Tensor, moving: Tensor, config: AlignConfig | None = None,
+          initial_field: Tensor | None = None, progress: ProgressCallback | None = None) -> AlignResult:
+    """Register ``moving`` to ``fixed`` (both ``(1, 1, *S)`` on the same grid, intensities
+    in [0, 1]) by optimising a displacement field; returns it in voxels of the fixed grid.
+
+    With ``initial_field`` (e.g. a network prediction) the moving image is first warped by
+    it, a residual is optimised and the result is ``compose(initial_field, residual)``.
+    """
+    config = config or AlignConfig()
+    if fixed.shape != moving.shape:
+        raise ValueError(f"fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} must share a grid")
+    start = time.perf_counter()
+    source = moving if initial_field is None else spatial.warp(moving, initial_field)
+    similarity = _similarity(config).to(fixed.device)
+    regularizer = losses.regularizer(config.regularizer).to(fixed.device)
+    param: Tensor | None = None
+    history: list[float] = []
+    done = 0
+    for level_scale, iterations in zip(config.scales, config.iterations):
+        fixed_level = _downsample(fixed, level_scale)
+        moving_level = _downsample(source, level_scale)
+        level_shape = tuple(fixed_level.shape[2:])
+        param_shape = _parameter_shape(level_shape, level_scale, config.field_scale)
+        if param is None:
+            param = torch.zeros(1, fixed.dim() - 2, *param_shape, device=fixed.device)
+        else:
+            param = spatial.resize_field(param.detach(), param_shape)
+        param.requires_grad_(True)
+        optimizer = torch.optim.Adam([param], lr=config.lr)
+        for _ in range(iterations):
+            optimizer.zero_grad(set_to_none=True)
+            field = _field_from_parameter(param, level_shape, config)
+            warped = spatial.warp(moving_level, field)
+            loss = similarity(fixed_level, warped) + config.lam * regularizer(field)
+            loss.backward()
+            optimizer.step()
+            history.append(float(loss.detach()))
+            done += 1
+            if progress is not None:
+                progress(done, config.total_iterations)
+    with torch.no_grad():
+        if param is None:
+            field = torch.zeros(1, fixed.dim() - 2, *fixed.shape[2:], device=fixed.device)
+        else:
+            field = _field_from_parameter(param.detach(), tuple(fixed.shape[2:]), config)
+        if initial_field is not None:
+            field = spatial.compose(initial_field, field)
+    return AlignResult(field=field, history=history, seconds=time.perf_counter() - start)

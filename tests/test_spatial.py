@@ -1,0 +1,153 @@
+"""Spatial transforms: hand-computable answers, 2D and 3D through one code path."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from voxreg import spatial
+
+SHAPES = [(7, 8, 9), (9, 11)]
+
+
+def ramp_image(shape):
+    """An image whose value encodes the voxel index uniquely."""
+    n = int(torch.tensor(shape).prod())
+    return torch.arange(n, dtype=torch.float32).reshape(1, 1, *shape)
+
+
+def smooth_field(shape, amplitude, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ndim = len(shape)
+    coarse = torch.randn(1, ndim, *[4] * ndim, generator=gen)
+    noise = spatial.resize_image(coarse, shape)  # smooth: linear over a 4-point lattice
+    pool = F.avg_pool3d if ndim == 3 else F.avg_pool2d
+    noise = pool(noise, 5, 1, 2, count_include_pad=False)
+    return noise / noise.abs().max() * amplitude
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_one_voxel_shift_moves_image_one_voxel_along_each_axis(shape):
+    ndim = len(shape)
+    image = ramp_image(shape)
+    for axis in range(ndim):
+        field = torch.zeros(1, ndim, *shape)
+        field[:, axis] = 1.0
+        warped = spatial.warp(image, field)
+        # warped(x) = image(x + e_axis): warped[..., i, ...] == image[..., i+1, ...]
+        assert torch.allclose(warped.narrow(2 + axis, 0, shape[axis] - 1),
+                              image.narrow(2 + axis, 1, shape[axis] - 1), atol=1e-3)
+        # border padding repeats the last slice
+        assert torch.allclose(warped.narrow(2 + axis, shape[axis] - 1, 1),
+                              image.narrow(2 + axis, shape[axis] - 1, 1), atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_half_voxel_shift_interpolates_linearly(shape):
+    ndim = len(shape)
+    image = ramp_image(shape)
+    field = torch.zeros(1, ndim, *shape)
+    field[:, 0] = 0.5
+    step = int(torch.tensor(shape[1:]).prod())  # index stride along axis 0
+    warped = spatial.warp(image, field)
+    interior = warped.narrow(2, 0, shape[0] - 1)
+    assert torch.allclose(interior, image.narrow(2, 0, shape[0] - 1) + 0.5 * step)
+
+
+def test_nearest_keeps_label_values_and_dtype():
+    labels = torch.randint(0, 5, (1, 1, 6, 7, 8), dtype=torch.int32)
+    field = torch.full((1, 3, 6, 7, 8), 0.3)
+    warped = spatial.warp(labels, field, mode="nearest")
+    assert warped.dtype == torch.int32
+    assert torch.equal(warped, labels)  # 0.3 voxel rounds back to the same voxel
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_linear_field_has_constant_jacobian(shape):
+    ndim = len(shape)
+    grid = spatial.identity_grid(shape)
+    field = torch.zeros(1, ndim, *shape)
+    field[:, 0] = 0.2 * grid[:, 0] + 0.1 * grid[:, 1]
+    field[:, 1] = -0.3 * grid[:, 1]
+    # J = I + [[0.2, 0.1], [0, -0.3]] -> det = 1.2 * 0.7 = 0.84 (3D: third row identity)
+    det = spatial.jacobian_determinant(field)
+    assert det.shape == (1, *shape)
+    assert torch.allclose(det, torch.full_like(det, 0.84), atol=1e-5)
+
+
+def test_jacobian_detects_folding():
+    shape = (10, 10)
+    grid = spatial.identity_grid(shape)
+    field = torch.zeros(1, 2, *shape)
+    field[:, 0] = -2.0 * grid[:, 0]  # x -> -x: det = -1
+    assert torch.allclose(spatial.jacobian_determinant(field), torch.full((1, *shape), -1.0))
+
+
+@pytest.mark.parametrize("shape", [(24, 26, 22), (40, 36)])
+def test_compose_with_numerical_inverse_is_identity(shape):
+    field = smooth_field(shape, amplitude=1.5)
+    inverse = spatial.invert_field(field)
+    interior = (slice(None), slice(None)) + tuple(slice(4, -4) for _ in shape)
+    # the fixed point v = -u(x + v) makes this direction exact up to float error
+    assert spatial.compose(field, inverse)[interior].abs().max() < 1e-4
+    # the other direction carries linear-interpolation error only
+    residual = spatial.compose(inverse, field)[interior].abs()
+    assert residual.max() < 0.05 and residual.mean() < 0.005
+
+
+def test_compose_matches_sequential_warps():
+    shape = (20, 22, 18)
+    grid = spatial.identity_grid(shape)
+    image = torch.sin(grid[:, :1] / 3) * torch.cos(grid[:, 1:2] / 4) + grid[:, 2:] / 10
+    outer, inner = smooth_field(shape, 1.5, seed=1), smooth_field(shape, 1.5, seed=2)
+    sequential = spatial.warp(spatial.warp(image, outer), inner)
+    direct = spatial.warp(image, spatial.compose(outer, inner))
+    interior = (slice(None), slice(None)) + tuple(slice(3, -3) for _ in shape)
+    error = (sequential - direct)[interior].abs()
+    assert error.max() < 0.03 and error.mean() < 0.005  # image range is about 4
+
+
+def test_integrate_constant_velocity_gives_the_same_shift():
+    velocity = torch.zeros(1, 3, 12, 12, 12)
+    velocity[:, 2] = 1.5
+    field = spatial.integrate_velocity(velocity, steps=7)
+    interior = field[:, :, 3:-3, 3:-3, 3:-3]
+    assert torch.allclose(interior[:, 2], torch.full_like(interior[:, 2], 1.5), atol=1e-4)
+    assert interior[:, :2].abs().max() < 1e-6
+
+
+def test_integrated_velocity_does_not_fold():
+    velocity = smooth_field((32, 32), amplitude=9.0, seed=3)
+    assert (spatial.jacobian_determinant(velocity) <= 0).any()  # as a displacement it folds
+    field = spatial.integrate_velocity(velocity, steps=8)
+    assert (spatial.jacobian_determinant(field)[:, 2:-2, 2:-2] > 0).all()
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_resize_field_rescales_values(ndim):
+    shape = (9,) * ndim
+    grid = spatial.identity_grid(shape)
+    field = torch.zeros(1, ndim, *shape)
+    field[:, 0] = 0.25 * grid[:, 0] + 1.0  # affine in axis 0
+    resized = spatial.resize_field(field, (17,) * ndim)  # (17-1)/(9-1) = 2x finer
+    new_grid = spatial.identity_grid((17,) * ndim)
+    # same physical map: 1 coarse voxel = 2 fine voxels
+    expected = 2.0 * (0.25 * new_grid[:, 0] / 2.0 + 1.0)
+    assert torch.allclose(resized[:, 0], expected, atol=1e-5)
+    assert resized[:, 1:].abs().max() == 0
+
+
+def test_voxel_normalized_round_trip():
+    shape = (5, 7, 9)
+    coords = torch.rand(1, 3, 4, 4, 4) * 8
+    back = spatial.normalized_to_voxel(spatial.voxel_to_normalized(coords, shape), shape)
+    assert torch.allclose(back, coords, atol=1e-5)
+    corner = torch.tensor([4.0, 0.0, 8.0]).view(1, 3, 1, 1, 1)
+    # grid_sample order is reversed: (x = last axis, ..., z = first axis)
+    assert spatial.voxel_to_normalized(corner, shape).flatten().tolist() == [1.0, -1.0, 1.0]
+
+
+def test_matrix_to_field_of_translation():
+    matrix = torch.eye(4)
+    matrix[:3, 3] = torch.tensor([1.0, -2.0, 0.5])
+    field = spatial.matrix_to_field(matrix, (4, 5, 6))
+    assert torch.allclose(field[0, :, 2, 3, 1], torch.tensor([1.0, -2.0, 0.5]))
