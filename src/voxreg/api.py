@@ -1,0 +1,270 @@
+"""The Python surface of voxreg: ``register()``, ``warp_image()``, ``apply_field()``.
+
+One registration follows DESIGN.md's data flow: load -> (affine) -> resample the moving
+scan onto the fixed grid in world space -> normalise -> predict (network) and/or
+optimise (instance optimisation) a displacement field -> warp image and label maps
+with ONE interpolation from the original moving grid -> metrics -> outputs.
+The field is in voxels of the fixed grid, ``(1, ndim, *fixed.shape)``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field as dataclass_field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from voxreg import io, metrics, spatial
+from voxreg.align import AlignConfig, align
+from voxreg.errors import VoxregError
+from voxreg.image import Image
+
+ImageLike = Image | str | Path
+ProgressCallback = Callable[[int, int], None]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``'auto'`` -> CUDA when available else CPU; ``'cuda'`` without a GPU is an error."""
+    name = str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise VoxregError(f"device {name!r} requested but CUDA is not available on this machine (use --device cpu or auto)")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise VoxregError(f"unknown device {name!r}: use auto, cpu or cuda[:N]")
+    return torch.device(name)
+
+
+def as_image(image: ImageLike, label: bool = False) -> Image:
+    """Load ``image`` when it is a path; intensity images are checked for NaN/empty/constant."""
+    loaded = image if isinstance(image, Image) else io.load_image(image, label=label)
+    if label and not loaded.is_label:
+        loaded = io.as_label_image(loaded)
+    if not label:
+        io.check_intensity_image(loaded)
+    return loaded
+
+
+def _check_pair(fixed: Image, moving: Image) -> None:
+    if fixed.ndim != moving.ndim:
+        raise VoxregError(f"{moving.path or 'moving'} is {moving.ndim}D but {fixed.path or 'fixed'} is "
+                          f"{fixed.ndim}D: both scans must have the same dimensionality")
+
+
+def _to_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None].to(device)
+
+
+def warp_image(moving: Image, fixed: Image, field: torch.Tensor | np.ndarray | None = None,
+               world_matrix: np.ndarray | None = None, nearest: bool | None = None,
+               device: torch.device | str = "cpu") -> Image:
+    """Resample ``moving`` onto ``fixed``'s grid through ``world_matrix`` (fixed world ->
+    moving world, RAS mm) and a displacement ``field`` in fixed voxels, with a single
+    interpolation. Label maps use nearest neighbour and keep integer values."""
+    ndim = fixed.ndim
+    matrix = torch.as_tensor(io.voxel_matrix(fixed.affine, moving.affine, ndim, world_matrix),
+                             dtype=torch.float32, device=device)
+    points = spatial.identity_grid(fixed.shape, device)
+    if field is not None:
+        field = torch.as_tensor(field, dtype=torch.float32, device=device)
+        points = points + (field if field.dim() == ndim + 2 else field[None])
+    flat = points.reshape(ndim, -1)
+    coords = (matrix[:ndim, :ndim] @ flat + matrix[:ndim, ndim:]).reshape(1, ndim, *fixed.shape)
+    use_nearest = moving.is_label if nearest is None else nearest
+    source = torch.from_numpy(np.ascontiguousarray(moving.array))[None, None].to(device)
+    if not use_nearest:
+        source = source.float()
+    out = spatial.sample(source, coords, "nearest" if use_nearest else "linear", padding="zeros")
+    return Image(out[0, 0].cpu().numpy(), fixed.affine.copy(), moving.path)
+
+
+@dataclass
+class RegistrationResult:
+    """Everything one registration produced; ``save()`` writes the standard outputs."""
+
+    fixed: Image
+    moving: Image
+    warped: Image
+    field: torch.Tensor
+    warped_labels: dict[str, Image] = dataclass_field(default_factory=dict)
+    world_matrix: np.ndarray | None = None
+    metrics: dict[str, Any] = dataclass_field(default_factory=dict)
+
+    def save(self, outdir: str | Path, figure: bool = True) -> dict[str, Path]:
+        """Write warped image, labels, fields (voxreg + ITK), metrics.json and figure.png
+        into ``outdir``; each file is written to a temporary name and renamed."""
+        outdir = io.ensure_output_dir(outdir)
+        field = self.field[0].detach().cpu().numpy()
+        written: dict[str, Path] = {}
+        written["warped"] = io.save_image(self.warped, outdir / "warped.nii.gz")
+        for name, labels in self.warped_labels.items():
+            written[f"warped_{name}"] = io.save_image(labels, outdir / f"warped_{name}.nii.gz")
+        written["field"] = io.save_field(outdir / "field.nii.gz", field, self.fixed)
+        if self.fixed.ndim == 3:
+            written["field_itk"] = io.save_itk_field(outdir / "field_itk.nii.gz", field, self.fixed)
+        if self.world_matrix is not None:
+            written["affine"] = io.write_itk_affine(outdir / "affine.txt", self.world_matrix)
+        if figure:
+            from voxreg.report import registration_figure
+            written["figure"] = registration_figure(
+                self.fixed.array, self.moving.array, self.warped.array, field,
+                outdir / "figure.png", title=_figure_title(self.metrics), affine=self.fixed.affine)
+        written["metrics"] = _write_json(outdir / "metrics.json", self.metrics)
+        return {k: Path(v) for k, v in written.items()}
+
+
+def _figure_title(values: Mapping[str, Any]) -> str:
+    parts = [f"{values.get('engine', '')}"]
+    sim = values.get("similarity", {})
+    if "ncc_before" in sim:
+        parts.append(f"NCC {sim['ncc_before']:.3f} -> {sim['ncc_after']:.3f}")
+    if "dice_mean_after" in values:
+        parts.append(f"Dice {values.get('dice_mean_before', float('nan')):.3f} -> {values['dice_mean_after']:.3f}")
+    if "folding_percent" in values:
+        parts.append(f"folding {values['folding_percent']:.3f}%")
+    return "   ".join(p for p in parts if p)
+
+
+def _write_json(path: Path, payload: Mapping[str, Any]) -> Path:
+    with io.atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def _predict_with_model(model_path: str | Path, fixed: torch.Tensor, moving: torch.Tensor,
+                        lam: float | None, device: torch.device) -> torch.Tensor:
+    from voxreg.networks import load_checkpoint
+
+    model, _ = load_checkpoint(model_path, device=device)
+    if model.config.ndim != fixed.dim() - 2:
+        raise VoxregError(f"{model_path}: model is {model.config.ndim}D but the images are {fixed.dim() - 2}D")
+    with torch.inference_mode():
+        output = model(moving, fixed, lam=lam)
+    return output.field.clone()
+
+
+def _label_maps(labels: Sequence[ImageLike] | Mapping[str, ImageLike] | None) -> dict[str, Image]:
+    if labels is None:
+        return {}
+    if isinstance(labels, Mapping):
+        return {name: as_image(img, label=True) for name, img in labels.items()}
+    maps: dict[str, Image] = {}
+    for index, img in enumerate(labels):
+        loaded = as_image(img, label=True)
+        name = loaded.name if loaded.path is not None else f"labels{index}"
+        maps[name if name not in maps else f"{name}_{index}"] = loaded
+    return maps
+
+
+def register(fixed: ImageLike, moving: ImageLike, *, model: str | Path | None = None,
+             similarity: str = "ncc", lam: float | None = None, refine: int = 0,
+             device: str | torch.device = "auto", moving_labels: Sequence[ImageLike] | Mapping[str, ImageLike] | None = None,
+             fixed_labels: ImageLike | None = None, world_matrix: np.ndarray | None = None,
+             config: AlignConfig | None = None, progress: ProgressCallback | None = None) -> RegistrationResult:
+    """Register ``moving`` to ``fixed`` and return a :class:`RegistrationResult`.
+
+    Without ``model`` the field comes from instance optimisation (``config`` or defaults
+    with ``similarity``/``lam``); with a checkpoint the network predicts it, optionally
+    refined by ``refine`` optimisation steps. ``world_matrix`` is an affine pre-alignment
+    (fixed world -> moving world, RAS mm). Label maps are carried with nearest neighbour;
+    Dice is reported when ``fixed_labels`` is given too.
+    """
+    total_start = time.perf_counter()
+    fixed_img, moving_img = as_image(fixed), as_image(moving)
+    _check_pair(fixed_img, moving_img)
+    label_maps = _label_maps(moving_labels)
+    fixed_label_img = as_image(fixed_labels, label=True) if fixed_labels is not None else None
+    for labels in [*label_maps.values(), *([fixed_label_img] if fixed_label_img is not None else [])]:
+        _check_pair(fixed_img, labels)
+    torch_device = resolve_device(device)
+    moving_on_fixed = warp_image(moving_img, fixed_img, world_matrix=world_matrix, device=torch_device)
+    fixed_t = _to_tensor(io.normalize_intensity(fixed_img.array), torch_device)
+    moving_t = _to_tensor(io.normalize_intensity(moving_on_fixed.array), torch_device)
+    config = _align_config(config, similarity, lam)
+    start = time.perf_counter()
+    engine, field = _estimate_field(fixed_t, moving_t, model, config, lam, refine, torch_device, progress)
+    if torch_device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    warped = warp_image(moving_img, fixed_img, field, world_matrix, device=torch_device)
+    warped_labels = {name: warp_image(lab, fixed_img, field, world_matrix, device=torch_device)
+                     for name, lab in label_maps.items()}
+    values: dict[str, Any] = {"engine": engine, "device": str(torch_device), "registration_seconds": seconds,
+                              "similarity_loss": config.similarity, "lambda": config.lam if model is None else lam,
+                              "fixed": str(fixed_img.path or ""), "moving": str(moving_img.path or "")}
+    values.update(metrics.jacobian_stats(field))
+    values["similarity"] = _similarity_metrics(fixed_t, moving_t, field)
+    if fixed_label_img is not None and label_maps:
+        values.update(_dice_metrics(fixed_label_img, fixed_img, label_maps, warped_labels,
+                                    world_matrix, torch_device))
+    values["total_seconds"] = time.perf_counter() - total_start
+    return RegistrationResult(fixed_img, moving_on_fixed, warped, field.detach().cpu(), warped_labels,
+                              world_matrix, values)
+
+
+def _align_config(config: AlignConfig | None, similarity: str, lam: float | None) -> AlignConfig:
+    if config is not None:
+        return config
+    try:
+        defaults = AlignConfig(similarity=similarity)
+        return AlignConfig(similarity=similarity, lam=defaults.lam if lam is None else lam)
+    except ValueError as exc:
+        raise VoxregError(str(exc)) from None
+
+
+def _estimate_field(fixed: torch.Tensor, moving: torch.Tensor, model: str | Path | None, config: AlignConfig,
+                    lam: float | None, refine: int, device: torch.device,
+                    progress: ProgressCallback | None) -> tuple[str, torch.Tensor]:
+    if model is None:
+        return "instance-optimisation", align(fixed, moving, config, progress=progress).field
+    field = _predict_with_model(model, fixed, moving, lam, device)
+    if refine <= 0:
+        return "network", field
+    refined = align(fixed, moving, config.refinement(refine), initial_field=field, progress=progress)
+    return f"network+refine{refine}", refined.field
+
+
+def _similarity_metrics(fixed: torch.Tensor, moving: torch.Tensor, field: torch.Tensor) -> dict[str, float]:
+    with torch.no_grad():
+        warped = spatial.warp(moving, field)
+        return metrics.similarity_report(fixed, moving, warped)
+
+
+def _dice_metrics(fixed_labels: Image, fixed: Image, moving_labels: dict[str, Image],
+                  warped_labels: dict[str, Image], world_matrix: np.ndarray | None,
+                  device: torch.device) -> dict[str, Any]:
+    if fixed_labels.shape != fixed.shape or not np.allclose(fixed_labels.affine, fixed.affine, atol=1e-3):
+        fixed_labels = warp_image(fixed_labels, fixed, device=device)
+    name, moving = next(iter(moving_labels.items()))
+    before_img = warp_image(moving, fixed, None, world_matrix, device=device)
+    labels = sorted(set(np.unique(fixed_labels.array)) & set(np.unique(moving.array)) - {0})
+    before = metrics.dice_per_label(fixed_labels.array, before_img.array, labels)
+    after = metrics.dice_per_label(fixed_labels.array, warped_labels[name].array, labels)
+    return {"dice_labels": name, "dice_mean_before": float(np.mean(list(before.values()))) if before else float("nan"),
+            "dice_mean_after": float(np.mean(list(after.values()))) if after else float("nan"),
+            "dice_per_label": {int(k): {"before": before[k], "after": after[k]} for k in after}}
+
+
+def apply_field(field_path: str | Path, image: ImageLike, nearest: bool | None = None,
+                affine_path: str | Path | None = None, device: str | torch.device = "cpu") -> Image:
+    """Apply a saved voxreg field (and optional ITK affine text) to ``image``; returns it
+    on the field's (fixed) grid. ``nearest`` defaults to True for integer label maps."""
+    field, fixed_affine = io.load_field(field_path)
+    loaded = image if isinstance(image, Image) else io.load_image(image, label=bool(nearest))
+    grid = Image(np.zeros(field.shape[1:], dtype=np.float32), fixed_affine)
+    if loaded.ndim != grid.ndim:
+        raise VoxregError(f"{loaded.path}: image is {loaded.ndim}D but the field {field_path} is {grid.ndim}D")
+    world_matrix = io.read_itk_affine(affine_path) if affine_path is not None else None
+    return warp_image(loaded, grid, torch.from_numpy(field)[None], world_matrix, nearest, resolve_device(device))

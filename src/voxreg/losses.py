@@ -1,0 +1,492 @@
+"""Similarity measures, regularisers and Dice: pure functions plus thin ``nn.Module``s.
+
+Conventions (see :mod:`voxreg.spatial`): images are ``(N, C, *spatial)`` float32 tensors,
+2D or 3D through one code path; displacement fields are ``(N, ndim, *spatial)`` in voxels.
+
+The functions return *similarities* (higher is better: NCC, MI, Dice) or *penalties*
+(lower is better: MSE, gradient, bending). The modules always return a **loss to
+minimise**:
+
+============  ===================================  =====================
+module        loss                                 optimum
+============  ===================================  =====================
+NCCLoss       ``1 - local_ncc``                    0
+MSELoss       ``mse``                              0
+MILoss        ``-mutual_information`` (nats)       ``-H(fixed)``
+GradLoss      ``gradient_penalty``                 0
+BendingLoss   ``bending_energy``                   0
+DiceLoss      ``1 - dice``                         0
+============  ===================================  =====================
+
+Select them by name with :func:`similarity_loss` (``'ncc' | 'mse' | 'mi'``) and
+:func:`regularizer` (``'l2' | 'l1' | 'bending'``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from voxreg.spatial import spatial_ndim
+
+Penalty = Literal["l1", "l2"]
+Reduction = Literal["mean", "none"]
+
+_MI_CHUNK = 1 << 18  # voxels per chunk of the Parzen histogram (~32 MB per weight matrix)
+_LOG_EPS = 1e-12  # inside log() of probabilities (float64)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_pair(fixed: Tensor, warped: Tensor) -> int:
+    """Validate two ``(N, C, *S)`` images of one shape; return the spatial ndim."""
+    ndim = spatial_ndim(fixed)
+    if fixed.shape != warped.shape:
+        raise ValueError(f"fixed and warped must have the same shape, got {tuple(fixed.shape)} "
+                         f"and {tuple(warped.shape)}")
+    return ndim
+
+
+def _weighted_mean(values: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of ``values`` (N, C, *S), weighted by a broadcastable ``mask`` when given."""
+    if mask is None:
+        return values.mean()
+    weights = mask.to(values.dtype).expand_as(values)
+    return (values * weights).sum() / weights.sum().clamp_min(1e-12)
+
+
+def _check_mask(mask: Tensor | None, image: Tensor) -> Tensor | None:
+    """Check that ``mask`` broadcasts to ``image`` (same ndim, spatial shape equal)."""
+    if mask is None:
+        return None
+    if mask.dim() != image.dim() or mask.shape[2:] != image.shape[2:]:
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not match image shape "
+                         f"{tuple(image.shape)}; expected (N|1, C|1, *spatial)")
+    return mask
+
+
+def _standardise(image: Tensor) -> Tensor:
+    """Subtract each (sample, channel)'s global mean and divide by its std.
+
+    The statistics are detached: NCC is invariant to them, and detaching keeps the
+    gradient finite on constant images (std = 0 is replaced by 1).
+    """
+    dims = tuple(range(2, image.dim()))
+    with torch.no_grad():
+        mean = image.mean(dim=dims, keepdim=True)
+        std = image.std(dim=dims, keepdim=True, correction=0)
+        std = torch.where(std > 1e-12, std, torch.ones_like(std))
+    return (image - mean) / std
+
+
+def _window_sizes(window: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+    """Per-axis odd window sizes from an int or a sequence of ``ndim`` ints."""
+    sizes = (int(window),) * ndim if isinstance(window, int) else tuple(int(w) for w in window)
+    if len(sizes) != ndim or any(w < 1 or w % 2 == 0 for w in sizes):
+        raise ValueError(f"window must be an odd int >= 1 or {ndim} of them, got {window!r}")
+    return sizes
+
+
+def box_filter(image: Tensor, window: int | Sequence[int]) -> Tensor:
+    """Local mean over an odd box ``window`` per voxel, as separable 1D average pools.
+
+    Near the borders the mean is over the voxels inside the image only.
+    """
+    ndim = spatial_ndim(image)
+    sizes = _window_sizes(window, ndim)
+    pool = F.avg_pool2d if ndim == 2 else F.avg_pool3d
+    out = image
+    for axis, size in enumerate(sizes):
+        if size == 1:
+            continue
+        kernel = [1] * ndim
+        kernel[axis] = size
+        padding = [0] * ndim
+        padding[axis] = size // 2
+        out = pool(out, kernel, stride=1, padding=padding, count_include_pad=False)
+    return out
+
+
+# --------------------------------------------------------------------------- NCC / MSE
+
+
+def local_ncc_map(fixed: Tensor, warped: Tensor, window: int | Sequence[int] = 9,
+                  squared: bool = True, eps: float = 1e-8) -> Tensor:
+    """Voxel-wise local NCC ``(N, C, *S)`` over a box ``window`` (see :func:`local_ncc`)."""
+    ndim = _check_pair(fixed, warped)
+    _window_sizes(window, ndim)
+    a, b = _standardise(fixed), _standardise(warped)
+    channels = a.shape[1]
+    stats = box_filter(torch.cat([a, b, a * a, b * b, a * b], dim=1), window)
+    mu_a, mu_b, aa, bb, ab = stats.split(channels, dim=1)
+    var_a = (aa - mu_a * mu_a).clamp_min(0.0)
+    var_b = (bb - mu_b * mu_b).clamp_min(0.0)
+    cov = ab - mu_a * mu_b
+    if squared:
+        return cov * cov / (var_a * var_b + eps)
+    return cov / torch.sqrt(var_a * var_b + eps)
+
+
+def local_ncc(fixed: Tensor, warped: Tensor, window: int | Sequence[int] = 9,
+              squared: bool = True, eps: float = 1e-8, mask: Tensor | None = None) -> Tensor:
+    """Mean local normalised cross-correlation over odd box windows (default 9 per axis).
+
+    ``squared=True`` (default) is VoxelMorph's squared NCC ``cov^2 / (var_f var_w + eps)``,
+    in ``[0, 1]`` and blind to the sign of the correlation; ``squared=False`` gives the
+    signed ``cov / sqrt(var_f var_w + eps)`` in ``[-1, 1]``. Both are 1 for identical
+    non-constant images and invariant to ``a * image + b``: each image is first
+    standardised by its global mean/std (detached), so ``eps`` is relative to the global
+    variance and flat regions give 0, with finite values and gradients. The local sums
+    are separable average pools (cost linear in the window size). ``mask`` weights the
+    mean over voxels.
+    """
+    values = local_ncc_map(fixed, warped, window, squared, eps)
+    return _weighted_mean(values, _check_mask(mask, fixed))
+
+
+def global_ncc(fixed: Tensor, warped: Tensor, eps: float = 1e-8,
+               mask: Tensor | None = None) -> Tensor:
+    """Pearson correlation over all voxels per (sample, channel), averaged: in ``[-1, 1]``.
+
+    Constant images give 0. ``mask`` restricts the voxels used.
+    """
+    _check_pair(fixed, warped)
+    mask = _check_mask(mask, fixed)
+    dims = tuple(range(2, fixed.dim()))
+    weights = torch.ones_like(fixed) if mask is None else mask.to(fixed.dtype).expand_as(fixed)
+    total = weights.sum(dim=dims, keepdim=True).clamp_min(1e-12)
+    a = _standardise(fixed)
+    b = _standardise(warped)
+    a = a - (a * weights).sum(dim=dims, keepdim=True) / total
+    b = b - (b * weights).sum(dim=dims, keepdim=True) / total
+    cov = (weights * a * b).sum(dim=dims) / total.flatten(1)
+    var_a = (weights * a * a).sum(dim=dims) / total.flatten(1)
+    var_b = (weights * b * b).sum(dim=dims) / total.flatten(1)
+    return (cov / torch.sqrt(var_a * var_b + eps)).mean()
+
+
+def mse(fixed: Tensor, warped: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean squared intensity difference (``mask`` weights the mean)."""
+    _check_pair(fixed, warped)
+    return _weighted_mean((fixed - warped) ** 2, _check_mask(mask, fixed))
+
+
+# --------------------------------------------------------------------------- MI
+
+
+def _parzen_weights(x: Tensor, centers: Tensor, sigma: float, out: Tensor) -> Tensor:
+    """Gaussian Parzen weights ``(M, B)`` of values ``x`` (M,) in [0, 1], rows summing to 1,
+    written into ``out`` (a reused buffer: fresh 32 MB allocations dominate on CPU)."""
+    spacing = 1.0 / (centers.numel() - 1)  # centres are linspace(0, 1, bins)
+    nearest = torch.round(x / spacing) * spacing
+    offset = (x - nearest).square_()  # squared distance to the nearest centre: keeps exp > 0
+    w = torch.sub(x[:, None], centers[None, :], out=out)
+    w.square_().sub_(offset[:, None]).mul_(-0.5 / sigma ** 2).exp_()
+    return w.div_(w.sum(dim=1, keepdim=True))
+
+
+def _parzen_backward(x: Tensor, weights: Tensor, upstream: Tensor, centers: Tensor,
+                     sigma: float) -> Tensor:
+    """``sum_k upstream_k * d weights_k / d x`` per voxel ``(M,)``; overwrites ``upstream``.
+
+    For normalised Gaussian weights ``d w_k / d x = w_k (c_k - sum_j w_j c_j) / sigma^2``.
+    """
+    q = upstream.mul_(weights)
+    mean_center = weights @ centers
+    return (q @ centers - mean_center * q.sum(dim=1)) / sigma ** 2
+
+
+class _JointHistogram(torch.autograd.Function):
+    """Parzen joint histogram ``P`` (B, B) float64 of two flat images, chunked over voxels.
+
+    Forward and backward recompute the per-voxel weights chunk by chunk into reused
+    buffers, so memory stays O(chunk * bins) whatever the number of voxels.
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, weights: Tensor | None, centers: Tensor,
+                sigma: float) -> Tensor:
+        bins = centers.numel()
+        hist = torch.zeros(bins, bins, dtype=torch.float64, device=a.device)
+        buf_a, buf_b = (a.new_empty(min(_MI_CHUNK, a.numel()), bins) for _ in range(2))
+        for start in range(0, a.numel(), _MI_CHUNK):
+            stop = min(start + _MI_CHUNK, a.numel())
+            wa = _parzen_weights(a[start:stop], centers, sigma, buf_a[: stop - start])
+            wb = _parzen_weights(b[start:stop], centers, sigma, buf_b[: stop - start])
+            if weights is not None:
+                wa.mul_(weights[start:stop, None])
+            hist += (wa.T @ wb).double()
+        total = float(a.numel()) if weights is None else float(weights.sum().clamp_min(1e-12))
+        ctx.save_for_backward(a, b, weights, centers)
+        ctx.sigma, ctx.total = sigma, total
+        return hist / total
+
+    @staticmethod
+    def backward(ctx, grad_hist: Tensor):
+        a, b, weights, centers = ctx.saved_tensors
+        sigma, bins = ctx.sigma, centers.numel()
+        g = (grad_hist / ctx.total).to(a.dtype)
+        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_a = torch.empty_like(a) if need_a else None
+        grad_b = torch.empty_like(b) if need_b else None
+        buf_a, buf_b, buf_h = (a.new_empty(min(_MI_CHUNK, a.numel()), bins) for _ in range(3))
+        for start in range(0, a.numel(), _MI_CHUNK):
+            stop = min(start + _MI_CHUNK, a.numel())
+            m = stop - start
+            wa = _parzen_weights(a[start:stop], centers, sigma, buf_a[:m])
+            wb = _parzen_weights(b[start:stop], centers, sigma, buf_b[:m])
+            w = 1.0 if weights is None else weights[start:stop]
+            if need_a:
+                up = torch.matmul(wb, g.T, out=buf_h[:m])
+                grad_a[start:stop] = _parzen_backward(a[start:stop], wa, up, centers, sigma) * w
+            if need_b:
+                up = torch.matmul(wa, g, out=buf_h[:m])
+                grad_b[start:stop] = _parzen_backward(b[start:stop], wb, up, centers, sigma) * w
+        return grad_a, grad_b, None, None, None
+
+
+def _subsample(n: int, max_voxels: int | None, seed: int | None, device: torch.device) -> Tensor | None:
+    """Random voxel indices (with replacement) when ``n > max_voxels``, else None."""
+    if max_voxels is None or n <= max_voxels:
+        return None
+    if seed is None:
+        return torch.randint(n, (max_voxels,), device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return torch.randint(n, (max_voxels,), generator=generator, device=device)
+
+
+def joint_histogram(fixed: Tensor, warped: Tensor, bins: int = 32, sigma_ratio: float = 0.5,
+                    mask: Tensor | None = None, max_voxels: int | None = None,
+                    seed: int | None = 0) -> Tensor:
+    """Parzen-window joint histograms ``(N*C, bins, bins)`` float64, each summing to 1.
+
+    Intensities are clamped to ``[0, 1]``; ``bins`` Gaussian kernels are centred on
+    ``linspace(0, 1, bins)`` with std ``sigma_ratio * bin spacing``, and each voxel's
+    weights are normalised to sum to 1. Differentiable w.r.t. both images (memory
+    O(chunk * bins)). ``max_voxels`` draws that many voxels at random (``seed=None``:
+    a new draw per call; an int: the same draw every call) to trade accuracy for speed.
+    """
+    _check_pair(fixed, warped)
+    mask = _check_mask(mask, fixed)
+    if bins < 2 or sigma_ratio <= 0:
+        raise ValueError(f"need bins >= 2 and sigma_ratio > 0, got bins={bins}, sigma_ratio={sigma_ratio}")
+    centers = torch.linspace(0.0, 1.0, bins, device=fixed.device, dtype=fixed.dtype)
+    sigma = sigma_ratio / (bins - 1)
+    a = fixed.clamp(0.0, 1.0).flatten(2)
+    b = warped.clamp(0.0, 1.0).flatten(2)
+    m = None if mask is None else mask.to(fixed.dtype).expand_as(fixed).flatten(2)
+    index = _subsample(a.shape[-1], max_voxels, seed, fixed.device)
+    hists = []
+    for n in range(a.shape[0]):
+        for c in range(a.shape[1]):
+            pa, pb = a[n, c], b[n, c]
+            pm = None if m is None else m[n, c]
+            if index is not None:
+                pa, pb = pa[index], pb[index]
+                pm = None if pm is None else pm[index]
+            hists.append(_JointHistogram.apply(pa, pb, pm, centers, sigma))
+    return torch.stack(hists)
+
+
+def _entropy(p: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """Shannon entropy in nats of probabilities ``p`` summed over ``dims``."""
+    return -(p * torch.log(p + _LOG_EPS)).sum(dim=dims)
+
+
+def _mi_terms(hist: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Marginal and joint entropies ``(H_f, H_w, H_fw)`` per histogram ``(K, B, B)``."""
+    return _entropy(hist.sum(2), (1,)), _entropy(hist.sum(1), (1,)), _entropy(hist, (1, 2))
+
+
+def mutual_information(fixed: Tensor, warped: Tensor, bins: int = 32, sigma_ratio: float = 0.5,
+                       mask: Tensor | None = None, max_voxels: int | None = None,
+                       seed: int | None = 0) -> Tensor:
+    """Mutual information in nats, ``H(f) + H(w) - H(f, w)``, from a Gaussian Parzen
+    joint histogram (see :func:`joint_histogram` for the arguments); mean over (N, C).
+
+    Intensities are expected in ``[0, 1]`` (clamped). Differentiable w.r.t. both images.
+    At full resolution (7M voxels) pass e.g. ``max_voxels=2**20`` to make it ~5x faster.
+    """
+    hist = joint_histogram(fixed, warped, bins, sigma_ratio, mask, max_voxels, seed)
+    h_f, h_w, h_fw = _mi_terms(hist)
+    return (h_f + h_w - h_fw).mean().to(fixed.dtype)
+
+
+def joint_entropy(fixed: Tensor, warped: Tensor, bins: int = 32, sigma_ratio: float = 0.5,
+                  mask: Tensor | None = None, max_voxels: int | None = None,
+                  seed: int | None = 0) -> Tensor:
+    """Joint entropy ``H(f, w)`` in nats with the estimator of :func:`mutual_information`."""
+    hist = joint_histogram(fixed, warped, bins, sigma_ratio, mask, max_voxels, seed)
+    return _mi_terms(hist)[2].mean().to(fixed.dtype)
+
+
+def entropy(image: Tensor, bins: int = 32, sigma_ratio: float = 0.5, mask: Tensor | None = None,
+            max_voxels: int | None = None, seed: int | None = 0) -> Tensor:
+    """Entropy ``H(image)`` in nats with the Parzen estimator of :func:`mutual_information`
+    (its marginal), so ``MI(a, a) = 2 H(a) - H(a, a)``, which tends to ``H(a)`` as
+    ``sigma_ratio`` shrinks."""
+    hist = joint_histogram(image, image, bins, sigma_ratio, mask, max_voxels, seed)
+    return _mi_terms(hist)[0].mean().to(image.dtype)
+
+
+# --------------------------------------------------------------------------- regularisers
+
+
+def _forward_diff(tensor: Tensor, axis: int) -> Tensor:
+    """Forward difference along spatial ``axis`` (size shrinks by one there)."""
+    dim = 2 + axis
+    n = tensor.shape[dim]
+    return tensor.narrow(dim, 1, n - 1) - tensor.narrow(dim, 0, n - 1)
+
+
+def gradient_penalty(field: Tensor, penalty: Penalty = "l2") -> Tensor:
+    """VoxelMorph's ``Grad``: for each axis the mean over (N, channels, voxels) of the
+    squared (``'l2'``) or absolute (``'l1'``) forward differences, averaged over axes.
+
+    ``field = a * (x_0 + ... + x_{n-1})`` in every channel gives ``a**2`` (``|a|``).
+    """
+    if penalty not in ("l1", "l2"):
+        raise ValueError(f"penalty must be 'l1' or 'l2', got {penalty!r}")
+    ndim = spatial_ndim(field)
+    terms = []
+    for axis in range(ndim):
+        diff = _forward_diff(field, axis)
+        terms.append((diff.abs() if penalty == "l1" else diff * diff).mean())
+    return sum(terms) / ndim
+
+
+def bending_energy(field: Tensor) -> Tensor:
+    """Bending energy: mean over (N, channels, voxels) of ``sum_{i,j} (d2 u / dx_i dx_j)^2``
+    (cross terms counted twice), each term averaged over the voxels where its finite
+    difference is defined (central second differences, forward-forward cross terms).
+
+    0 for affine fields; ``u_c = a x_0^2`` gives ``4 a^2``; ``u_c = a x_0 x_1`` gives ``2 a^2``.
+    """
+    ndim = spatial_ndim(field)
+    total = field.new_zeros(())
+    for i in range(ndim):
+        first = _forward_diff(field, i)
+        total = total + _forward_diff(first, i).square().mean()
+        for j in range(i + 1, ndim):
+            total = total + 2 * _forward_diff(first, j).square().mean()
+    return total
+
+
+# --------------------------------------------------------------------------- Dice
+
+
+def dice(a: Tensor, b: Tensor, reduction: Reduction = "mean", eps: float = 1e-5) -> Tensor:
+    """Soft Dice ``2 sum(a b) / max(sum(a) + sum(b), eps)`` of one-hot or probability
+    tensors ``(N, K, *S)``: per (sample, class) ``(N, K)`` with ``reduction='none'``,
+    else their mean. A class absent from both gives 0."""
+    _check_pair(a, b)
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    dims = tuple(range(2, a.dim()))
+    top = 2 * (a * b).sum(dim=dims)
+    bottom = (a + b).sum(dim=dims).clamp_min(eps)
+    scores = top / bottom
+    return scores if reduction == "none" else scores.mean()
+
+
+# --------------------------------------------------------------------------- modules
+
+
+class NCCLoss(nn.Module):
+    """``1 - local_ncc(fixed, warped)`` (see :func:`local_ncc`)."""
+
+    def __init__(self, window: int | Sequence[int] = 9, squared: bool = True, eps: float = 1e-8):
+        super().__init__()
+        self.window, self.squared, self.eps = window, squared, eps
+
+    def forward(self, fixed: Tensor, warped: Tensor, mask: Tensor | None = None) -> Tensor:
+        return 1.0 - local_ncc(fixed, warped, self.window, self.squared, self.eps, mask)
+
+
+class MSELoss(nn.Module):
+    """``mse(fixed, warped)`` (see :func:`mse`)."""
+
+    def forward(self, fixed: Tensor, warped: Tensor, mask: Tensor | None = None) -> Tensor:
+        return mse(fixed, warped, mask)
+
+
+class MILoss(nn.Module):
+    """``-mutual_information(fixed, warped)`` in nats (see :func:`mutual_information`)."""
+
+    def __init__(self, bins: int = 32, sigma_ratio: float = 0.5, max_voxels: int | None = None,
+                 seed: int | None = 0):
+        super().__init__()
+        self.bins, self.sigma_ratio = bins, sigma_ratio
+        self.max_voxels, self.seed = max_voxels, seed
+
+    def forward(self, fixed: Tensor, warped: Tensor, mask: Tensor | None = None) -> Tensor:
+        return -mutual_information(fixed, warped, self.bins, self.sigma_ratio, mask,
+                                   self.max_voxels, self.seed)
+
+
+class GradLoss(nn.Module):
+    """``gradient_penalty(field, penalty)`` (see :func:`gradient_penalty`)."""
+
+    def __init__(self, penalty: Penalty = "l2"):
+        super().__init__()
+        if penalty not in ("l1", "l2"):
+            raise ValueError(f"penalty must be 'l1' or 'l2', got {penalty!r}")
+        self.penalty = penalty
+
+    def forward(self, field: Tensor) -> Tensor:
+        return gradient_penalty(field, self.penalty)
+
+
+class BendingLoss(nn.Module):
+    """``bending_energy(field)`` (see :func:`bending_energy`)."""
+
+    def forward(self, field: Tensor) -> Tensor:
+        return bending_energy(field)
+
+
+class DiceLoss(nn.Module):
+    """``1 - dice(a, b)`` over one-hot/probability tensors (see :func:`dice`)."""
+
+    def __init__(self, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return 1.0 - dice(a, b, "mean", self.eps)
+
+
+# --------------------------------------------------------------------------- registries
+
+SIMILARITY_LOSSES: dict[str, Callable[..., nn.Module]] = {
+    "ncc": NCCLoss,
+    "mse": MSELoss,
+    "mi": MILoss,
+}
+
+REGULARIZERS: dict[str, Callable[..., nn.Module]] = {
+    "l2": lambda **kwargs: GradLoss("l2", **kwargs),
+    "l1": lambda **kwargs: GradLoss("l1", **kwargs),
+    "bending": BendingLoss,
+}
+
+
+def _lookup(registry: dict[str, Callable[..., nn.Module]], kind: str, name: str) -> Callable[..., nn.Module]:
+    """Registry entry for ``name`` (case-insensitive) or a ValueError listing the choices."""
+    key = str(name).strip().lower()
+    if key not in registry:
+        raise ValueError(f"unknown {kind} {name!r}; choose one of: {', '.join(sorted(registry))}")
+    return registry[key]
+
+
+def similarity_loss(name: str, **kwargs) -> nn.Module:
+    """Similarity loss module by name: ``'ncc'``, ``'mse'`` or ``'mi'`` (kwargs go to it)."""
+    return _lookup(SIMILARITY_LOSSES, "similarity", name)(**kwargs)
+
+
+def regularizer(name: str, **kwargs) -> nn.Module:
+    """Regulariser module by name: ``'l2'``, ``'l1'`` (gradient) or ``'bending'``."""
+    return _lookup(REGULARIZERS, "regularizer", name)(**kwargs)

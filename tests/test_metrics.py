@@ -1,0 +1,114 @@
+"""Tests for voxreg.metrics: hand-computable Dice, folding, log-Jacobian, EPE, report."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from voxreg import metrics as M
+
+
+def _cubes():
+    fixed = np.zeros((16, 16, 16), dtype=np.int32)
+    warped = np.zeros_like(fixed)
+    fixed[4:12, 4:12, 4:12] = 1
+    warped[8:16, 4:12, 4:12] = 1  # shifted by half the cube: 256 of 512 voxels shared
+    return fixed, warped
+
+
+def test_dice_cubes_overlapping_by_half():
+    fixed, warped = _cubes()
+    assert M.dice_per_label(fixed, warped) == {1: 0.5}
+    assert M.dice_per_label(fixed, fixed) == {1: 1.0}
+    assert M.dice_per_label(torch.from_numpy(fixed), torch.from_numpy(warped)) == {1: 0.5}
+
+
+def test_dice_default_and_requested_labels():
+    fixed, warped = _cubes()
+    fixed[0, 0, :4] = 2  # label 2 only in fixed
+    fixed[1, 1, :2] = 3
+    warped[1, 1, :2] = 3
+    assert M.dice_per_label(fixed, warped) == {1: 0.5, 3: 1.0}
+    result = M.dice_per_label(fixed, warped, labels=[0, 1, 2, 7])
+    assert result[1] == 0.5 and result[2] == 0.0 and 0 < result[0] < 1
+    assert math.isnan(result[7])
+
+
+def test_dice_large_and_negative_labels_and_floats():
+    fixed, warped = _cubes()
+    big_f = np.where(fixed == 1, 50_000_000, -4).astype(np.int64)
+    big_w = np.where(warped == 1, 50_000_000, -4).astype(np.int64)
+    assert M.dice_per_label(big_f, big_w) == {-4: pytest.approx(2 * (4096 - 768) / (2 * (4096 - 512))),
+                                               50_000_000: 0.5}
+    assert M.dice_per_label(fixed.astype(np.float32), warped.astype(np.float32)) == {1: 0.5}
+    with pytest.raises(ValueError, match="shape"):
+        M.dice_per_label(fixed, warped[:-1])
+
+
+def test_jacobian_stats_zero_field():
+    stats = M.jacobian_stats(torch.zeros(1, 3, 6, 7, 8))
+    assert stats["folding_percent"] == 0.0
+    assert stats["log_jacobian_std"] == 0.0
+    assert stats["jacobian_min"] == stats["jacobian_max"] == 1.0
+
+
+@pytest.mark.parametrize("shape", [(10, 12), (6, 12, 5)])
+def test_jacobian_stats_known_folding(shape):
+    ndim = len(shape)
+    field = np.zeros((ndim, *shape), dtype=np.float32)
+    x0 = np.arange(shape[0], dtype=np.float32).reshape(-1, *([1] * (ndim - 1)))
+    field[0] = np.broadcast_to(x0, shape)  # u_0 = x_0: det = 2 ...
+    field[0][:, :3] *= -2  # ... except u_0 = -2 x_0 (det = -1) where x_1 < 3
+    stats = M.jacobian_stats(field)
+    assert stats["folding_percent"] == pytest.approx(100 * 3 / shape[1])
+    assert stats["jacobian_min"] == pytest.approx(-1.0) and stats["jacobian_max"] == pytest.approx(2.0)
+    mask = np.zeros(shape, dtype=bool)
+    mask[:, 3:] = True  # only det = 2: no folding, constant log
+    masked = M.jacobian_stats(field[None], mask=mask)
+    assert masked["folding_percent"] == 0.0 and masked["log_jacobian_std"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_log_jacobian_std_of_two_volumes():
+    field = torch.zeros(1, 2, 8, 10)
+    field[0, 0, :, :5] = torch.arange(8.0)[:, None]  # det 2 on half the voxels, 1 elsewhere
+    stats = M.jacobian_stats(field)
+    assert stats["log_jacobian_std"] == pytest.approx(math.log(2) / 2, rel=1e-6)
+    assert stats["jacobian_mean"] == pytest.approx(1.5)
+
+
+def test_jacobian_stats_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="field"):
+        M.jacobian_stats(np.zeros((2, 3, 4, 5)))
+    with pytest.raises(ValueError, match="mask"):
+        M.jacobian_stats(np.zeros((2, 4, 5)), mask=np.ones((4, 4), bool))
+
+
+def test_endpoint_error():
+    a = torch.zeros(1, 2, 4, 5)
+    b = torch.zeros(1, 2, 4, 5)
+    b[0, 0], b[0, 1] = 3.0, 4.0
+    assert M.endpoint_error(a, b) == pytest.approx(5.0)
+    mask = np.zeros((4, 5), bool)
+    mask[0] = True
+    b[0, :, 1:] = 0
+    assert M.endpoint_error(a.numpy(), b.numpy(), mask=mask) == pytest.approx(5.0)
+    assert M.endpoint_error(a, b) == pytest.approx(5.0 / 4)
+
+
+def test_similarity_report():
+    g = np.random.default_rng(0)
+    fixed = np.clip(g.random((12, 14, 16)), 0, 1).astype(np.float32)
+    moving = np.roll(fixed, 3, axis=0)
+    report = M.similarity_report(fixed, moving, fixed.copy())
+    keys = {f"{m}_{when}" for m in ("ncc", "local_ncc", "mi", "mse") for when in ("before", "after")}
+    assert set(report) == keys
+    assert all(isinstance(v, float) for v in report.values())
+    assert report["ncc_after"] == pytest.approx(1.0, abs=1e-5)
+    assert report["local_ncc_after"] == pytest.approx(1.0, abs=1e-4)
+    assert report["mse_after"] == 0.0 and report["mse_before"] > 0
+    assert report["mi_after"] > report["mi_before"]
+    with pytest.raises(ValueError, match="shape"):
+        M.similarity_report(fixed, moving[:-1], fixed)
