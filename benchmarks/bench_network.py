@@ -66,11 +66,11 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict:
     moving = torch.rand(1, 1, *shape, generator=gen).to(device)
     fixed = torch.rand(1, 1, *shape, generator=gen).to(device)
     model.channels_last = not args.no_channels_last
-    times = []
+    times, cpu_times = [], []
     for i in range(args.repeats + 1):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             field = model.predict_field(moving, fixed, bf16=args.bf16)
             warped = spatial.warp(moving, field)
@@ -78,9 +78,11 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict:
             torch.cuda.synchronize()
         if i:  # the first call is a warm-up
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     assert warped.shape == moving.shape and field.shape[2:] == moving.shape[2:]
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     row = {"variant": variant, "ms_min": 1000 * min(times), "ms_mean": 1000 * sum(times) / len(times),
+           "cpu_ms_min": 1000 * min(cpu_times),
            "peak_rss_mb": peak_rss_mb, "params": sum(p.numel() for p in model.parameters())}
     if device.type == "cuda":
         row["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -99,11 +101,14 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     print(f"shape {tuple(args.shape)}  device {device}  threads {args.threads or os.cpu_count()}  "
           f"channels_last {not args.no_channels_last}  bf16 {args.bf16}  mkldnn {not args.no_mkldnn}  "
           f"repeats {args.repeats}")
-    print(f"{'variant':<15}{'params':>9}{'ms/pair (min)':>15}{'ms/pair (mean)':>16}{'peak RSS MB':>13}")
+    print(f"{'variant':<15}{'params':>9}{'ms/pair (min)':>15}{'ms/pair (mean)':>16}"
+          f"{'CPU ms (min)':>14}{'peak RSS MB':>13}")
     for r in rows:
         extra = f"{r['peak_cuda_mb']:>12.0f} (CUDA MB)" if "peak_cuda_mb" in r else ""
         print(f"{r['variant']:<15}{r['params']:>9}{r['ms_min']:>15.0f}{r['ms_mean']:>16.0f}"
-              f"{r['peak_rss_mb']:>13.0f}{extra}")
+              f"{r['cpu_ms_min']:>14.0f}{r['peak_rss_mb']:>13.0f}{extra}")
+    print("ms/pair: wall time of forward + warp under inference_mode; CPU ms: process CPU time "
+          "(all threads; on a busy shared machine wall time ~ CPU ms / threads at best)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,7 @@ Used alone (the default engine with no trained model) or as refinement after a n
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field as dataclass_field
 from typing import Callable
@@ -19,9 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from voxreg import losses, spatial
+from voxreg import losses, runtime, spatial
 
 ProgressCallback = Callable[[int, int], None]
+
+# Default regularisation weight per similarity: the losses have different scales
+# (1 - squared local NCC, MSE of [0, 1] intensities, -MI in nats).
+DEFAULT_LAMBDA = {"ncc": 1.0, "mse": 0.02, "mi": 0.5}
 
 
 @dataclass
@@ -30,7 +35,7 @@ class AlignConfig:
 
     similarity: str = "ncc"
     window: int = 5
-    lam: float = 1.0
+    lam: float | None = None  # None -> DEFAULT_LAMBDA[similarity]
     regularizer: str = "l2"
     scales: tuple[int, ...] = (4, 2, 1)
     iterations: tuple[int, ...] = (150, 100, 40)
@@ -41,10 +46,13 @@ class AlignConfig:
     mi_bins: int = 32
 
     def __post_init__(self) -> None:
+        self.similarity = self.similarity.lower()
         if len(self.scales) != len(self.iterations):
             raise ValueError("scales and iterations must have the same length")
         if self.similarity not in losses.SIMILARITY_LOSSES:
             raise ValueError(f"similarity must be one of {sorted(losses.SIMILARITY_LOSSES)}, got {self.similarity!r}")
+        if self.lam is None:
+            self.lam = DEFAULT_LAMBDA[self.similarity]
         if self.lam < 0:
             raise ValueError(f"lam must be >= 0, got {self.lam}")
 
@@ -89,6 +97,17 @@ def _field_from_parameter(param: Tensor, shape: tuple[int, ...], config: AlignCo
     return spatial.resize_field(field, shape)
 
 
+def _cosine_lr(base: float, step: int, total: int, floor: float = 0.1) -> float:
+    """Cosine decay from ``base`` to ``floor * base`` over one pyramid level."""
+    progress = step / max(total - 1, 1)
+    return base * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def _set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def _similarity(config: AlignConfig) -> torch.nn.Module:
     if config.similarity == "ncc":
         return losses.similarity_loss("ncc", window=config.window)
@@ -106,6 +125,7 @@ def align(fixed: Tensor, moving: Tensor, config: AlignConfig | None = None,
     it, a residual is optimised and the result is ``compose(initial_field, residual)``.
     """
     config = config or AlignConfig()
+    runtime.configure_allocator()
     if fixed.shape != moving.shape:
         raise ValueError(f"fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} must share a grid")
     start = time.perf_counter()
@@ -126,7 +146,8 @@ def align(fixed: Tensor, moving: Tensor, config: AlignConfig | None = None,
             param = spatial.resize_field(param.detach(), param_shape)
         param.requires_grad_(True)
         optimizer = torch.optim.Adam([param], lr=config.lr)
-        for _ in range(iterations):
+        for step in range(iterations):
+            _set_learning_rate(optimizer, _cosine_lr(config.lr, step, iterations))
             optimizer.zero_grad(set_to_none=True)
             field = _field_from_parameter(param, level_shape, config)
             warped = spatial.warp(moving_level, field)

@@ -218,8 +218,7 @@ def _align_config(config: AlignConfig | None, similarity: str, lam: float | None
     if config is not None:
         return config
     try:
-        defaults = AlignConfig(similarity=similarity)
-        return AlignConfig(similarity=similarity, lam=defaults.lam if lam is None else lam)
+        return AlignConfig(similarity=similarity, lam=lam)
     except ValueError as exc:
         raise VoxregError(str(exc)) from None
 

@@ -17,6 +17,10 @@ predicts a displacement field in voxels of the input grid, ``(N, ndim, *S)``, ch
 Any input size works: inputs are padded at the end of each axis to a multiple of
 ``2**len(enc_features)`` (replicate padding) and the field is cropped back.
 Checkpoints are written by :func:`save_checkpoint` and read by :func:`load_checkpoint`.
+
+Speed (CPU): 3D convs run in ``channels_last_3d`` (``VoxelMorph.channels_last``, on by
+default, same results); ``register(..., bf16=True)`` adds bfloat16 autocast for the
+U-Net only. ``benchmarks/bench_network.py`` times the variants.
 """
 
 from __future__ import annotations

@@ -1,0 +1,14 @@
+"""voxreg: deformable registration of 3D/2D medical images (VoxelMorph line).
+
+The Python surface: :func:`register`, :func:`apply_field`, :func:`load_image`,
+:func:`save_image` and the :class:`Image` type. Conventions: docs/conventions.md.
+"""
+
+from voxreg.api import RegistrationResult, apply_field, register, warp_image
+from voxreg.errors import CheckpointError, VoxregError
+from voxreg.image import Image
+from voxreg.io import load_image, save_image
+
+__all__ = ["register", "apply_field", "warp_image", "RegistrationResult", "Image", "load_image",
+           "save_image", "VoxregError", "CheckpointError"]
+__version__ = "0.1.0"

@@ -1,0 +1,603 @@
+"""Rigid and affine pre-alignment in world coordinates (RAS mm), fast on CPU.
+
+The result is a matrix ``W`` (``4x4``, float64, RAS mm) mapping **fixed world points to
+moving world points** (voxreg's convention), so
+``io.resample_to(moving, fixed, world_matrix=W)`` puts the moving scan on the fixed grid.
+Scans may come from any scanner: different sizes, voxel sizes (anisotropic too),
+orientations and origins are handled because everything happens in millimetres.
+
+Method:
+
+1. **Pyramid.** Each image is block-averaged once to about the finest level spacing,
+   scaled to [0, 1] (:func:`voxreg.io.normalize_intensity`), then for every level
+   smoothed (Gaussian, sigma = half the level spacing) and resampled onto an isotropic
+   grid of that spacing (e.g. 8, 4, 2 mm) covering the image's extent. Full 1 mm
+   resolution is never used: that is what makes it fast.
+2. **Samples.** At each level the fixed image is used as a set of sample points: the
+   level voxels inside the (margin-padded) bounding box of the fixed foreground, or of
+   ``fixed_mask``, subsampled at random (fixed seed) to ``max_points``.
+3. **Initialisation.** Centres of mass and principal axes (eigenvectors of the
+   intensity-weighted inertia tensor) of the foregrounds give candidates: the 4 proper
+   rotations (det +1) aligning the moving axes to the fixed ones and the identity
+   rotation, each with the centres of mass matched. Each is refined for a few rigid
+   steps at the coarsest level and the best one is kept.
+4. **Optimisation.** ``W(p) = L (p - c) + c + t`` about the fixed centre of mass ``c``,
+   ``L = L0 @ expm(K)`` with ``K`` skew-symmetric (rigid) or general (affine: rotation,
+   scaling and shear, det > 0), translations in units of the fixed radius of gyration.
+   Adam on ``1 - global NCC`` or ``-MI`` between the fixed samples and the moving level
+   image sampled at ``W`` of them, counting only samples that land inside the moving
+   image. ``transform='affine'`` runs the rigid pyramid first, then the affine one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, field as dataclass_field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from voxreg import io, losses, runtime, spatial
+from voxreg.errors import VoxregError
+from voxreg.image import Image
+
+ProgressCallback = Callable[[int, int], None]
+MaskLike = Image | np.ndarray | None
+
+TRANSFORMS = ("rigid", "affine")
+SIMILARITIES = ("ncc", "mi")
+INITS = ("moments", "com", "identity")
+SCALE_UNITS = ("mm", "factor")
+
+_SMOOTH = 0.5  # Gaussian sigma of a level, in units of its spacing
+_FOREGROUND = 0.1  # normalised intensity above which a voxel is foreground
+_MARGIN = 0.15  # bounding-box margin of the fixed samples, fraction of the box size
+_FULL_OVERLAP = 0.75  # fraction of fixed foreground inside the moving image with no penalty
+_SEED = 0
+
+
+# --------------------------------------------------------------------------- config / result
+
+
+def _check_choice(name: str, value: str, allowed: Sequence[str]) -> str:
+    """Lower-cased ``value`` or a ValueError naming ``name`` and the allowed values."""
+    key = str(value).strip().lower()
+    if key not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+    return key
+
+
+@dataclass
+class AffineConfig:
+    """Settings of :func:`affine_register` (defaults tuned on 1 mm brain MRI).
+
+    ``scales`` are the pyramid voxel sizes in mm (``scale_unit='mm'``) or multiples of
+    the fixed image's smallest voxel size (``'factor'``), coarse to fine, each run for
+    ``iterations[i]`` Adam steps (per stage: 'affine' runs a rigid then an affine stage).
+    ``lr`` is the Adam step at the coarsest level (radians / log-scale, translations in
+    units of the fixed radius of gyration); it halves at each finer level.
+    ``init_iterations`` rigid steps at the coarsest level rank the start candidates.
+    ``max_points`` caps the fixed samples per level; ``mi_bins`` is the MI histogram size.
+    ``threads``: torch CPU threads during the call (restored after; 0 leaves the setting
+    alone). One is fastest: the work is many small operations, and on a busy 2-core
+    machine two threads were measured 30x slower (OpenMP barrier contention).
+    """
+
+    transform: str = "affine"
+    similarity: str = "ncc"
+    scales: tuple[float, ...] = (8.0, 4.0, 2.0)
+    scale_unit: str = "mm"
+    iterations: tuple[int, ...] = (60, 30, 15)
+    lr: float = 0.02
+    init: str = "moments"
+    init_iterations: int = 20
+    max_points: int = 1 << 16
+    mi_bins: int = 32
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        self.transform = _check_choice("transform", self.transform, TRANSFORMS)
+        self.similarity = _check_choice("similarity", self.similarity, SIMILARITIES)
+        self.init = _check_choice("init", self.init, INITS)
+        self.scale_unit = _check_choice("scale_unit", self.scale_unit, SCALE_UNITS)
+        self.scales = tuple(float(s) for s in self.scales)
+        self.iterations = tuple(int(i) for i in self.iterations)
+        if not self.scales or len(self.scales) != len(self.iterations):
+            raise ValueError(f"scales and iterations must be non-empty and of equal length; got "
+                             f"{len(self.scales)} scales and {len(self.iterations)} iterations")
+        if any(s <= 0 for s in self.scales) or any(i < 0 for i in self.iterations):
+            raise ValueError(f"scales must be > 0 and iterations >= 0; got {self.scales}, {self.iterations}")
+        if self.lr <= 0 or self.max_points < 64 or self.init_iterations < 0 or self.mi_bins < 4 or self.threads < 0:
+            raise ValueError("need lr > 0, max_points >= 64, init_iterations >= 0, mi_bins >= 4 and threads >= 0")
+
+
+@dataclass
+class AffineResult:
+    """Outcome of :func:`affine_register`.
+
+    ``world_matrix`` maps fixed world points to moving world points (4x4, RAS mm).
+    ``similarity_before`` / ``similarity_after``: the configured similarity (global NCC,
+    or MI in nats) at the finest pyramid level, without any transform (the scans as they
+    lie in world space) and with ``world_matrix``. ``init`` names the starting candidate
+    that won; ``history`` holds the loss of every optimiser step.
+    """
+
+    world_matrix: np.ndarray
+    similarity_before: float
+    similarity_after: float
+    seconds: float
+    init: str
+    history: list[float] = dataclass_field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- geometry helpers
+
+
+def _reduced_affine(affine: np.ndarray, ndim: int) -> np.ndarray:
+    """``(ndim+1, ndim+1)`` voxel -> world matrix (2D: the x-y plane, as io.voxel_matrix)."""
+    keep = list(range(ndim)) + [3]
+    return np.asarray(affine, dtype=np.float64)[np.ix_(keep, keep)]
+
+
+def _embed_world(matrix: np.ndarray, ndim: int) -> np.ndarray:
+    """4x4 world matrix of an ``(ndim+1, ndim+1)`` one (2D: identity along z)."""
+    out = np.eye(4)
+    keep = list(range(ndim)) + [3]
+    out[np.ix_(keep, keep)] = matrix
+    return out
+
+
+def _spacing(affine: np.ndarray) -> np.ndarray:
+    """Voxel size along each axis of a reduced affine."""
+    return np.sqrt((affine[:-1, :-1] ** 2).sum(axis=0))
+
+
+def _level_spacings(config: AffineConfig, fixed: np.ndarray, moving: np.ndarray) -> list[float]:
+    """Pyramid spacings in mm, never finer than the finest voxel of either image."""
+    finest = float(min(_spacing(fixed).min(), _spacing(moving).min()))
+    unit = float(_spacing(fixed).min()) if config.scale_unit == "factor" else 1.0
+    return [max(s * unit, finest) for s in config.scales]
+
+
+def _skew(params: Tensor, ndim: int) -> Tensor:
+    """Skew-symmetric ``ndim x ndim`` matrix of 1 (2D) or 3 (3D) parameters."""
+    zero = params.new_zeros(())
+    if ndim == 2:
+        return torch.stack([torch.stack([zero, -params[0]]), torch.stack([params[0], zero])])
+    x, y, z = params
+    return torch.stack([torch.stack([zero, -z, y]), torch.stack([z, zero, -x]),
+                        torch.stack([-y, x, zero])])
+
+
+# --------------------------------------------------------------------------- pyramid
+
+
+def _gaussian_blur(image: Tensor, sigmas: Sequence[float]) -> Tensor:
+    """Separable Gaussian blur of ``(1, 1, *S)`` with per-axis sigmas in voxels."""
+    ndim = image.dim() - 2
+    conv = F.conv2d if ndim == 2 else F.conv3d
+    out = image
+    for axis, sigma in enumerate(sigmas):
+        radius = int(math.ceil(3.0 * sigma))
+        if sigma < 0.2 or radius < 1:
+            continue
+        taps = torch.arange(-radius, radius + 1, dtype=image.dtype)
+        kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+        shape = [1, 1] + [1] * ndim
+        shape[2 + axis] = kernel.numel()
+        pad = [0] * (2 * ndim)
+        pad[2 * (ndim - 1 - axis)] = pad[2 * (ndim - 1 - axis) + 1] = radius
+        out = conv(F.pad(out, pad, mode="replicate"), (kernel / kernel.sum()).view(shape))
+    return out
+
+
+def _block_average(tensor: Tensor, affine: np.ndarray, factors: Sequence[int]) -> tuple[Tensor, np.ndarray]:
+    """Block average of ``(1, 1, *S)`` by integer ``factors`` and its reduced affine."""
+    if all(k == 1 for k in factors):
+        return tensor, affine
+    pool = F.avg_pool2d if tensor.dim() == 4 else F.avg_pool3d
+    pooled = pool(tensor, tuple(factors), stride=tuple(factors), ceil_mode=True)
+    scale = np.diag([*map(float, factors), 1.0])
+    scale[:-1, -1] = (np.asarray(factors, dtype=np.float64) - 1.0) / 2.0
+    return pooled, affine @ scale
+
+
+def _box_variance(factors: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
+    """Variance (mm^2) per axis of a block average by ``factors`` of voxels of ``spacing``."""
+    return (np.asarray(factors, dtype=np.float64) ** 2 - 1.0) / 12.0 * np.asarray(spacing) ** 2
+
+
+def _level_grid(affine: np.ndarray, shape: Sequence[int], spacing: float) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Isotropic grid of ``spacing`` mm along the image axes covering its extent."""
+    voxel = _spacing(affine)
+    size = [max(1, int(round(n * v / spacing))) for n, v in zip(shape, voxel)]
+    step = np.asarray([n * v / (m * v) for n, v, m in zip(shape, voxel, size)])  # old voxels per new
+    index = np.diag([*step, 1.0])
+    index[:-1, -1] = -0.5 + 0.5 * step
+    return affine @ index, tuple(size)
+
+
+def _as_tensor(array: np.ndarray) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
+
+
+class _Pyramid:
+    """One image prepared for registration: a normalised base (block-averaged to about
+    the finest level spacing) from which every level is smoothed and resampled."""
+
+    def __init__(self, image: Image, mask: MaskLike, finest: float, name: str) -> None:
+        affine = _reduced_affine(image.affine, image.ndim)
+        self.affine, self.shape, self.name = affine, image.shape, name
+        factors = [max(1, int(math.floor(finest / v + 1e-6))) for v in _spacing(affine)]
+        base, self.base_affine = _block_average(_as_tensor(image.array), affine, factors)
+        self.base = _as_tensor(io.normalize_intensity(base[0, 0].numpy()))
+        self.mask = None
+        if mask is not None:
+            self.mask = _block_average(_as_tensor(_mask_array(mask, image, name)), affine, factors)[0]
+        self.variance = _box_variance(factors, _spacing(affine))
+
+    def level(self, spacing: float, mask: bool = False) -> tuple[Tensor, np.ndarray]:
+        """Image (or mask) ``(1, 1, *S)`` on the isotropic ``spacing`` grid, and its affine:
+        block-averaged by up to half the spacing, then Gaussian-smoothed to sigma
+        ``spacing / 2`` in total, then linearly resampled."""
+        grid_affine, shape = _level_grid(self.affine, self.shape, spacing)
+        base_voxel = _spacing(self.base_affine)
+        factors = [max(1, int(math.floor(spacing / (2.0 * v) + 1e-6))) for v in base_voxel]
+        source, source_affine = _block_average(self.mask if mask else self.base, self.base_affine, factors)
+        variance = self.variance + _box_variance(factors, base_voxel)
+        voxel = _spacing(source_affine)
+        sigmas = np.sqrt(np.clip((_SMOOTH * spacing) ** 2 - variance, 0.0, None)) / voxel
+        blurred = _gaussian_blur(source, sigmas)
+        matrix = np.linalg.inv(source_affine) @ grid_affine
+        coords = _grid_coords(torch.as_tensor(matrix, dtype=torch.float32), shape)
+        return spatial.sample(blurred, coords, padding="border"), grid_affine
+
+
+def _grid_coords(matrix: Tensor, shape: Sequence[int]) -> Tensor:
+    """Voxel coordinates ``(1, ndim, *shape)`` of ``matrix @ x`` for every voxel ``x``."""
+    ndim = len(shape)
+    grid = spatial.identity_grid(shape).reshape(ndim, -1)
+    mapped = matrix[:ndim, :ndim] @ grid + matrix[:ndim, ndim:]
+    return mapped.reshape(1, ndim, *shape)
+
+
+def _mask_array(mask: Image | np.ndarray, image: Image, name: str) -> np.ndarray:
+    """Float32 0/1 mask on ``image``'s grid (must have its shape)."""
+    array = np.asarray(mask.array if isinstance(mask, Image) else mask)
+    if array.shape != image.shape:
+        raise VoxregError(f"{name}: mask of shape {array.shape} does not match the image shape {image.shape}")
+    if not np.any(array):
+        raise VoxregError(f"{name}: mask is empty (no nonzero voxel)")
+    return (array > 0).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- moments
+
+
+def _world_points(affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """World coordinates ``(ndim, prod(shape))`` of every voxel of a grid (float64)."""
+    ndim = len(shape)
+    grid = np.indices(shape, dtype=np.float64).reshape(ndim, -1)
+    return affine[:ndim, :ndim] @ grid + affine[:ndim, ndim:]
+
+
+def _moments(image: Tensor, affine: np.ndarray, mask: Tensor | None) -> tuple[np.ndarray, np.ndarray, float]:
+    """Centre of mass, principal axes (columns, ascending eigenvalues) and radius of
+    gyration (mm) of the intensities above the foreground threshold."""
+    values = image.flatten().double().numpy()
+    weights = np.clip(values - _FOREGROUND, 0.0, None)
+    if mask is not None:
+        weights = weights * (mask.flatten().double().numpy() > 0.5)
+    if weights.sum() <= 0:
+        weights = np.clip(values, 0.0, None)
+    points = _world_points(affine, image.shape[2:])
+    total = weights.sum()
+    com = points @ weights / total
+    centred = points - com[:, None]
+    inertia = (centred * weights) @ centred.T / total
+    eigenvalues, axes = np.linalg.eigh(inertia)
+    return com, axes, float(math.sqrt(max(eigenvalues.sum(), 1e-12)))
+
+
+def _rotation_angle(rotation: np.ndarray) -> float:
+    """Angle in degrees of a 2D or 3D rotation matrix."""
+    if rotation.shape[0] == 2:
+        return abs(math.degrees(math.atan2(rotation[1, 0], rotation[0, 0])))
+    return math.degrees(math.acos(float(np.clip((np.trace(rotation) - 1.0) / 2.0, -1.0, 1.0))))
+
+
+def _candidates(init: str, fixed_axes: np.ndarray, moving_axes: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """Named start rotations: identity, plus the 4 (3D) / 2 (2D) proper rotations mapping
+    fixed principal axes onto moving ones with every sign flip."""
+    ndim = fixed_axes.shape[0]
+    out = [("com" if init != "identity" else "identity", np.eye(ndim))]
+    if init != "moments":
+        return out
+    wanted = np.sign(np.linalg.det(moving_axes) * np.linalg.det(fixed_axes))
+    for signs in itertools.product((1.0, -1.0), repeat=ndim):
+        if np.prod(signs) == wanted:
+            rotation = moving_axes @ np.diag(signs) @ fixed_axes.T
+            label = "".join("+" if s > 0 else "-" for s in signs)
+            out.append((f"moments {label} ({_rotation_angle(rotation):.0f} deg)", rotation))
+    return out
+
+
+# --------------------------------------------------------------------------- optimisation
+
+
+@dataclass
+class _Level:
+    """Fixed sample points and the moving image of one pyramid level."""
+
+    points: Tensor  # (ndim, P) fixed world points minus the centre c, float32
+    values: Tensor  # (1, 1, P, 1) fixed intensities
+    moving: Tensor  # (1, 1, *S) moving level image
+    to_moving: np.ndarray  # world -> moving level voxel
+    moving_mask: Tensor | None
+
+
+@dataclass
+class _State:
+    """Current transform ``W(p) = linear (p - centre) + centre + shift``."""
+
+    linear: np.ndarray
+    shift: np.ndarray
+    centre: np.ndarray
+
+    def world(self) -> np.ndarray:
+        ndim = self.centre.size
+        out = np.eye(ndim + 1)
+        out[:ndim, :ndim] = self.linear
+        out[:ndim, ndim] = self.centre + self.shift - self.linear @ self.centre
+        return out
+
+
+def _fixed_samples(fixed: _Pyramid, spacing: float, centre: np.ndarray, max_points: int) -> tuple[Tensor, Tensor]:
+    """Sample points (world minus ``centre``) and values of the fixed image at one level."""
+    image, affine = fixed.level(spacing)
+    ndim = image.dim() - 2
+    region = (image[0, 0] > _FOREGROUND) if fixed.mask is None else (fixed.level(spacing, mask=True)[0][0, 0] > 0.5)
+    if not bool(region.any()):
+        region = image[0, 0] > 0
+    select = torch.zeros_like(region)
+    index = region.nonzero()
+    low, high = index.min(0).values, index.max(0).values
+    margin = ((high - low).double() * _MARGIN).ceil().long() + 1
+    low = (low - margin).clamp_min(0)
+    high = high + margin
+    select[tuple(slice(int(a), int(b) + 1) for a, b in zip(low, high))] = True
+    if fixed.mask is not None:
+        select &= region
+    flat = select.flatten().nonzero()[:, 0]
+    if flat.numel() > max_points:
+        generator = torch.Generator().manual_seed(_SEED)
+        flat = flat[torch.randperm(flat.numel(), generator=generator)[:max_points]].sort().values
+    voxels = np.stack(np.unravel_index(flat.numpy(), image.shape[2:])).astype(np.float64)
+    world = affine[:ndim, :ndim] @ voxels + affine[:ndim, ndim:] - centre[:, None]
+    values = image.flatten()[flat].view(1, 1, -1, 1)
+    return torch.as_tensor(world, dtype=torch.float32), values
+
+
+def _build_level(fixed: _Pyramid, moving: _Pyramid, spacing: float, centre: np.ndarray,
+                 max_points: int) -> _Level:
+    points, values = _fixed_samples(fixed, spacing, centre, max_points)
+    image, affine = moving.level(spacing)
+    mask = moving.level(spacing, mask=True)[0] if moving.mask is not None else None
+    return _Level(points, values, image, np.linalg.inv(affine), mask)
+
+
+def _similarity(level: _Level, coords: Tensor, config: AffineConfig) -> tuple[Tensor, Tensor]:
+    """(similarity, fraction of the fixed foreground samples inside the moving image) at
+    moving voxel ``coords``."""
+    ndim = coords.shape[0]
+    shape = torch.tensor(level.moving.shape[2:], dtype=coords.dtype)
+    inside = ((coords >= 0) & (coords <= (shape - 1)[:, None])).all(0).to(coords.dtype)
+    foreground = level.values.reshape(-1) > _FOREGROUND
+    overlap = (inside * foreground).sum() / foreground.sum().clamp_min(1)
+    grid = coords.view(1, ndim, -1, *([1] * (ndim - 1)))
+    sampled = spatial.sample(level.moving, grid, padding="border").reshape(1, 1, -1, 1)
+    if level.moving_mask is not None:
+        inside = inside * spatial.sample(level.moving_mask, grid, padding="zeros").reshape(-1)
+    weights = inside.view(1, 1, -1, 1)
+    if config.similarity == "mi":
+        value = mattes_mi(level.values.reshape(-1), sampled.reshape(-1), inside, config.mi_bins)
+    else:
+        value = losses.global_ncc(level.values, sampled, mask=weights)
+    return value, overlap
+
+
+def _cubic_bspline(t: Tensor) -> Tensor:
+    """Cubic B-spline kernel (support ``|t| < 2``, partition of unity)."""
+    a = t.abs()
+    inner = (4.0 - 6.0 * a ** 2 + 3.0 * a ** 3) / 6.0
+    outer = (2.0 - a).clamp_min(0.0) ** 3 / 6.0
+    return torch.where(a < 1.0, inner, outer)
+
+
+def mattes_mi(fixed: Tensor, moving: Tensor, weights: Tensor | None = None, bins: int = 32) -> Tensor:
+    """Mutual information (nats) of two flat intensity vectors in [0, 1], Mattes style:
+    nearest-bin fixed, cubic B-spline Parzen window on the moving values (4 bins per
+    sample), so a histogram costs O(samples) and is differentiable w.r.t. ``moving``.
+    ``weights`` (same length) weight the samples."""
+    width = bins + 3  # moving bins -1 .. bins + 1
+    row = (fixed.clamp(0.0, 1.0) * (bins - 1)).round().long() * width
+    x = moving.clamp(0.0, 1.0) * (bins - 1)
+    floor = x.detach().floor()
+    hist = x.new_zeros(bins * width)
+    for k in (-1.0, 0.0, 1.0, 2.0):
+        w = _cubic_bspline(x - (floor + k))
+        if weights is not None:
+            w = w * weights
+        hist = hist.index_add(0, row + (floor + k + 1.0).long(), w)
+    joint = hist.view(bins, width) / hist.sum().clamp_min(1e-12)
+    p_f, p_m = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
+    eps = 1e-10
+    return (joint * (torch.log(joint + eps) - torch.log(p_f + eps) - torch.log(p_m + eps))).sum()
+
+
+def _moving_coords(level: _Level, state: _State, linear: Tensor, shift: Tensor) -> Tensor:
+    """Moving level voxel coordinates ``(ndim, P)`` of the fixed samples."""
+    to_moving = torch.as_tensor(level.to_moving, dtype=torch.float64)
+    ndim = linear.shape[0]
+    matrix = to_moving[:ndim, :ndim] @ linear
+    offset = to_moving[:ndim, :ndim] @ (torch.as_tensor(state.centre) + shift) + to_moving[:ndim, ndim]
+    return matrix.float() @ level.points + offset.float()[:, None]
+
+
+def _loss(similarity: Tensor, overlap: Tensor, config: AffineConfig) -> Tensor:
+    """Loss to minimise. The similarity counts only samples inside the moving image; it is
+    scaled down when less than 75% of the fixed foreground lands there, so that sliding
+    out of the moving field of view is not rewarded."""
+    factor = (overlap.detach() / _FULL_OVERLAP).clamp(max=1.0)
+    if config.similarity == "mi":
+        return -similarity * factor
+    return 1.0 - similarity * factor
+
+
+def _optimise(level: _Level, state: _State, kind: str, steps: int, lr: float, scale: float,
+              config: AffineConfig, history: list[float], tick: Callable[[], None]) -> _State:
+    """Run ``steps`` Adam steps from ``state``; return the new state (baked in)."""
+    ndim = state.centre.size
+    n_linear = ndim * (ndim - 1) // 2 if kind == "rigid" else ndim * ndim
+    params = torch.zeros(n_linear + ndim, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.Adam([params], lr=lr)
+    linear0 = torch.as_tensor(state.linear)
+    shift0 = torch.as_tensor(state.shift)
+    best = (math.inf, state)
+    for step in range(steps + 1):
+        generator = _skew(params[:n_linear], ndim) if kind == "rigid" else params[:n_linear].view(ndim, ndim)
+        linear = linear0 @ torch.linalg.matrix_exp(generator)
+        shift = shift0 + params[n_linear:] * scale
+        similarity, overlap = _similarity(level, _moving_coords(level, state, linear, shift), config)
+        loss = _loss(similarity, overlap, config)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise VoxregError("affine registration diverged (the loss became NaN); check the inputs "
+                              "or lower AffineConfig.lr")
+        if value < best[0]:
+            best = (value, _State(linear.detach().numpy().copy(), shift.detach().numpy().copy(), state.centre))
+        if step == steps:
+            break
+        history.append(value)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for group in optimizer.param_groups:
+            group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * step / max(steps, 1))))
+        optimizer.step()
+        tick()
+    return best[1]
+
+
+def _evaluate(level: _Level, state: _State, config: AffineConfig) -> tuple[float, float]:
+    """(similarity, loss) of ``state`` at ``level``."""
+    with torch.no_grad():
+        coords = _moving_coords(level, state, torch.as_tensor(state.linear), torch.as_tensor(state.shift))
+        similarity, overlap = _similarity(level, coords, config)
+        return float(similarity), float(_loss(similarity, overlap, config))
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _check_image(image: Image, role: str) -> str:
+    """Name of ``image`` for messages; raise when it is empty, constant or not 2D/3D."""
+    name = str(image.path) if image.path is not None else f"{role} image"
+    if image.ndim not in (2, 3):
+        raise VoxregError(f"{name}: cannot be aligned: expected a 2D or 3D image, got shape {image.shape}")
+    array = np.asarray(image.array)
+    if not np.all(np.isfinite(array)):
+        raise VoxregError(f"{name}: cannot be aligned: image holds NaN or Inf voxels")
+    if not np.any(array):
+        raise VoxregError(f"{name}: cannot be aligned: image is empty (all voxels are zero)")
+    if array.min() == array.max():
+        raise VoxregError(f"{name}: cannot be aligned: image is constant (every voxel is {float(array.min()):g})")
+    return name
+
+
+def affine_register(fixed: Image, moving: Image, config: AffineConfig | None = None,
+                    fixed_mask: MaskLike = None, moving_mask: MaskLike = None,
+                    progress: ProgressCallback | None = None) -> AffineResult:
+    """Rigid or affine registration of ``moving`` to ``fixed`` in world space (RAS mm).
+
+    Returns an :class:`AffineResult` whose ``world_matrix`` maps fixed world points to
+    moving world points: ``io.resample_to(moving, fixed, world_matrix=...)`` aligns them.
+    Masks (arrays or Images on each image's grid) restrict the fixed samples / the
+    moving voxels used. ``progress(done, total)`` is called after every optimiser step.
+    Raises VoxregError naming the file for an empty or constant image or a NaN result.
+    """
+    config = config or AffineConfig()
+    runtime.configure_allocator()
+    previous = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _register(fixed, moving, config, fixed_mask, moving_mask, progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _register(fixed: Image, moving: Image, config: AffineConfig, fixed_mask: MaskLike,
+              moving_mask: MaskLike, progress: ProgressCallback | None) -> AffineResult:
+    """Body of :func:`affine_register` (thread setting handled by the caller)."""
+    start = time.perf_counter()
+    fixed_name, moving_name = _check_image(fixed, "fixed"), _check_image(moving, "moving")
+    if fixed.ndim != moving.ndim:
+        raise VoxregError(f"{moving_name} is {moving.ndim}D but {fixed_name} is {fixed.ndim}D")
+    ndim = fixed.ndim
+    spacings = _level_spacings(config, _reduced_affine(fixed.affine, ndim), _reduced_affine(moving.affine, ndim))
+    with torch.no_grad():
+        fixed_pyr = _Pyramid(fixed, fixed_mask, min(spacings), fixed_name)
+        moving_pyr = _Pyramid(moving, moving_mask, min(spacings), moving_name)
+        coarse_f, coarse_f_affine = fixed_pyr.level(spacings[0])
+        coarse_m, coarse_m_affine = moving_pyr.level(spacings[0])
+        com_f, axes_f, radius = _moments(coarse_f, coarse_f_affine, None if fixed_pyr.mask is None
+                                         else fixed_pyr.level(spacings[0], True)[0])
+        com_m, axes_m, _ = _moments(coarse_m, coarse_m_affine, None if moving_pyr.mask is None
+                                    else moving_pyr.level(spacings[0], True)[0])
+        levels = [_build_level(fixed_pyr, moving_pyr, s, com_f, config.max_points) for s in spacings]
+    stages = ["rigid"] if config.transform == "rigid" else ["rigid", "affine"]
+    candidates = _candidates(config.init, axes_f, axes_m)
+    total = len(candidates) * config.init_iterations + len(stages) * sum(config.iterations)
+    done = [0]
+
+    def tick() -> None:
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], total)
+
+    history: list[float] = []
+    shift0 = np.zeros(ndim) if config.init == "identity" else com_m - com_f
+    best_name, state = _pick_candidate(levels[0], candidates, com_f, shift0, radius, config, history, tick)
+    for kind in stages:
+        for index, (level, steps) in enumerate(zip(levels, config.iterations)):
+            lr = config.lr * 0.5 ** index
+            state = _optimise(level, state, kind, steps, lr, radius, config, history, tick)
+    identity = _State(np.eye(ndim), np.zeros(ndim), com_f)
+    before = _evaluate(levels[-1], identity, config)[0]
+    after = _evaluate(levels[-1], state, config)[0]
+    world = _embed_world(state.world(), ndim)
+    if not np.all(np.isfinite(world)) or not math.isfinite(after):
+        raise VoxregError(f"{moving_name}: affine registration to {fixed_name} gave a degenerate (NaN) result")
+    return AffineResult(world, before, after, time.perf_counter() - start, best_name, history)
+
+
+def _pick_candidate(level: _Level, candidates: list[tuple[str, np.ndarray]], centre: np.ndarray,
+                    shift: np.ndarray, radius: float, config: AffineConfig, history: list[float],
+                    tick: Callable[[], None]) -> tuple[str, _State]:
+    """Refine every start rotation for a few rigid steps at the coarsest level; keep the best."""
+    best: tuple[float, str, _State] | None = None
+    for name, rotation in candidates:
+        state = _State(rotation, shift.copy(), centre)
+        trial: list[float] = []
+        state = _optimise(level, state, "rigid", config.init_iterations, config.lr * 2, radius, config,
+                          trial, tick)
+        loss = _evaluate(level, state, config)[1]
+        if best is None or loss < best[0] - 1e-6:
+            best = (loss, name, state)
+    assert best is not None
+    return best[1], best[2]

