@@ -34,7 +34,7 @@ def assert_user_error(result, *fragments: str) -> None:
 
 def test_register_writes_all_outputs_and_improves(pair_3d, tmp_path):
     out = tmp_path / "out"
-    result = run("register", pair_3d["fixed"], pair_3d["moving"], "-o", out,
+    result = run("register", pair_3d["fixed"], pair_3d["moving"], "-o", out, "--no-affine",
                  "--moving-labels", pair_3d["moving_labels"], "--fixed-labels", pair_3d["fixed_labels"],
                  "--device", "cpu")
     assert result.exit_code == 0, result.output
@@ -52,10 +52,35 @@ def test_register_writes_all_outputs_and_improves(pair_3d, tmp_path):
     assert np.issubdtype(warped_labels.get_data_dtype(), np.integer)
 
 
-def test_warp_applies_saved_field_like_register(pair_3d, tmp_path):
+def test_default_runs_affine_then_deformable(pair_3d, tmp_path):
+    out = tmp_path / "out"
+    result = run("register", pair_3d["fixed"], pair_3d["moving"], "-o", out, "--no-figure",
+                 "--moving-labels", pair_3d["moving_labels"], "--fixed-labels", pair_3d["fixed_labels"])
+    assert result.exit_code == 0, result.output
+    assert (out / "affine.txt").read_text().startswith("#Insight Transform File V1.0")
+    values = json.loads((out / "metrics.json").read_text())
+    assert values["dice_mean_affine"] > values["dice_mean_before"] + 0.1
+    assert values["dice_mean_after"] >= values["dice_mean_affine"] - 0.02
+    # the moving scan is the fixed one rolled by 2 voxels along axis 0 (1 mm voxels, RAS)
+    matrix = np.array([[float(v) for v in line.split()[1:]] for line in (out / "affine.txt").read_text().splitlines()
+                       if line.startswith("Parameters:")][0])
+    assert abs(abs(matrix[9]) - 2.0) < 0.5  # translation along x in LPS (sign flips from RAS)
+
+
+def test_affine_only_stops_after_affine(pair_3d, tmp_path):
+    out = tmp_path / "out"
+    result = run("register", pair_3d["fixed"], pair_3d["moving"], "-o", out, "--affine-only", "--no-figure")
+    assert result.exit_code == 0, result.output
+    values = json.loads((out / "metrics.json").read_text())
+    assert values["engine"] == "affine" and values["folding_percent"] == 0.0
+    assert (out / "affine.txt").exists()
+
+
+def test_warp_applies_saved_composite_like_register(pair_3d, tmp_path):
     out = tmp_path / "out"
     assert run("register", pair_3d["fixed"], pair_3d["moving"], "-o", out, "--no-figure",
                "--device", "cpu").exit_code == 0
+    assert (out / "affine.txt").exists()
     warped_path = tmp_path / "again.nii.gz"
     result = run("warp", out / "field.nii.gz", pair_3d["moving"], "-o", warped_path)
     assert result.exit_code == 0, result.output

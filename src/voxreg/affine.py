@@ -24,9 +24,14 @@ Method:
 4. **Optimisation.** ``W(p) = L (p - c) + c + t`` about the fixed centre of mass ``c``,
    ``L = L0 @ expm(K)`` with ``K`` skew-symmetric (rigid) or general (affine: rotation,
    scaling and shear, det > 0), translations in units of the fixed radius of gyration.
-   Adam on ``1 - global NCC`` or ``-MI`` between the fixed samples and the moving level
-   image sampled at ``W`` of them, counting only samples that land inside the moving
-   image. ``transform='affine'`` runs the rigid pyramid first, then the affine one.
+   Adam on ``1 - global NCC`` or ``-MI`` (:func:`mattes_mi`) between the fixed samples
+   and the moving level image sampled at ``W`` of them, counting only samples that land
+   inside the moving image (and scaling the similarity down when under 75% of the fixed
+   foreground does, so sliding out of the field of view is never rewarded); the best
+   state seen is kept. ``transform='affine'`` runs the rigid pyramid, then the affine one.
+
+Cost: a few hundred steps over at most ``max_points`` samples each; about 2.5 s for a
+256^3 pair on one CPU core (``AffineConfig.threads``), independent of the full resolution.
 """
 
 from __future__ import annotations
@@ -112,8 +117,10 @@ class AffineConfig:
                              f"{len(self.scales)} scales and {len(self.iterations)} iterations")
         if any(s <= 0 for s in self.scales) or any(i < 0 for i in self.iterations):
             raise ValueError(f"scales must be > 0 and iterations >= 0; got {self.scales}, {self.iterations}")
-        if self.lr <= 0 or self.max_points < 64 or self.init_iterations < 0 or self.mi_bins < 4 or self.threads < 0:
-            raise ValueError("need lr > 0, max_points >= 64, init_iterations >= 0, mi_bins >= 4 and threads >= 0")
+        if (self.lr <= 0 or self.max_points < 64 or self.init_iterations < 0 or self.mi_bins < 4
+                or self.threads < 0):
+            raise ValueError("need lr > 0, max_points >= 64, init_iterations >= 0, mi_bins >= 4 "
+                             "and threads >= 0")
 
 
 @dataclass
@@ -157,11 +164,18 @@ def _spacing(affine: np.ndarray) -> np.ndarray:
     return np.sqrt((affine[:-1, :-1] ** 2).sum(axis=0))
 
 
-def _level_spacings(config: AffineConfig, fixed: np.ndarray, moving: np.ndarray) -> list[float]:
-    """Pyramid spacings in mm, never finer than the finest voxel of either image."""
+_MIN_LEVEL_VOXELS = 16  # a pyramid level keeps at least this many voxels across the fixed image
+
+
+def _level_spacings(config: AffineConfig, fixed: np.ndarray, moving: np.ndarray,
+                    fixed_shape: Sequence[int]) -> list[float]:
+    """Pyramid spacings in mm, never finer than the finest voxel of either image and never
+    so coarse that the fixed image spans fewer than ``_MIN_LEVEL_VOXELS`` voxels (small images)."""
     finest = float(min(_spacing(fixed).min(), _spacing(moving).min()))
+    extent = float(min(np.asarray(fixed_shape) * _spacing(fixed)))
+    coarsest = max(extent / _MIN_LEVEL_VOXELS, finest)
     unit = float(_spacing(fixed).min()) if config.scale_unit == "factor" else 1.0
-    return [max(s * unit, finest) for s in config.scales]
+    return [min(max(s * unit, finest), coarsest) for s in config.scales]
 
 
 def _skew(params: Tensor, ndim: int) -> Tensor:
@@ -183,9 +197,9 @@ def _gaussian_blur(image: Tensor, sigmas: Sequence[float]) -> Tensor:
     conv = F.conv2d if ndim == 2 else F.conv3d
     out = image
     for axis, sigma in enumerate(sigmas):
-        radius = int(math.ceil(3.0 * sigma))
-        if sigma < 0.2 or radius < 1:
+        if sigma < 0.2:
             continue
+        radius = int(math.ceil(2.5 * sigma))
         taps = torch.arange(-radius, radius + 1, dtype=image.dtype)
         kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
         shape = [1, 1] + [1] * ndim
@@ -212,11 +226,11 @@ def _box_variance(factors: Sequence[int], spacing: Sequence[float]) -> np.ndarra
     return (np.asarray(factors, dtype=np.float64) ** 2 - 1.0) / 12.0 * np.asarray(spacing) ** 2
 
 
-def _level_grid(affine: np.ndarray, shape: Sequence[int], spacing: float) -> tuple[np.ndarray, tuple[int, ...]]:
+def _level_grid(affine: np.ndarray, shape: Sequence[int],
+                spacing: float) -> tuple[np.ndarray, tuple[int, ...]]:
     """Isotropic grid of ``spacing`` mm along the image axes covering its extent."""
-    voxel = _spacing(affine)
-    size = [max(1, int(round(n * v / spacing))) for n, v in zip(shape, voxel)]
-    step = np.asarray([n * v / (m * v) for n, v, m in zip(shape, voxel, size)])  # old voxels per new
+    size = [max(1, int(round(n * v / spacing))) for n, v in zip(shape, _spacing(affine))]
+    step = np.asarray(shape, dtype=np.float64) / np.asarray(size)  # image voxels per level voxel
     index = np.diag([*step, 1.0])
     index[:-1, -1] = -0.5 + 0.5 * step
     return affine @ index, tuple(size)
@@ -240,8 +254,16 @@ class _Pyramid:
         if mask is not None:
             self.mask = _block_average(_as_tensor(_mask_array(mask, image, name)), affine, factors)[0]
         self.variance = _box_variance(factors, _spacing(affine))
+        self._cache: dict[tuple[float, bool], tuple[Tensor, np.ndarray]] = {}
 
     def level(self, spacing: float, mask: bool = False) -> tuple[Tensor, np.ndarray]:
+        """Cached :meth:`make_level`."""
+        key = (float(spacing), bool(mask))
+        if key not in self._cache:
+            self._cache[key] = self.make_level(spacing, mask)
+        return self._cache[key]
+
+    def make_level(self, spacing: float, mask: bool = False) -> tuple[Tensor, np.ndarray]:
         """Image (or mask) ``(1, 1, *S)`` on the isotropic ``spacing`` grid, and its affine:
         block-averaged by up to half the spacing, then Gaussian-smoothed to sigma
         ``spacing / 2`` in total, then linearly resampled."""
@@ -254,6 +276,8 @@ class _Pyramid:
         sigmas = np.sqrt(np.clip((_SMOOTH * spacing) ** 2 - variance, 0.0, None)) / voxel
         blurred = _gaussian_blur(source, sigmas)
         matrix = np.linalg.inv(source_affine) @ grid_affine
+        if tuple(blurred.shape[2:]) == shape and np.allclose(matrix, np.eye(len(shape) + 1), atol=1e-4):
+            return blurred, grid_affine
         coords = _grid_coords(torch.as_tensor(matrix, dtype=torch.float32), shape)
         return spatial.sample(blurred, coords, padding="border"), grid_affine
 
@@ -350,6 +374,7 @@ class _State:
     centre: np.ndarray
 
     def world(self) -> np.ndarray:
+        """The ``(ndim+1, ndim+1)`` world matrix."""
         ndim = self.centre.size
         out = np.eye(ndim + 1)
         out[:ndim, :ndim] = self.linear
@@ -357,13 +382,17 @@ class _State:
         return out
 
 
-def _fixed_samples(fixed: _Pyramid, spacing: float, centre: np.ndarray, max_points: int) -> tuple[Tensor, Tensor]:
+def _fixed_samples(fixed: _Pyramid, spacing: float, centre: np.ndarray,
+                   max_points: int) -> tuple[Tensor, Tensor]:
     """Sample points (world minus ``centre``) and values of the fixed image at one level."""
     image, affine = fixed.level(spacing)
     ndim = image.dim() - 2
-    region = (image[0, 0] > _FOREGROUND) if fixed.mask is None else (fixed.level(spacing, mask=True)[0][0, 0] > 0.5)
+    if fixed.mask is None:
+        region = image[0, 0] > _FOREGROUND
+    else:
+        region = fixed.level(spacing, mask=True)[0][0, 0] > 0.5
     if not bool(region.any()):
-        region = image[0, 0] > 0
+        region = torch.ones_like(region)
     select = torch.zeros_like(region)
     index = region.nonzero()
     low, high = index.min(0).values, index.max(0).values
@@ -385,6 +414,7 @@ def _fixed_samples(fixed: _Pyramid, spacing: float, centre: np.ndarray, max_poin
 
 def _build_level(fixed: _Pyramid, moving: _Pyramid, spacing: float, centre: np.ndarray,
                  max_points: int) -> _Level:
+    """Fixed samples and moving image (and mask) of the level of ``spacing`` mm."""
     points, values = _fixed_samples(fixed, spacing, centre, max_points)
     image, affine = moving.level(spacing)
     mask = moving.level(spacing, mask=True)[0] if moving.mask is not None else None
@@ -459,20 +489,59 @@ def _loss(similarity: Tensor, overlap: Tensor, config: AffineConfig) -> Tensor:
     return 1.0 - similarity * factor
 
 
+class _Adam:
+    """Adam on one small parameter vector (torch.optim's first use imports torch._dynamo,
+    which costs over a second per process)."""
+
+    def __init__(self, size: int, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.m = torch.zeros(size, dtype=torch.float64)
+        self.v = torch.zeros(size, dtype=torch.float64)
+        self.betas, self.eps, self.t = betas, eps, 0
+
+    def step(self, params: Tensor, grad: Tensor, lr: float) -> None:
+        b1, b2 = self.betas
+        self.t += 1
+        self.m.mul_(b1).add_(grad, alpha=1 - b1)
+        self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = (self.v / (1 - b2 ** self.t)).sqrt_().add_(self.eps)
+        params.sub_(lr / (1 - b1 ** self.t) * self.m / denom)
+
+
+def _transform(params: Tensor, state: _State, kind: str, scale: float) -> tuple[Tensor, Tensor]:
+    """(linear, shift) of ``state`` updated by ``params`` = generator entries + translation."""
+    ndim = state.centre.size
+    n_linear = params.numel() - ndim
+    generator = _skew(params[:n_linear], ndim) if kind == "rigid" else params[:n_linear].view(ndim, ndim)
+    linear = torch.as_tensor(state.linear) @ torch.linalg.matrix_exp(generator)
+    return linear, torch.as_tensor(state.shift) + params[n_linear:] * scale
+
+
+def _sort_samples(level: _Level, state: _State) -> None:
+    """Reorder the samples (in place) along the moving image's memory layout at ``state``:
+    interpolation then reads the moving image in order (measured 1.7x faster per step on
+    a rotated 128^3 level, whose image does not fit in cache)."""
+    with torch.no_grad():
+        coords = _moving_coords(level, state, torch.as_tensor(state.linear), torch.as_tensor(state.shift))
+        key = torch.zeros(coords.shape[1], dtype=torch.int64)
+        for axis, size in enumerate(level.moving.shape[2:]):
+            key = key * (size + 2) + (coords[axis].floor().clamp(-1, size).long() + 1)
+        order = torch.argsort(key)
+    level.points = level.points[:, order].contiguous()
+    level.values = level.values[:, :, order]
+
+
 def _optimise(level: _Level, state: _State, kind: str, steps: int, lr: float, scale: float,
               config: AffineConfig, history: list[float], tick: Callable[[], None]) -> _State:
-    """Run ``steps`` Adam steps from ``state``; return the new state (baked in)."""
+    """Run ``steps`` Adam steps (cosine-decayed ``lr``) from ``state``; return the best
+    state seen, so a bad step is never kept."""
     ndim = state.centre.size
     n_linear = ndim * (ndim - 1) // 2 if kind == "rigid" else ndim * ndim
     params = torch.zeros(n_linear + ndim, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.Adam([params], lr=lr)
-    linear0 = torch.as_tensor(state.linear)
-    shift0 = torch.as_tensor(state.shift)
+    adam = _Adam(params.numel())
+    _sort_samples(level, state)
     best = (math.inf, state)
     for step in range(steps + 1):
-        generator = _skew(params[:n_linear], ndim) if kind == "rigid" else params[:n_linear].view(ndim, ndim)
-        linear = linear0 @ torch.linalg.matrix_exp(generator)
-        shift = shift0 + params[n_linear:] * scale
+        linear, shift = _transform(params, state, kind, scale)
         similarity, overlap = _similarity(level, _moving_coords(level, state, linear, shift), config)
         loss = _loss(similarity, overlap, config)
         value = float(loss.detach())
@@ -480,15 +549,14 @@ def _optimise(level: _Level, state: _State, kind: str, steps: int, lr: float, sc
             raise VoxregError("affine registration diverged (the loss became NaN); check the inputs "
                               "or lower AffineConfig.lr")
         if value < best[0]:
-            best = (value, _State(linear.detach().numpy().copy(), shift.detach().numpy().copy(), state.centre))
+            best = (value, _State(linear.detach().numpy().copy(), shift.detach().numpy().copy(),
+                                  state.centre))
         if step == steps:
             break
         history.append(value)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        for group in optimizer.param_groups:
-            group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * step / max(steps, 1))))
-        optimizer.step()
+        (grad,) = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            adam.step(params, grad, lr * (0.1 + 0.45 * (1.0 + math.cos(math.pi * step / max(steps, 1)))))
         tick()
     return best[1]
 
@@ -515,7 +583,8 @@ def _check_image(image: Image, role: str) -> str:
     if not np.any(array):
         raise VoxregError(f"{name}: cannot be aligned: image is empty (all voxels are zero)")
     if array.min() == array.max():
-        raise VoxregError(f"{name}: cannot be aligned: image is constant (every voxel is {float(array.min()):g})")
+        raise VoxregError(f"{name}: cannot be aligned: image is constant "
+                          f"(every voxel is {float(array.min()):g})")
     return name
 
 
@@ -541,28 +610,47 @@ def affine_register(fixed: Image, moving: Image, config: AffineConfig | None = N
         torch.set_num_threads(previous)
 
 
+@dataclass
+class _Problem:
+    """Everything prepared once per call: the levels and the moments of both images."""
+
+    levels: list[_Level]
+    centre: np.ndarray  # fixed centre of mass (world mm)
+    shift: np.ndarray  # moving minus fixed centre of mass
+    radius: float  # fixed radius of gyration (mm): the unit of the translation parameters
+    candidates: list[tuple[str, np.ndarray]]
+
+
+def _prepare(fixed: Image, moving: Image, names: tuple[str, str], config: AffineConfig,
+             masks: tuple[MaskLike, MaskLike]) -> _Problem:
+    """Pyramids, moments, start candidates and per-level samples of one pair."""
+    ndim = fixed.ndim
+    spacings = _level_spacings(config, _reduced_affine(fixed.affine, ndim),
+                               _reduced_affine(moving.affine, ndim), fixed.shape)
+    pyramids = [_Pyramid(image, mask, min(spacings), name)
+                for image, mask, name in zip((fixed, moving), masks, names)]
+    moments = []
+    for pyramid in pyramids:
+        image, affine = pyramid.level(spacings[0])
+        mask = None if pyramid.mask is None else pyramid.level(spacings[0], mask=True)[0]
+        moments.append(_moments(image, affine, mask))
+    (com_f, axes_f, radius), (com_m, axes_m, _) = moments
+    levels = [_build_level(*pyramids, s, com_f, config.max_points) for s in spacings]
+    shift = np.zeros(ndim) if config.init == "identity" else com_m - com_f
+    return _Problem(levels, com_f, shift, radius, _candidates(config.init, axes_f, axes_m))
+
+
 def _register(fixed: Image, moving: Image, config: AffineConfig, fixed_mask: MaskLike,
               moving_mask: MaskLike, progress: ProgressCallback | None) -> AffineResult:
     """Body of :func:`affine_register` (thread setting handled by the caller)."""
     start = time.perf_counter()
-    fixed_name, moving_name = _check_image(fixed, "fixed"), _check_image(moving, "moving")
+    names = (_check_image(fixed, "fixed"), _check_image(moving, "moving"))
     if fixed.ndim != moving.ndim:
-        raise VoxregError(f"{moving_name} is {moving.ndim}D but {fixed_name} is {fixed.ndim}D")
-    ndim = fixed.ndim
-    spacings = _level_spacings(config, _reduced_affine(fixed.affine, ndim), _reduced_affine(moving.affine, ndim))
+        raise VoxregError(f"{names[1]} is {moving.ndim}D but {names[0]} is {fixed.ndim}D")
     with torch.no_grad():
-        fixed_pyr = _Pyramid(fixed, fixed_mask, min(spacings), fixed_name)
-        moving_pyr = _Pyramid(moving, moving_mask, min(spacings), moving_name)
-        coarse_f, coarse_f_affine = fixed_pyr.level(spacings[0])
-        coarse_m, coarse_m_affine = moving_pyr.level(spacings[0])
-        com_f, axes_f, radius = _moments(coarse_f, coarse_f_affine, None if fixed_pyr.mask is None
-                                         else fixed_pyr.level(spacings[0], True)[0])
-        com_m, axes_m, _ = _moments(coarse_m, coarse_m_affine, None if moving_pyr.mask is None
-                                    else moving_pyr.level(spacings[0], True)[0])
-        levels = [_build_level(fixed_pyr, moving_pyr, s, com_f, config.max_points) for s in spacings]
+        problem = _prepare(fixed, moving, names, config, (fixed_mask, moving_mask))
     stages = ["rigid"] if config.transform == "rigid" else ["rigid", "affine"]
-    candidates = _candidates(config.init, axes_f, axes_m)
-    total = len(candidates) * config.init_iterations + len(stages) * sum(config.iterations)
+    total = len(problem.candidates) * config.init_iterations + len(stages) * sum(config.iterations)
     done = [0]
 
     def tick() -> None:
@@ -571,31 +659,29 @@ def _register(fixed: Image, moving: Image, config: AffineConfig, fixed_mask: Mas
             progress(done[0], total)
 
     history: list[float] = []
-    shift0 = np.zeros(ndim) if config.init == "identity" else com_m - com_f
-    best_name, state = _pick_candidate(levels[0], candidates, com_f, shift0, radius, config, history, tick)
+    init, state = _pick_candidate(problem, config, tick)
     for kind in stages:
-        for index, (level, steps) in enumerate(zip(levels, config.iterations)):
+        for index, (level, steps) in enumerate(zip(problem.levels, config.iterations)):
             lr = config.lr * 0.5 ** index
-            state = _optimise(level, state, kind, steps, lr, radius, config, history, tick)
-    identity = _State(np.eye(ndim), np.zeros(ndim), com_f)
-    before = _evaluate(levels[-1], identity, config)[0]
-    after = _evaluate(levels[-1], state, config)[0]
-    world = _embed_world(state.world(), ndim)
+            state = _optimise(level, state, kind, steps, lr, problem.radius, config, history, tick)
+    identity = _State(np.eye(fixed.ndim), np.zeros(fixed.ndim), problem.centre)
+    before = _evaluate(problem.levels[-1], identity, config)[0]
+    after = _evaluate(problem.levels[-1], state, config)[0]
+    world = _embed_world(state.world(), fixed.ndim)
     if not np.all(np.isfinite(world)) or not math.isfinite(after):
-        raise VoxregError(f"{moving_name}: affine registration to {fixed_name} gave a degenerate (NaN) result")
-    return AffineResult(world, before, after, time.perf_counter() - start, best_name, history)
+        raise VoxregError(f"{names[1]}: affine registration to {names[0]} gave a degenerate (NaN) result")
+    return AffineResult(world, before, after, time.perf_counter() - start, init, history)
 
 
-def _pick_candidate(level: _Level, candidates: list[tuple[str, np.ndarray]], centre: np.ndarray,
-                    shift: np.ndarray, radius: float, config: AffineConfig, history: list[float],
-                    tick: Callable[[], None]) -> tuple[str, _State]:
-    """Refine every start rotation for a few rigid steps at the coarsest level; keep the best."""
+def _pick_candidate(problem: _Problem, config: AffineConfig, tick: Callable[[], None]) -> tuple[str, _State]:
+    """Refine every start rotation for ``init_iterations`` rigid steps at the coarsest
+    level (twice the base lr); return the name and state of the best one."""
+    level = problem.levels[0]
     best: tuple[float, str, _State] | None = None
-    for name, rotation in candidates:
-        state = _State(rotation, shift.copy(), centre)
-        trial: list[float] = []
-        state = _optimise(level, state, "rigid", config.init_iterations, config.lr * 2, radius, config,
-                          trial, tick)
+    for name, rotation in problem.candidates:
+        state = _State(rotation, problem.shift.copy(), problem.centre)
+        state = _optimise(level, state, "rigid", config.init_iterations, config.lr * 2, problem.radius,
+                          config, [], tick)
         loss = _evaluate(level, state, config)[1]
         if best is None or loss < best[0] - 1e-6:
             best = (loss, name, state)

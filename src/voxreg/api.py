@@ -104,8 +104,7 @@ class RegistrationResult:
         for name, labels in self.warped_labels.items():
             written[f"warped_{name}"] = io.save_image(labels, outdir / f"warped_{name}.nii.gz")
         written["field"] = io.save_field(outdir / "field.nii.gz", field, self.fixed)
-        if self.fixed.ndim == 3:
-            written["field_itk"] = io.save_itk_field(outdir / "field_itk.nii.gz", field, self.fixed)
+        written["field_itk"] = io.save_itk_field(outdir / "field_itk.nii.gz", field, self.fixed)
         if self.world_matrix is not None:
             written["affine"] = io.write_itk_affine(outdir / "affine.txt", self.world_matrix)
         if figure:
@@ -172,14 +171,16 @@ def register(fixed: ImageLike, moving: ImageLike, *, model: str | Path | None = 
              similarity: str = "ncc", lam: float | None = None, refine: int = 0,
              device: str | torch.device = "auto", moving_labels: Sequence[ImageLike] | Mapping[str, ImageLike] | None = None,
              fixed_labels: ImageLike | None = None, world_matrix: np.ndarray | None = None,
+             affine: bool = True, affine_only: bool = False, affine_config: Any = None,
              config: AlignConfig | None = None, progress: ProgressCallback | None = None) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` and return a :class:`RegistrationResult`.
 
     Without ``model`` the field comes from instance optimisation (``config`` or defaults
     with ``similarity``/``lam``); with a checkpoint the network predicts it, optionally
-    refined by ``refine`` optimisation steps. ``world_matrix`` is an affine pre-alignment
-    (fixed world -> moving world, RAS mm). Label maps are carried with nearest neighbour;
-    Dice is reported when ``fixed_labels`` is given too.
+    refined by ``refine`` optimisation steps. An affine pre-alignment in world space runs
+    first unless ``affine=False`` or an explicit ``world_matrix`` (fixed world -> moving world,
+    RAS mm) is given; ``affine_only`` stops after it. Label maps are carried with nearest
+    neighbour; Dice is reported when ``fixed_labels`` is given too.
     """
     total_start = time.perf_counter()
     fixed_img, moving_img = as_image(fixed), as_image(moving)
@@ -189,29 +190,56 @@ def register(fixed: ImageLike, moving: ImageLike, *, model: str | Path | None = 
     for labels in [*label_maps.values(), *([fixed_label_img] if fixed_label_img is not None else [])]:
         _check_pair(fixed_img, labels)
     torch_device = resolve_device(device)
+    values: dict[str, Any] = {}
+    if world_matrix is None and (affine or affine_only):
+        world_matrix, values["affine"] = _affine_stage(fixed_img, moving_img, affine_config)
     moving_on_fixed = warp_image(moving_img, fixed_img, world_matrix=world_matrix, device=torch_device)
     fixed_t = _to_tensor(io.normalize_intensity(fixed_img.array), torch_device)
     moving_t = _to_tensor(io.normalize_intensity(moving_on_fixed.array), torch_device)
     config = _align_config(config, similarity, lam)
     start = time.perf_counter()
-    engine, field = _estimate_field(fixed_t, moving_t, model, config, lam, refine, torch_device, progress)
+    if affine_only:
+        engine, field = "affine", torch.zeros(1, fixed_img.ndim, *fixed_img.shape, device=torch_device)
+    else:
+        engine, field = _estimate_field(fixed_t, moving_t, model, config, lam, refine, torch_device, progress)
     if torch_device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     warped = warp_image(moving_img, fixed_img, field, world_matrix, device=torch_device)
     warped_labels = {name: warp_image(lab, fixed_img, field, world_matrix, device=torch_device)
                      for name, lab in label_maps.items()}
-    values: dict[str, Any] = {"engine": engine, "device": str(torch_device), "registration_seconds": seconds,
-                              "similarity_loss": config.similarity, "lambda": config.lam if model is None else lam,
-                              "fixed": str(fixed_img.path or ""), "moving": str(moving_img.path or "")}
+    values.update({"engine": engine, "device": str(torch_device), "registration_seconds": seconds,
+                   "similarity_loss": config.similarity, "lambda": config.lam if model is None else lam,
+                   "fixed": str(fixed_img.path or ""), "moving": str(moving_img.path or "")})
     values.update(metrics.jacobian_stats(field))
     values["similarity"] = _similarity_metrics(fixed_t, moving_t, field)
+    if "affine" in values:
+        values["similarity"].update(_before_affine_similarity(fixed_img, moving_img, fixed_t, torch_device))
     if fixed_label_img is not None and label_maps:
         values.update(_dice_metrics(fixed_label_img, fixed_img, label_maps, warped_labels,
                                     world_matrix, torch_device))
     values["total_seconds"] = time.perf_counter() - total_start
     return RegistrationResult(fixed_img, moving_on_fixed, warped, field.detach().cpu(), warped_labels,
                               world_matrix, values)
+
+
+def _affine_stage(fixed: Image, moving: Image, config: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    """Affine pre-alignment in world space; returns the matrix and its metrics."""
+    from voxreg.affine import affine_register
+
+    result = affine_register(fixed, moving, config)
+    return result.world_matrix, {"seconds": result.seconds, "init": result.init,
+                                 "similarity_before": result.similarity_before,
+                                 "similarity_after": result.similarity_after}
+
+
+def _before_affine_similarity(fixed: Image, moving: Image, fixed_t: torch.Tensor,
+                              device: torch.device) -> dict[str, float]:
+    """NCC/MI of the raw moving scan on the fixed grid (before any alignment)."""
+    raw = warp_image(moving, fixed, device=device)
+    raw_t = _to_tensor(io.normalize_intensity(raw.array), device)
+    report = metrics.similarity_report(fixed_t, raw_t, raw_t)
+    return {f"{key[:-len('_before')]}_raw": value for key, value in report.items() if key.endswith("_before")}
 
 
 def _align_config(config: AlignConfig | None, similarity: str, lam: float | None) -> AlignConfig:
@@ -244,16 +272,21 @@ def _similarity_metrics(fixed: torch.Tensor, moving: torch.Tensor, field: torch.
 def _dice_metrics(fixed_labels: Image, fixed: Image, moving_labels: dict[str, Image],
                   warped_labels: dict[str, Image], world_matrix: np.ndarray | None,
                   device: torch.device) -> dict[str, Any]:
+    """Dice of the first moving label map against the fixed one: raw (before any
+    alignment), after the affine stage when one ran, and after the full registration."""
     if fixed_labels.shape != fixed.shape or not np.allclose(fixed_labels.affine, fixed.affine, atol=1e-3):
         fixed_labels = warp_image(fixed_labels, fixed, device=device)
     name, moving = next(iter(moving_labels.items()))
-    before_img = warp_image(moving, fixed, None, world_matrix, device=device)
     labels = sorted(set(np.unique(fixed_labels.array)) & set(np.unique(moving.array)) - {0})
-    before = metrics.dice_per_label(fixed_labels.array, before_img.array, labels)
-    after = metrics.dice_per_label(fixed_labels.array, warped_labels[name].array, labels)
-    return {"dice_labels": name, "dice_mean_before": float(np.mean(list(before.values()))) if before else float("nan"),
-            "dice_mean_after": float(np.mean(list(after.values()))) if after else float("nan"),
-            "dice_per_label": {int(k): {"before": before[k], "after": after[k]} for k in after}}
+    stages = {"before": warp_image(moving, fixed, device=device), "after": warped_labels[name]}
+    if world_matrix is not None:
+        stages["affine"] = warp_image(moving, fixed, None, world_matrix, device=device)
+    scores = {stage: metrics.dice_per_label(fixed_labels.array, img.array, labels) for stage, img in stages.items()}
+    values: dict[str, Any] = {"dice_labels": name}
+    for stage, per_label in scores.items():
+        values[f"dice_mean_{stage}"] = float(np.nanmean(list(per_label.values()))) if per_label else float("nan")
+    values["dice_per_label"] = {int(k): {stage: scores[stage][k] for stage in scores} for k in labels}
+    return values
 
 
 def apply_field(field_path: str | Path, image: ImageLike, nearest: bool | None = None,

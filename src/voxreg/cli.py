@@ -75,16 +75,19 @@ def register(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     moving_labels: list[Path] = typer.Option([], "--moving-labels", help="Label map(s) on the moving scan to carry along."),
     fixed_labels: Optional[Path] = typer.Option(None, "--fixed-labels", help="Label map of the fixed scan (for Dice)."),
+    no_affine: bool = typer.Option(False, "--no-affine", help="Skip the affine pre-alignment (scans already aligned)."),
+    affine_only: bool = typer.Option(False, "--affine-only", help="Stop after the affine pre-alignment."),
     no_figure: bool = typer.Option(False, "--no-figure", help="Skip figure.png."),
 ) -> None:
-    """Register MOVING to FIXED and write warped image, labels, fields, metrics.json and figure.png."""
+    """Register MOVING to FIXED (affine, then deformable) and write warped image, labels,
+    fields (voxreg + ITK/ANTs), affine.txt, metrics.json and figure.png."""
     from voxreg import api, io
 
     io.ensure_output_dir(output)
     with progress_bar("registering") as update:
         result = api.register(fixed, moving, model=model, similarity=similarity, lam=lam, refine=refine,
                               device=device, moving_labels=moving_labels or None, fixed_labels=fixed_labels,
-                              progress=update)
+                              affine=not no_affine, affine_only=affine_only, progress=update)
     written = result.save(output, figure=not no_figure)
     _print_summary(result.metrics, written)
 
@@ -96,7 +99,11 @@ def _print_summary(values: dict, written: dict[str, Path]) -> None:
     if "ncc_before" in sim:
         line += f", NCC {sim['ncc_before']:.3f} -> {sim['ncc_after']:.3f}"
     if "dice_mean_after" in values:
-        line += f", mean Dice {values['dice_mean_before']:.3f} -> {values['dice_mean_after']:.3f}"
+        stages = [f"{values['dice_mean_before']:.3f}"]
+        if "dice_mean_affine" in values and values["engine"] != "affine":
+            stages.append(f"{values['dice_mean_affine']:.3f} (affine)")
+        stages.append(f"{values['dice_mean_after']:.3f}")
+        line += ", mean Dice " + " -> ".join(stages)
     console.print(line)
     for name, path in written.items():
         console.print(f"  {name:14s} {path}")
@@ -109,13 +116,17 @@ def warp(
     image: Path = typer.Argument(..., help="Image or label map on the moving scan's grid."),
     output: Path = typer.Option(..., "-o", "--output", help="Output file (.nii.gz, .nrrd, ...)."),
     nearest: bool = typer.Option(False, "--nearest", help="Nearest-neighbour (label maps)."),
-    affine: Optional[Path] = typer.Option(None, "--affine", help="ITK affine text applied before the field."),
+    affine: Optional[Path] = typer.Option(None, "--affine", help="ITK affine text (default: affine.txt next to FIELD, if any)."),
+    no_affine: bool = typer.Option(False, "--no-affine", help="Ignore affine.txt next to FIELD."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
 ) -> None:
-    """Apply a saved displacement FIELD to IMAGE (another image or a label map)."""
+    """Apply a saved displacement FIELD (and the affine.txt beside it) to IMAGE."""
     from voxreg import api, io
 
     io.ensure_output_dir(output.parent if str(output.parent) else Path("."))
+    if affine is None and not no_affine and (field.parent / "affine.txt").exists():
+        affine = field.parent / "affine.txt"
+        console.print(f"applying {affine} then {field.name} (composite of voxreg register)")
     warped = api.apply_field(field, image, nearest=nearest or None, affine_path=affine, device=device)
     io.save_image(warped, output)
     console.print(f"wrote {output}")

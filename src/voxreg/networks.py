@@ -26,7 +26,7 @@ U-Net only. ``benchmarks/bench_network.py`` times the variants.
 from __future__ import annotations
 
 import os
-import tempfile
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -391,6 +391,7 @@ class VoxelMorph(nn.Module):
 # --------------------------------------------------------------------------- checkpoints
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _SAFE_SCALARS = (type(None), bool, int, float, str, torch.Tensor, torch.Size)
 
 
@@ -433,30 +434,36 @@ def save_checkpoint(path: str | os.PathLike[str], model: VoxelMorph,
         "extra": extra if extra is not None else {},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with open(tmp, "wb") as fh:
             torch.save(payload, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
 
 def _one_line(exc: BaseException, limit: int = 160) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    """First ``limit`` characters of an exception message on one line, without ANSI codes."""
+    text = " ".join(_ANSI.sub("", str(exc)).split()) or type(exc).__name__
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _read_payload(path: Path, device: str | torch.device) -> dict[str, Any]:
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a file")
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - the unpickler raises anything on garbage
+        if "Weights only load failed" in str(exc):
+            raise CheckpointError(f"{path} is not a voxreg checkpoint: it holds pickled objects other "
+                                  "than tensors and plain values (refused for safety)") from exc
         raise CheckpointError(f"cannot read checkpoint {path}: not a torch file, corrupted or "
                               f"truncated ({_one_line(exc)})") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
