@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field as dataclass_field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,11 @@ class AlignConfig:
     int_steps: int = 6
     field_scale: int = 2
     mi_bins: int = 32
+    # Adam divides by the gradient RMS, so weak gradients (flat regions, an aligned pair)
+    # would still move by ``lr``: its eps is set to ``adam_eps`` times the RMS of the first
+    # gradient of each level, which damps gradients much weaker than the typical one
+    # whatever the similarity's scale.
+    adam_eps: float = 0.1
 
     def __post_init__(self) -> None:
         self.similarity = self.similarity.lower()
@@ -113,6 +118,12 @@ def _set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def _set_relative_eps(optimizer: torch.optim.Optimizer, grad: Tensor, relative: float) -> None:
+    rms = float(grad.pow(2).mean().sqrt())
+    for group in optimizer.param_groups:
+        group["eps"] = max(relative * rms, 1e-12)
+
+
 def _similarity(config: AlignConfig) -> torch.nn.Module:
     if config.similarity == "ncc":
         return losses.similarity_loss("ncc", window=config.window)
@@ -121,13 +132,40 @@ def _similarity(config: AlignConfig) -> torch.nn.Module:
     return losses.similarity_loss(config.similarity)
 
 
+def foreground_box(fixed: Tensor, moving: Tensor, margin: int = 8,
+                   threshold: float = 0.01) -> tuple[slice, ...]:
+    """Bounding box (one slice per spatial axis) of voxels above ``threshold`` in either
+    image, grown by ``margin`` voxels; the whole grid when nothing is above it."""
+    mask = ((fixed > threshold) | (moving > threshold))[0, 0]
+    box = []
+    for axis, size in enumerate(mask.shape):
+        others = tuple(d for d in range(mask.dim()) if d != axis)
+        hits = torch.nonzero(mask.any(dim=others) if others else mask).flatten()
+        if hits.numel() == 0:
+            return tuple(slice(0, s) for s in mask.shape)
+        box.append(slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + margin + 1, size)))
+    return tuple(box)
+
+
+def _pad_to_grid(field: Tensor, box: tuple[slice, ...], shape: Sequence[int]) -> Tensor:
+    """Extend a field computed inside ``box`` to the full grid by repeating its borders."""
+    pads: list[int] = []
+    for region, size in reversed(list(zip(box, shape))):
+        pads += [region.start, size - region.stop]
+    if not any(pads):
+        return field
+    return F.pad(field, pads, mode="replicate")
+
+
 def align(fixed: Tensor, moving: Tensor, config: AlignConfig | None = None,
           initial_field: Tensor | None = None, progress: ProgressCallback | None = None) -> AlignResult:
     """Register ``moving`` to ``fixed`` (both ``(1, 1, *S)`` on the same grid, intensities
     in [0, 1]) by optimising a displacement field; returns it in voxels of the fixed grid.
 
-    With ``initial_field`` (e.g. a network prediction) the moving image is first warped by
-    it, a residual is optimised and the result is ``compose(initial_field, residual)``.
+    The optimisation runs inside the bounding box of the foreground of both images (the
+    field is extended outside it by repeating its borders). With ``initial_field`` (e.g. a
+    network prediction) the moving image is first warped by it, a residual is optimised and
+    the result is ``compose(initial_field, residual)``.
     """
     config = config or AlignConfig()
     runtime.configure_allocator()
@@ -135,6 +173,19 @@ def align(fixed: Tensor, moving: Tensor, config: AlignConfig | None = None,
         raise ValueError(f"fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} must share a grid")
     start = time.perf_counter()
     source = moving if initial_field is None else spatial.warp(moving, initial_field)
+    box = foreground_box(fixed, source)
+    region = (slice(None), slice(None)) + box
+    residual, history = _optimise(fixed[region], source[region], config, progress)
+    with torch.no_grad():
+        field = _pad_to_grid(residual, box, fixed.shape[2:])
+        if initial_field is not None:
+            field = spatial.compose(initial_field, field)
+    return AlignResult(field=field, history=history, seconds=time.perf_counter() - start)
+
+
+def _optimise(fixed: Tensor, moving: Tensor, config: AlignConfig,
+              progress: ProgressCallback | None) -> tuple[Tensor, list[float]]:
+    """The multi-scale Adam loop on one grid; returns the field on it and the loss history."""
     similarity = _similarity(config).to(fixed.device)
     regularizer = losses.regularizer(config.regularizer).to(fixed.device)
     param: Tensor | None = None
@@ -142,7 +193,7 @@ def align(fixed: Tensor, moving: Tensor, config: AlignConfig | None = None,
     done = 0
     for level_scale, iterations in zip(config.scales, config.iterations):
         fixed_level = _downsample(fixed, level_scale)
-        moving_level = _downsample(source, level_scale)
+        moving_level = _downsample(moving, level_scale)
         level_shape = tuple(fixed_level.shape[2:])
         param_shape = _parameter_shape(level_shape, config.field_scale)
         if param is None:
@@ -158,6 +209,8 @@ def align(fixed: Tensor, moving: Tensor, config: AlignConfig | None = None,
             warped = spatial.warp(moving_level, field)
             loss = similarity(fixed_level, warped) + config.lam * regularizer(field)
             loss.backward()
+            if step == 0:
+                _set_relative_eps(optimizer, param.grad, config.adam_eps)
             optimizer.step()
             history.append(float(loss.detach()))
             done += 1
@@ -165,9 +218,5 @@ def align(fixed: Tensor, moving: Tensor, config: AlignConfig | None = None,
                 progress(done, config.total_iterations)
     with torch.no_grad():
         if param is None:
-            field = torch.zeros(1, fixed.dim() - 2, *fixed.shape[2:], device=fixed.device)
-        else:
-            field = _field_from_parameter(param.detach(), tuple(fixed.shape[2:]), config)
-        if initial_field is not None:
-            field = spatial.compose(initial_field, field)
-    return AlignResult(field=field, history=history, seconds=time.perf_counter() - start)
+            return torch.zeros(1, fixed.dim() - 2, *fixed.shape[2:], device=fixed.device), history
+        return _field_from_parameter(param.detach(), tuple(fixed.shape[2:]), config), history

@@ -115,7 +115,7 @@ def box_filter(image: Tensor, window: int | Sequence[int]) -> Tensor:
 
 
 def local_ncc_map(fixed: Tensor, warped: Tensor, window: int | Sequence[int] = 9,
-                  squared: bool = True, eps: float = 1e-8) -> Tensor:
+                  squared: bool = True, eps: float = 1e-5) -> Tensor:
     """Voxel-wise local NCC ``(N, C, *S)`` over a box ``window`` (see :func:`local_ncc`)."""
     ndim = _check_pair(fixed, warped)
     _window_sizes(window, ndim)
@@ -126,21 +126,22 @@ def local_ncc_map(fixed: Tensor, warped: Tensor, window: int | Sequence[int] = 9
     var_a = (aa - mu_a * mu_a).clamp_min(0.0)
     var_b = (bb - mu_b * mu_b).clamp_min(0.0)
     cov = ab - mu_a * mu_b
-    if squared:
-        return cov * cov / (var_a * var_b + eps)
-    return cov / torch.sqrt(var_a * var_b + eps)
+    # eps acts like one extra shared constant component: 1 for identical images and for
+    # flat regions (no drift where there is no structure), bounded by Cauchy-Schwarz
+    signed = (cov + eps) / torch.sqrt((var_a + eps) * (var_b + eps))
+    return signed * signed if squared else signed
 
 
 def local_ncc(fixed: Tensor, warped: Tensor, window: int | Sequence[int] = 9,
-              squared: bool = True, eps: float = 1e-8, mask: Tensor | None = None) -> Tensor:
+              squared: bool = True, eps: float = 1e-5, mask: Tensor | None = None) -> Tensor:
     """Mean local normalised cross-correlation over odd box windows (default 9 per axis).
 
-    ``squared=True`` (default) is VoxelMorph's squared NCC ``cov^2 / (var_f var_w + eps)``,
-    in ``[0, 1]`` and blind to the sign of the correlation; ``squared=False`` gives the
-    signed ``cov / sqrt(var_f var_w + eps)`` in ``[-1, 1]``. Both are 1 for identical
-    non-constant images and invariant to ``a * image + b``: each image is first
-    standardised by its global mean/std (detached), so ``eps`` is relative to the global
-    variance and flat regions give 0, with finite values and gradients. The local sums
+    ``squared=True`` (default) is VoxelMorph's squared NCC, in ``[0, 1]`` and blind to the
+    sign of the correlation; ``squared=False`` gives the signed NCC in ``[-1, 1]``:
+    ``(cov + eps) / sqrt((var_f + eps) (var_w + eps))``. Both are 1 for identical images
+    and invariant to ``a * image + b``: each image is first standardised by its global
+    mean/std (detached), so ``eps`` is relative to the global variance. Regions flat in
+    both images score 1 (nothing to align there, so no drift), with finite gradients. The local sums
     are separable average pools (cost linear in the window size). ``mask`` weights the
     mean over voxels.
     """
@@ -399,7 +400,7 @@ def dice(a: Tensor, b: Tensor, reduction: Reduction = "mean", eps: float = 1e-5)
 class NCCLoss(nn.Module):
     """``1 - local_ncc(fixed, warped)`` (see :func:`local_ncc`)."""
 
-    def __init__(self, window: int | Sequence[int] = 9, squared: bool = True, eps: float = 1e-8):
+    def __init__(self, window: int | Sequence[int] = 9, squared: bool = True, eps: float = 1e-5):
         super().__init__()
         self.window, self.squared, self.eps = window, squared, eps
 
