@@ -49,7 +49,7 @@ def main() -> None:
     config = AlignConfig(**overrides)
     start = time.perf_counter()
     result = api.register(pair.fixed, pair.moving, moving_labels={"aseg": pair.moving_labels},
-                          device=args.device, config=config)
+                          device=args.device, config=config, affine=False)
     seconds = time.perf_counter() - start
     before = metrics.dice_per_label(pair.fixed_labels.array, pair.moving_labels.array, VOXELMORPH_EVAL_LABELS)
     after = metrics.dice_per_label(pair.fixed_labels.array, result.warped_labels["aseg"].array, VOXELMORPH_EVAL_LABELS)

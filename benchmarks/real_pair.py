@@ -48,7 +48,8 @@ def main() -> None:
     if not fixed.exists():
         raise SystemExit(f"data not found: {fixed}")
     for similarity in args.similarity:
-        result = api.register(fixed, moving, similarity=similarity, device=args.device)
+        # the pair is already affinely aligned (neurite-oasis space): deformable stage only
+        result = api.register(fixed, moving, similarity=similarity, device=args.device, affine=False)
         out = args.out / similarity if args.out else Path(tempfile.mkdtemp(prefix=f"voxreg_{similarity}_"))
         outputs = result.save(out)
         values = result.metrics

@@ -294,3 +294,17 @@ def test_registries_reject_unknown_names():
         L.similarity_loss("cc")
     with pytest.raises(ValueError, match="bending, l1, l2"):
         L.regularizer("tv")
+
+
+def test_structure_weighting_ignores_flat_fixed_background():
+    """Noise in the moving background, where the fixed image is flat, does not count."""
+    g = torch.Generator().manual_seed(1)
+    fixed = torch.zeros(1, 1, 24, 24, 24)
+    fixed[..., 6:18, 6:18, 6:18] = torch.rand(1, 1, 12, 12, 12, generator=g)
+    noisy = fixed.clone()
+    background = fixed == 0
+    noisy[background] = 0.05 * torch.rand(int(background.sum()), generator=g)
+    plain = L.local_ncc(fixed, noisy, window=5)
+    weighted = L.local_ncc(fixed, noisy, window=5, structure=1e-3)
+    assert plain < 0.9  # the noisy background drags plain NCC down
+    assert weighted > 0.97  # weighted NCC scores the (identical) structured part only

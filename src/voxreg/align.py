@@ -49,6 +49,9 @@ class AlignConfig:
     int_steps: int = 6
     field_scale: int = 2
     mi_bins: int = 32
+    # voxels below this intensity in both images (background, its noise) are left out of
+    # the similarity: nothing to align there, and noise would only drive the field
+    foreground_threshold: float = 0.05
     # Adam divides by the gradient RMS, so weak gradients (flat regions, an aligned pair)
     # would still move by ``lr``: its eps is set to ``adam_eps`` times the RMS of the first
     # gradient of each level, which damps gradients much weaker than the typical one
@@ -118,6 +121,21 @@ def _set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def _foreground(fixed: Tensor, warped: Tensor, threshold: float) -> Tensor | None:
+    """Voxels above ``threshold`` in either image (None when the threshold is 0)."""
+    if threshold <= 0:
+        return None
+    return ((fixed > threshold) | (warped > threshold)).to(fixed.dtype)
+
+
+def _masked_similarity(similarity: torch.nn.Module, fixed: Tensor, warped: Tensor, mask: Tensor | None) -> Tensor:
+    """Similarity loss over the foreground, scaled by its volume fraction so that background
+    counts as perfectly aligned and ``lam`` keeps its meaning with or without a mask."""
+    if mask is None:
+        return similarity(fixed, warped)
+    return similarity(fixed, warped, mask) * mask.mean()
+
+
 def _set_relative_eps(optimizer: torch.optim.Optimizer, grad: Tensor, relative: float) -> None:
     rms = float(grad.pow(2).mean().sqrt())
     for group in optimizer.param_groups:
@@ -128,7 +146,8 @@ def _similarity(config: AlignConfig) -> torch.nn.Module:
     if config.similarity == "ncc":
         return losses.similarity_loss("ncc", window=config.window)
     if config.similarity == "mi":
-        return losses.similarity_loss("mi", bins=config.mi_bins)
+        # a fresh random subset of voxels each step: fast, and every voxel gets gradient over time
+        return losses.similarity_loss("mi", bins=config.mi_bins, max_voxels=1 << 20, seed=None)
     return losses.similarity_loss(config.similarity)
 
 
@@ -173,7 +192,7 @@ def align(fixed: Tensor, moving: Tensor, config: AlignConfig | None = None,
         raise ValueError(f"fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} must share a grid")
     start = time.perf_counter()
     source = moving if initial_field is None else spatial.warp(moving, initial_field)
-    box = foreground_box(fixed, source)
+    box = foreground_box(fixed, source, threshold=config.foreground_threshold or 0.01)
     region = (slice(None), slice(None)) + box
     residual, history = _optimise(fixed[region], source[region], config, progress)
     with torch.no_grad():
@@ -207,7 +226,8 @@ def _optimise(fixed: Tensor, moving: Tensor, config: AlignConfig,
             optimizer.zero_grad(set_to_none=True)
             field = _field_from_parameter(param, level_shape, config)
             warped = spatial.warp(moving_level, field)
-            loss = similarity(fixed_level, warped) + config.lam * regularizer(field)
+            mask = _foreground(fixed_level, warped.detach(), config.foreground_threshold)
+            loss = _masked_similarity(similarity, fixed_level, warped, mask) + config.lam * regularizer(field)
             loss.backward()
             if step == 0:
                 _set_relative_eps(optimizer, param.grad, config.adam_eps)

@@ -114,9 +114,8 @@ def box_filter(image: Tensor, window: int | Sequence[int]) -> Tensor:
 # --------------------------------------------------------------------------- NCC / MSE
 
 
-def local_ncc_map(fixed: Tensor, warped: Tensor, window: int | Sequence[int] = 9,
-                  squared: bool = True, eps: float = 1e-5) -> Tensor:
-    """Voxel-wise local NCC ``(N, C, *S)`` over a box ``window`` (see :func:`local_ncc`)."""
+def _local_moments(fixed: Tensor, warped: Tensor, window: int | Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Local covariance and the two local variances over a box ``window`` (standardised images)."""
     ndim = _check_pair(fixed, warped)
     _window_sizes(window, ndim)
     a, b = _standardise(fixed), _standardise(warped)
@@ -125,15 +124,25 @@ def local_ncc_map(fixed: Tensor, warped: Tensor, window: int | Sequence[int] = 9
     mu_a, mu_b, aa, bb, ab = stats.split(channels, dim=1)
     var_a = (aa - mu_a * mu_a).clamp_min(0.0)
     var_b = (bb - mu_b * mu_b).clamp_min(0.0)
-    cov = ab - mu_a * mu_b
+    return ab - mu_a * mu_b, var_a, var_b
+
+
+def _ncc_from_moments(cov: Tensor, var_a: Tensor, var_b: Tensor, squared: bool, eps: float) -> Tensor:
     # eps acts like one extra shared constant component: 1 for identical images and for
     # flat regions (no drift where there is no structure), bounded by Cauchy-Schwarz
     signed = (cov + eps) / torch.sqrt((var_a + eps) * (var_b + eps))
     return signed * signed if squared else signed
 
 
+def local_ncc_map(fixed: Tensor, warped: Tensor, window: int | Sequence[int] = 9,
+                  squared: bool = True, eps: float = 1e-5) -> Tensor:
+    """Voxel-wise local NCC ``(N, C, *S)`` over a box ``window`` (see :func:`local_ncc`)."""
+    return _ncc_from_moments(*_local_moments(fixed, warped, window), squared, eps)
+
+
 def local_ncc(fixed: Tensor, warped: Tensor, window: int | Sequence[int] = 9,
-              squared: bool = True, eps: float = 1e-5, mask: Tensor | None = None) -> Tensor:
+              squared: bool = True, eps: float = 1e-5, mask: Tensor | None = None,
+              structure: float = 0.0) -> Tensor:
     """Mean local normalised cross-correlation over odd box windows (default 9 per axis).
 
     ``squared=True`` (default) is VoxelMorph's squared NCC, in ``[0, 1]`` and blind to the
@@ -141,12 +150,21 @@ def local_ncc(fixed: Tensor, warped: Tensor, window: int | Sequence[int] = 9,
     ``(cov + eps) / sqrt((var_f + eps) (var_w + eps))``. Both are 1 for identical images
     and invariant to ``a * image + b``: each image is first standardised by its global
     mean/std (detached), so ``eps`` is relative to the global variance. Regions flat in
-    both images score 1 (nothing to align there, so no drift), with finite gradients. The local sums
+    both images score 1 (nothing to align there), with finite gradients. The local sums
     are separable average pools (cost linear in the window size). ``mask`` weights the
-    mean over voxels.
+    mean over voxels. ``structure > 0`` also weights each voxel by
+    ``var_f / (var_f + structure)`` (fixed local variance, detached): where the fixed image
+    has no structure (flat or empty background) NCC is undefined and is then ignored,
+    so noise in the moving background cannot drive the field.
     """
-    values = local_ncc_map(fixed, warped, window, squared, eps)
-    return _weighted_mean(values, _check_mask(mask, fixed))
+    cov, var_a, var_b = _local_moments(fixed, warped, window)
+    values = _ncc_from_moments(cov, var_a, var_b, squared, eps)
+    weights = _check_mask(mask, fixed)
+    if structure > 0:
+        with torch.no_grad():
+            detail = var_a / (var_a + structure)
+        weights = detail if weights is None else detail * weights.to(detail.dtype)
+    return _weighted_mean(values, weights)
 
 
 def global_ncc(fixed: Tensor, warped: Tensor, eps: float = 1e-8,
@@ -400,12 +418,13 @@ def dice(a: Tensor, b: Tensor, reduction: Reduction = "mean", eps: float = 1e-5)
 class NCCLoss(nn.Module):
     """``1 - local_ncc(fixed, warped)`` (see :func:`local_ncc`)."""
 
-    def __init__(self, window: int | Sequence[int] = 9, squared: bool = True, eps: float = 1e-5):
+    def __init__(self, window: int | Sequence[int] = 9, squared: bool = True, eps: float = 1e-5,
+                 structure: float = 0.0):
         super().__init__()
-        self.window, self.squared, self.eps = window, squared, eps
+        self.window, self.squared, self.eps, self.structure = window, squared, eps, structure
 
     def forward(self, fixed: Tensor, warped: Tensor, mask: Tensor | None = None) -> Tensor:
-        return 1.0 - local_ncc(fixed, warped, self.window, self.squared, self.eps, mask)
+        return 1.0 - local_ncc(fixed, warped, self.window, self.squared, self.eps, mask, self.structure)
 
 
 class MSELoss(nn.Module):
