@@ -37,8 +37,12 @@ def test_foreground_box_and_full_grid_field():
     fixed[:, :, 10:20, 12:18, 5:25] = 1.0
     moving = torch.zeros_like(fixed)
     moving[:, :, 12:22, 12:18, 5:25] = 1.0
-    box = foreground_box(fixed, moving, margin=2)
-    assert box == (slice(8, 24), slice(10, 20), slice(3, 27))
+    assert foreground_box(fixed, moving, margin=2, block=1) == (slice(8, 24), slice(10, 20), slice(3, 27))
+    # blocks of 4 voxels: the union 10:22 x 12:18 x 5:25 rounds out to 8:24 x 12:20 x 4:28
+    assert foreground_box(fixed, moving, margin=0, block=4) == (slice(8, 24), slice(12, 20), slice(4, 28))
+    spiky = moving.clone()
+    spiky[0, 0, 1, 1, 1] = 0.1  # one noise spike in the background does not widen the box
+    assert foreground_box(fixed, spiky, margin=0, block=4) == (slice(8, 24), slice(12, 20), slice(4, 28))
     result = align(fixed, moving, AlignConfig(**FAST))
     assert result.field.shape == (1, 3, 30, 32, 34)
     assert torch.isfinite(result.field).all()
@@ -68,4 +72,4 @@ def test_config_validation():
         AlignConfig(similarity="cosine")
     with pytest.raises(ValueError, match="same length"):
         AlignConfig(scales=(4, 2), iterations=(10,))
-    assert AlignConfig(similarity="MI").lam == 0.5  # per-similarity default weight
+    assert AlignConfig(similarity="MI").lam == 2.0  # per-similarity default weight

@@ -26,7 +26,7 @@ ProgressCallback = Callable[[int, int], None]
 
 # Default regularisation weight per similarity: the losses have different scales
 # (1 - squared local NCC, MSE of [0, 1] intensities, -MI in nats).
-DEFAULT_LAMBDA = {"ncc": 1.0, "mse": 0.02, "mi": 0.5}
+DEFAULT_LAMBDA = {"ncc": 1.0, "mse": 0.02, "mi": 2.0}
 
 
 @dataclass
@@ -151,18 +151,25 @@ def _similarity(config: AlignConfig) -> torch.nn.Module:
     return losses.similarity_loss(config.similarity)
 
 
-def foreground_box(fixed: Tensor, moving: Tensor, margin: int = 8,
-                   threshold: float = 0.01) -> tuple[slice, ...]:
-    """Bounding box (one slice per spatial axis) of voxels above ``threshold`` in either
-    image, grown by ``margin`` voxels; the whole grid when nothing is above it."""
-    mask = ((fixed > threshold) | (moving > threshold))[0, 0]
+def foreground_box(fixed: Tensor, moving: Tensor, margin: int = 8, threshold: float = 0.01,
+                   block: int = 4) -> tuple[slice, ...]:
+    """Bounding box (one slice per spatial axis) of the foreground of either image, grown
+    by ``margin`` voxels. The foreground is where the ``block``-voxel block average exceeds
+    ``threshold``, so isolated noise spikes in the background do not widen the box; the
+    whole grid when nothing is above it."""
+    pool = F.avg_pool3d if fixed.dim() == 5 else F.avg_pool2d
+    both = torch.cat([fixed, moving], dim=1)
+    coarse = pool(both, block, block, ceil_mode=True) if min(both.shape[2:]) >= block else both
+    scale = block if coarse.shape != both.shape else 1
+    mask = (coarse > threshold).any(dim=1)[0]
     box = []
-    for axis, size in enumerate(mask.shape):
+    for axis, size in enumerate(fixed.shape[2:]):
         others = tuple(d for d in range(mask.dim()) if d != axis)
         hits = torch.nonzero(mask.any(dim=others) if others else mask).flatten()
         if hits.numel() == 0:
-            return tuple(slice(0, s) for s in mask.shape)
-        box.append(slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + margin + 1, size)))
+            return tuple(slice(0, s) for s in fixed.shape[2:])
+        low, high = int(hits[0]) * scale, (int(hits[-1]) + 1) * scale
+        box.append(slice(max(low - margin, 0), min(high + margin, size)))
     return tuple(box)
 
 

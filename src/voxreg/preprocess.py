@@ -338,20 +338,11 @@ def _draw_panel(ax, image: np.ndarray | None, outline: np.ndarray, plane: report
     if image is None:
         ax.set_facecolor("black")
         ax.text(0.5, 0.5, "failed", color="red", ha="center", va="center", transform=ax.transAxes)
-    else:
-        ax.imshow(image.T, origin="lower", aspect=aspect, interpolation="nearest", cmap="gray",
-                  vmin=0.0, vmax=1.0)
-    if outline.max() > 0.5 > outline.min():
-        ax.contour(outline.T, levels=[0.5], colors="yellow", linewidths=0.7)
     ax.set_xlim(-0.5, size_h - 0.5)
     ax.set_ylim(-0.5, size_v - 0.5)
-    ax.set_aspect(aspect)
-    if plane.flip_h:
-        ax.invert_xaxis()
-    if plane.flip_v:
-        ax.invert_yaxis()
-    ax.set_xticks([])
-    ax.set_yticks([])
+    report.show_slice(ax, image, plane, aspect, cmap="gray", vmin=0.0, vmax=1.0)
+    if outline.max() > 0.5 > outline.min():
+        ax.contour(outline.T, levels=[0.5], colors="yellow", linewidths=0.7)
     ax.set_title(title, fontsize=7)
 
 

@@ -145,9 +145,13 @@ def _jacobian_slice(field: np.ndarray, plane: DisplayPlane) -> np.ndarray:
 # --------------------------------------------------------------------------- drawing
 
 
-def _show(ax, image: np.ndarray, plane: DisplayPlane, aspect: float, **kwargs):
-    """imshow of an ``[h, v]`` slice with the display convention; returns the artist."""
-    artist = ax.imshow(image.T, origin="lower", aspect=aspect, interpolation="nearest", **kwargs)
+def show_slice(ax, image: np.ndarray | None, plane: DisplayPlane, aspect: float, **kwargs):
+    """imshow of an ``[h, v]`` slice with the display convention (``None``: axes only, e.g.
+    to draw contours on); returns the artist."""
+    artist = None
+    if image is not None:
+        artist = ax.imshow(image.T, origin="lower", aspect=aspect, interpolation="nearest", **kwargs)
+    ax.set_aspect(aspect)
     if plane.flip_h:
         ax.invert_xaxis()
     if plane.flip_v:
@@ -186,15 +190,15 @@ def _draw_row(fig, axes, planes_data: dict, plane: DisplayPlane, aspect: float, 
               step: int) -> None:
     gray = dict(cmap="gray", vmin=ranges["image"][0], vmax=ranges["image"][1])
     for ax, key in zip(axes[:3], ("fixed", "moving", "warped")):
-        _show(ax, planes_data[key], plane, aspect, **gray)
+        show_slice(ax, planes_data[key], plane, aspect, **gray)
     diff = planes_data["warped"] - planes_data["fixed"]
     before = np.abs(planes_data["moving"] - planes_data["fixed"]).mean()
-    art = _show(axes[3], diff, plane, aspect, cmap="RdBu_r", vmin=-ranges["diff"], vmax=ranges["diff"])
+    art = show_slice(axes[3], diff, plane, aspect, cmap="RdBu_r", vmin=-ranges["diff"], vmax=ranges["diff"])
     axes[3].text(0.02, 0.02, f"MAE {np.abs(diff).mean():.3g} (before {before:.3g})", fontsize=6.5,
                  transform=axes[3].transAxes, color="k", backgroundcolor=(1, 1, 1, 0.6))
     _colorbar(fig, axes[3], art)
     jac = _jacobian_slice(planes_data["field"], plane)
-    art = _show(axes[4], jac, plane, aspect, cmap="coolwarm", vmin=0.0, vmax=2.0)
+    art = show_slice(axes[4], jac, plane, aspect, cmap="coolwarm", vmin=0.0, vmax=2.0)
     folded = jac <= 0
     if folded.any():
         axes[4].contour(folded.T.astype(float), levels=[0.5], colors="lime", linewidths=0.8)
