@@ -173,3 +173,59 @@ def test_unknown_similarity(pair_3d, tmp_path):
 
 def test_warp_with_a_file_that_is_not_a_field(pair_3d, tmp_path):
     assert_user_error(run("warp", pair_3d["fixed"], pair_3d["moving"], "-o", tmp_path / "w.nii.gz"), "fixed.nii.gz")
+
+
+def tiny_checkpoint(path: Path, ndim: int = 3) -> Path:
+    from voxreg.networks import NetworkConfig, VoxelMorph, save_checkpoint
+
+    torch.manual_seed(0)
+    model = VoxelMorph(NetworkConfig(ndim=ndim, enc_features=(4, 4), dec_features=(4, 4, 4, 4), half_res=True))
+    return save_checkpoint(path, model)
+
+
+def test_register_with_a_network_and_refinement(pair_3d, tmp_path):
+    model = tiny_checkpoint(tmp_path / "tiny.pt")
+    out = tmp_path / "net"
+    result = run("register", pair_3d["fixed"], pair_3d["moving"], "-o", out, "--no-affine", "--no-figure",
+                 "--model", model, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    values = json.loads((out / "metrics.json").read_text())
+    assert values["engine"] == "network"
+    refined = tmp_path / "refined"
+    result = run("register", pair_3d["fixed"], pair_3d["moving"], "-o", refined, "--no-affine", "--no-figure",
+                 "--model", model, "--refine", "30", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    refined_values = json.loads((refined / "metrics.json").read_text())
+    assert refined_values["engine"] == "network+refine30"
+    # an untrained network leaves the pair misaligned; refinement aligns it
+    assert refined_values["similarity"]["mse_after"] < 0.5 * values["similarity"]["mse_after"]
+
+
+def test_model_of_the_wrong_dimensionality(pair_3d, tmp_path):
+    model = tiny_checkpoint(tmp_path / "tiny2d.pt", ndim=2)
+    result = run("register", pair_3d["fixed"], pair_3d["moving"], "-o", tmp_path / "out", "--model", model)
+    assert_user_error(result, "tiny2d.pt", "2D")
+
+
+def test_preprocess_command(tmp_path):
+    atlas = smooth_volume((30, 34, 28), seed=11)
+    scans = []
+    for index, shift in enumerate([(3.0, 0.0, 0.0), (0.0, -2.0, 2.0)]):
+        affine = np.eye(4)
+        affine[:3, 3] = shift  # same anatomy, stored at another position
+        scans.append(write_nifti(tmp_path / f"scan{index}.nii.gz", atlas, affine))
+    atlas_path = write_nifti(tmp_path / "atlas.nii.gz", atlas)
+    out = tmp_path / "pre"
+    result = run("preprocess", *scans, "-o", out, "--atlas", atlas_path, "--multiple", "8")
+    assert result.exit_code == 0, result.output
+    rows = (out / "manifest.csv").read_text().strip().splitlines()
+    assert len(rows) == 3 and all(",ok," in row for row in rows[1:])
+    aligned = nib.load(out / "scan0.nii.gz")
+    assert all(s % 8 == 0 for s in aligned.shape)
+    assert (out / "summary.png").stat().st_size > 0
+
+
+def test_preprocess_labels_count_mismatch(tmp_path):
+    scan = write_nifti(tmp_path / "scan.nii.gz", smooth_volume((20, 20, 20)))
+    result = run("preprocess", scan, scan, "-o", tmp_path / "pre", "--labels", scan)
+    assert_user_error(result, "--labels")
