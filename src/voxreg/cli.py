@@ -9,13 +9,15 @@ from __future__ import annotations
 import functools
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Annotated, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from voxreg.errors import VoxregError
+
+Device = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda[:N].")]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="voxreg: deformable registration of 3D/2D medical images.")
@@ -72,7 +74,7 @@ def register(
     similarity: str = typer.Option("ncc", "--similarity", "-s", help="Similarity: ncc, mse or mi."),
     lam: Optional[float] = typer.Option(None, "--lambda", "-l", help="Regularisation weight."),
     refine: int = typer.Option(0, "--refine", help="Instance-optimisation steps after the network."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: Device = "auto",
     moving_labels: list[Path] = typer.Option([], "--moving-labels", help="Label map(s) on the moving scan to carry along."),
     fixed_labels: Optional[Path] = typer.Option(None, "--fixed-labels", help="Label map of the fixed scan (for Dice)."),
     no_affine: bool = typer.Option(False, "--no-affine", help="Skip the affine pre-alignment (scans already aligned)."),
@@ -118,7 +120,7 @@ def warp(
     nearest: bool = typer.Option(False, "--nearest", help="Nearest-neighbour (label maps)."),
     affine: Optional[Path] = typer.Option(None, "--affine", help="ITK affine text (default: affine.txt next to FIELD, if any)."),
     no_affine: bool = typer.Option(False, "--no-affine", help="Ignore affine.txt next to FIELD."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: Device = "auto",
 ) -> None:
     """Apply a saved displacement FIELD (and the affine.txt beside it) to IMAGE."""
     from voxreg import api, io
@@ -167,7 +169,7 @@ def preprocess(
 @user_errors
 def demo(
     output: Path = typer.Option(Path("voxreg_demo_output"), "-o", "--output", help="Output folder."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: Device = "auto",
     max_displacement: float = typer.Option(5.0, help="Largest displacement of the synthetic deformation (voxels)."),
 ) -> None:
     """Register the MNI152 template (nilearn wheel) to a known synthetic deformation of itself."""
