@@ -229,3 +229,29 @@ def test_preprocess_labels_count_mismatch(tmp_path):
     scan = write_nifti(tmp_path / "scan.nii.gz", smooth_volume((20, 20, 20)))
     result = run("preprocess", scan, scan, "-o", tmp_path / "pre", "--labels", scan)
     assert_user_error(result, "--labels")
+
+
+def test_train_then_register_with_the_trained_model(tmp_path):
+    base = smooth_volume((16, 16, 16), seed=21)
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for index in range(4):
+        write_nifti(folder / f"s{index}.nii.gz", np.roll(base, index - 2, axis=index % 3))
+    run_dir = tmp_path / "run"
+    result = run("train", folder, "-o", run_dir, "--network", "vm1", "--steps", "6", "--lr", "1e-3",
+                 "--checkpoint-every", "3", "--validate-every", "3", "--val", folder / "s0.nii.gz",
+                 "--val", folder / "s1.nii.gz", "--lambda-range", "0.1", "10", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    rows = (run_dir / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 7  # header + 6 steps
+    out = tmp_path / "reg"
+    result = run("register", folder / "s0.nii.gz", folder / "s3.nii.gz", "-o", out, "--no-affine", "--no-figure",
+                 "--model", run_dir / "last.pt", "--lambda", "3")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "metrics.json").read_text())["engine"] == "network"
+
+
+def test_train_with_no_scans(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_user_error(run("train", empty, "-o", tmp_path / "run"), "no scans")

@@ -146,12 +146,26 @@ def _predict_with_model(model_path: str | Path, fixed: torch.Tensor, moving: tor
                         lam: float | None, device: torch.device) -> torch.Tensor:
     from voxreg.networks import load_checkpoint
 
-    model, _ = load_checkpoint(model_path, device=device)
+    model, extra = load_checkpoint(model_path, device=device)
     if model.config.ndim != fixed.dim() - 2:
         raise VoxregError(f"{model_path}: model is {model.config.ndim}D but the images are {fixed.dim() - 2}D")
     with torch.inference_mode():
-        output = model(moving, fixed, lam=lam)
+        output = model(moving, fixed, lam=_model_lambda(model, extra, lam, model_path))
     return output.field.clone()
+
+
+def _model_lambda(model: Any, extra: Mapping[str, Any], lam: float | None, path: str | Path) -> float | None:
+    """λ for a λ-conditional network (given, or the training's validation λ); None otherwise."""
+    if not model.config.lambda_conditional:
+        return None
+    if lam is None:
+        from voxreg.train import TrainConfig
+
+        saved = extra.get("train_config")
+        lam = TrainConfig.from_dict(saved).validation_lambda if saved else 1.0
+    if lam <= 0:
+        raise VoxregError(f"--lambda must be > 0 for the lambda-conditional model {path}, got {lam}")
+    return float(lam)
 
 
 def _label_maps(labels: Sequence[ImageLike] | Mapping[str, ImageLike] | None) -> dict[str, Image]:

@@ -167,6 +167,58 @@ def preprocess(
 
 @app.command()
 @user_errors
+def train(
+    scans: list[str] = typer.Argument(..., help="Training scans: files, folders, globs or a CSV (scan[,labels])."),
+    output: Path = typer.Option(..., "-o", "--output", help="Run folder: checkpoints, metrics.csv, loss_curve.png."),
+    val: list[str] = typer.Option([], "--val", help="Validation scans (same forms; a CSV can give label maps)."),
+    similarity: str = typer.Option("ncc", "--similarity", "-s", help="ncc, mse or mi."),
+    lam: float = typer.Option(1.0, "--lambda", "-l", help="Regularisation weight."),
+    lam_range: Optional[tuple[float, float]] = typer.Option(None, "--lambda-range", help="Train one lambda-conditional model over [LO, HI]."),
+    network: str = typer.Option("vm2", "--network", help="vm1 or vm2 feature sizes."),
+    half_res: bool = typer.Option(False, "--half-res", help="Predict the field at half resolution (faster)."),
+    int_steps: int = typer.Option(0, "--int-steps", help="Scaling-and-squaring steps (0 = plain displacement)."),
+    steps: int = typer.Option(1000, "--steps", help="Optimiser steps."),
+    lr: float = typer.Option(1e-4, "--lr", help="Adam learning rate."),
+    batch_size: int = typer.Option(1, "--batch-size"),
+    shape: Optional[tuple[int, int, int]] = typer.Option(None, "--shape", help="Resize every scan to this grid (3D)."),
+    dice_weight: float = typer.Option(0.0, "--dice-weight", help="Semi-supervised Dice weight (needs label maps)."),
+    augment: bool = typer.Option(False, "--augment", help="Small random affine + intensity augmentation."),
+    checkpoint_every: int = typer.Option(100, "--checkpoint-every"),
+    validate_every: int = typer.Option(100, "--validate-every"),
+    seed: int = typer.Option(0, "--seed"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUTPUT from last.pt."),
+    device: Device = "auto",
+) -> None:
+    """Train a VoxelMorph network without labels (scan-to-scan pairs), on CPU or GPU."""
+    from voxreg import train as training
+
+    try:
+        config = training.TrainConfig(similarity=similarity, lam=lam, lam_range=lam_range, network=network,
+                                      half_res=half_res, int_steps=int_steps, steps=steps, lr=lr,
+                                      batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every,
+                                      validate_every=validate_every, device=device, dice_weight=dice_weight,
+                                      augment=augment)
+    except ValueError as exc:
+        raise VoxregError(str(exc)) from None
+    train_scans, train_labels = training.scan_list(scans)
+    data = training.TrainingSet.from_paths(train_scans, train_labels, shape=shape)
+    validation = None
+    if val:
+        val_scans, val_labels = training.scan_list(val)
+        validation = training.TrainingSet.from_paths(val_scans, val_labels, shape=data.shape)
+    with progress_bar("training") as update:
+        try:
+            result = training.train(config, data, output, validation, resume=resume,
+                                    progress=lambda step, row: update(step, config.steps))
+        except training.TrainingInterrupted as stop:
+            console.print(f"stopped at step {stop.step}; saved {stop.checkpoint} (continue with --resume)")
+            raise typer.Exit(code=130) from None
+    console.print(f"trained {result.step} steps -> {result.output_dir}")
+    console.print(f"  last {result.last_checkpoint}\n  best {result.best_checkpoint}\n  metrics {result.metrics_csv}")
+
+
+@app.command()
+@user_errors
 def demo(
     output: Path = typer.Option(Path("voxreg_demo_output"), "-o", "--output", help="Output folder."),
     device: Device = "auto",

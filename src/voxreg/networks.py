@@ -141,13 +141,7 @@ class NetworkConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "NetworkConfig":
         """Inverse of :meth:`to_dict`; unknown keys raise ValueError, missing keys use defaults."""
-        if not isinstance(data, dict):
-            raise ValueError(f"network config must be a dict, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown network config keys {unknown}; allowed: {sorted(known)}")
-        return cls(**data)
+        return cls(**config_kwargs(cls, data, "network"))
 
 
 # --------------------------------------------------------------------------- modules
@@ -164,6 +158,18 @@ class NetworkOutput:
 
     field: Tensor
     velocity: Tensor | None = None
+
+
+def config_kwargs(cls: type, data: Any, what: str) -> dict[str, Any]:
+    """Check that ``data`` is a dict whose keys are fields of the dataclass ``cls``
+    (ValueError naming unknown keys and the allowed ones); returns a copy."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} config must be a dict, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} config keys {unknown}; allowed: {sorted(known)}")
+    return dict(data)
 
 
 def _conv_cls(ndim: int) -> type[nn.Module]:
