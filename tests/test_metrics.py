@@ -112,3 +112,11 @@ def test_similarity_report():
     assert report["mi_after"] > report["mi_before"]
     with pytest.raises(ValueError, match="shape"):
         M.similarity_report(fixed, moving[:-1], fixed)
+
+
+def test_similarities_of_an_image_with_itself_and_a_flat_one():
+    image = torch.rand(1, 1, 12, 13, 14, generator=torch.Generator().manual_seed(3))
+    same = M.similarities(image, image.clone())
+    assert abs(same["ncc"] - 1.0) < 1e-5 and same["mse"] == 0.0 and abs(same["local_ncc"] - 1.0) < 1e-4
+    other = M.similarities(image, torch.rand(1, 1, 12, 13, 14, generator=torch.Generator().manual_seed(4)))
+    assert other["ncc"] < 0.1 and other["mi"] < same["mi"]

@@ -252,8 +252,7 @@ def _before_affine_similarity(fixed: Image, moving: Image, fixed_t: torch.Tensor
     """NCC/MI of the raw moving scan on the fixed grid (before any alignment)."""
     raw = warp_image(moving, fixed, device=device)
     raw_t = _to_tensor(io.normalize_intensity(raw.array), device)
-    report = metrics.similarity_report(fixed_t, raw_t, raw_t)
-    return {f"{key[:-len('_before')]}_raw": value for key, value in report.items() if key.endswith("_before")}
+    return {f"{key}_raw": value for key, value in metrics.similarities(fixed_t, raw_t).items()}
 
 
 def _align_config(config: AlignConfig | None, similarity: str, lam: float | None) -> AlignConfig:

@@ -151,9 +151,17 @@ def _as_image(image: ArrayLike) -> Tensor:
     return tensor
 
 
-def _similarities(fixed: Tensor, other: Tensor, window: int, bins: int,
-                  max_voxels: int | None) -> dict[str, float]:
-    """Global NCC, local NCC, MI (nats) and MSE between two images."""
+def similarities(fixed: ArrayLike, other: ArrayLike, window: int = 9, bins: int = 32,
+                 max_voxels: int | None = 1 << 20) -> dict[str, float]:
+    """Global NCC, local NCC (squared, ``window``), MI (nats) and MSE between two images
+    on one grid (MI expects intensities in [0, 1])."""
+    fixed, other = _as_image(fixed), _as_image(other)
+    with torch.no_grad():
+        return _similarity_values(fixed, other, window, bins, max_voxels)
+
+
+def _similarity_values(fixed: Tensor, other: Tensor, window: int, bins: int,
+                       max_voxels: int | None) -> dict[str, float]:
     return {
         "ncc": float(losses.global_ncc(fixed, other)),
         "local_ncc": float(losses.local_ncc(fixed, other, window)),
@@ -176,8 +184,8 @@ def similarity_report(fixed: ArrayLike, moving: ArrayLike, warped: ArrayLike, wi
         raise ValueError(f"fixed, moving and warped differ in shape: {tuple(f.shape)}, "
                          f"{tuple(m.shape)}, {tuple(w.shape)}")
     with torch.no_grad():
-        before = _similarities(f, m, window, bins, max_voxels)
-        after = _similarities(f, w, window, bins, max_voxels)
+        before = _similarity_values(f, m, window, bins, max_voxels)
+        after = _similarity_values(f, w, window, bins, max_voxels)
     report = {f"{k}_before": v for k, v in before.items()}
     report.update({f"{k}_after": v for k, v in after.items()})
     return report
