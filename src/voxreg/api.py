@@ -64,22 +64,8 @@ def warp_image(moving: Image, fixed: Image, field: torch.Tensor | np.ndarray | N
                device: torch.device | str = "cpu") -> Image:
     """Resample ``moving`` onto ``fixed``'s grid through ``world_matrix`` (fixed world ->
     moving world, RAS mm) and a displacement ``field`` in fixed voxels, with a single
-    interpolation. Label maps use nearest neighbour and keep integer values."""
-    ndim = fixed.ndim
-    matrix = torch.as_tensor(io.voxel_matrix(fixed.affine, moving.affine, ndim, world_matrix),
-                             dtype=torch.float32, device=device)
-    points = spatial.identity_grid(fixed.shape, device)
-    if field is not None:
-        field = torch.as_tensor(field, dtype=torch.float32, device=device)
-        points = points + (field if field.dim() == ndim + 2 else field[None])
-    flat = points.reshape(ndim, -1)
-    coords = (matrix[:ndim, :ndim] @ flat + matrix[:ndim, ndim:]).reshape(1, ndim, *fixed.shape)
-    use_nearest = moving.is_label if nearest is None else nearest
-    source = torch.from_numpy(np.ascontiguousarray(moving.array))[None, None].to(device)
-    if not use_nearest:
-        source = source.float()
-    out = spatial.sample(source, coords, "nearest" if use_nearest else "linear", padding="zeros")
-    return Image(out[0, 0].cpu().numpy(), fixed.affine.copy(), moving.path)
+    interpolation (see :func:`voxreg.io.resample_to`). Label maps use nearest neighbour."""
+    return io.resample_to(moving, fixed, world_matrix, nearest, device, field=field)
 
 
 @dataclass

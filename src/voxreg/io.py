@@ -467,12 +467,15 @@ def voxel_matrix(fixed_affine: np.ndarray, moving_affine: np.ndarray, ndim: int 
 
 
 def resample_to(moving: Image, fixed: Image, world_matrix: np.ndarray | None = None,
-                nearest: bool | None = None, device: str | torch.device = "cpu") -> Image:
+                nearest: bool | None = None, device: str | torch.device = "cpu",
+                field: np.ndarray | torch.Tensor | None = None) -> Image:
     """Resample ``moving`` onto ``fixed``'s grid in world coordinates.
 
     Handles different shapes, voxel sizes and orientations. Label maps (integer
     arrays) use nearest neighbour; intensities use linear interpolation and 0 outside.
-    ``world_matrix`` maps fixed world points to moving world points (identity when None).
+    ``world_matrix`` maps fixed world points to moving world points (identity when None);
+    ``field`` is a displacement in fixed voxels applied first, so a fixed voxel ``x`` samples
+    the moving scan at ``world_matrix(fixed_affine (x + field(x)))`` with ONE interpolation.
     The result carries the fixed affine.
     """
     if moving.ndim != fixed.ndim:
@@ -480,14 +483,15 @@ def resample_to(moving: Image, fixed: Image, world_matrix: np.ndarray | None = N
                           f"{fixed.ndim}D grid of {fixed.name}")
     ndim = fixed.ndim
     matrix = voxel_matrix(fixed.affine, moving.affine, ndim, world_matrix)
-    if np.allclose(matrix, np.eye(ndim + 1), atol=1e-6) and moving.shape == fixed.shape:
+    if field is None and np.allclose(matrix, np.eye(ndim + 1), atol=1e-6) and moving.shape == fixed.shape:
         return Image(moving.array.copy(), fixed.affine.copy(), moving.path)
     use_nearest = moving.is_label if nearest is None else nearest
     array = moving.array
     if np.issubdtype(array.dtype, np.floating) or not use_nearest:
         array = array.astype(np.float32, copy=False)
     tensor = torch.from_numpy(np.ascontiguousarray(array))[None, None].to(device)
-    coords = _mapped_coords(matrix, fixed.shape, device)
+    coords = _mapped_coords(matrix, fixed.shape, device) if field is None else \
+        _displaced_coords(matrix, field, fixed.shape, device)
     out = spatial.sample(tensor, coords, "nearest" if use_nearest else "linear", padding="zeros")
     return Image(out[0, 0].cpu().numpy(), fixed.affine.copy(), moving.path)
 
@@ -499,6 +503,17 @@ def _mapped_coords(matrix: np.ndarray, shape: Sequence[int], device: str | torch
     mapped = np.tensordot(matrix[:ndim, :ndim], grid, axes=1) + matrix[:ndim, ndim].reshape(
         ndim, *([1] * ndim))
     return torch.as_tensor(mapped[None], dtype=torch.float32, device=device)
+
+
+def _displaced_coords(matrix: np.ndarray, field: np.ndarray | torch.Tensor, shape: Sequence[int],
+                      device: str | torch.device) -> torch.Tensor:
+    """Moving voxel coordinates of ``x + field(x)`` for every fixed voxel ``x``."""
+    ndim = len(shape)
+    field = torch.as_tensor(field, dtype=torch.float32, device=device)
+    points = spatial.identity_grid(shape, device) + (field if field.dim() == ndim + 2 else field[None])
+    m = torch.as_tensor(matrix, dtype=torch.float32, device=device)
+    mapped = m[:ndim, :ndim] @ points.reshape(ndim, -1) + m[:ndim, ndim:]
+    return mapped.reshape(1, ndim, *shape)
 
 
 # --------------------------------------------------------------------------- fields
