@@ -44,18 +44,18 @@ def user_errors(command: Callable) -> Callable:
 @contextmanager
 def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
     """A rich progress bar shown from the first update on (so input errors print alone);
-    yields a ``callback(done, total)``."""
+    yields a ``callback(done, total, info="")``; ``info`` is shown after the ETA."""
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TimeElapsedColumn(), TimeRemainingColumn()]
+               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
     bar = Progress(*columns, console=console, transient=False)
     task = None
 
-    def update(done: int, total: int) -> None:
+    def update(done: int, total: int, info: str = "") -> None:
         nonlocal task
         if task is None:
             bar.start()
-            task = bar.add_task(description, total=total)
-        bar.update(task, completed=done, total=total)
+            task = bar.add_task(description, total=total, info=info)
+        bar.update(task, completed=done, total=total, info=info)
 
     try:
         yield update
@@ -165,6 +165,26 @@ def preprocess(
     console.print(f"  manifest {result.manifest}\n  summary  {result.summary}")
 
 
+def _parse_schedule(stages: list[str]) -> list[tuple[float, int]]:
+    """``["0.5:1000", ...]`` -> ``[(0.5, 1000), ...]`` (ValueError on a malformed stage)."""
+    out = []
+    for stage in stages:
+        scale, sep, steps = stage.partition(":")
+        try:
+            out.append((float(scale), int(steps)))
+        except ValueError:
+            raise ValueError(f"--schedule takes SCALE:STEPS (e.g. 0.5:1000), got {stage!r}") from None
+        if not sep:
+            raise ValueError(f"--schedule takes SCALE:STEPS (e.g. 0.5:1000), got {stage!r}")
+    return out
+
+
+def _train_info(row: dict[str, float]) -> str:
+    """Loss (and the last validation Dice) for the training progress bar."""
+    text = f"loss {row['loss']:.4f}"
+    return text + (f" val Dice {row['val_dice']:.3f}" if "val_dice" in row else "")
+
+
 @app.command()
 @user_errors
 def train(
@@ -183,6 +203,15 @@ def train(
     shape: Optional[tuple[int, int, int]] = typer.Option(None, "--shape", help="Resize every scan to this grid (3D)."),
     dice_weight: float = typer.Option(0.0, "--dice-weight", help="Semi-supervised Dice weight (needs label maps)."),
     augment: bool = typer.Option(False, "--augment", help="Small random affine + intensity augmentation."),
+    atlas: Optional[Path] = typer.Option(None, "--atlas", help="Scan-to-atlas training: every pair is scan -> this atlas."),
+    atlas_labels: Optional[Path] = typer.Option(None, "--atlas-labels", help="Label map of the atlas (semi-supervised)."),
+    bidirectional: bool = typer.Option(False, "--bidirectional", help="Also score fixed warped by the inverse (needs --int-steps)."),
+    schedule: list[str] = typer.Option([], "--schedule", help="Coarse-to-fine stage SCALE:STEPS (repeatable), e.g. 0.5:1000; then full resolution."),
+    lr_schedule: str = typer.Option("constant", "--lr-schedule", help="constant or cosine."),
+    amp: bool = typer.Option(False, "--amp", help="Mixed precision on CUDA (bf16; fp16 + scaling where bf16 is unsupported)."),
+    grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Recompute activations: less memory for large volumes."),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also log to OUTPUT/tensorboard (needs tensorboard)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache of the scans on the training grid (.pt), reused when the inputs match."),
     checkpoint_every: int = typer.Option(100, "--checkpoint-every"),
     validate_every: int = typer.Option(100, "--validate-every"),
     seed: int = typer.Option(0, "--seed"),
@@ -197,19 +226,23 @@ def train(
                                       half_res=half_res, int_steps=int_steps, steps=steps, lr=lr,
                                       batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every,
                                       validate_every=validate_every, device=device, dice_weight=dice_weight,
-                                      augment=augment)
+                                      augment=augment, bidirectional=bidirectional,
+                                      schedule=_parse_schedule(schedule), lr_schedule=lr_schedule, amp=amp,
+                                      grad_checkpoint=grad_checkpoint, tensorboard=tensorboard)
     except ValueError as exc:
         raise VoxregError(str(exc)) from None
     train_scans, train_labels = training.scan_list(scans)
-    data = training.TrainingSet.from_paths(train_scans, train_labels, shape=shape)
+    data = training.TrainingSet.from_paths(train_scans, train_labels, shape=shape, cache=cache,
+                                           atlas=atlas, atlas_labels=atlas_labels)
     validation = None
     if val:
         val_scans, val_labels = training.scan_list(val)
-        validation = training.TrainingSet.from_paths(val_scans, val_labels, shape=data.shape)
+        validation = training.TrainingSet.from_paths(val_scans, val_labels, shape=data.shape, atlas=atlas,
+                                                     atlas_labels=atlas_labels)
     with progress_bar("training") as update:
         try:
             result = training.train(config, data, output, validation, resume=resume,
-                                    progress=lambda step, row: update(step, config.steps))
+                                    progress=lambda step, row: update(step, config.steps, _train_info(row)))
         except training.TrainingInterrupted as stop:
             console.print(f"stopped at step {stop.step}; saved {stop.checkpoint} (continue with --resume)")
             raise typer.Exit(code=130) from None
@@ -228,6 +261,53 @@ def demo(
     from voxreg.demo import run_demo
 
     run_demo(output, device=device, max_displacement=max_displacement, console=console)
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    """Integers of a comma list such as ``0,74`` (VoxregError naming ``option`` otherwise)."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise VoxregError(f"{option} must be a comma list of integers, got {text!r}") from None
+
+
+@app.command()
+@user_errors
+def evaluate(
+    pairs: Path = typer.Argument(..., help="CSV with header fixed,moving[,fixed_labels,moving_labels,fixed_landmarks,moving_landmarks,id]; relative paths from its folder."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output folder: results.csv, per_structure.csv, examples/."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma list of affine, instance, network, network-refine, ants-syn (default affine,ants-syn,instance, + network,network-refine with --model)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Network checkpoint for network / network-refine."),
+    refine: int = typer.Option(50, "--refine", help="Refinement steps of network-refine."),
+    lam: Optional[float] = typer.Option(None, "--lambda", "-l", help="Regularisation weight (instance, refinement, lambda-conditional network)."),
+    similarity: str = typer.Option("ncc", "--similarity", "-s", help="Instance-optimisation similarity: ncc, mse or mi."),
+    iterations: Optional[str] = typer.Option(None, "--iterations", help="Instance-optimisation Adam steps per pyramid level, coarse to fine (default 100,60,10)."),
+    device: Device = "auto",
+    structures: str = typer.Option("all", "--structures", help="Labels scored: all (present in both maps) or a preset (aseg30, dkt31)."),
+    exclude_labels: str = typer.Option("0", "--exclude-labels", help="Comma list of labels left out of Dice/HD95 (Mindboggle: 0,74)."),
+    ants_threads: Optional[int] = typer.Option(None, "--ants-threads", help="ITK threads for ANTs SyN (default: all CPU cores)."),
+    examples: int = typer.Option(2, "--examples", help="Write example slices for the first N pairs."),
+) -> None:
+    """Run several registration methods (voxreg and ANTs SyN) over PAIRS and record Dice, HD95,
+    folding, SD log-Jacobian, NCC/MI, TRE, runtime and memory; rerunning resumes."""
+    from voxreg.evaluate import describe_row, evaluate as run_evaluation
+
+    iteration_list = _int_list(iterations, "--iterations") if iterations else None
+    excluded = _int_list(exclude_labels, "--exclude-labels")
+    with progress_bar("evaluating") as update:
+        result = run_evaluation(pairs, output, methods, model=model, refine=refine, lam=lam, similarity=similarity,
+                                device=device, structures=structures, exclude_labels=excluded,
+                                ants_threads=ants_threads, examples=examples, iterations=iteration_list,
+                                progress=lambda done, total, row: update(done, total, describe_row(row)))
+    console.print(f"{result.ran} run, {result.skipped} already done, {result.failed} failed -> {result.outdir}")
+    for row in result.rows:
+        if row.get("status") != "ok":
+            console.print(f"  failed: {row.get('id')} {row.get('method')}: {row.get('error')}")
+    console.print(f"  results       {result.results_csv}\n  per structure {result.per_structure_csv}")
+    for name, path in result.report.items():
+        console.print(f"  {name:13s} {path}")
+    for warning in result.warnings:
+        console.print(f"  warning: {warning}")
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -23,6 +23,7 @@ import math
 import os
 import signal
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -42,11 +43,13 @@ from .runtime import configure_allocator
 __all__ = ["TrainConfig", "TrainingSet", "TrainResult", "TrainingInterrupted", "train", "validate", "augment",
            "METRIC_COLUMNS"]
 
-METRIC_COLUMNS = ("step", "loss", "similarity", "regularizer", "lambda", "val_dice", "val_loss")
+METRIC_COLUMNS = ("step", "loss", "similarity", "regularizer", "lambda", "lr", "scale", "seconds",
+                  "val_dice", "val_loss")
 _PRESETS = {"vm1": NetworkConfig.vm1, "vm2": NetworkConfig.vm2}
 _DEVICES = ("auto", "cpu", "cuda")
 #: config fields that may change between a run and its resumed continuation
-_RESUMABLE_CHANGES = {"steps", "checkpoint_every", "validate_every", "device"}
+_RESUMABLE_CHANGES = {"steps", "checkpoint_every", "validate_every", "device", "tensorboard",
+                      "grad_checkpoint", "amp"}
 _VAL_PAIRS = 8
 
 
@@ -76,7 +79,16 @@ class TrainConfig:
     ``lam_range=(low, high)`` trains a lambda-conditional network (lambda log-uniform in
     the range per sample); ``lam`` is then only the default for validation-free uses.
     ``dice_weight > 0`` adds a Dice loss on warped one-hot labels (semi-supervised) for
-    pairs where both scans have label maps.
+    pairs where both scans have label maps. ``bidirectional`` (diffeomorphic networks only,
+    ``int_steps > 0``) also scores the fixed scan warped back by the inverse field
+    (integrated negative velocity). ``schedule`` is a coarse-to-fine resolution schedule:
+    ``((scale, steps), ...)`` trains ``steps`` steps on the grid resized by ``scale`` (e.g.
+    0.5) before the next stage; the remaining steps run at full resolution. The network
+    is fully convolutional, so the same weights and optimiser state carry on unchanged.
+    ``lr_schedule`` is ``constant`` or ``cosine`` (decay to 0 at ``steps``). ``amp`` runs the
+    U-Net in bfloat16 (float16 + gradient scaling where bf16 is unsupported) on CUDA; on
+    CPU it is ignored. ``grad_checkpoint`` recomputes U-Net activations in the backward pass
+    (less memory, ~30 % more time). ``tensorboard`` also logs to ``output_dir/tensorboard``.
     """
 
     similarity: str = "ncc"
@@ -96,6 +108,12 @@ class TrainConfig:
     device: str = "auto"
     dice_weight: float = 0.0
     augment: bool = False
+    bidirectional: bool = False
+    schedule: tuple[tuple[float, int], ...] = ()
+    lr_schedule: str = "constant"
+    amp: bool = False
+    grad_checkpoint: bool = False
+    tensorboard: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("similarity", self.similarity, ("ncc", "mse", "mi"))
@@ -124,8 +142,13 @@ class TrainConfig:
         _check_int("seed", self.seed, 0)
         _check_choice("device", self.device, _DEVICES)
         _check_positive("dice_weight", self.dice_weight, allow_zero=True)
-        if not isinstance(self.augment, bool):
-            raise ValueError(f"augment must be True or False, got {self.augment!r}")
+        for name in ("augment", "bidirectional", "amp", "grad_checkpoint", "tensorboard"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.bidirectional and self.int_steps == 0:
+            raise ValueError("bidirectional training needs a diffeomorphic network (int_steps > 0)")
+        _check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        self.schedule = _check_schedule(self.schedule)
 
     @property
     def lambda_conditional(self) -> bool:
@@ -148,6 +171,7 @@ class TrainConfig:
         """Plain-Python dict (JSON- and checkpoint-safe)."""
         out = asdict(self)
         out["lam_range"] = list(self.lam_range) if self.lam_range is not None else None
+        out["schedule"] = [list(stage) for stage in self.schedule]
         return out
 
     @classmethod
@@ -156,7 +180,33 @@ class TrainConfig:
         data = config_kwargs(cls, data, "train")
         if data.get("lam_range") is not None:
             data["lam_range"] = tuple(data["lam_range"])
+        if data.get("schedule") is not None:
+            data["schedule"] = tuple(tuple(stage) for stage in data["schedule"])
         return cls(**data)
+
+    def stage_scale(self, step: int) -> float:
+        """Grid scale used for training step ``step`` (0-based) under :attr:`schedule`."""
+        end = 0
+        for scale, steps in self.schedule:
+            end += steps
+            if step < end:
+                return scale
+        return 1.0
+
+
+def _check_schedule(schedule: Any) -> tuple[tuple[float, int], ...]:
+    """Validate a resolution schedule ``((scale, steps), ...)`` with 0 < scale < 1."""
+    if schedule is None:
+        return ()
+    try:
+        stages = tuple((float(scale), steps) for scale, steps in schedule)
+    except (TypeError, ValueError):
+        raise ValueError(f"schedule must be a list of (scale, steps) pairs, got {schedule!r}") from None
+    for scale, steps in stages:
+        if not 0 < scale < 1:
+            raise ValueError(f"schedule scales must be in (0, 1), got {scale}")
+        _check_int("schedule steps", steps, 1)
+    return tuple((scale, int(steps)) for scale, steps in stages)
 
 
 # --------------------------------------------------------------------------- data
@@ -176,18 +226,23 @@ def _resize(tensor: Tensor, shape: Sequence[int], nearest: bool) -> Tensor:
 @dataclass
 class TrainingSet:
     """Scans on one grid: ``images`` float32 ``(N, 1, *S)`` in [0, 1]; ``labels`` int64
-    ``(N, 1, *S)`` or None; ``has_labels`` bool ``(N,)``; ``affine`` of the common grid."""
+    ``(N, 1, *S)`` or None; ``has_labels`` bool ``(N,)``; ``affine`` of the common grid.
+
+    With ``atlas=True`` the last image is an atlas: pairs are always scan -> atlas
+    (scan-to-atlas training); otherwise pairs are two distinct scans (scan-to-scan).
+    """
 
     images: Tensor
     labels: Tensor | None = None
     has_labels: Tensor | None = None
     affine: np.ndarray = field(default_factory=lambda: np.eye(4))
+    atlas: bool = False
 
     def __post_init__(self) -> None:
         if self.images.dim() not in (4, 5) or self.images.shape[1] != 1:
             raise ValueError(f"images must be (N, 1, *spatial), got {tuple(self.images.shape)}")
         if len(self) < 2:
-            raise VoxregError(f"training needs at least 2 scans, got {len(self)}")
+            raise VoxregError(f"training needs at least 2 scans (or 1 scan and an atlas), got {len(self)}")
         self.images = self.images.float().contiguous()
         if self.labels is not None:
             if self.labels.shape != self.images.shape:
@@ -219,14 +274,21 @@ class TrainingSet:
 
     @classmethod
     def from_images(cls, scans: Sequence[Image], labels: Sequence[Image | None] | None = None,
-                    shape: Sequence[int] | None = None) -> "TrainingSet":
+                    shape: Sequence[int] | None = None, atlas: Image | None = None,
+                    atlas_labels: Image | None = None) -> "TrainingSet":
         """Normalise each scan to [0, 1] and resample scans (linear) and labels (nearest)
-        onto the first scan's grid in world space, then onto ``shape`` when given."""
-        if len(scans) < 2:
-            raise VoxregError(f"training needs at least 2 scans, got {len(scans)}")
+        onto the first scan's grid (the atlas grid when ``atlas`` is given) in world space,
+        then onto ``shape`` when given."""
         if labels is not None and len(labels) != len(scans):
             raise VoxregError(f"got {len(labels)} label maps for {len(scans)} scans")
-        ref = scans[0]
+        if atlas is not None:
+            labels = [*(labels if labels is not None else [None] * len(scans)), atlas_labels]
+            scans = [*scans, atlas]
+            if all(lab is None for lab in labels):
+                labels = None
+        if len(scans) < 2:
+            raise VoxregError(f"training needs at least 2 scans (or 1 scan and an atlas), got {len(scans)}")
+        ref = scans[-1] if atlas is not None else scans[0]
         target = tuple(int(s) for s in shape) if shape is not None else ref.shape
         if len(target) != ref.ndim or min(target) < 2:
             raise VoxregError(f"shape {target} does not fit {ref.ndim}D scans")
@@ -240,16 +302,19 @@ class TrainingSet:
                               if lab is not None else torch.zeros(1, 1, *target))
         affine = _scaled_affine(ref, target)
         return cls(torch.cat(images), torch.cat(label_list).long() if any(has) else None,
-                   torch.tensor(has), affine)
+                   torch.tensor(has), affine, atlas=atlas is not None)
 
     @classmethod
     def from_paths(cls, scans: Sequence[str | os.PathLike[str]],
                    labels: Sequence[str | os.PathLike[str] | None] | None = None,
                    shape: Sequence[int] | None = None,
-                   cache: str | os.PathLike[str] | None = None) -> "TrainingSet":
-        """Load every scan (and label map) once; reuse/write the ``.pt`` ``cache`` when given
-        (it is rebuilt when the file list or shape differ)."""
-        key = _cache_key(scans, labels, shape)
+                   cache: str | os.PathLike[str] | None = None,
+                   atlas: str | os.PathLike[str] | None = None,
+                   atlas_labels: str | os.PathLike[str] | None = None) -> "TrainingSet":
+        """Load every scan (and label map, atlas) once; reuse/write the ``.pt`` ``cache`` when
+        given (it is rebuilt when the file list or shape differ)."""
+        key = _cache_key([*scans, *([atlas] if atlas else [])],
+                         [*labels, atlas_labels] if labels is not None and atlas else labels, shape)
         if cache is not None and Path(cache).is_file():
             found = cls.load(cache)
             if found[1] == key:
@@ -257,7 +322,9 @@ class TrainingSet:
         images = [io.load_image(p) for p in scans]
         label_images = ([io.load_image(p, label=True) if p is not None else None for p in labels]
                         if labels is not None else None)
-        out = cls.from_images(images, label_images, shape)
+        atlas_image = io.load_image(atlas) if atlas is not None else None
+        atlas_label_image = io.load_image(atlas_labels, label=True) if atlas_labels is not None else None
+        out = cls.from_images(images, label_images, shape, atlas_image, atlas_label_image)
         if cache is not None:
             out.save(cache, key)
         return out
@@ -265,7 +332,8 @@ class TrainingSet:
     def save(self, path: str | os.PathLike[str], key: str = "") -> Path:
         """Write the cached tensors to a ``.pt`` file atomically."""
         payload = {"images": self.images, "labels": self.labels, "has_labels": self.has_labels,
-                   "affine": torch.from_numpy(np.asarray(self.affine, dtype=np.float64)), "key": key}
+                   "affine": torch.from_numpy(np.asarray(self.affine, dtype=np.float64)), "key": key,
+                   "atlas": self.atlas}
         with io.atomic_path(path) as tmp:
             torch.save(payload, tmp)
         return Path(path)
@@ -275,22 +343,44 @@ class TrainingSet:
         """Read a cache written by :meth:`save`: ``(training set, key)``."""
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
-            return cls(data["images"], data["labels"], data["has_labels"],
-                       data["affine"].numpy()), str(data.get("key", ""))
+            return cls(data["images"], data["labels"], data["has_labels"], data["affine"].numpy(),
+                       bool(data.get("atlas", False))), str(data.get("key", ""))
         except Exception as exc:  # noqa: BLE001 - any unreadable cache is a user error
             raise VoxregError(f"cannot read training cache {path}: {exc}") from exc
 
     def sample_pairs(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Random (moving, fixed) index pairs of distinct scans, each ``(batch_size,)``."""
+        """Random (moving, fixed) index pairs of distinct scans (scan -> atlas in atlas
+        mode), each ``(batch_size,)``."""
         n = len(self)
+        if self.atlas:
+            moving = torch.randint(0, n - 1, (batch_size,), generator=generator)
+            return moving, torch.full_like(moving, n - 1)
         moving = torch.randint(0, n, (batch_size,), generator=generator)
         offset = torch.randint(1, n, (batch_size,), generator=generator)
         return moving, (moving + offset) % n
 
     def validation_pairs(self) -> list[tuple[int, int]]:
-        """Deterministic pairs ``(i, i+1)`` (at most 8) used for validation."""
+        """Deterministic pairs ``(i, i+1)`` (``(i, atlas)`` in atlas mode; at most 8) used
+        for validation."""
         n = len(self)
+        if self.atlas:
+            return [(i, n - 1) for i in range(min(n - 1, _VAL_PAIRS))]
         return [(i, (i + 1) % n) for i in range(min(n, _VAL_PAIRS))]
+
+
+    def resized(self, scale: float) -> "TrainingSet":
+        """A copy on a grid ``scale`` times the size (area-averaged images, nearest labels;
+        voxel centres follow the half-voxel convention, and so does the new affine)."""
+        shape = tuple(max(4, round(s * scale)) for s in self.shape)
+        images = F.interpolate(self.images, size=shape, mode="area")
+        labels = (F.interpolate(self.labels.float(), size=shape, mode="nearest-exact").long()
+                  if self.labels is not None else None)
+        ratio = np.array([old / new for old, new in zip(self.shape, shape)])
+        step = np.eye(4)
+        step[:3, :3] = np.diag(np.pad(ratio, (0, 3 - len(ratio)), constant_values=1.0))
+        step[:len(ratio), 3] = 0.5 * ratio - 0.5
+        affine = np.asarray(self.affine, dtype=np.float64) @ step
+        return TrainingSet(images, labels, self.has_labels, affine, self.atlas)
 
 
 def _grid_tensor(image: Image, ref: Image) -> Tensor:
@@ -385,8 +475,11 @@ class _Objective:
         self.num_classes = num_classes
 
     def __call__(self, moving: Tensor, fixed: Tensor, field_: Tensor, lam: Tensor,
-                 labels: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                 labels: tuple[Tensor, Tensor, Tensor] | None = None,
+                 inverse: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         sim = self.similarity(fixed, spatial.warp(moving, field_))
+        if inverse is not None:  # bidirectional: fixed warped back onto moving, weights 1/2 each
+            sim = 0.5 * (sim + self.similarity(moving, spatial.warp(fixed, inverse)))
         regs = torch.stack([self.regularizer(field_[i:i + 1]) for i in range(field_.shape[0])])
         reg_term = (lam.to(regs) * regs).mean()
         total = sim + reg_term
@@ -527,13 +620,118 @@ def validate(model: VoxelMorph, data: TrainingSet, config: TrainConfig,
     return out
 
 
-def _save(path: Path, model: VoxelMorph, optimizer: torch.optim.Optimizer, config: TrainConfig,
-          step: int, generator: torch.Generator, best: float | None) -> Path:
-    extra = {"train_config": config.to_dict(), "step": step, "optimizer": optimizer.state_dict(),
-             "rng": generator.get_state(), "torch_rng": torch.get_rng_state(), "best_metric": best}
+@dataclass
+class _Dist:
+    """Where this process stands in a ``torchrun`` job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world: int = 1
+    owner: bool = False  # this call initialised the process group (and tears it down)
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 writes checkpoints, metrics and validates."""
+        return self.rank == 0
+
+
+def _init_distributed(config: TrainConfig) -> tuple[_Dist, torch.device]:
+    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1): gloo on CPU,
+    NCCL on CUDA (one GPU per local rank). Returns the rank info and this rank's device."""
+    from voxreg.api import resolve_device
+
+    device = resolve_device(config.device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist(), device
+    import torch.distributed as dist
+
+    rank = int(os.environ.get("RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    owner = not dist.is_initialized()
+    if owner:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+    return _Dist(rank, world, owner), device
+
+
+def _any_rank(flag: bool, ctx: _Dist, device: torch.device) -> bool:
+    """True when ``flag`` is set on any rank (so that every rank stops at the same step)."""
+    if ctx.world == 1:
+        return flag
+    import torch.distributed as dist
+
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def _gather_rng(generator: torch.Generator, ctx: _Dist) -> list[Tensor]:
+    """Every rank's data-sampling RNG state (collective call under DDP)."""
+    state = generator.get_state()
+    if ctx.world == 1:
+        return [state]
+    import torch.distributed as dist
+
+    states: list[Any] = [None] * ctx.world
+    dist.all_gather_object(states, state)
+    return states
+
+
+@dataclass
+class _Session:
+    """What the loop updates and a checkpoint stores."""
+
+    model: VoxelMorph  # the bare network (checkpoints, validation)
+    net: torch.nn.Module  # what the training forward calls (the DDP wrapper under torchrun)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator
+    scaler: Any = None
+    step: int = 0
+    best: float | None = None
+    seconds: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _lr_factor(config: TrainConfig) -> Callable[[int], float]:
+    if config.lr_schedule == "constant":
+        return lambda step: 1.0
+    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, config.steps) / config.steps))
+
+
+def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bfloat16 (or float16 where bf16 is unsupported) for ``amp`` on CUDA; None otherwise."""
+    if not config.amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _new_session(config: TrainConfig, ndim: int, device: torch.device, ctx: _Dist) -> _Session:
+    torch.manual_seed(config.seed)
+    model = VoxelMorph(config.network_config(ndim)).to(device)
+    model.grad_checkpoint = config.grad_checkpoint
+    net: torch.nn.Module = model
+    if ctx.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config))
+    generator = torch.Generator().manual_seed(config.seed + 1_000_003 * ctx.rank)
+    scaler = torch.amp.GradScaler("cuda") if _amp_dtype(config, device) == torch.float16 else None
+    return _Session(model, net, optimizer, scheduler, generator, scaler)
+
+
+def _save(path: Path, session: _Session, config: TrainConfig, rngs: list[Tensor]) -> Path:
+    extra = {"train_config": config.to_dict(), "step": session.step, "optimizer": session.optimizer.state_dict(),
+             "scheduler": session.scheduler.state_dict(), "rng": rngs[0], "rng_ranks": rngs,
+             "torch_rng": torch.get_rng_state(), "best_metric": session.best, "seconds": session.seconds}
+    if session.scaler is not None:
+        extra["scaler"] = session.scaler.state_dict()
     if torch.cuda.is_available():
         extra["cuda_rng"] = torch.cuda.get_rng_state_all()
-    return save_checkpoint(path, model, extra)
+    return save_checkpoint(path, session.model, extra)
 
 
 def _check_resume_config(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
@@ -543,6 +741,32 @@ def _check_resume_config(saved: dict[str, Any], config: TrainConfig, path: Path)
     if changed:
         raise VoxregError(f"cannot resume from {path}: config differs in {changed} "
                           f"(only {sorted(_RESUMABLE_CHANGES)} may change)")
+
+
+def _restore(path: Path, session: _Session, config: TrainConfig, device: torch.device,
+             metrics_path: Path, ctx: _Dist) -> None:
+    """Load ``last.pt`` into model, optimiser, scheduler, scaler, RNGs, step and history."""
+    loaded, extra = load_checkpoint(path, device)
+    _check_resume_config(extra.get("train_config", {}), config, path)
+    if loaded.config != session.model.config:
+        raise VoxregError(f"cannot resume from {path}: its network differs from the config")
+    session.model.load_state_dict(loaded.state_dict())
+    session.optimizer.load_state_dict(extra["optimizer"])
+    if "scheduler" in extra:
+        session.scheduler.load_state_dict(extra["scheduler"])
+    if session.scaler is not None and "scaler" in extra:
+        session.scaler.load_state_dict(extra["scaler"])
+    rngs = extra.get("rng_ranks") or [extra["rng"]]
+    if ctx.rank < len(rngs):
+        session.generator.set_state(rngs[ctx.rank].cpu())
+    else:  # more ranks than when saved: a fresh, distinct stream for the new rank
+        session.generator.manual_seed(config.seed + 1_000_003 * ctx.rank + int(extra["step"]))
+    torch.set_rng_state(extra["torch_rng"].cpu())
+    if "cuda_rng" in extra and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in extra["cuda_rng"]])
+    session.step, session.best = int(extra["step"]), extra.get("best_metric")
+    session.seconds = float(extra.get("seconds", 0.0))
+    session.history = _read_metrics(metrics_path, session.step)
 
 
 class _StopSignals:
@@ -572,7 +796,53 @@ def _better(value: float, best: float | None, higher: bool) -> bool:
     return best is None or (value > best if higher else value < best)
 
 
+def _tensorboard(config: TrainConfig, out: Path, ctx: _Dist) -> Any:
+    """A TensorBoard SummaryWriter in ``out/tensorboard`` (rank 0, ``config.tensorboard``)."""
+    if not config.tensorboard or not ctx.main:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise VoxregError("--tensorboard needs the tensorboard package: "
+                          "pip install 'voxreg[tensorboard]'") from None
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
+
+
 # --------------------------------------------------------------------------- train
+
+
+def _train_step(session: _Session, config: TrainConfig, data: TrainingSet, objective: _Objective,
+                device: torch.device) -> dict[str, float]:
+    """One optimiser step on one batch; returns the loss terms."""
+    moving, fixed, lam, labels = _batch(data, config, session.generator, device)
+    dtype = _amp_dtype(config, device)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        output = session.net(moving, fixed, lam if config.lambda_conditional else None)
+    inverse = None
+    if config.bidirectional:
+        inverse = spatial.integrate_velocity(-output.velocity.float(), config.int_steps)
+    loss, sim, reg = objective(moving, fixed, output.field.float(), lam, labels, inverse)
+    session.optimizer.zero_grad(set_to_none=True)
+    if session.scaler is not None:
+        session.scaler.scale(loss).backward()
+        session.scaler.step(session.optimizer)
+        session.scaler.update()
+    else:
+        loss.backward()
+        session.optimizer.step()
+    lr = session.optimizer.param_groups[0]["lr"]
+    session.scheduler.step()
+    return {"loss": float(loss.detach()), "similarity": float(sim.detach()),
+            "regularizer": float(reg.detach()), "lambda": float(lam.mean()), "lr": lr}
+
+
+def _check_inputs(config: Any, training_set: Any, validation_set: Any) -> None:
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if not isinstance(training_set, TrainingSet):
+        raise ValueError(f"training_set must be a TrainingSet, got {type(training_set).__name__}")
+    if validation_set is not None and validation_set.ndim != training_set.ndim:
+        raise VoxregError("validation_set and training_set must have the same dimensionality")
 
 
 def train(config: TrainConfig, training_set: TrainingSet, output_dir: str | os.PathLike[str],
@@ -583,84 +853,87 @@ def train(config: TrainConfig, training_set: TrainingSet, output_dir: str | os.P
     ``progress(step, row)`` is called after every step with the metrics row. With
     ``resume=True`` training continues from ``output_dir/last.pt`` up to ``config.steps``.
     SIGTERM/SIGINT stop after the current step, save ``last.pt`` and raise
-    :class:`TrainingInterrupted` (a ``KeyboardInterrupt``).
+    :class:`TrainingInterrupted` (a ``KeyboardInterrupt``). Launched by ``torchrun`` with
+    several processes, training runs DistributedDataParallel (each rank draws its own
+    pairs; gradients are averaged; rank 0 validates and writes the outputs).
     """
-    if not isinstance(config, TrainConfig):
-        raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
-    if not isinstance(training_set, TrainingSet):
-        raise ValueError(f"training_set must be a TrainingSet, got {type(training_set).__name__}")
-    if validation_set is not None and validation_set.ndim != training_set.ndim:
-        raise VoxregError("validation_set and training_set must have the same dimensionality")
+    _check_inputs(config, training_set, validation_set)
     configure_allocator()
-    out = io.ensure_output_dir(output_dir)
+    ctx, device = _init_distributed(config)
+    try:
+        return _run(config, training_set, io.ensure_output_dir(output_dir), validation_set, resume,
+                    progress, ctx, device)
+    finally:
+        if ctx.owner:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run(config: TrainConfig, training_set: TrainingSet, out: Path, validation_set: TrainingSet | None,
+         resume: bool, progress: Callable[[int, dict[str, float]], None] | None, ctx: _Dist,
+         device: torch.device) -> TrainResult:
     last_path, best_path = out / "last.pt", out / "best.pt"
     metrics_path, plot_path = out / "metrics.csv", out / "loss_curve.png"
-    from voxreg.api import resolve_device
-
-    device = resolve_device(config.device)
-
-    torch.manual_seed(config.seed)
-    model = VoxelMorph(config.network_config(training_set.ndim)).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    generator = torch.Generator().manual_seed(config.seed)
-    step, best, history = 0, None, []
+    session = _new_session(config, training_set.ndim, device, ctx)
     if resume:
-        step, best, history = _restore(last_path, model, optimizer, generator, config, device, metrics_path)
-    _write_metrics(metrics_path, history)
-
+        _restore(last_path, session, config, device, metrics_path, ctx)
+    writer = _tensorboard(config, out, ctx)
+    if ctx.main:
+        _write_metrics(metrics_path, session.history)
     objective = _Objective(config, training_set.num_classes)
     higher = validation_set is not None and validation_set.labels is not None
-    model.train()
+    stages: dict[float, TrainingSet] = {1.0: training_set}
+    session.net.train()
+    start, offset = time.perf_counter(), session.seconds
     with _StopSignals() as stop:
-        while step < config.steps:
-            moving, fixed, lam, labels = _batch(training_set, config, generator, device)
-            output = model(moving, fixed, lam if config.lambda_conditional else None)
-            loss, sim, reg = objective(moving, fixed, output.field, lam, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            row = {"step": step, "loss": float(loss.detach()), "similarity": float(sim.detach()),
-                   "regularizer": float(reg.detach()), "lambda": float(lam.mean())}
-            if validation_set is not None and (step % config.validate_every == 0 or step == config.steps):
-                row.update(validate(model, validation_set, config, device))
+        while session.step < config.steps:
+            scale = config.stage_scale(session.step)
+            if scale not in stages:
+                stages[scale] = training_set.resized(scale)
+            row = _train_step(session, config, stages[scale], objective, device)
+            session.step += 1
+            session.seconds = offset + time.perf_counter() - start
+            row.update(step=session.step, scale=scale, seconds=session.seconds)
+            if ctx.main and validation_set is not None and (
+                    session.step % config.validate_every == 0 or session.step == config.steps):
+                row.update(validate(session.model, validation_set, config, device))
                 metric = row.get("val_dice", row["val_loss"])
-                if _better(metric, best, higher):
-                    best = metric
-                    _save(best_path, model, optimizer, config, step, generator, best)
-            history.append(row)
-            _append_metrics(metrics_path, row)
-            if progress is not None:
-                progress(step, row)
-            if step % config.checkpoint_every == 0 or step == config.steps or stop.signum is not None:
-                _save(last_path, model, optimizer, config, step, generator, best)
-                _plot_losses(plot_path, history)
-            if stop.signum is not None:
-                raise TrainingInterrupted(step, last_path, stop.signum)
-    if not last_path.exists():  # resumed a run that had already finished
-        _save(last_path, model, optimizer, config, step, generator, best)
-    if not plot_path.exists() and history:
-        _plot_losses(plot_path, history)
-    return TrainResult(model.eval(), step, out, last_path, best_path if best_path.exists() else None,
-                       metrics_path, plot_path, best, history)
+                if _better(metric, session.best, higher):
+                    session.best = metric
+                    _save(best_path, session, config, [session.generator.get_state()])
+            if ctx.main:
+                _record(row, session, metrics_path, writer, progress)
+            stopping = _any_rank(stop.signum is not None, ctx, device)
+            if session.step % config.checkpoint_every == 0 or session.step == config.steps or stopping:
+                rngs = _gather_rng(session.generator, ctx)
+                if ctx.main:
+                    _save(last_path, session, config, rngs)
+                    _plot_losses(plot_path, session.history)
+            if stopping:
+                raise TrainingInterrupted(session.step, last_path, stop.signum or signal.SIGTERM)
+    if writer is not None:
+        writer.close()
+    if ctx.main and not last_path.exists():  # resumed a run that had already finished
+        _save(last_path, session, config, _gather_rng(session.generator, ctx))
+    if ctx.main and not plot_path.exists() and session.history:
+        _plot_losses(plot_path, session.history)
+    return TrainResult(session.model.eval(), session.step, out, last_path,
+                       best_path if best_path.exists() else None, metrics_path, plot_path, session.best,
+                       session.history)
 
 
-def _restore(path: Path, model: VoxelMorph, optimizer: torch.optim.Optimizer,
-             generator: torch.Generator, config: TrainConfig, device: torch.device,
-             metrics_path: Path) -> tuple[int, float | None, list[dict[str, float]]]:
-    """Load ``last.pt`` into model/optimiser/RNGs; return (step, best metric, metrics rows)."""
-    loaded, extra = load_checkpoint(path, device)
-    _check_resume_config(extra.get("train_config", {}), config, path)
-    if loaded.config != model.config:
-        raise VoxregError(f"cannot resume from {path}: its network differs from the config")
-    model.load_state_dict(loaded.state_dict())
-    optimizer.load_state_dict(extra["optimizer"])
-    generator.set_state(extra["rng"].cpu())
-    torch.set_rng_state(extra["torch_rng"].cpu())
-    if "cuda_rng" in extra and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in extra["cuda_rng"]])
-    step = int(extra["step"])
-    return step, extra.get("best_metric"), _read_metrics(metrics_path, step)
+def _record(row: dict[str, float], session: _Session, metrics_path: Path, writer: Any,
+            progress: Callable[[int, dict[str, float]], None] | None) -> None:
+    """Append the step's row to the history, metrics.csv, TensorBoard and the progress callback."""
+    session.history.append(row)
+    _append_metrics(metrics_path, row)
+    if writer is not None:
+        for key, value in row.items():
+            if key != "step":
+                writer.add_scalar(key, value, row["step"])
+    if progress is not None:
+        progress(row["step"], row)
 
 
 def scan_list(items: Sequence[str | os.PathLike[str]]) -> tuple[list[Path], list[Path | None]]:
