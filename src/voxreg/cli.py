@@ -250,6 +250,47 @@ def train(
     console.print(f"  last {result.last_checkpoint}\n  best {result.best_checkpoint}\n  metrics {result.metrics_csv}")
 
 
+@app.command("tune-lambda")
+@user_errors
+def tune_lambda(
+    model: Path = typer.Argument(..., help="Lambda-conditional checkpoint (voxreg train --lambda-range)."),
+    val: list[str] = typer.Argument(..., help="Validation scans with labels: a CSV of scan,labels rows (pairs as in training)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder for lambda_curve.csv and lambda_curve.png."),
+    lambdas: Optional[str] = typer.Option(None, "--lambdas", help="Comma-separated values (default: log grid over the trained range)."),
+    num: int = typer.Option(9, "--num", help="Number of log-spaced values when --lambdas is not given."),
+    max_folding: float = typer.Option(0.5, "--max-folding", help="Largest acceptable mean % of voxels with det J <= 0."),
+    exclude: str = typer.Option("0", "--exclude-labels", help="Label codes not scored (comma-separated)."),
+    device: Device = "auto",
+) -> None:
+    """Sweep lambda of a lambda-conditional model on validation pairs: Dice and % folding
+    against lambda (CSV + PNG) and the recommended value."""
+    from voxreg import train as training
+    from voxreg.tune import tune_lambda as sweep
+
+    values = _float_list("--lambdas", lambdas) if lambdas else None
+    scans, labels = training.scan_list(val)
+    data = training.TrainingSet.from_paths(scans, labels)
+    with progress_bar("lambda sweep") as update:
+        result = sweep(model, data, output, values, num=num, max_folding=max_folding, device=device,
+                       exclude=[int(v) for v in _float_list("--exclude-labels", exclude)], progress=update)
+    console.print("lambda    Dice (std)       folding %  SD logJ")
+    for p in result.points:
+        console.print(f"{p.lam:<9.4g} {p.dice_mean:.3f} ({p.dice_std:.3f})   {p.folding_percent:8.3f}  {p.log_jacobian_std:.3f}")
+    console.print(f"recommended lambda: {result.recommended:.4g} ({result.reason})")
+    console.print(f"  curve {result.csv}\n  plot  {result.plot}")
+
+
+def _float_list(option: str, text: str) -> list[float]:
+    """``"0.1,1,10"`` -> ``[0.1, 1.0, 10.0]``; VoxregError naming the option otherwise."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise VoxregError(f"{option} takes comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise VoxregError(f"{option} takes comma-separated numbers, got {text!r}")
+    return values
+
+
 @app.command()
 @user_errors
 def demo(
