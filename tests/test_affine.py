@@ -209,6 +209,23 @@ def test_two_dimensional_images():
     assert corner_error(result.world_matrix, truth, fixed) < 1.0
 
 
+def test_two_dimensional_slice_outside_the_xy_plane():
+    """A coronal 2D slice (voxel axes along world -x and -z, like OASIS 2D NIfTI files)
+    shifted within its plane: the shift is recovered and nothing leaves the plane."""
+    flat = phantom(shape=(64, 56), spacing=1.5)
+    coronal = np.array([[-1.5, 0, 0, 48.0], [0, 0, 1.0, -0.5], [0, -1.5, 0, 42.0], [0, 0, 0, 1]])
+    fixed = Image(flat.array, coronal)
+    shift = np.array([4.0, 0.0, -6.0])
+    moving_affine = coronal.copy()
+    moving_affine[:3, 3] += shift
+    result = affine_register(fixed, Image(flat.array, moving_affine), AffineConfig(transform="rigid"))
+    corners = np.array([[i, j, 0, 1] for i in (0, 63) for j in (0, 55)], dtype=float).T
+    world = coronal @ corners
+    error = np.linalg.norm((result.world_matrix @ world)[:3] - (world[:3] + shift[:, None]), axis=0)
+    assert error.max() < 1.0, error
+    np.testing.assert_allclose(result.world_matrix[1], [0, 1, 0, 0], atol=1e-9)  # y is the plane normal
+
+
 def test_mni152_template_rigid():
     """Realistic anatomy: the 2 mm MNI152 template against a rotated, shifted copy."""
     synthetic = pytest.importorskip("voxreg.synthetic")

@@ -533,3 +533,14 @@ def test_float_labels_with_rounding_noise_are_rounded(tmp_path: Path) -> None:
     data = np.array([[0.0, 2.9999998], [1.0000001, 4.0]], np.float32)[..., None].repeat(2, 2)
     loaded = io.load_image(nifti(tmp_path / "seg.nii.gz", data, np.eye(4)), label=True)
     np.testing.assert_array_equal(loaded.array[..., 0], [[0, 3], [1, 4]])
+
+
+def test_itk_field_supported_only_for_planes_parallel_to_xy():
+    from voxreg.image import Image
+
+    flat = Image(np.zeros((4, 5), np.float32), np.diag([-1.0, -1.0, 1.0, 1.0]))
+    coronal = Image(np.zeros((4, 5), np.float32),
+                    np.array([[-1.0, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]]))
+    assert io.itk_field_supported(flat) and not io.itk_field_supported(coronal)
+    with pytest.raises(VoxregError, match="tilted"):
+        io.field_to_itk_image(np.zeros((2, 4, 5), np.float32), coronal)

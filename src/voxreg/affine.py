@@ -40,7 +40,7 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, field as dataclass_field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -604,10 +604,38 @@ def affine_register(fixed: Image, moving: Image, config: AffineConfig | None = N
     previous = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
+    rotation = _plane_rotation(fixed)
+    if rotation is not None:  # a 2D slice outside the x-y plane: register within its own plane
+        fixed, moving, fixed_mask, moving_mask = (
+            _rotated(item, rotation) for item in (fixed, moving, fixed_mask, moving_mask))
     try:
-        return _register(fixed, moving, config, fixed_mask, moving_mask, progress)
+        result = _register(fixed, moving, config, fixed_mask, moving_mask, progress)
     finally:
         torch.set_num_threads(previous)
+    if rotation is not None:
+        result.world_matrix = rotation.T @ result.world_matrix @ rotation
+    return result
+
+
+def _plane_rotation(image: Image) -> np.ndarray | None:
+    """For a 2D image whose plane is not the world x-y plane, the 4x4 rotation taking its
+    two voxel axes into the x-y plane (None otherwise: nothing to do)."""
+    columns = np.asarray(image.affine, dtype=np.float64)[:3, :2]
+    if image.ndim != 2 or np.allclose(columns[2], 0.0):
+        return None
+    e1 = columns[:, 0] / np.linalg.norm(columns[:, 0])
+    e2 = columns[:, 1] - (columns[:, 1] @ e1) * e1
+    e2 /= np.linalg.norm(e2)
+    rotation = np.eye(4)
+    rotation[:3, :3] = np.stack([e1, e2, np.cross(e1, e2)])
+    return rotation
+
+
+def _rotated(item: Any, rotation: np.ndarray) -> Any:
+    """An Image with its affine rotated (world coordinates ``rotation @ p``); others as is."""
+    if not isinstance(item, Image):
+        return item
+    return Image(item.array, rotation @ np.asarray(item.affine, dtype=np.float64), item.path)
 
 
 @dataclass

@@ -90,7 +90,10 @@ class RegistrationResult:
         for name, labels in self.warped_labels.items():
             written[f"warped_{name}"] = io.save_image(labels, outdir / f"warped_{name}.nii.gz")
         written["field"] = io.save_field(outdir / "field.nii.gz", field, self.fixed)
-        written["field_itk"] = io.save_itk_field(outdir / "field_itk.nii.gz", field, self.fixed)
+        if io.itk_field_supported(self.fixed):
+            written["field_itk"] = io.save_itk_field(outdir / "field_itk.nii.gz", field, self.fixed)
+        else:  # a 2D slice tilted out of the x-y plane: the voxreg field (field.nii.gz) still holds it
+            self.metrics["field_itk"] = "not written: ITK 2D fields need an image plane parallel to x-y"
         if self.world_matrix is not None:
             written["affine"] = io.write_itk_affine(outdir / "affine.txt", self.world_matrix)
         if figure:

@@ -574,6 +574,15 @@ def load_field(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(np.moveaxis(data, -1, 0)), np.asarray(img.affine, dtype=np.float64)
 
 
+def itk_field_supported(fixed: Image) -> bool:
+    """False for a 2D image whose plane is tilted out of world x-y (ITK's 2D displacement
+    field images cannot express that plane); True otherwise."""
+    if fixed.ndim != 2:
+        return True
+    in_plane = fixed.affine[:3, :2]
+    return bool(np.allclose(in_plane[2], 0.0, atol=1e-6 * np.abs(in_plane).max()))
+
+
 def field_to_itk_image(field: np.ndarray | torch.Tensor, fixed: Image) -> nib.Nifti1Image:
     """ITK/ANTs displacement field NIfTI of a voxreg ``field`` on ``fixed``'s grid.
 
@@ -588,8 +597,7 @@ def field_to_itk_image(field: np.ndarray | torch.Tensor, fixed: Image) -> nib.Ni
         linear = RAS_TO_LPS[:3, :3] @ affine[:3, :3]
         vectors = np.einsum("ij,j...->...i", linear, data)[..., None, :]
     else:
-        in_plane = affine[:3, :2]
-        if not np.allclose(in_plane[2], 0.0, atol=1e-6 * np.abs(in_plane).max()):
+        if not itk_field_supported(fixed):
             raise VoxregError(f"{fixed.name}: ITK export of a 2D field needs an image plane parallel "
                               "to the x-y plane; this 2D image is tilted out of it")
         linear = (RAS_TO_LPS[:3, :3] @ in_plane)[:2]
