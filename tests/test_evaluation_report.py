@@ -254,3 +254,14 @@ def test_html_renders_in_headless_chromium(report, tmp_path):
     assert all(complete and width > 0 for _, complete, width in state["images"]), state["images"]
     assert (tmp_path / "report.png").stat().st_size > 10_000
     assert time.monotonic() - start < 20
+
+
+def test_before_row_from_dice_before():
+    from voxreg.evaluation_report import BEFORE, summarize, table1_rows
+
+    rows = [{"id": "p1", "method": "a", "status": "ok", "dice_mean": "0.8", "dice_before": "0.2"},
+            {"id": "p1", "method": "b", "status": "ok", "dice_mean": "0.9", "dice_before": "0.2"},
+            {"id": "p2", "method": "a", "status": "ok", "dice_mean": "0.7", "dice_before": "0.4"}]
+    summaries = summarize(rows)
+    assert [s.method for s in summaries] == [BEFORE, "a", "b"]
+    assert table1_rows(summaries)[0][:2] == [BEFORE, "0.300 (0.100)"]

@@ -135,10 +135,29 @@ class MethodSummary:
     similarity: dict[str, tuple[Stat, Stat]]
 
 
+BEFORE = "before registration"
+
+
 def summarize(rows: list[Row]) -> list[MethodSummary]:
-    """One :class:`MethodSummary` per method, in order of first appearance."""
-    return [_summarize_method(method, [r for r in rows if r["method"] == method])
-            for method in _methods(rows)]
+    """One :class:`MethodSummary` per method, in order of first appearance, after a
+    "before registration" row (Dice of the unregistered pair) when ``dice_before`` exists."""
+    before = _before_summary(rows)
+    return ([before] if before is not None else []) + [
+        _summarize_method(method, [r for r in rows if r["method"] == method]) for method in _methods(rows)]
+
+
+def _before_summary(rows: list[Row]) -> MethodSummary | None:
+    """Dice of each pair before registration (``dice_before``, first ok row of each pair)."""
+    per_pair: dict[str, float] = {}
+    for row in rows:
+        value = _num(row, "dice_before") if "dice_before" in row else math.nan
+        if _is_ok(row) and math.isfinite(value):
+            per_pair.setdefault(row["id"], value)
+    if not per_pair:
+        return None
+    none = Stat(math.nan, math.nan, 0)
+    return MethodSummary(BEFORE, Stat.of(list(per_pair.values())), none, none, none, none, none, math.nan,
+                         len(per_pair), 0, {key: (none, none) for key, *_ in _SIMILARITY})
 
 
 def _summarize_method(method: str, rows: list[Row]) -> MethodSummary:
@@ -199,6 +218,8 @@ def similarity_rows(summaries: list[MethodSummary]) -> tuple[list[str], list[lis
     header = ["Method"] + [f"{title} before → after" for _, title, _ in columns]
     rows = []
     for s in summaries:
+        if s.method == BEFORE:
+            continue
         cells = [s.method]
         for key, _, digits in columns:
             before, after = s.similarity[key]
