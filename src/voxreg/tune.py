@@ -126,7 +126,7 @@ def _plot(path: Path, points: Sequence[LambdaPoint], recommended: float, max_fol
     ax2.set_ylabel("% voxels with det J ≤ 0", color="tab:red")
     ax2.set_ylim(bottom=0)
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax.legend(handles, [h.get_label() for h in handles], loc="center right", fontsize=8)
+    ax.legend(handles, [h.get_label() for h in handles], loc="lower left", fontsize=8)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     with io.atomic_path(path) as tmp:
