@@ -544,3 +544,16 @@ def test_itk_field_supported_only_for_planes_parallel_to_xy():
     assert io.itk_field_supported(flat) and not io.itk_field_supported(coronal)
     with pytest.raises(VoxregError, match="tilted"):
         io.field_to_itk_image(np.zeros((2, 4, 5), np.float32), coronal)
+
+
+def test_resample_pads_intensities_with_the_minimum_and_labels_with_zero():
+    ct = np.full((6, 6, 6), 40.0, np.float32)
+    ct[0] = -1000.0  # air somewhere in the scan: the minimum
+    moving = Image(ct, np.eye(4))
+    shifted = np.eye(4)
+    shifted[0, 3] = 3.0  # fixed grid 3 mm further along x: its last 3 slices fall outside
+    out = io.resample_to(moving, Image(np.zeros((6, 6, 6), np.float32), shifted))
+    assert np.allclose(out.array[3:], -1000.0) and np.allclose(out.array[:2], 40.0)
+    labels = Image(np.full((6, 6, 6), 7, np.int16), np.eye(4))
+    out_labels = io.resample_to(labels, Image(np.zeros((6, 6, 6), np.float32), shifted))
+    assert (out_labels.array[3:] == 0).all() and (out_labels.array[:3] == 7).all()

@@ -195,6 +195,10 @@ def register(fixed: ImageLike, moving: ImageLike, *, model: str | Path | None = 
     torch_device = resolve_device(device)
     values: dict[str, Any] = {}
     if world_matrix is None and (affine or affine_only):
+        if affine_config is None and similarity == "mi":  # multi-modal pair: MI for the affine stage too
+            from voxreg.affine import AffineConfig
+
+            affine_config = AffineConfig(similarity="mi")
         world_matrix, values["affine"] = _affine_stage(fixed_img, moving_img, affine_config)
     moving_on_fixed = warp_image(moving_img, fixed_img, world_matrix=world_matrix, device=torch_device)
     fixed_t = _to_tensor(io.normalize_intensity(fixed_img.array), torch_device)

@@ -472,7 +472,8 @@ def resample_to(moving: Image, fixed: Image, world_matrix: np.ndarray | None = N
     """Resample ``moving`` onto ``fixed``'s grid in world coordinates.
 
     Handles different shapes, voxel sizes and orientations. Label maps (integer
-    arrays) use nearest neighbour; intensities use linear interpolation and 0 outside.
+    arrays) use nearest neighbour and 0 outside; intensities use linear interpolation and the
+    moving scan's minimum outside its field of view (0 for most MRI, air for CT in HU).
     ``world_matrix`` maps fixed world points to moving world points (identity when None);
     ``field`` is a displacement in fixed voxels applied first, so a fixed voxel ``x`` samples
     the moving scan at ``world_matrix(fixed_affine (x + field(x)))`` with ONE interpolation.
@@ -492,7 +493,11 @@ def resample_to(moving: Image, fixed: Image, world_matrix: np.ndarray | None = N
     tensor = torch.from_numpy(np.ascontiguousarray(array))[None, None].to(device)
     coords = _mapped_coords(matrix, fixed.shape, device) if field is None else \
         _displaced_coords(matrix, field, fixed.shape, device)
-    out = spatial.sample(tensor, coords, "nearest" if use_nearest else "linear", padding="zeros")
+    if use_nearest:
+        out = spatial.sample(tensor, coords, "nearest", padding="zeros")
+    else:  # pad with the minimum: sample (image - min) with zero padding, add min back
+        low = float(tensor.min()) if tensor.numel() else 0.0
+        out = spatial.sample(tensor - low, coords, "linear", padding="zeros") + low
     return Image(out[0, 0].cpu().numpy(), fixed.affine.copy(), moving.path)
 
 
@@ -600,7 +605,7 @@ def field_to_itk_image(field: np.ndarray | torch.Tensor, fixed: Image) -> nib.Ni
         if not itk_field_supported(fixed):
             raise VoxregError(f"{fixed.name}: ITK export of a 2D field needs an image plane parallel "
                               "to the x-y plane; this 2D image is tilted out of it")
-        linear = (RAS_TO_LPS[:3, :3] @ in_plane)[:2]
+        linear = (RAS_TO_LPS[:3, :3] @ affine[:3, :2])[:2]
         vectors = np.einsum("ij,j...->...i", linear, data)[:, :, None, None, :]
     img = nib.Nifti1Image(np.ascontiguousarray(vectors, dtype=np.float32), affine)
     _set_nifti_xform(img, affine)
