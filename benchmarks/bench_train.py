@@ -76,7 +76,7 @@ def main() -> None:
         shape, options, _ = CONFIGS[int(args.one)]
         print(json.dumps(run_one(shape, options, args.device, args.steps, args.amp)))
         return
-    print(f"| grid | network | s/step | steps/s | peak memory (MB) |\n|---|---|---|---|---|")
+    print("| grid | network | s/step | steps/s | peak memory (MB) |\n|---|---|---|---|---|")
     for index, (shape, _, label) in enumerate(CONFIGS):
         cmd = [sys.executable, __file__, "--one", str(index), "--device", args.device, "--steps", str(args.steps)]
         out = subprocess.run(cmd + (["--amp"] if args.amp else []), capture_output=True, text=True)
