@@ -75,6 +75,16 @@ def two_d_rows(data: Path) -> list[dict[str, str]]:
     ]
 
 
+def write_organ_table(path: Path, labels_csv: Path) -> Path:
+    """The organs scored on the multi-phase CT (liver, spleen, kidneys) as a code,name table."""
+    wanted = {"liver", "spleen", "kidney_left", "kidney_right"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(labels_csv, newline="") as handle:
+        rows = [(r["value"], r["name"]) for r in csv.DictReader(handle) if r["name"] in wanted]
+    path.write_text("code,name\n" + "".join(f"{code},{name}\n" for code, name in rows))
+    return path
+
+
 def evaluate(pairs: Path, out: Path, methods: str, *extra: str) -> None:
     """One `voxreg evaluate` run in a fresh process (ANTs reads its thread count once)."""
     cmd = [sys.executable, "-m", "voxreg.cli", "evaluate", str(pairs), "-o", str(out), "--methods", methods,
@@ -147,13 +157,15 @@ def main() -> None:
             evaluate(pairs, out, "affine,ants-syn,instance,network,network-refine", *extra)
             title = "Mindboggle validation subjects 13-16 in MNI152 2 mm space, with the trained network"
         elif name == "ct":
-            pairs, extra = args.multiphase / "pairs.csv", []
-            evaluate(pairs, out / "ncc", "affine,instance", "--similarity", "ncc")
-            evaluate(pairs, out / "mi", "instance", "--similarity", "mi")
+            pairs = args.multiphase / "pairs.csv"
+            table = args.data / "ct" / "totalsegmentator_example" / "labels.csv"
+            organs = write_organ_table(out / "organs.csv", table)
+            evaluate(pairs, out / "ncc", "affine,instance", "--similarity", "ncc", "--structures", str(organs))
+            evaluate(pairs, out / "mi", "instance", "--similarity", "mi", "--structures", str(organs))
             sections.append(("Simulated multi-phase liver CT, instance optimisation with NCC",
-                             f"voxreg evaluate {pairs} -o {out / 'ncc'} --methods affine,instance", out / "ncc"))
+                             f"voxreg evaluate {pairs} -o {out / 'ncc'} --methods affine,instance --structures {organs}", out / "ncc"))
             sections.append(("Simulated multi-phase liver CT, instance optimisation with MI",
-                             f"voxreg evaluate {pairs} -o {out / 'mi'} --methods instance --similarity mi",
+                             f"voxreg evaluate {pairs} -o {out / 'mi'} --methods instance --similarity mi --structures {organs}",
                              out / "mi"))
             continue
         elif name == "2d":

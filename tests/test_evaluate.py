@@ -456,3 +456,14 @@ def test_ants_syn_2d(tmp_path):
     assert row["status"] == "ok", row["error"]
     assert row["dice_mean"] > row["dice_before"] + 0.2 and row["sdlogj"] > 0.0
     assert row["tre_before_mm"] == pytest.approx(4.5) and row["tre_after_mm"] < 2.0
+
+
+def test_structure_table_from_a_label_file(tmp_path):
+    from voxreg.evaluate import select_labels, structure_table
+
+    table = tmp_path / "organs.csv"
+    table.write_text("code,name\n1,spleen\n5,liver\n")
+    assert structure_table(str(table)) == {1: "spleen", 5: "liver"}
+    assert structure_table("all") is None and len(structure_table("aseg30")) == 30
+    fixed = np.array([0, 1, 2, 5, 5]).reshape(1, 1, 5)
+    assert select_labels(fixed, fixed, str(table)) == [1, 5]

@@ -324,7 +324,7 @@ def evaluate(
     similarity: str = typer.Option("ncc", "--similarity", "-s", help="Instance-optimisation similarity: ncc, mse or mi."),
     iterations: Optional[str] = typer.Option(None, "--iterations", help="Instance-optimisation Adam steps per pyramid level, coarse to fine (default 100,60,10)."),
     device: Device = "auto",
-    structures: str = typer.Option("all", "--structures", help="Labels scored: all (present in both maps) or a preset (aseg30, dkt31)."),
+    structures: str = typer.Option("all", "--structures", help="Labels scored: all (present in both maps), a preset (aseg30, dkt31) or a label table file (LUT or code,name CSV) giving names."),
     exclude_labels: str = typer.Option("0", "--exclude-labels", help="Comma list of labels left out of Dice/HD95 (Mindboggle: 0,74)."),
     ants_threads: Optional[int] = typer.Option(None, "--ants-threads", help="ITK threads for ANTs SyN (default: all CPU cores)."),
     examples: int = typer.Option(2, "--examples", help="Write example slices for the first N pairs."),

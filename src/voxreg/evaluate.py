@@ -589,16 +589,28 @@ def _label_boxes(array: np.ndarray, labels: Sequence[int]) -> dict[int, tuple[sl
     return found
 
 
+def structure_table(structures: str) -> dict[int, str] | None:
+    """Code -> name of the scored structures: None for ``"all"`` (FreeSurfer names), a
+    :func:`voxreg.labels.preset` name, or the path of a label table file (FreeSurfer LUT or
+    ``code,name`` CSV, e.g. TotalSegmentator's labels.csv)."""
+    from voxreg.labels import label_table, preset
+
+    if structures.strip().lower() == "all":
+        return None
+    if Path(structures).is_file():
+        return label_table(structures)
+    return preset(structures)
+
+
 def select_labels(fixed_labels: np.ndarray, moving_labels: np.ndarray, structures: str = "all",
                   exclude: Iterable[int] = (0,)) -> list[int]:
-    """Labels present in both maps, minus ``exclude``, restricted to :func:`voxreg.labels.preset`
+    """Labels present in both maps, minus ``exclude``, restricted to :func:`structure_table`
     ``structures`` unless it is ``"all"``."""
     labels = set(np.unique(fixed_labels).tolist()) & set(np.unique(moving_labels).tolist())
     labels -= {int(v) for v in exclude}
-    if structures.strip().lower() != "all":
-        from voxreg.labels import preset
-
-        labels &= set(preset(structures))
+    table = structure_table(structures)
+    if table is not None:
+        labels &= set(table)
     return sorted(int(v) for v in labels)
 
 
@@ -689,8 +701,10 @@ def _max_resident_mb() -> float:
 # --------------------------------------------------------------------------- one (pair, method)
 
 
-def measure(data: PairData, output: MethodOutput, labels: Sequence[int]) -> tuple[Row, list[Row]]:
-    """The metric columns of one result row and its per-structure rows (without id/method)."""
+def measure(data: PairData, output: MethodOutput, labels: Sequence[int],
+            names: Mapping[int, str] | None = None) -> tuple[Row, list[Row]]:
+    """The metric columns of one result row and its per-structure rows (without id/method);
+    structure names from ``names`` (FreeSurfer names by default)."""
     from voxreg.labels import label_name
 
     scale = _IntensityScale(data.moving)
@@ -710,7 +724,8 @@ def measure(data: PairData, output: MethodOutput, labels: Sequence[int]) -> tupl
         row["dice_mean"], row["dice_std"] = _nanmean(dice), float(np.nanstd(dice)) if np.isfinite(dice).any() else math.nan
         row["hd95_mean_mm"] = _nanmean([s[1] for s in scores.values()])
         row["dice_before"] = _nanmean(metrics.dice_per_label(fixed_labels, moving_before, labels).values())
-        structures = [{"label": label, "name": label_name(label), "dice": d, "hd95_mm": h}
+        structures = [{"label": label, "name": names.get(label, f"label {label}") if names else label_name(label),
+                       "dice": d, "hd95_mm": h}
                       for label, (d, h) in scores.items()]
     if data.fixed_points is not None:
         row["tre_before_mm"] = mean_distance(data.moving_points, data.fixed_points)
@@ -724,12 +739,13 @@ def _nanmean(values: Iterable[float]) -> float:
 
 
 def run_one(data: PairData, method: str, options: EvaluationOptions, labels: Sequence[int],
-            runner: MethodRunner | None = None) -> tuple[Row, list[Row], MethodOutput]:
+            runner: MethodRunner | None = None,
+            names: Mapping[int, str] | None = None) -> tuple[Row, list[Row], MethodOutput]:
     """Run ``method`` on a loaded pair and measure it: (result row, per-structure rows, output)."""
     runner = runner or METHODS[method]
     with PeakMemory("cpu" if method in CPU_METHODS else options.device) as memory:
         output = runner(data, options)
-    row, structures = measure(data, output, labels)
+    row, structures = measure(data, output, labels, names)
     row.update({"status": "ok", "error": "", "seconds": output.seconds, "peak_memory_mb": memory.peak_mb,
                 "device": output.device, "threads": output.threads,
                 "settings": json.dumps(output.settings, sort_keys=True, default=str)})
@@ -942,10 +958,7 @@ def evaluate(pairs_csv: PathLike, outdir: PathLike, methods: Sequence[str] | str
 
 
 def _check_structures(structures: str) -> None:
-    if structures.strip().lower() != "all":
-        from voxreg.labels import preset
-
-        preset(structures)
+    structure_table(structures)
 
 
 def _evaluate_pair(pair: Pair, methods: Sequence[str], options: EvaluationOptions, structures: str,
@@ -965,7 +978,8 @@ def _evaluate_pair(pair: Pair, methods: Sequence[str], options: EvaluationOption
         return
     for method in methods:
         try:
-            row, per_structure, output = run_one(data, method, options, labels)
+            row, per_structure, output = run_one(data, method, options, labels,
+                                                 names=structure_table(structures))
         except Exception as exc:
             row, per_structure, output = _failed_row(pair, method, exc), [], None
             result.failed += 1
