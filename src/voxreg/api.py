@@ -213,9 +213,11 @@ def register(fixed: ImageLike, moving: ImageLike, *, model: str | Path | None = 
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     warped = warp_image(moving_img, fixed_img, field, world_matrix, device=torch_device)
+    pipeline_seconds = time.perf_counter() - total_start  # affine + deformable + warp, no metrics
     warped_labels = {name: warp_image(lab, fixed_img, field, world_matrix, device=torch_device)
                      for name, lab in label_maps.items()}
     values.update({"engine": engine, "device": str(torch_device), "registration_seconds": seconds,
+                   "pipeline_seconds": pipeline_seconds,
                    "similarity_loss": config.similarity, "lambda": config.lam if model is None else lam,
                    "fixed": str(fixed_img.path or ""), "moving": str(moving_img.path or "")})
     values.update(metrics.jacobian_stats(field))

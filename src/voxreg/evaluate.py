@@ -305,10 +305,11 @@ def _run_voxreg(data: PairData, options: EvaluationOptions, **kwargs: Any) -> Me
     field = result.field[0].numpy()
     fixed_affine, world_matrix = data.fixed.affine, result.world_matrix
     settings = {"engine": result.metrics["engine"], "affine": "voxreg.affine defaults",
-                "seconds": "api.register total_seconds (affine + deformable + warping)",
+                "seconds": "api.register pipeline_seconds (input normalisation, affine, deformable, "
+                           "warping the moving scan; not the metrics)",
                 "torch": torch.__version__, **_jsonable_kwargs(kwargs)}
     return MethodOutput(
-        warped=result.warped, field=field, seconds=float(result.metrics["total_seconds"]),
+        warped=result.warped, field=field, seconds=float(result.metrics["pipeline_seconds"]),
         map_points=lambda points: map_points(points, fixed_affine, field, world_matrix),
         warped_labels=result.warped_labels.get("labels"), device=_device_name(options.device),
         threads=torch.get_num_threads(), settings=settings)
