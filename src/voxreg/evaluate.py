@@ -642,7 +642,8 @@ def mean_distance(a: np.ndarray, b: np.ndarray) -> float:
 class PeakMemory:
     """Peak memory (MB) used inside a ``with`` block: CUDA peak allocation on a CUDA device,
     else the peak resident set (``/proc/self/status`` VmRSS polled every 20 ms) minus the
-    resident set at entry (``resource.getrusage`` when /proc is absent)."""
+    resident set at entry, after freed memory is returned to the OS (``resource.getrusage``
+    when /proc is absent)."""
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
@@ -656,6 +657,12 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
             return self
+        import gc
+
+        from voxreg.runtime import release_memory
+
+        gc.collect()
+        release_memory()  # freed blocks kept by an earlier method must not hide this one's use
         self._base = _resident_mb()
         self._peak = self._base
         if self._base is not None:
