@@ -21,6 +21,7 @@ import time
 CONFIGS = [
     # (grid, network options, label)
     ((160, 192, 224), {"half_res": False}, "VM-2, full-res field"),
+    ((160, 192, 224), {"half_res": False, "grad_checkpoint": True}, "VM-2, full-res field, grad checkpointing"),
     ((160, 192, 224), {"half_res": True}, "VM-2, half-res field"),
     ((160, 192, 224), {"half_res": True, "grad_checkpoint": True}, "VM-2, half-res field, grad checkpointing"),
     ((80, 96, 112), {"half_res": False}, "VM-2, full-res field"),

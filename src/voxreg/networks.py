@@ -339,12 +339,26 @@ class VoxelMorph(nn.Module):
         for j, block in enumerate(self.encoder):
             x = self._block(block, x, film[j] if film else None)
             skips.append(x)
-        for i, block in enumerate(self.decoder):
-            x = self._block(block, x, film[levels + i] if film else None)
-            index = self._skip_index(i)
-            if index is not None:
-                x = torch.cat([_upsample(x), skips[index]], dim=1)
+        for i in range(len(self.decoder)):
+            step_film = film[levels + i] if film else None
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+                # one segment = conv block + upsampling + skip concatenation: the large
+                # upsampled/concatenated tensors are recomputed instead of stored
+                x = torch.utils.checkpoint.checkpoint(self._decode_step, i, x, skips, step_film,
+                                                      use_reentrant=False)
+            else:
+                x = self._decode_step(i, x, skips, step_film)
         return self.flow(x).contiguous()
+
+    def _decode_step(self, i: int, x: Tensor, skips: list[Tensor],
+                     film: tuple[Tensor, Tensor] | None) -> Tensor:
+        """Decoder conv ``i``, then (where the architecture has one) 2x upsampling and the
+        concatenation of the matching skip."""
+        x = self.decoder[i](x, film)
+        index = self._skip_index(i)
+        if index is not None:
+            x = torch.cat([_upsample(x), skips[index]], dim=1)
+        return x
 
     def _block(self, block: nn.Module, x: Tensor, film: tuple[Tensor, Tensor] | None) -> Tensor:
         """Run one conv block, through activation checkpointing when enabled and training."""

@@ -861,8 +861,13 @@ def train(config: TrainConfig, training_set: TrainingSet, output_dir: str | os.P
     configure_allocator()
     ctx, device = _init_distributed(config)
     try:
-        return _run(config, training_set, io.ensure_output_dir(output_dir), validation_set, resume,
-                    progress, ctx, device)
+        result = _run(config, training_set, io.ensure_output_dir(output_dir), validation_set, resume,
+                      progress, ctx, device)
+        if ctx.world > 1:  # every rank done (rank 0 writes last) before the group is torn down
+            import torch.distributed as dist
+
+            dist.barrier()
+        return result
     finally:
         if ctx.owner:
             import torch.distributed as dist
