@@ -85,8 +85,13 @@ def write_organ_table(path: Path, labels_csv: Path) -> Path:
     return path
 
 
+DOCS_ONLY = False
+
+
 def evaluate(pairs: Path, out: Path, methods: str, *extra: str) -> None:
     """One `voxreg evaluate` run in a fresh process (ANTs reads its thread count once)."""
+    if DOCS_ONLY:
+        return
     cmd = [sys.executable, "-m", "voxreg.cli", "evaluate", str(pairs), "-o", str(out), "--methods", methods,
            "--device", "cpu", *extra]
     print("$", " ".join(cmd), flush=True)
@@ -116,6 +121,8 @@ def update_docs(sections: list[tuple[str, str, Path]], docs: Path) -> None:
             f"{datetime.date.today().isoformat()}: {os.cpu_count()} CPU cores ({cpu}), no GPU; {versions()}.", ""]
     for title, command, out in sections:
         table = (out / "table.md").read_text() if (out / "table.md").is_file() else "(no table written)\n"
+        table = "\n".join(line.replace("## ", "#### ", 1) if line.startswith("## ") else line
+                          for line in table.splitlines() if not line.startswith("# "))
         head += [f"### {title}", "", f"Command: `{command}` (report: `{out}/report.html`)", "", table, ""]
     head.append(MARK_END)
     text = docs.read_text() if docs.is_file() else "# Benchmarks\n"
@@ -137,7 +144,11 @@ def main() -> None:
     parser.add_argument("--preprocessed", type=Path)
     parser.add_argument("--multiphase", type=Path, default=Path("/tmp/multiphase_ct"))
     parser.add_argument("--docs", action="store_true", help="write the tables into docs/benchmarks.md")
+    parser.add_argument("--docs-only", action="store_true", help="only rewrite the docs from existing results")
     args = parser.parse_args()
+    global DOCS_ONLY
+    DOCS_ONLY = args.docs_only
+    args.docs = args.docs or args.docs_only
     if not args.data.is_dir():
         sys.exit(f"shared data not found at {args.data} (pass --data)")
     sections = []

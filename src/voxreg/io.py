@@ -472,8 +472,8 @@ def resample_to(moving: Image, fixed: Image, world_matrix: np.ndarray | None = N
     """Resample ``moving`` onto ``fixed``'s grid in world coordinates.
 
     Handles different shapes, voxel sizes and orientations. Label maps (integer
-    arrays) use nearest neighbour and 0 outside; intensities use linear interpolation and the
-    moving scan's minimum outside its field of view (0 for most MRI, air for CT in HU).
+    arrays) use nearest neighbour and 0 outside; intensities use linear interpolation and
+    ``min(moving minimum, 0)`` outside its field of view (0 for MRI, air for CT in HU).
     ``world_matrix`` maps fixed world points to moving world points (identity when None);
     ``field`` is a displacement in fixed voxels applied first, so a fixed voxel ``x`` samples
     the moving scan at ``world_matrix(fixed_affine (x + field(x)))`` with ONE interpolation.
@@ -495,8 +495,8 @@ def resample_to(moving: Image, fixed: Image, world_matrix: np.ndarray | None = N
         _displaced_coords(matrix, field, fixed.shape, device)
     if use_nearest:
         out = spatial.sample(tensor, coords, "nearest", padding="zeros")
-    else:  # pad with the minimum: sample (image - min) with zero padding, add min back
-        low = float(tensor.min()) if tensor.numel() else 0.0
+    else:  # pad with min(image min, 0): sample (image - low) with zero padding, add low back
+        low = min(float(tensor.min()), 0.0) if tensor.numel() else 0.0
         out = spatial.sample(tensor - low, coords, "linear", padding="zeros") + low
     return Image(out[0, 0].cpu().numpy(), fixed.affine.copy(), moving.path)
 
