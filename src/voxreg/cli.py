@@ -193,6 +193,7 @@ def train(
     val: list[str] = typer.Option([], "--val", help="Validation scans (same forms; a CSV can give label maps)."),
     similarity: str = typer.Option("ncc", "--similarity", "-s", help="ncc, mse or mi."),
     lam: float = typer.Option(1.0, "--lambda", "-l", help="Regularisation weight."),
+    ncc_window: int = typer.Option(9, "--ncc-window", help="Local NCC window size (voxels)."),
     lam_range: Optional[tuple[float, float]] = typer.Option(None, "--lambda-range", help="Train one lambda-conditional model over [LO, HI]."),
     network: str = typer.Option("vm2", "--network", help="vm1 or vm2 feature sizes."),
     half_res: bool = typer.Option(False, "--half-res", help="Predict the field at half resolution (faster)."),
@@ -222,7 +223,8 @@ def train(
     from voxreg import train as training
 
     try:
-        config = training.TrainConfig(similarity=similarity, lam=lam, lam_range=lam_range, network=network,
+        config = training.TrainConfig(similarity=similarity, window=ncc_window, lam=lam, lam_range=lam_range,
+                                      network=network,
                                       half_res=half_res, int_steps=int_steps, steps=steps, lr=lr,
                                       batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every,
                                       validate_every=validate_every, device=device, dice_weight=dice_weight,
