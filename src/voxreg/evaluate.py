@@ -219,6 +219,17 @@ class PairData:
     moving_labels: Image | None = None
     fixed_points: np.ndarray | None = None
     moving_points: np.ndarray | None = None
+    before: "_Before | None" = None  # the unregistered pair's measures, computed once
+
+
+@dataclass
+class _Before:
+    """What every method of a pair is compared against: the intensity scaling, the
+    normalised fixed scan and the measures of the unregistered pair (identity mapping)."""
+
+    scale: "_IntensityScale"
+    fixed_normalized: np.ndarray
+    row: Row
 
 
 @dataclass
@@ -715,30 +726,44 @@ def measure(data: PairData, output: MethodOutput, labels: Sequence[int],
     structure names from ``names`` (FreeSurfer names by default)."""
     from voxreg.labels import label_name
 
-    scale = _IntensityScale(data.moving)
-    fixed_n = io.normalize_intensity(data.fixed.array)
-    before = io.resample_to(data.moving, data.fixed)
-    row: Row = {}
-    row["ncc_before"], row["mi_before"] = global_similarity(fixed_n, scale(before.array))
-    row["ncc_after"], row["mi_after"] = global_similarity(fixed_n, scale(output.warped.array))
+    reference = _before(data, labels)
+    row: Row = dict(reference.row)
+    row["ncc_after"], row["mi_after"] = global_similarity(reference.fixed_normalized,
+                                                          reference.scale(output.warped.array))
     jacobian = metrics.jacobian_stats(output.field)
     row["folding_percent"], row["sdlogj"] = jacobian["folding_percent"], jacobian["log_jacobian_std"]
     structures: list[Row] = []
     if data.fixed_labels is not None and output.warped_labels is not None and labels:
         fixed_labels = data.fixed_labels.array
-        moving_before = io.resample_to(data.moving_labels, data.fixed, nearest=True).array
         scores = structure_scores(fixed_labels, output.warped_labels.array, labels, data.fixed.spacing)
         dice = np.array([s[0] for s in scores.values()], dtype=np.float64)
         row["dice_mean"], row["dice_std"] = _nanmean(dice), float(np.nanstd(dice)) if np.isfinite(dice).any() else math.nan
         row["hd95_mean_mm"] = _nanmean([s[1] for s in scores.values()])
-        row["dice_before"] = _nanmean(metrics.dice_per_label(fixed_labels, moving_before, labels).values())
         structures = [{"label": label, "name": names.get(label, f"label {label}") if names else label_name(label),
                        "dice": d, "hd95_mm": h}
                       for label, (d, h) in scores.items()]
     if data.fixed_points is not None:
-        row["tre_before_mm"] = mean_distance(data.moving_points, data.fixed_points)
         row["tre_after_mm"] = mean_distance(data.moving_points, output.map_points(data.fixed_points))
     return row, structures
+
+
+def _before(data: PairData, labels: Sequence[int]) -> _Before:
+    """The pair's reference measures (NCC/MI, Dice, TRE before registration), cached on
+    ``data`` so that several methods of one pair compute them once."""
+    if data.before is None:
+        scale = _IntensityScale(data.moving)
+        fixed_n = io.normalize_intensity(data.fixed.array)
+        row: Row = {}
+        unregistered = io.resample_to(data.moving, data.fixed)
+        row["ncc_before"], row["mi_before"] = global_similarity(fixed_n, scale(unregistered.array))
+        if data.fixed_labels is not None and data.moving_labels is not None and labels:
+            moving_labels = io.resample_to(data.moving_labels, data.fixed, nearest=True).array
+            row["dice_before"] = _nanmean(metrics.dice_per_label(data.fixed_labels.array, moving_labels,
+                                                                 labels).values())
+        if data.fixed_points is not None:
+            row["tre_before_mm"] = mean_distance(data.moving_points, data.fixed_points)
+        data.before = _Before(scale, fixed_n, row)
+    return data.before
 
 
 def _nanmean(values: Iterable[float]) -> float:
@@ -977,6 +1002,7 @@ def _evaluate_pair(pair: Pair, methods: Sequence[str], options: EvaluationOption
         data = load_pair(pair)
         labels = (select_labels(data.fixed_labels.array, data.moving_labels.array, structures, exclude)
                   if data.fixed_labels is not None else [])
+        names = structure_table(structures)
     except Exception as exc:  # a broken pair fails its rows, the others still run
         for method in methods:
             row = _failed_row(pair, method, exc)
@@ -986,8 +1012,7 @@ def _evaluate_pair(pair: Pair, methods: Sequence[str], options: EvaluationOption
         return
     for method in methods:
         try:
-            row, per_structure, output = run_one(data, method, options, labels,
-                                                 names=structure_table(structures))
+            row, per_structure, output = run_one(data, method, options, labels, names=names)
         except Exception as exc:
             row, per_structure, output = _failed_row(pair, method, exc), [], None
             result.failed += 1
