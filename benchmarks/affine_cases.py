@@ -22,9 +22,10 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from voxreg import api, io, losses
-from voxreg.affine import affine_register
-from voxreg.image import Image
+from voxreg import io, losses
+from voxreg.registration import pipeline as api
+from voxreg.registration.affine import affine_register
+from voxreg.core.image import Image
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain_mri"
 

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from voxreg import io, losses, metrics
-from voxreg.affine import AffineConfig, affine_register
-from voxreg.image import Image
+from voxreg.registration.affine import AffineConfig, affine_register
+from voxreg.core.image import Image
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "brain_mri"
 EXCLUDED_LABELS = {0, 74}

@@ -15,8 +15,12 @@ from pathlib import Path
 
 import torch
 
-from voxreg import api, io, spatial, synthetic
-from voxreg.align import AlignConfig, align
+from voxreg.io import templates
+from voxreg import io
+from voxreg.registration import pipeline as api
+from voxreg.core import spatial
+from voxreg.core import synthetic
+from voxreg.registration.instance import AlignConfig, align
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -28,7 +32,7 @@ def load_pair(data: Path, shape: tuple[int, ...], device: torch.device) -> tuple
         moving = io.load_image(folder / "image_B_fullsize.nii.gz")
         source = "lapirn OASIS pair"
     else:
-        pair = synthetic.make_synthetic_pair(synthetic.mni152_template(1), max_displacement=5.0)
+        pair = synthetic.make_synthetic_pair(templates.mni152_template(1), max_displacement=5.0)
         fixed, moving, source = pair.fixed, pair.moving, "synthetic MNI152 pair"
     tensors = [torch.from_numpy(io.normalize_intensity(img.array))[None, None].to(device) for img in (fixed, moving)]
     return (*[spatial.resize_image(t, shape) for t in tensors], source)

@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from voxreg import spatial
-from voxreg.networks import NetworkConfig, VoxelMorph
+from voxreg.core import spatial
+from voxreg.nn import NetworkConfig, VoxelMorph
 
 VARIANTS = {
     "vm1": lambda nd: NetworkConfig.vm1(nd),

@@ -33,8 +33,8 @@ def run_one(shape: tuple[int, ...], options: dict, device: str, steps: int, amp:
     """Time ``steps`` training steps in this process; return the figures."""
     import torch
 
-    from voxreg.runtime import configure_allocator
-    from voxreg.train import TrainConfig, _new_session, _Dist, _Objective, _train_step, TrainingSet
+    from voxreg.core.runtime import configure_allocator
+    from voxreg.training.trainer import TrainConfig, _new_session, _Dist, _Objective, _train_step, TrainingSet
 
     configure_allocator()
     dev = torch.device(device)

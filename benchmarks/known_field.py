@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from voxreg import api, io, metrics, synthetic
-from voxreg.align import AlignConfig
+from voxreg import io, metrics
+from voxreg.registration import pipeline as api
+from voxreg.core import synthetic
+from voxreg.registration.instance import AlignConfig
 
 VOXELMORPH_EVAL_LABELS = [2, 3, 4, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 28, 31, 41, 42, 43,
                           46, 47, 49, 50, 51, 52, 53, 54, 60, 63]

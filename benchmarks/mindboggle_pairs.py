@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from voxreg import api, io, metrics
+from voxreg import io, metrics
+from voxreg.registration import pipeline as api
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 EXCLUDED = {0, 74}

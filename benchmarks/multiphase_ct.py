@@ -95,9 +95,11 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from voxreg import api, io, metrics, spatial
-from voxreg.image import Image
-from voxreg.synthetic import smooth_random_field
+from voxreg import io, metrics
+from voxreg.registration import pipeline as api
+from voxreg.core import spatial
+from voxreg.core.image import Image
+from voxreg.core.synthetic import smooth_random_field
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASET = Path("ct") / "totalsegmentator_example"

@@ -19,7 +19,8 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from voxreg import api, io
+from voxreg import io
+from voxreg.registration import pipeline as api
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

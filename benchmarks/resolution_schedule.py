@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from voxreg.train import TrainConfig, TrainingInterrupted, TrainingSet, scan_list, train
+from voxreg.training.trainer import TrainConfig, TrainingInterrupted, TrainingSet, scan_list, train
 
 RUNS = {
     "full-res field": {"half_res": False},
@@ -48,7 +48,7 @@ def run(name: str, options: dict, data: TrainingSet, val: TrainingSet, out: Path
         result = train(config, data, out / name.replace(" ", "_").replace(",", ""), val, progress=stop_when_spent)
         return result.history
     except TrainingInterrupted:
-        from voxreg.train import _read_metrics
+        from voxreg.training.trainer import _read_metrics
 
         return _read_metrics(out / name.replace(" ", "_").replace(",", "") / "metrics.csv", 10**9)
 

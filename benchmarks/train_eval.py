@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from voxreg import api, io, metrics
-from voxreg.train import scan_list
+from voxreg import io, metrics
+from voxreg.registration import pipeline as api
+from voxreg.training.trainer import scan_list
 
 
 def mean_dice(fixed: np.ndarray, warped: np.ndarray) -> float:

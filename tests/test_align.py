@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import smooth_volume
-from voxreg import spatial
-from voxreg.align import AlignConfig, align, foreground_box
+from voxreg.core import spatial
+from voxreg.registration.instance import AlignConfig, align, foreground_box
 
 FAST = dict(similarity="mse", scales=(2, 1), iterations=(60, 30), lr=0.1)
 

@@ -8,9 +8,11 @@ import SimpleITK as sitk
 import torch
 
 from conftest import smooth_volume
-from voxreg import api, io, spatial
-from voxreg.align import AlignConfig
-from voxreg.image import Image
+from voxreg import io
+from voxreg.registration import pipeline as api
+from voxreg.core import spatial
+from voxreg.registration.instance import AlignConfig
+from voxreg.core.image import Image
 
 # smooth synthetic images are locally linear, where local NCC cannot see a shift: use MSE
 FAST = AlignConfig(similarity="mse", scales=(2, 1), iterations=(40, 20), lr=0.1)

@@ -176,7 +176,7 @@ def test_warp_with_a_file_that_is_not_a_field(pair_3d, tmp_path):
 
 
 def tiny_checkpoint(path: Path, ndim: int = 3) -> Path:
-    from voxreg.networks import NetworkConfig, VoxelMorph, save_checkpoint
+    from voxreg.nn import NetworkConfig, VoxelMorph, save_checkpoint
 
     torch.manual_seed(0)
     model = VoxelMorph(NetworkConfig(ndim=ndim, enc_features=(4, 4), dec_features=(4, 4, 4, 4), half_res=True))

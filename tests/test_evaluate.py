@@ -15,9 +15,9 @@ from scipy import ndimage
 from typer.testing import CliRunner
 
 from conftest import smooth_volume, write_nifti
-from voxreg import evaluate as ev
+from voxreg.evaluation import runner as ev
 from voxreg.cli import app
-from voxreg.errors import VoxregError
+from voxreg.core.errors import VoxregError
 
 runner = CliRunner()
 SHIFT = 3  # voxels along array axis 0 between fixed and moving
@@ -277,7 +277,7 @@ def test_2d_pair_and_exclude_labels(tmp_path):
 def test_network_methods_with_a_tiny_checkpoint(tmp_path, pairs_csv):
     import torch
 
-    from voxreg.networks import NetworkConfig, VoxelMorph, save_checkpoint
+    from voxreg.nn import NetworkConfig, VoxelMorph, save_checkpoint
 
     torch.manual_seed(0)
     model = save_checkpoint(tmp_path / "tiny.pt", VoxelMorph(NetworkConfig(
@@ -459,7 +459,7 @@ def test_ants_syn_2d(tmp_path):
 
 
 def test_structure_table_from_a_label_file(tmp_path):
-    from voxreg.evaluate import select_labels, structure_table
+    from voxreg.evaluation.runner import select_labels, structure_table
 
     table = tmp_path / "organs.csv"
     table.write_text("code,name\n1,spleen\n5,liver\n")

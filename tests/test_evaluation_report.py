@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from voxreg import evaluation_report as er
-from voxreg.errors import VoxregError
-from voxreg.labels import label_name
+from voxreg.evaluation import report as er
+from voxreg.core.errors import VoxregError
+from voxreg.io.tables import label_name
 
 RESULTS_COLUMNS = ["id", "fixed", "moving", "method", "status", "error", "dice_mean", "dice_std",
                    "hd95_mean_mm", "folding_percent", "sdlogj", "ncc_before", "ncc_after",
@@ -257,7 +257,7 @@ def test_html_renders_in_headless_chromium(report, tmp_path):
 
 
 def test_before_row_from_dice_before():
-    from voxreg.evaluation_report import BEFORE, summarize, table1_rows
+    from voxreg.evaluation.report import BEFORE, summarize, table1_rows
 
     rows = [{"id": "p1", "method": "a", "status": "ok", "dice_mean": "0.8", "dice_before": "0.2"},
             {"id": "p1", "method": "b", "status": "ok", "dice_mean": "0.9", "dice_before": "0.2"},

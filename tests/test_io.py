@@ -10,9 +10,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from voxreg import io, spatial
-from voxreg.errors import VoxregError
-from voxreg.image import Image
+from voxreg import io
+from voxreg.core import grid, spatial
+from voxreg.core.errors import VoxregError
+from voxreg.core.image import Image
 
 F = io.RAS_TO_LPS
 SHAPE = (12, 14, 10)
@@ -66,10 +67,10 @@ def inside_mask(coords: np.ndarray, shape, margin: float = 1.0) -> np.ndarray:
 
 
 def mapped_coords(fixed: Image, moving: Image, world: np.ndarray | None = None) -> np.ndarray:
-    matrix = io.voxel_matrix(fixed.affine, moving.affine, fixed.ndim, world)
-    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=float) for s in fixed.shape], indexing="ij"))
+    matrix = grid.voxel_matrix(fixed.affine, moving.affine, fixed.ndim, world)
+    indices = np.stack(np.meshgrid(*[np.arange(s, dtype=float) for s in fixed.shape], indexing="ij"))
     nd = fixed.ndim
-    return np.tensordot(matrix[:nd, :nd], grid, axes=1) + matrix[:nd, nd].reshape(nd, *([1] * nd))
+    return np.tensordot(matrix[:nd, :nd], indices, axes=1) + matrix[:nd, nd].reshape(nd, *([1] * nd))
 
 
 def nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
@@ -536,7 +537,7 @@ def test_float_labels_with_rounding_noise_are_rounded(tmp_path: Path) -> None:
 
 
 def test_itk_field_supported_only_for_planes_parallel_to_xy():
-    from voxreg.image import Image
+    from voxreg.core.image import Image
 
     flat = Image(np.zeros((4, 5), np.float32), np.diag([-1.0, -1.0, 1.0, 1.0]))
     coronal = Image(np.zeros((4, 5), np.float32),

@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from voxreg import labels
-from voxreg.errors import VoxregError
+from voxreg.io import tables as labels
+from voxreg.core.errors import VoxregError
 
 VOXELMORPH_LABELS = Path("/work/shared/data/brain_mri/voxelmorph_test_scan/labels.csv")
 MINDBOGGLE_LABELS = Path("/work/shared/data/brain_mri/mindboggle_oasis_trt20/labels.csv")

@@ -185,7 +185,7 @@ def test_mi_chunking_matches_single_chunk(monkeypatch):
     warped = _smooth_image((10, 12, 9), 1).requires_grad_(True)
     value = L.mutual_information(fixed, warped, bins=12)
     (grad,) = torch.autograd.grad(value, warped)
-    monkeypatch.setattr(L, "_MI_CHUNK", 97)
+    monkeypatch.setattr(L.similarity, "_MI_CHUNK", 97)
     value_chunked = L.mutual_information(fixed, warped, bins=12)
     (grad_chunked,) = torch.autograd.grad(value_chunked, warped)
     assert value_chunked.item() == pytest.approx(value.item(), abs=1e-6)

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from voxreg import spatial
-from voxreg.errors import CheckpointError
-from voxreg.networks import NetworkConfig, NetworkOutput, VoxelMorph, load_checkpoint, save_checkpoint
+from voxreg.core import spatial
+from voxreg.core.errors import CheckpointError
+from voxreg.nn import NetworkConfig, NetworkOutput, VoxelMorph, load_checkpoint, save_checkpoint
 
 ENC = (4, 8, 8)
 DEC = (8, 8, 8, 8, 4)

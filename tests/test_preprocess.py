@@ -13,10 +13,10 @@ import pytest
 from scipy import ndimage
 
 from voxreg import io, metrics
-from voxreg.api import warp_image
-from voxreg.errors import VoxregError
-from voxreg.image import Image
-from voxreg.preprocess import (MANIFEST_COLUMNS, atlas_outline, load_atlas, nearest_multiple,
+from voxreg.registration.pipeline import warp_image
+from voxreg.core.errors import VoxregError
+from voxreg.core.image import Image
+from voxreg.training.preprocess import (MANIFEST_COLUMNS, atlas_outline, load_atlas, nearest_multiple,
                                network_grid, output_names, preprocess)
 
 ATLAS_SHAPE = (30, 34, 28)

@@ -8,9 +8,10 @@ import SimpleITK as sitk
 import torch
 
 from conftest import shared_path
-from voxreg import api, io, metrics
-from voxreg.affine import affine_register
-from voxreg.align import AlignConfig
+from voxreg import io, metrics
+from voxreg.registration import pipeline as api
+from voxreg.registration.affine import affine_register
+from voxreg.registration.instance import AlignConfig
 
 EXCLUDED = {0, 74}
 

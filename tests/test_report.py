@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from voxreg import report
-from voxreg.errors import VoxregError
+from voxreg.viz import registration_figure as report
+from voxreg.core.errors import VoxregError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from voxreg import spatial
+from voxreg.core import spatial
 
 SHAPES = [(7, 8, 9), (9, 11)]
 

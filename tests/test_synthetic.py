@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from voxreg import spatial, synthetic
-from voxreg.errors import VoxregError
+from voxreg.io import templates
+from voxreg.core import spatial
+from voxreg.core import synthetic
+from voxreg.core.errors import VoxregError
 
 HAS_NILEARN = importlib.util.find_spec("nilearn") is not None
 
@@ -94,31 +96,31 @@ def test_pair_with_intensity_change_and_no_labels():
 def test_missing_nilearn_raises(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(VoxregError, match="nilearn"):
-        synthetic.nilearn_data_dir()
+        templates.nilearn_data_dir()
     monkeypatch.undo()
-    monkeypatch.setattr(synthetic, "nilearn_data_dir", lambda: tmp_path)
+    monkeypatch.setattr(templates, "nilearn_data_dir", lambda: tmp_path)
     with pytest.raises(VoxregError, match="not found"):
-        synthetic._mni_path("t1")
+        templates._mni_path("t1")
 
 
 @pytest.mark.skipif(not HAS_NILEARN, reason="nilearn (ships the MNI152 files) is not installed")
 def test_mni152_template_shapes():
-    t2 = synthetic.mni152_template(2)
+    t2 = templates.mni152_template(2)
     assert t2.shape == (99, 117, 95) and t2.array.dtype == np.float32
     np.testing.assert_allclose(t2.spacing, [2, 2, 2])
     assert 0 <= t2.array.min() and 0.5 < t2.array.max() <= 1
-    assert synthetic.mni152_template(1).shape == (197, 233, 189)
+    assert templates.mni152_template(1).shape == (197, 233, 189)
     # 2 mm voxel centres sit at the centres of 2x2x2 blocks of the 1 mm grid
-    np.testing.assert_allclose(t2.affine[:3, 3], synthetic.mni152_template(1).affine[:3, 3] + 0.5)
+    np.testing.assert_allclose(t2.affine[:3, 3], templates.mni152_template(1).affine[:3, 3] + 0.5)
 
 
 @pytest.mark.skipif(not HAS_NILEARN, reason="nilearn (ships the MNI152 files) is not installed")
 def test_mni152_tissues():
-    maps = synthetic.mni152_tissue_maps(2)
+    maps = templates.mni152_tissue_maps(2)
     assert set(maps) == {"csf", "gm", "wm"}
     for image in maps.values():
         assert image.shape == (99, 117, 95) and 0 <= image.array.min() and image.array.max() <= 1
-    labels = synthetic.mni152_tissue_labels(2)
+    labels = templates.mni152_tissue_labels(2)
     assert labels.is_label and labels.shape == (99, 117, 95)
     values, counts = np.unique(labels.array, return_counts=True)
     assert list(values) == [0, 1, 2, 3] and counts.min() > 1000

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from voxreg import spatial
-from voxreg.errors import VoxregError
+from voxreg.core import spatial
+from voxreg.core.errors import VoxregError
 from voxreg.losses import gradient_penalty
-from voxreg.networks import VoxelMorph, load_checkpoint
-from voxreg.synthetic import blobs_image, smooth_random_field
-from voxreg.train import TrainConfig, TrainingInterrupted, TrainingSet, train, validate
+from voxreg.nn import VoxelMorph, load_checkpoint
+from voxreg.core.synthetic import blobs_image, smooth_random_field
+from voxreg.training.trainer import TrainConfig, TrainingInterrupted, TrainingSet, train, validate
 
 SHAPE = (16, 16, 16)
 

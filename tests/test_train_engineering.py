@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from voxreg.errors import VoxregError
-from voxreg.networks import NetworkConfig, VoxelMorph, load_checkpoint
-from voxreg.train import TrainConfig, TrainingSet, _Objective, train
+from voxreg.core.errors import VoxregError
+from voxreg.nn import NetworkConfig, VoxelMorph, load_checkpoint
+from voxreg.training.trainer import TrainConfig, TrainingSet, _Objective, train
 
 from test_train import _config, _scans
 
@@ -171,7 +171,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
 
 DDP_SCRIPT = """
 import os, sys, torch
-from voxreg.train import TrainConfig, TrainingSet, train
+from voxreg.training.trainer import TrainConfig, TrainingSet, train
 data, _ = TrainingSet.load(sys.argv[1])
 cfg = TrainConfig(similarity="mse", lam=0.01, network="vm1", lr=1e-3, steps=6, batch_size=1, seed=1,
                   checkpoint_every=3, validate_every=3, device="cpu")

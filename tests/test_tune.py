@@ -10,9 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from voxreg.cli import app
-from voxreg.errors import VoxregError
-from voxreg.train import TrainingSet, train
-from voxreg.tune import LambdaPoint, lambda_grid, recommend, tune_lambda
+from voxreg.core.errors import VoxregError
+from voxreg.training.trainer import TrainingSet, train
+from voxreg.evaluation.tune import LambdaPoint, lambda_grid, recommend, tune_lambda
 
 from test_train import _config, _scans
 

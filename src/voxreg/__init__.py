@@ -4,9 +4,9 @@ The Python surface: :func:`register`, :func:`apply_field`, :func:`load_image`,
 :func:`save_image` and the :class:`Image` type. Conventions: docs/conventions.md.
 """
 
-from voxreg.api import RegistrationResult, apply_field, register, warp_image
-from voxreg.errors import CheckpointError, VoxregError
-from voxreg.image import Image
+from voxreg.registration.pipeline import RegistrationResult, apply_field, register, warp_image
+from voxreg.core.errors import CheckpointError, VoxregError
+from voxreg.core.image import Image
 from voxreg.io import load_image, save_image
 
 __all__ = ["register", "apply_field", "warp_image", "RegistrationResult", "Image", "load_image",

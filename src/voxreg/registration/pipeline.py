@@ -18,25 +18,15 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from voxreg import io, metrics, spatial
-from voxreg.align import AlignConfig, align
-from voxreg.errors import VoxregError
-from voxreg.image import Image
+from voxreg import io, metrics
+from voxreg.core import spatial
+from voxreg.registration.instance import AlignConfig, align
+from voxreg.core.errors import VoxregError
+from voxreg.core.runtime import resolve_device
+from voxreg.core.image import Image
 
 ImageLike = Image | str | Path
 ProgressCallback = Callable[[int, int], None]
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``'auto'`` -> CUDA when available else CPU; ``'cuda'`` without a GPU is an error."""
-    name = str(device)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise VoxregError(f"device {name!r} requested but CUDA is not available on this machine (use --device cpu or auto)")
-    if not (name == "cpu" or name.startswith("cuda")):
-        raise VoxregError(f"unknown device {name!r}: use auto, cpu or cuda[:N]")
-    return torch.device(name)
 
 
 def as_image(image: ImageLike, label: bool = False) -> Image:
@@ -97,7 +87,7 @@ class RegistrationResult:
         if self.world_matrix is not None:
             written["affine"] = io.write_itk_affine(outdir / "affine.txt", self.world_matrix)
         if figure:
-            from voxreg.report import registration_figure
+            from voxreg.viz.registration_figure import registration_figure
             written["figure"] = registration_figure(
                 self.fixed.array, self.moving.array, self.warped.array, field,
                 outdir / "figure.png", title=_figure_title(self.metrics), affine=self.fixed.affine)
@@ -133,7 +123,7 @@ def _json_default(value: Any) -> Any:
 
 def _predict_with_model(model_path: str | Path, fixed: torch.Tensor, moving: torch.Tensor,
                         lam: float | None, device: torch.device) -> torch.Tensor:
-    from voxreg.networks import load_checkpoint
+    from voxreg.nn import load_checkpoint
 
     model, extra = load_checkpoint(model_path, device=device)
     if model.config.ndim != fixed.dim() - 2:
@@ -148,7 +138,7 @@ def _model_lambda(model: Any, extra: Mapping[str, Any], lam: float | None, path:
     if not model.config.lambda_conditional:
         return None
     if lam is None:
-        from voxreg.train import TrainConfig
+        from voxreg.training.trainer import TrainConfig
 
         saved = extra.get("train_config")
         lam = TrainConfig.from_dict(saved).validation_lambda if saved else 1.0
@@ -196,7 +186,7 @@ def register(fixed: ImageLike, moving: ImageLike, *, model: str | Path | None = 
     values: dict[str, Any] = {}
     if world_matrix is None and (affine or affine_only):
         if affine_config is None and similarity == "mi":  # multi-modal pair: MI for the affine stage too
-            from voxreg.affine import AffineConfig
+            from voxreg.registration.affine import AffineConfig
 
             affine_config = AffineConfig(similarity="mi")
         world_matrix, values["affine"] = _affine_stage(fixed_img, moving_img, affine_config)
@@ -234,7 +224,7 @@ def register(fixed: ImageLike, moving: ImageLike, *, model: str | Path | None = 
 
 def _affine_stage(fixed: Image, moving: Image, config: Any) -> tuple[np.ndarray, dict[str, Any]]:
     """Affine pre-alignment in world space; returns the matrix and its metrics."""
-    from voxreg.affine import affine_register
+    from voxreg.registration.affine import affine_register
 
     result = affine_register(fixed, moving, config)
     return result.world_matrix, {"seconds": result.seconds, "init": result.init,

@@ -41,11 +41,14 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from voxreg import io, losses, report, synthetic
-from voxreg.affine import AffineConfig, affine_register
-from voxreg.api import warp_image
-from voxreg.errors import VoxregError
-from voxreg.image import Image
+from voxreg.io import templates
+from voxreg import io, losses
+from voxreg.viz import registration_figure as report
+from voxreg.core import synthetic
+from voxreg.registration.affine import AffineConfig, affine_register
+from voxreg.registration.pipeline import warp_image
+from voxreg.core.errors import VoxregError
+from voxreg.core.image import Image
 
 PathLike = str | os.PathLike
 ProgressCallback = Callable[[int, int], None]
@@ -130,7 +133,7 @@ def load_atlas(atlas: PathLike | Image, spacing: float | None = None) -> Image:
     if isinstance(atlas, Image):
         image = atlas
     elif isinstance(atlas, str) and atlas.strip().lower() == "mni152":
-        image = synthetic.mni152_template(2 if spacing is not None and spacing >= 2 else 1)
+        image = templates.mni152_template(2 if spacing is not None and spacing >= 2 else 1)
     else:
         image = io.load_image(atlas)
     io.check_intensity_image(image)

@@ -2,7 +2,7 @@
 
 Inputs may be numpy arrays or tensors; outputs are plain Python floats/dicts, ready for
 ``metrics.json``. Images are spatial arrays ``(*S)`` or tensors ``(N, C, *S)``; fields are
-``(1, ndim, *S)`` or ``(ndim, *S)`` displacements in voxels (see :mod:`voxreg.spatial`).
+``(1, ndim, *S)`` or ``(ndim, *S)`` displacements in voxels (see :mod:`voxreg.core.spatial`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from voxreg import losses
-from voxreg.spatial import jacobian_determinant
+from voxreg.core.spatial import jacobian_determinant
 
 ArrayLike = np.ndarray | Tensor
 

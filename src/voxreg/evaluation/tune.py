@@ -20,10 +20,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from . import io, metrics, spatial
-from .errors import VoxregError
-from .networks import VoxelMorph, load_checkpoint
-from .train import TrainingSet
+from voxreg import io, metrics
+from voxreg.core import spatial
+from voxreg.core.errors import VoxregError
+from voxreg.nn import VoxelMorph, load_checkpoint
+from voxreg.training.trainer import TrainingSet
 
 __all__ = ["LambdaPoint", "TuneResult", "lambda_grid", "tune_lambda", "recommend"]
 
@@ -143,7 +144,7 @@ def tune_lambda(model_path: str | os.PathLike[str], data: TrainingSet, output_di
     on. Labels in ``exclude`` are not scored. Writes ``lambda_curve.csv`` and
     ``lambda_curve.png`` to ``output_dir``.
     """
-    from voxreg.api import resolve_device
+    from voxreg.core.runtime import resolve_device
 
     torch_device = resolve_device(device)
     model, extra = load_checkpoint(model_path, torch_device)

@@ -38,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from voxreg import labels as _labels
-from voxreg.errors import VoxregError
+from voxreg.io import tables as _labels
+from voxreg.core.errors import VoxregError
 from voxreg.io import atomic_path
 
 RESULTS_CSV = "results.csv"

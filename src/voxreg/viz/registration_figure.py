@@ -28,8 +28,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from voxreg import spatial
-from voxreg.errors import VoxregError
+from voxreg.core import spatial
+from voxreg.core.errors import VoxregError
 
 _COLUMNS = ("fixed", "moving (fixed grid)", "warped", "warped - fixed", "deformation grid")
 
@@ -180,7 +180,7 @@ def _draw_grid(ax, field: np.ndarray, plane: DisplayPlane, step: int) -> None:
     ax.add_collection(LineCollection(lines, colors="k", linewidths=0.5))
 
 
-def _robust_range(arrays: Sequence[np.ndarray]) -> tuple[float, float]:
+def robust_range(arrays: Sequence[np.ndarray]) -> tuple[float, float]:
     values = np.concatenate([a.ravel() for a in arrays])
     lo, hi = np.percentile(values, [0.5, 99.5]) if values.size else (0.0, 1.0)
     return float(lo), float(hi if hi > lo else lo + 1.0)
@@ -214,9 +214,9 @@ def _render(fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray, field: np
 
     cuts = [{k: _cut(a, p) for k, a in (("fixed", fixed), ("moving", moving), ("warped", warped))}
             for p in planes]
-    ranges = {"image": _robust_range([c["fixed"] for c in cuts])}
+    ranges = {"image": robust_range([c["fixed"] for c in cuts])}
     before = [np.abs(c["moving"] - c["fixed"]) for c in cuts]
-    ranges["diff"] = max(_robust_range(before)[1], 1e-6)
+    ranges["diff"] = max(robust_range(before)[1], 1e-6)
     extents = [(p_h * spacing[p.horizontal], p_v * spacing[p.vertical]) for p, (p_h, p_v)
                in zip(planes, (c["fixed"].shape for c in cuts))]
     panel_w = 2.3

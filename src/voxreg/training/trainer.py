@@ -33,12 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import io, spatial
-from .errors import VoxregError
-from .image import Image
-from .losses import DiceLoss, regularizer, similarity_loss
-from .networks import NetworkConfig, VoxelMorph, config_kwargs, load_checkpoint, save_checkpoint
-from .runtime import configure_allocator
+from voxreg import io
+from voxreg.core import spatial
+from voxreg.core.errors import VoxregError
+from voxreg.core.image import Image
+from voxreg.losses import DiceLoss, regularizer, similarity_loss
+from voxreg.nn import NetworkConfig, VoxelMorph, config_kwargs, load_checkpoint, save_checkpoint
+from voxreg.core.runtime import configure_allocator
 
 __all__ = ["TrainConfig", "TrainingSet", "TrainResult", "TrainingInterrupted", "train", "validate", "augment",
            "METRIC_COLUMNS"]
@@ -637,7 +638,7 @@ class _Dist:
 def _init_distributed(config: TrainConfig) -> tuple[_Dist, torch.device]:
     """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1): gloo on CPU,
     NCCL on CUDA (one GPU per local rank). Returns the rank info and this rank's device."""
-    from voxreg.api import resolve_device
+    from voxreg.core.runtime import resolve_device
 
     device = resolve_device(config.device)
     world = int(os.environ.get("WORLD_SIZE", "1"))

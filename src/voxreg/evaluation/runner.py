@@ -53,8 +53,8 @@ import torch
 from scipy import ndimage
 
 from voxreg import io, metrics
-from voxreg.errors import VoxregError
-from voxreg.image import Image
+from voxreg.core.errors import VoxregError, one_line, short_reason
+from voxreg.core.image import Image
 
 PathLike = str | os.PathLike
 Row = dict[str, Any]
@@ -117,7 +117,7 @@ def _read_csv_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
             reader.fieldnames = header
             rows = [(reader.line_num, row) for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise VoxregError(f"{path}: cannot read as CSV ({io._reason(exc)})") from exc
+        raise VoxregError(f"{path}: cannot read as CSV ({short_reason(exc)})") from exc
     missing = [c for c in ("fixed", "moving") if c not in header]
     if missing:
         raise VoxregError(f"{path}: header must name the columns fixed,moving (missing {', '.join(missing)}; "
@@ -181,7 +181,7 @@ def read_landmarks(path: PathLike) -> np.ndarray:
                 raise VoxregError(f"{path}: landmark CSV needs a header with x,y,z (found {','.join(header) or 'nothing'})")
             points = [[float(row[c]) for c in "xyz"] for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise VoxregError(f"{path}: cannot read landmark CSV ({io._reason(exc)})") from exc
+        raise VoxregError(f"{path}: cannot read landmark CSV ({short_reason(exc)})") from exc
     except (TypeError, ValueError) as exc:
         raise VoxregError(f"{path}: landmark coordinates must be numbers ({exc})") from exc
     array = np.asarray(points, dtype=np.float64).reshape(-1, 3)
@@ -254,7 +254,7 @@ MethodRunner = Callable[[PairData, EvaluationOptions], MethodOutput]
 def load_pair(pair: Pair) -> PairData:
     """Load a pair's images, label maps and landmarks (fixed labels resampled onto the
     fixed grid with nearest neighbour when their grid differs)."""
-    from voxreg.api import as_image
+    from voxreg.registration.pipeline import as_image
 
     fixed, moving = as_image(pair.fixed), as_image(pair.moving)
     if fixed.ndim != moving.ndim:
@@ -295,7 +295,7 @@ def _apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
 def _align_config(options: EvaluationOptions) -> Any:
     """AlignConfig for instance optimisation / refinement (``iterations`` per pyramid level,
     scales 2^(k-1) .. 1)."""
-    from voxreg.align import AlignConfig
+    from voxreg.registration.instance import AlignConfig
 
     kwargs: dict[str, Any] = {"similarity": options.similarity, "lam": options.lam}
     if options.iterations:
@@ -308,8 +308,8 @@ def _align_config(options: EvaluationOptions) -> Any:
 
 
 def _run_voxreg(data: PairData, options: EvaluationOptions, **kwargs: Any) -> MethodOutput:
-    """One ``voxreg.api.register`` call turned into a :class:`MethodOutput`."""
-    from voxreg import api
+    """One ``voxreg.registration.pipeline.register`` call turned into a :class:`MethodOutput`."""
+    from voxreg.registration import pipeline as api
 
     labels = {"labels": data.moving_labels} if data.moving_labels is not None else None
     result = api.register(data.fixed, data.moving, moving_labels=labels, device=options.device, **kwargs)
@@ -383,7 +383,7 @@ def import_ants() -> Any:
 def to_ants_image(image: Image, ants: Any) -> Any:
     """ANTsImage (LPS physical space, same array index order) of a voxreg image. A 2D image
     must lie parallel to the x-y plane; its z offset is dropped (both images of a 2D pair are
-    taken to lie in one plane, as in :func:`voxreg.io.voxel_matrix`)."""
+    taken to lie in one plane, as in :func:`voxreg.core.grid.voxel_matrix`)."""
     ndim = image.ndim
     if ndim == 2 and not np.allclose(image.affine[2, :2], 0.0, atol=1e-6 * np.abs(image.affine[:3, :2]).max()):
         raise VoxregError(f"{image.path or 'image'}: ANTs needs a 2D image parallel to the x-y plane; this one is tilted")
@@ -605,7 +605,7 @@ def structure_table(structures: str) -> dict[int, str] | None:
     """Code -> name of the scored structures: None for ``"all"`` (FreeSurfer names), a
     :func:`voxreg.labels.preset` name, or the path of a label table file (FreeSurfer LUT or
     ``code,name`` CSV, e.g. TotalSegmentator's labels.csv)."""
-    from voxreg.labels import label_table, preset
+    from voxreg.io.tables import label_table, preset
 
     if structures.strip().lower() == "all":
         return None
@@ -630,7 +630,7 @@ class _IntensityScale:
     """[0, 1] scaling of the moving scan by its own robust range, the same before and after."""
 
     def __init__(self, moving: Image) -> None:
-        self.window = io._robust_range(np.asarray(moving.array, np.float32), 0.5, 99.5)
+        self.window = io.robust_range(np.asarray(moving.array, np.float32), 0.5, 99.5)
 
     def __call__(self, array: np.ndarray) -> np.ndarray:
         low, high = self.window
@@ -670,7 +670,7 @@ class PeakMemory:
             return self
         import gc
 
-        from voxreg.runtime import release_memory
+        from voxreg.core.runtime import release_memory
 
         gc.collect()
         release_memory()  # freed blocks kept by an earlier method must not hide this one's use
@@ -724,7 +724,7 @@ def measure(data: PairData, output: MethodOutput, labels: Sequence[int],
             names: Mapping[int, str] | None = None) -> tuple[Row, list[Row]]:
     """The metric columns of one result row and its per-structure rows (without id/method);
     structure names from ``names`` (FreeSurfer names by default)."""
-    from voxreg.labels import label_name
+    from voxreg.io.tables import label_name
 
     reference = _before(data, labels)
     row: Row = dict(reference.row)
@@ -799,7 +799,7 @@ def describe_row(row: Mapping[str, Any]) -> str:
 def error_line(exc: BaseException) -> str:
     """One-line description of an exception (VoxregError messages as they are)."""
     text = str(exc) if isinstance(exc, VoxregError) else f"{type(exc).__name__}: {exc}"
-    return io._one_line(text, limit=500)
+    return one_line(text, limit=500)
 
 
 # --------------------------------------------------------------------------- CSV store
@@ -842,7 +842,7 @@ def _read_rows(path: Path) -> list[Row]:
         with path.open(newline="", encoding="utf-8") as handle:
             return [{k: _typed(k, v) for k, v in row.items() if k is not None} for row in csv.DictReader(handle)]
     except (OSError, UnicodeDecodeError, csv.Error, ValueError) as exc:
-        raise VoxregError(f"{path}: cannot read the earlier results to resume ({io._reason(exc)})") from exc
+        raise VoxregError(f"{path}: cannot read the earlier results to resume ({short_reason(exc)})") from exc
 
 
 def _typed(column: str, text: str | None) -> Any:
@@ -888,7 +888,7 @@ def example_figure(fixed: Image, warped: Image, path: PathLike, title: str = "")
     of :mod:`voxreg.report`."""
     from matplotlib.figure import Figure
 
-    from voxreg.report import _cut, display_planes, show_slice
+    from voxreg.viz.registration_figure import _cut, display_planes, show_slice
 
     planes = display_planes(fixed.shape, fixed.affine)
     spacing = fixed.spacing
@@ -957,7 +957,7 @@ def evaluate(pairs_csv: PathLike, outdir: PathLike, methods: Sequence[str] | str
     and example PNGs into ``outdir`` (see the module docstring). A failing (pair, method) is
     recorded with status ``failed`` and the run goes on; (pair, method) rows already ``ok`` in
     ``outdir`` are skipped. ``progress(done, total, row)`` is called after each (pair, method)."""
-    from voxreg.api import resolve_device
+    from voxreg.core.runtime import resolve_device
 
     pairs = read_pairs(pairs_csv)
     names = resolve_methods(methods, model)
@@ -1045,7 +1045,7 @@ def _example(output: MethodOutput, data: PairData, pair: Pair, method: str, outd
 def _write_report(result: EvaluationResult) -> None:
     """Call voxreg.evaluation_report.write_report(outdir) when that module is available."""
     try:
-        from voxreg.evaluation_report import write_report
+        from voxreg.evaluation.report import write_report
     except ImportError:
         return
     try:

@@ -13,6 +13,10 @@ import ctypes
 import os
 import sys
 
+import torch
+
+from voxreg.core.errors import VoxregError
+
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 _configured = False
 
@@ -42,3 +46,15 @@ def release_memory() -> bool:
         return bool(ctypes.CDLL("libc.so.6").malloc_trim(0) or True)
     except (OSError, AttributeError):
         return False
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``'auto'`` -> CUDA when available else CPU; ``'cuda'`` without a GPU is an error."""
+    name = str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise VoxregError(f"device {name!r} requested but CUDA is not available on this machine (use --device cpu or auto)")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise VoxregError(f"unknown device {name!r}: use auto, cpu or cuda[:N]")
+    return torch.device(name)

@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from voxreg import losses, runtime, spatial
+from voxreg import losses
+from voxreg.core import runtime
+from voxreg.core import spatial
 
 ProgressCallback = Callable[[int, int], None]
 

@@ -1,6 +1,6 @@
 """Similarity measures, regularisers and Dice: pure functions plus thin ``nn.Module``s.
 
-Conventions (see :mod:`voxreg.spatial`): images are ``(N, C, *spatial)`` float32 tensors,
+Conventions (see :mod:`voxreg.core.spatial`): images are ``(N, C, *spatial)`` float32 tensors,
 2D or 3D through one code path; displacement fields are ``(N, ndim, *spatial)`` in voxels.
 
 The functions return *similarities* (higher is better: NCC, MI, Dice) or *penalties*
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from voxreg.spatial import spatial_ndim
+from voxreg.core.spatial import spatial_ndim
 
 Penalty = Literal["l1", "l2"]
 Reduction = Literal["mean", "none"]

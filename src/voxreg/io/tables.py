@@ -21,7 +21,7 @@ import re
 from importlib import resources
 from pathlib import Path
 
-from voxreg.errors import VoxregError
+from voxreg.core.errors import VoxregError
 
 _DATA_FILE = "freesurfer_labels.tsv"
 

@@ -1,4 +1,4 @@
-"""Command-line interface: thin typer commands over :mod:`voxreg.api`.
+"""Command-line interface: thin typer commands over the registration, training and evaluation layers.
 
 Every user error (:class:`voxreg.errors.VoxregError`) is printed as one line on stderr
 and exits with code 2, without a traceback.
@@ -6,62 +6,17 @@ and exits with code 2, without a traceback.
 
 from __future__ import annotations
 
-import functools
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Callable, Iterator, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-from voxreg.errors import VoxregError
+from voxreg.cli.progress import console, progress_bar, user_errors
+from voxreg.core.errors import VoxregError
 
 Device = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda[:N].")]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="voxreg: deformable registration of 3D/2D medical images.")
-console = Console(stderr=True)
-
-
-def user_errors(command: Callable) -> Callable:
-    """Turn VoxregError (and other input errors) into one line on stderr and exit code 2."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except VoxregError as exc:
-            typer.echo(f"voxreg: error: {exc}", err=True)
-            raise typer.Exit(code=2) from None
-        except KeyboardInterrupt:
-            typer.echo("voxreg: interrupted", err=True)
-            raise typer.Exit(code=130) from None
-
-    return wrapper
-
-
-@contextmanager
-def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar shown from the first update on (so input errors print alone);
-    yields a ``callback(done, total, info="")``; ``info`` is shown after the ETA."""
-    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
-    bar = Progress(*columns, console=console, transient=False)
-    task = None
-
-    def update(done: int, total: int, info: str = "") -> None:
-        nonlocal task
-        if task is None:
-            bar.start()
-            task = bar.add_task(description, total=total, info=info)
-        bar.update(task, completed=done, total=total, info=info)
-
-    try:
-        yield update
-    finally:
-        if task is not None:
-            bar.stop()
 
 
 @app.command()
@@ -83,7 +38,8 @@ def register(
 ) -> None:
     """Register MOVING to FIXED (affine, then deformable) and write warped image, labels,
     fields (voxreg + ITK/ANTs), affine.txt, metrics.json and figure.png."""
-    from voxreg import api, io
+    from voxreg import io
+    from voxreg.registration import pipeline as api
 
     io.ensure_output_dir(output)
     with progress_bar("registering") as update:
@@ -123,7 +79,8 @@ def warp(
     device: Device = "auto",
 ) -> None:
     """Apply a saved displacement FIELD (and the affine.txt beside it) to IMAGE."""
-    from voxreg import api, io
+    from voxreg import io
+    from voxreg.registration import pipeline as api
 
     io.ensure_output_dir(output.parent if str(output.parent) else Path("."))
     if affine is None and not no_affine and (field.parent / "affine.txt").exists():
@@ -149,7 +106,7 @@ def preprocess(
 ) -> None:
     """Bring raw scans into one atlas space for training: affine alignment, a network-friendly
     grid, intensity normalisation; writes the scans, manifest.csv and summary.png."""
-    from voxreg.preprocess import preprocess as run_preprocess
+    from voxreg.training.preprocess import preprocess as run_preprocess
 
     if labels and len(labels) != len(scans):
         raise VoxregError(f"--labels was given {len(labels)} times for {len(scans)} scans: give one per scan")
@@ -220,7 +177,7 @@ def train(
     device: Device = "auto",
 ) -> None:
     """Train a VoxelMorph network without labels (scan-to-scan pairs), on CPU or GPU."""
-    from voxreg import train as training
+    from voxreg.training import trainer as training
 
     try:
         config = training.TrainConfig(similarity=similarity, window=ncc_window, lam=lam, lam_range=lam_range,
@@ -266,8 +223,8 @@ def tune_lambda(
 ) -> None:
     """Sweep lambda of a lambda-conditional model on validation pairs: Dice and % folding
     against lambda (CSV + PNG) and the recommended value."""
-    from voxreg import train as training
-    from voxreg.tune import tune_lambda as sweep
+    from voxreg.training import trainer as training
+    from voxreg.evaluation.tune import tune_lambda as sweep
 
     values = _float_list("--lambdas", lambdas) if lambdas else None
     scans, labels = training.scan_list(val)
@@ -301,7 +258,7 @@ def demo(
     max_displacement: float = typer.Option(5.0, help="Largest displacement of the synthetic deformation (voxels)."),
 ) -> None:
     """Register the MNI152 template (nilearn wheel) to a known synthetic deformation of itself."""
-    from voxreg.demo import run_demo
+    from voxreg.cli.demo import run_demo
 
     run_demo(output, device=device, max_displacement=max_displacement, console=console)
 
@@ -333,7 +290,7 @@ def evaluate(
 ) -> None:
     """Run several registration methods (voxreg and ANTs SyN) over PAIRS and record Dice, HD95,
     folding, SD log-Jacobian, NCC/MI, TRE, runtime and memory; rerunning resumes."""
-    from voxreg.evaluate import describe_row, evaluate as run_evaluation
+    from voxreg.evaluation.runner import describe_row, evaluate as run_evaluation
 
     iteration_list = _int_list(iterations, "--iterations") if iterations else None
     excluded = _int_list(exclude_labels, "--exclude-labels")

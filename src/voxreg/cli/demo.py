@@ -10,15 +10,19 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from voxreg import api, io, metrics, spatial, synthetic
+from voxreg.io import templates
+from voxreg import io, metrics
+from voxreg.registration import pipeline as api
+from voxreg.core import grid, spatial
+from voxreg.core import synthetic
 
 
 def write_demo_inputs(folder: Path, resolution_mm: int, max_displacement: float,
                       seed: int = 0) -> tuple[dict[str, Path], torch.Tensor, np.ndarray]:
     """Write fixed/moving scans and tissue label maps of a synthetic MNI152 pair into
     ``folder``; returns their paths, the true field and the brain mask of the fixed grid."""
-    template = synthetic.mni152_template(resolution_mm)
-    labels = synthetic.mni152_tissue_labels(resolution_mm)
+    template = templates.mni152_template(resolution_mm)
+    labels = templates.mni152_tissue_labels(resolution_mm)
     scaled = template.with_array(io.normalize_intensity(template.array))
     pair = synthetic.make_synthetic_pair(scaled, labels, max_displacement=max_displacement, seed=seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -34,7 +38,7 @@ def write_demo_inputs(folder: Path, resolution_mm: int, max_displacement: float,
 def run_demo(output: str | Path, device: str = "auto", max_displacement: float = 5.0,
              resolution_mm: int = 2, console: Console | None = None) -> dict:
     """Run the demo end to end; writes inputs and registration outputs under ``output``."""
-    from voxreg.cli import progress_bar
+    from voxreg.cli.progress import progress_bar
 
     console = console or Console(stderr=True)
     output = io.ensure_output_dir(output)
@@ -64,7 +68,7 @@ def total_displacement(result: api.RegistrationResult) -> torch.Tensor:
     if result.world_matrix is None:
         return field
     ndim = result.fixed.ndim
-    matrix = torch.as_tensor(io.voxel_matrix(result.fixed.affine, result.fixed.affine, ndim, result.world_matrix),
+    matrix = torch.as_tensor(grid.voxel_matrix(result.fixed.affine, result.fixed.affine, ndim, result.world_matrix),
                              dtype=torch.float32)
     points = spatial.identity_grid(result.fixed.shape) + field
     mapped = (matrix[:ndim, :ndim] @ points.reshape(ndim, -1) + matrix[:ndim, ndim:]).reshape(points.shape)

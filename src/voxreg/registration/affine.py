@@ -47,9 +47,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from voxreg import io, losses, runtime, spatial
-from voxreg.errors import VoxregError
-from voxreg.image import Image
+from voxreg import io, losses
+from voxreg.core import runtime
+from voxreg.core import spatial
+from voxreg.core.errors import VoxregError
+from voxreg.core.image import Image
 
 ProgressCallback = Callable[[int, int], None]
 MaskLike = Image | np.ndarray | None
@@ -146,7 +148,7 @@ class AffineResult:
 
 
 def _reduced_affine(affine: np.ndarray, ndim: int) -> np.ndarray:
-    """``(ndim+1, ndim+1)`` voxel -> world matrix (2D: the x-y plane, as io.voxel_matrix)."""
+    """``(ndim+1, ndim+1)`` voxel -> world matrix (2D: the x-y plane, as grid.voxel_matrix)."""
     keep = list(range(ndim)) + [3]
     return np.asarray(affine, dtype=np.float64)[np.ix_(keep, keep)]
 

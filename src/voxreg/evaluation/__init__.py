@@ -1,0 +1,1 @@
+"""Evaluation: pair lists, methods (voxreg engines, ANTs SyN), result store, reports, lambda tuning."""

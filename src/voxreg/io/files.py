@@ -1,0 +1,97 @@
+"""File helpers shared by every writer and reader: extensions, one-line error text,
+output folders and atomic writes (a temporary name in the target folder, renamed at the end).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+from voxreg.core.errors import VoxregError, one_line, short_reason
+
+PathLike = str | os.PathLike
+
+NIFTI_EXTS = (".nii.gz", ".nii")
+MGH_EXTS = (".mgz", ".mgh")
+ITK_EXTS = (".nrrd", ".nhdr", ".mha", ".mhd")
+NPZ_EXTS = (".npz",)
+DICOM_EXTS = (".dcm",)
+READABLE_EXTS = NIFTI_EXTS + MGH_EXTS + ITK_EXTS + NPZ_EXTS + DICOM_EXTS
+WRITABLE_EXTS = NIFTI_EXTS + MGH_EXTS + (".nrrd", ".mha") + NPZ_EXTS
+
+
+# --------------------------------------------------------------------------- helpers
+
+def extension(path: Path) -> str:
+    """Lower-case extension, with ``.nii.gz`` as one extension."""
+    name = path.name.lower()
+    for ext in READABLE_EXTS:
+        if name.endswith(ext):
+            return ext
+    return path.suffix.lower()
+
+
+def strip_extension(path: PathLike) -> str:
+    """File name without its (possibly double, e.g. ``.nii.gz``) extension."""
+    name = Path(path).name
+    return name[: len(name) - len(extension(Path(path)))]
+
+
+def file_error(path: PathLike, problem: str) -> VoxregError:
+    """A one-line VoxregError ``<path>: <problem>``."""
+    return VoxregError(one_line(f"{path}: {problem}", limit=500))
+
+
+# --------------------------------------------------------------------------- writing
+
+def ensure_output_dir(path: PathLike) -> Path:
+    """Create folder ``path`` (with parents) and check a file can be written there."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=path, prefix=".voxreg-write-test-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise VoxregError(f"output directory {path} is not writable ({reason})") from exc
+    return path
+
+
+def _temp_name(path: Path) -> Path:
+    """A hidden, unique name next to ``path`` with the same extension(s)."""
+    stem = path.name[: len(path.name) - len(extension(path))]
+    return path.with_name(f".{stem}.{secrets.token_hex(4)}.tmp{path.name[len(stem):]}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path`` (same extensions) to write to; rename
+    it to ``path`` on success, delete it when the block raises."""
+    path = Path(path)
+    ensure_output_dir(path.parent)
+    tmp = _temp_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp)`` inside :func:`atomic_path`; library errors become VoxregError."""
+    try:
+        with atomic_path(path) as tmp:
+            write(tmp)
+    except VoxregError:
+        raise
+    except Exception as exc:
+        raise file_error(path, f"cannot write ({short_reason(exc)})") from exc
+    return path
+
+

@@ -1,0 +1,213 @@
+"""Displacement fields (voxreg and ITK/ANTs formats) and ITK affine transform files.
+
+- voxreg format (:func:`save_field`): NIfTI of shape ``(*S, ndim)``, float32, the fixed
+  affine, intent ``vector`` named ``voxreg_vox``; values in voxels of the fixed grid.
+- ITK/ANTs format (:func:`save_itk_field`): NIfTI of shape ``(X, Y, Z, 1, 3)`` (2D:
+  ``(X, Y, 1, 1, 2)``), intent ``vector``, float32, vectors in LPS millimetres on the
+  fixed grid. ITK maps a fixed LPS point ``p`` to the moving point ``p + D(p)``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from voxreg.core.errors import VoxregError, short_reason
+from voxreg.core.image import Image
+from voxreg.io.files import NIFTI_EXTS, PathLike, atomic_write, extension, file_error
+from voxreg.io.images import FIELD_INTENT_NAME, NIFTI_INTENT_VECTOR, RAS_TO_LPS, check_finite, set_nifti_xform
+
+_ITK_AFFINE_NAME = re.compile(r"^(AffineTransform|MatrixOffsetTransformBase)_(double|float)_([23])_\3$")
+
+# --------------------------------------------------------------------------- fields
+
+def _field_array(field: np.ndarray | torch.Tensor, fixed: Image) -> np.ndarray:
+    """float32 ``(ndim, *S)`` numpy copy of a field, checked against the fixed grid."""
+    if isinstance(field, torch.Tensor):
+        field = field.detach().cpu().numpy()
+    field = np.asarray(field)
+    if field.ndim == fixed.ndim + 2 and field.shape[0] == 1:
+        field = field[0]
+    expected = (fixed.ndim, *fixed.shape)
+    if field.shape != expected:
+        raise VoxregError(f"displacement field of shape {field.shape} does not match the grid of "
+                          f"{fixed.name} (expected {expected})")
+    return field.astype(np.float32, copy=False)
+
+
+def _require_nifti(path: Path, what: str) -> None:
+    """Raise unless ``path`` has a NIfTI extension."""
+    if extension(path) not in NIFTI_EXTS:
+        raise file_error(path, f"{what} must be saved as .nii.gz or .nii")
+
+
+def save_field(path: PathLike, field: np.ndarray | torch.Tensor, fixed: Image) -> Path:
+    """Write a displacement ``field`` ``(ndim, *S)`` (voxels of ``fixed``'s grid) in voxreg
+    format: NIfTI ``(*S, ndim)`` float32, fixed affine, intent vector 'voxreg_vox'."""
+    path = Path(path)
+    _require_nifti(path, "a displacement field")
+    data = np.ascontiguousarray(np.moveaxis(_field_array(field, fixed), 0, -1))
+    img = nib.Nifti1Image(data, fixed.affine)
+    set_nifti_xform(img, fixed.affine)
+    img.header.set_intent("vector", (), name=FIELD_INTENT_NAME)
+    return atomic_write(path, lambda tmp: nib.save(img, tmp))
+
+
+def load_field(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read a voxreg-format field: ``(field (ndim, *S) float32 voxels, 4x4 affine)``."""
+    path = Path(path)
+    if not path.exists():
+        raise file_error(path, "file not found")
+    try:
+        img = nib.load(path)
+    except Exception as exc:
+        raise file_error(path, f"cannot read as NIfTI ({short_reason(exc)})") from exc
+    intent = img.header.get_intent() if isinstance(img, nib.Nifti1Image) else ("none", (), "")
+    if intent[0] != "vector" or intent[2] != FIELD_INTENT_NAME:
+        raise file_error(path, "not a voxreg displacement field (expected a NIfTI with intent "
+                          f"'vector' named '{FIELD_INTENT_NAME}'; ITK fields cannot be loaded here)")
+    try:
+        data = img.get_fdata(dtype=np.float32)
+    except Exception as exc:
+        raise file_error(path, f"cannot read the field data ({short_reason(exc)})") from exc
+    ndim = data.ndim - 1
+    if ndim not in (2, 3) or data.shape[-1] != ndim:
+        raise file_error(path, f"displacement field has shape {data.shape}; expected (*S, ndim)")
+    check_finite(data, path)
+    return np.ascontiguousarray(np.moveaxis(data, -1, 0)), np.asarray(img.affine, dtype=np.float64)
+
+
+def itk_field_supported(fixed: Image) -> bool:
+    """False for a 2D image whose plane is tilted out of world x-y (ITK's 2D displacement
+    field images cannot express that plane); True otherwise."""
+    if fixed.ndim != 2:
+        return True
+    in_plane = fixed.affine[:3, :2]
+    return bool(np.allclose(in_plane[2], 0.0, atol=1e-6 * np.abs(in_plane).max()))
+
+
+def field_to_itk_image(field: np.ndarray | torch.Tensor, fixed: Image) -> nib.Nifti1Image:
+    """ITK/ANTs displacement field NIfTI of a voxreg ``field`` on ``fixed``'s grid.
+
+    3D: shape ``(X, Y, Z, 1, 3)``; vectors ``D_LPS = RAS_TO_LPS[:3,:3] @ A[:3,:3] @ u``.
+    2D: shape ``(X, Y, 1, 1, 2)``, which ITK reads as a 2D field in the first two LPS
+    coordinates; only possible when the image plane is parallel to the x-y plane
+    (raises VoxregError otherwise). float32, intent vector (1007).
+    """
+    data = _field_array(field, fixed)
+    affine = fixed.affine
+    if fixed.ndim == 3:
+        linear = RAS_TO_LPS[:3, :3] @ affine[:3, :3]
+        vectors = np.einsum("ij,j...->...i", linear, data)[..., None, :]
+    else:
+        if not itk_field_supported(fixed):
+            raise VoxregError(f"{fixed.name}: ITK export of a 2D field needs an image plane parallel "
+                              "to the x-y plane; this 2D image is tilted out of it")
+        linear = (RAS_TO_LPS[:3, :3] @ affine[:3, :2])[:2]
+        vectors = np.einsum("ij,j...->...i", linear, data)[:, :, None, None, :]
+    img = nib.Nifti1Image(np.ascontiguousarray(vectors, dtype=np.float32), affine)
+    set_nifti_xform(img, affine)
+    img.header.set_intent("vector", ())
+    return img
+
+
+def save_itk_field(path: PathLike, field: np.ndarray | torch.Tensor, fixed: Image) -> Path:
+    """Atomically write :func:`field_to_itk_image` of ``field`` (for antsApplyTransforms /
+    SimpleITK ``DisplacementFieldTransform``)."""
+    path = Path(path)
+    _require_nifti(path, "an ITK displacement field")
+    img = field_to_itk_image(field, fixed)
+    return atomic_write(path, lambda tmp: nib.save(img, tmp))
+
+
+# --------------------------------------------------------------------------- ITK affine
+
+def write_itk_affine(path: PathLike, world_matrix_ras: np.ndarray) -> Path:
+    """Write a 4x4 RAS world matrix (fixed -> moving points) as an ITK affine transform
+    (text ``#Insight Transform File V1.0``; binary ITK MATLAB format for ``.mat``),
+    which maps fixed LPS points to moving LPS points."""
+    path = Path(path)
+    matrix = np.asarray(world_matrix_ras, dtype=np.float64)
+    if matrix.shape != (4, 4) or not np.allclose(matrix[3], [0, 0, 0, 1]):
+        raise VoxregError(f"{path}: world matrix must be a 4x4 affine with last row 0 0 0 1")
+    lps = RAS_TO_LPS @ matrix @ RAS_TO_LPS
+    if path.suffix.lower() == ".mat":
+        transform = sitk.AffineTransform(3)
+        transform.SetMatrix([float(v) for v in lps[:3, :3].ravel()])
+        transform.SetTranslation([float(v) for v in lps[:3, 3]])
+        return atomic_write(path, lambda tmp: sitk.WriteTransform(transform, str(tmp)))
+    params = " ".join(f"{v:.17g}" for v in [*lps[:3, :3].ravel(), *lps[:3, 3]])
+    text = ("#Insight Transform File V1.0\n#Transform 0\nTransform: AffineTransform_double_3_3\n"
+            f"Parameters: {params}\nFixedParameters: 0 0 0\n")
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def read_itk_affine(path: PathLike) -> np.ndarray:
+    """Read an ITK affine (text, or ANTs ``.mat``) as a 4x4 RAS matrix mapping fixed
+    world points to moving world points. Accepts AffineTransform /
+    MatrixOffsetTransformBase, double or float, 3D or 2D, with any center."""
+    path = Path(path)
+    if not path.exists():
+        raise file_error(path, "file not found")
+    if path.suffix.lower() == ".mat":
+        name, params, fixed = _read_itk_binary(path)
+    else:
+        name, params, fixed = _parse_itk_text(path)
+    return _itk_to_ras(name, params, fixed, path)
+
+
+def _read_itk_binary(path: Path) -> tuple[str, list[float], list[float]]:
+    """Transform name, parameters and fixed parameters of an ITK MATLAB ``.mat`` file."""
+    try:
+        transform = sitk.ReadTransform(str(path))
+    except Exception as exc:
+        raise file_error(path, f"cannot read as an ITK transform ({short_reason(exc)})") from exc
+    dim = transform.GetDimension()
+    return (f"{transform.GetName()}_double_{dim}_{dim}", list(transform.GetParameters()),
+            list(transform.GetFixedParameters()))
+
+
+def _parse_itk_text(path: Path) -> tuple[str, list[float], list[float]]:
+    """Transform name, parameters and fixed parameters of an ITK text transform file."""
+    try:
+        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise file_error(path, f"not an ITK transform text file ({short_reason(exc)})") from exc
+    if not lines or not lines[0].startswith("#Insight Transform File"):
+        raise file_error(path, "not an ITK transform file (missing '#Insight Transform File' header)")
+    fields: dict[str, list[str]] = {}
+    for line in lines[1:]:
+        key, sep, value = line.partition(":")
+        if sep and not key.startswith("#"):
+            fields.setdefault(key.strip(), []).append(value.strip())
+    names = fields.get("Transform", [])
+    if len(names) != 1:
+        raise file_error(path, f"holds {len(names)} transforms; expected exactly one affine transform")
+    try:
+        params = [float(v) for v in fields.get("Parameters", [""])[0].split()]
+        fixed = [float(v) for v in fields.get("FixedParameters", [""])[0].split()]
+    except ValueError as exc:
+        raise file_error(path, f"malformed transform parameters ({exc})") from exc
+    return names[0], params, fixed
+
+
+def _itk_to_ras(name: str, params: list[float], fixed: list[float], path: Path) -> np.ndarray:
+    """4x4 RAS world matrix of an ITK matrix-offset transform ``A (x - c) + t + c`` (LPS)."""
+    match = _ITK_AFFINE_NAME.match(name)
+    if match is None:
+        raise file_error(path, f"unsupported transform type '{name}'; expected AffineTransform_double_3_3")
+    dim = int(match.group(3))
+    if len(params) != dim * dim + dim or len(fixed) not in (0, dim):
+        raise file_error(path, f"{name} needs {dim * dim + dim} parameters and {dim} fixed parameters, "
+                          f"got {len(params)} and {len(fixed)}")
+    linear = np.reshape(params[: dim * dim], (dim, dim))
+    center = np.asarray(fixed if fixed else [0.0] * dim)
+    lps = np.eye(4)
+    lps[:dim, :dim] = linear
+    lps[:dim, 3] = np.asarray(params[dim * dim:]) + center - linear @ center
+    return RAS_TO_LPS @ lps @ RAS_TO_LPS

@@ -1,0 +1,2 @@
+"""Registration: affine (world space), instance optimisation, network inference and the
+pipeline (affine -> deformable -> warp) that returns transforms fast; metrics only on request."""

@@ -1,0 +1,1 @@
+"""Figures (matplotlib, Agg): registration overview, training curves, summaries."""
