@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from voxreg.io import tables as _labels
+from voxreg.io import labels as _labels
 from voxreg.core.errors import VoxregError
 from voxreg.io import atomic_path
 

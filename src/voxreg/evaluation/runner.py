@@ -605,7 +605,7 @@ def structure_table(structures: str) -> dict[int, str] | None:
     """Code -> name of the scored structures: None for ``"all"`` (FreeSurfer names), a
     :func:`voxreg.labels.preset` name, or the path of a label table file (FreeSurfer LUT or
     ``code,name`` CSV, e.g. TotalSegmentator's labels.csv)."""
-    from voxreg.io.tables import label_table, preset
+    from voxreg.io.labels import label_table, preset
 
     if structures.strip().lower() == "all":
         return None
@@ -724,7 +724,7 @@ def measure(data: PairData, output: MethodOutput, labels: Sequence[int],
             names: Mapping[int, str] | None = None) -> tuple[Row, list[Row]]:
     """The metric columns of one result row and its per-structure rows (without id/method);
     structure names from ``names`` (FreeSurfer names by default)."""
-    from voxreg.io.tables import label_name
+    from voxreg.io.labels import label_name
 
     reference = _before(data, labels)
     row: Row = dict(reference.row)
