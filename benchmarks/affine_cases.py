@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from voxreg import io, losses
+from voxreg.core.image import Image
 from voxreg.registration import pipeline as api
 from voxreg.registration.affine import affine_register
-from voxreg.core.image import Image
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain_mri"
 
@@ -49,8 +49,12 @@ def ants_affine(fixed_path: Path, moving_path: Path) -> tuple[np.ndarray, float]
 def ncc_case(name: str, fixed_path: Path, moving_path: Path, use_ants: bool) -> dict:
     fixed, moving = io.load_image(fixed_path), io.load_image(moving_path)
     result = affine_register(fixed, moving)
-    row = {"case": name, "ncc_before": ncc(fixed, moving, None),
-           "ncc_voxreg": ncc(fixed, moving, result.world_matrix), "seconds_voxreg": result.seconds}
+    row = {
+        "case": name,
+        "ncc_before": ncc(fixed, moving, None),
+        "ncc_voxreg": ncc(fixed, moving, result.world_matrix),
+        "seconds_voxreg": result.seconds,
+    }
     if use_ants:
         world, seconds = ants_affine(fixed_path, moving_path)
         row.update(ncc_ants=ncc(fixed, moving, world), seconds_ants=seconds)
@@ -82,8 +86,12 @@ def reoriented_case(path: Path, use_ants: bool) -> dict:
     moving, truth = oblique_copy(fixed)
     result = affine_register(fixed, moving)
     mean, worst = transform_error_mm(result.world_matrix, truth, fixed)
-    row = {"case": "Mindboggle-1 vs its flipped/permuted/oblique copy", "error_mm_mean_voxreg": mean,
-           "error_mm_max_voxreg": worst, "seconds_voxreg": result.seconds}
+    row = {
+        "case": "Mindboggle-1 vs its flipped/permuted/oblique copy",
+        "error_mm_mean_voxreg": mean,
+        "error_mm_max_voxreg": worst,
+        "seconds_voxreg": result.seconds,
+    }
     if use_ants:
         with tempfile.TemporaryDirectory() as tmp:
             moving_path = io.save_image(moving, Path(tmp) / "copy.nii.gz")
@@ -109,10 +117,15 @@ def main() -> None:
             use_ants = False
     d = args.data
     mindboggle = d / "mindboggle_oasis_trt20" / "OASIS-TRT-20-1" / "t1weighted_brain.nii.gz"
-    cases = [("C2FViT image_B -> image_A", d / "c2fvit_oasis_native" / "image_A.nii.gz",
-              d / "c2fvit_oasis_native" / "image_B.nii.gz"),
-             ("Colin27 -> MNI152", d / "templates_antspy" / "mni.nii.gz", d / "templates_antspy" / "ch2.nii.gz"),
-             ("Mindboggle-1 -> MNI152", d / "templates_antspy" / "mni.nii.gz", mindboggle)]
+    cases = [
+        (
+            "C2FViT image_B -> image_A",
+            d / "c2fvit_oasis_native" / "image_A.nii.gz",
+            d / "c2fvit_oasis_native" / "image_B.nii.gz",
+        ),
+        ("Colin27 -> MNI152", d / "templates_antspy" / "mni.nii.gz", d / "templates_antspy" / "ch2.nii.gz"),
+        ("Mindboggle-1 -> MNI152", d / "templates_antspy" / "mni.nii.gz", mindboggle),
+    ]
     for name, fixed, moving in cases:
         print(json.dumps(ncc_case(name, fixed, moving, use_ants)), flush=True)
     print(json.dumps(reoriented_case(mindboggle, use_ants)), flush=True)

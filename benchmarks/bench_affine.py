@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from voxreg import io, losses, metrics
-from voxreg.registration.affine import AffineConfig, affine_register
 from voxreg.core.image import Image
+from voxreg.registration.affine import AffineConfig, affine_register
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "brain_mri"
 EXCLUDED_LABELS = {0, 74}
@@ -39,14 +39,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init", default="moments", choices=["moments", "com", "identity"])
     p.add_argument("--scales", type=float, nargs="+", default=None, help="pyramid voxel sizes in mm")
     p.add_argument("--iterations", type=int, nargs="+", default=None, help="Adam steps per level")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads during registration (AffineConfig.threads; 0 = process default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads during registration (AffineConfig.threads; 0 = process default)",
+    )
     return p.parse_args(argv)
 
 
 def make_config(args: argparse.Namespace) -> AffineConfig:
-    kwargs = {"transform": args.transform, "similarity": args.similarity, "init": args.init,
-              "threads": args.threads}
+    kwargs = {"transform": args.transform, "similarity": args.similarity, "init": args.init, "threads": args.threads}
     if args.scales:
         kwargs["scales"] = tuple(args.scales)
     if args.iterations:
@@ -84,8 +87,10 @@ def run_c2fvit(args: argparse.Namespace, config: AffineConfig) -> None:
     load = time.perf_counter() - start
     result = affine_register(fixed, moving, config)
     before, after = ncc_pair(fixed, moving, None), ncc_pair(fixed, moving, result.world_matrix)
-    print(f"c2fvit B->A {fixed.shape}: {result.seconds:.2f} s (load {load:.2f} s), init {result.init}\n"
-          f"  global NCC {before[0]:.4f} -> {after[0]:.4f}   local NCC(9) {before[1]:.4f} -> {after[1]:.4f}")
+    print(
+        f"c2fvit B->A {fixed.shape}: {result.seconds:.2f} s (load {load:.2f} s), init {result.init}\n"
+        f"  global NCC {before[0]:.4f} -> {after[0]:.4f}   local NCC(9) {before[1]:.4f} -> {after[1]:.4f}"
+    )
 
 
 def run_mindboggle(args: argparse.Namespace, config: AffineConfig) -> None:
@@ -96,16 +101,19 @@ def run_mindboggle(args: argparse.Namespace, config: AffineConfig) -> None:
     fixed_dir, moving_dir = folder / "OASIS-TRT-20-1", folder / "OASIS-TRT-20-2"
     start = time.perf_counter()
     fixed, moving = (io.load_image(d / "t1weighted_brain.nii.gz") for d in (fixed_dir, moving_dir))
-    fixed_labels, moving_labels = (io.load_image(d / "labels_DKT31_CMA.nii.gz", label=True)
-                                   for d in (fixed_dir, moving_dir))
+    fixed_labels, moving_labels = (
+        io.load_image(d / "labels_DKT31_CMA.nii.gz", label=True) for d in (fixed_dir, moving_dir)
+    )
     load = time.perf_counter() - start
     result = affine_register(fixed, moving, config)
     before, after = ncc_pair(fixed, moving, None), ncc_pair(fixed, moving, result.world_matrix)
     dice_before = mean_dice(fixed_labels, moving_labels, None)
     dice_after = mean_dice(fixed_labels, moving_labels, result.world_matrix)
-    print(f"mindboggle 2->1 {fixed.shape}: {result.seconds:.2f} s (load {load:.2f} s), init {result.init}\n"
-          f"  mean Dice {dice_before:.4f} -> {dice_after:.4f} (ANTs affine: 0.41 in 37 s)\n"
-          f"  global NCC {before[0]:.4f} -> {after[0]:.4f}   local NCC(9) {before[1]:.4f} -> {after[1]:.4f}")
+    print(
+        f"mindboggle 2->1 {fixed.shape}: {result.seconds:.2f} s (load {load:.2f} s), init {result.init}\n"
+        f"  mean Dice {dice_before:.4f} -> {dice_after:.4f} (ANTs affine: 0.41 in 37 s)\n"
+        f"  global NCC {before[0]:.4f} -> {after[0]:.4f}   local NCC(9) {before[1]:.4f} -> {after[1]:.4f}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import torch
 
-from voxreg.io import templates
 from voxreg import io
+from voxreg.core import spatial, synthetic
+from voxreg.io import templates
 from voxreg.registration import pipeline as api
-from voxreg.core import spatial
-from voxreg.core import synthetic
 from voxreg.registration.instance import AlignConfig, align
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -48,8 +47,10 @@ def main() -> None:
     device = api.resolve_device(args.device)
     fixed, moving, source = load_pair(args.data, tuple(args.shape), device)
     config = AlignConfig(similarity=args.similarity)
-    print(f"{source} at {tuple(args.shape)} on {device} ({platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads), torch {torch.__version__}")
+    print(
+        f"{source} at {tuple(args.shape)} on {device} ({platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads), torch {torch.__version__}"
+    )
     total = 0.0
     for scale, iterations in zip(config.scales, config.iterations):
         level = AlignConfig(**{**config.__dict__, "scales": (scale,), "iterations": (iterations,)})
@@ -59,7 +60,9 @@ def main() -> None:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         total += seconds
-        print(f"  level 1/{scale}: {iterations:4d} steps  {seconds:7.2f} s  ({1000 * seconds / max(iterations, 1):.0f} ms/step)")
+        print(
+            f"  level 1/{scale}: {iterations:4d} steps  {seconds:7.2f} s  ({1000 * seconds / max(iterations, 1):.0f} ms/step)"
+        )
     print(f"  total {total:.2f} s for {config.total_iterations} steps ({config.similarity})")
 
 

@@ -41,8 +41,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=sorted(VARIANTS))
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = one per core)")
-    p.add_argument("--no-channels-last", action="store_true",
-                   help="keep 3D CPU convs in contiguous format (default: channels_last_3d)")
+    p.add_argument(
+        "--no-channels-last",
+        action="store_true",
+        help="keep 3D CPU convs in contiguous format (default: channels_last_3d)",
+    )
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the U-Net convs")
     p.add_argument("--no-mkldnn", action="store_true", help="disable torch.backends.mkldnn")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -81,9 +84,14 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict:
             cpu_times.append(time.process_time() - c0)
     assert warped.shape == moving.shape and field.shape[2:] == moving.shape[2:]
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    row = {"variant": variant, "ms_min": 1000 * min(times), "ms_mean": 1000 * sum(times) / len(times),
-           "cpu_ms_min": 1000 * min(cpu_times),
-           "peak_rss_mb": peak_rss_mb, "params": sum(p.numel() for p in model.parameters())}
+    row = {
+        "variant": variant,
+        "ms_min": 1000 * min(times),
+        "ms_mean": 1000 * sum(times) / len(times),
+        "cpu_ms_min": 1000 * min(cpu_times),
+        "peak_rss_mb": peak_rss_mb,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
     if device.type == "cuda":
         row["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return row
@@ -98,17 +106,25 @@ def run_isolated(argv: list[str], variant: str) -> dict:
 
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     device = pick_device(args.device)
-    print(f"shape {tuple(args.shape)}  device {device}  threads {args.threads or os.cpu_count()}  "
-          f"channels_last {not args.no_channels_last}  bf16 {args.bf16}  mkldnn {not args.no_mkldnn}  "
-          f"repeats {args.repeats}")
-    print(f"{'variant':<15}{'params':>9}{'ms/pair (min)':>15}{'ms/pair (mean)':>16}"
-          f"{'CPU ms (min)':>14}{'peak RSS MB':>13}")
+    print(
+        f"shape {tuple(args.shape)}  device {device}  threads {args.threads or os.cpu_count()}  "
+        f"channels_last {not args.no_channels_last}  bf16 {args.bf16}  mkldnn {not args.no_mkldnn}  "
+        f"repeats {args.repeats}"
+    )
+    print(
+        f"{'variant':<15}{'params':>9}{'ms/pair (min)':>15}{'ms/pair (mean)':>16}"
+        f"{'CPU ms (min)':>14}{'peak RSS MB':>13}"
+    )
     for r in rows:
         extra = f"{r['peak_cuda_mb']:>12.0f} (CUDA MB)" if "peak_cuda_mb" in r else ""
-        print(f"{r['variant']:<15}{r['params']:>9}{r['ms_min']:>15.0f}{r['ms_mean']:>16.0f}"
-              f"{r['cpu_ms_min']:>14.0f}{r['peak_rss_mb']:>13.0f}{extra}")
-    print("ms/pair: wall time of forward + warp under inference_mode; CPU ms: process CPU time "
-          "(all threads; on a busy shared machine wall time ~ CPU ms / threads at best)")
+        print(
+            f"{r['variant']:<15}{r['params']:>9}{r['ms_min']:>15.0f}{r['ms_mean']:>16.0f}"
+            f"{r['cpu_ms_min']:>14.0f}{r['peak_rss_mb']:>13.0f}{extra}"
+        )
+    print(
+        "ms/pair: wall time of forward + warp under inference_mode; CPU ms: process CPU time "
+        "(all threads; on a busy shared machine wall time ~ CPU ms / threads at best)"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

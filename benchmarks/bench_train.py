@@ -34,19 +34,28 @@ def run_one(shape: tuple[int, ...], options: dict, device: str, steps: int, amp:
     import torch
 
     from voxreg.core.runtime import configure_allocator
-    from voxreg.training.trainer import TrainConfig, _new_session, _Dist, _Objective, _train_step, TrainingSet
+    from voxreg.training import TrainConfig, TrainingSet
+    from voxreg.training.distributed import Dist
+    from voxreg.training.objective import Objective
+    from voxreg.training.trainer import _new_session, _train_step
 
     configure_allocator()
     dev = torch.device(device)
-    config = TrainConfig(network="vm2", half_res=options.get("half_res", False), device=device,
-                         grad_checkpoint=options.get("grad_checkpoint", False), amp=amp, lr=1e-4)
+    config = TrainConfig(
+        network="vm2",
+        half_res=options.get("half_res", False),
+        device=device,
+        grad_checkpoint=options.get("grad_checkpoint", False),
+        amp=amp,
+        lr=1e-4,
+    )
     gen = torch.Generator().manual_seed(0)
     base = torch.rand(1, 1, *[s // 8 for s in shape], generator=gen)
     images = torch.nn.functional.interpolate(base.repeat(2, 1, 1, 1, 1), size=shape, mode="trilinear")
     images[1] = images[1].roll(3, dims=1)
     data = TrainingSet(images)
-    session = _new_session(config, 3, dev, _Dist())
-    objective = _Objective(config, 0)
+    session = _new_session(config, 3, dev, Dist())
+    objective = Objective(config, 0)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     _train_step(session, config, data, objective, dev)
@@ -59,11 +68,17 @@ def run_one(shape: tuple[int, ...], options: dict, device: str, steps: int, amp:
         if dev.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"seconds_per_step": sorted(times)[len(times) // 2], "peak_memory_mb": peak,
-            "threads": torch.get_num_threads(), "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
-            platform.processor() or "cpu"}
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if dev.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    return {
+        "seconds_per_step": sorted(times)[len(times) // 2],
+        "peak_memory_mb": peak,
+        "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+    }
 
 
 def main() -> None:
@@ -85,8 +100,11 @@ def main() -> None:
             print(f"| {'x'.join(map(str, shape))} | {label} | failed: {out.stderr.strip().splitlines()[-1]} | | |")
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"| {'x'.join(map(str, shape))} | {label} | {r['seconds_per_step']:.2f} | "
-              f"{1 / r['seconds_per_step']:.3f} | {r['peak_memory_mb']:.0f} |", flush=True)
+        print(
+            f"| {'x'.join(map(str, shape))} | {label} | {r['seconds_per_step']:.2f} | "
+            f"{1 / r['seconds_per_step']:.3f} | {r['peak_memory_mb']:.0f} |",
+            flush=True,
+        )
     print(f"\n{args.device}, {r.get('threads')} threads, python {platform.python_version()}")
 
 

@@ -17,12 +17,42 @@ import numpy as np
 import torch
 
 from voxreg import io, metrics
-from voxreg.registration import pipeline as api
 from voxreg.core import synthetic
+from voxreg.registration import pipeline as api
 from voxreg.registration.instance import AlignConfig
 
-VOXELMORPH_EVAL_LABELS = [2, 3, 4, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 28, 31, 41, 42, 43,
-                          46, 47, 49, 50, 51, 52, 53, 54, 60, 63]
+VOXELMORPH_EVAL_LABELS = [
+    2,
+    3,
+    4,
+    7,
+    8,
+    10,
+    11,
+    12,
+    13,
+    14,
+    15,
+    16,
+    17,
+    18,
+    24,
+    28,
+    31,
+    41,
+    42,
+    43,
+    46,
+    47,
+    49,
+    50,
+    51,
+    52,
+    53,
+    54,
+    60,
+    63,
+]
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -41,8 +71,12 @@ def main() -> None:
     folder = args.data / "brain_mri" / "voxelmorph_test_scan"
     image = io.load_image(folder / "test_scan_vol.nii.gz")
     labels = io.load_image(folder / "test_scan_seg.nii.gz", label=True)
-    pair = synthetic.make_synthetic_pair(image.with_array(io.normalize_intensity(image.array)), labels,
-                                         max_displacement=args.max_displacement, seed=args.seed)
+    pair = synthetic.make_synthetic_pair(
+        image.with_array(io.normalize_intensity(image.array)),
+        labels,
+        max_displacement=args.max_displacement,
+        seed=args.seed,
+    )
     overrides = {"similarity": args.similarity}
     if args.lam is not None:
         overrides["lam"] = args.lam
@@ -50,15 +84,23 @@ def main() -> None:
         overrides.update(scales=tuple(args.scales), iterations=tuple(args.iterations))
     config = AlignConfig(**overrides)
     start = time.perf_counter()
-    result = api.register(pair.fixed, pair.moving, moving_labels={"aseg": pair.moving_labels},
-                          device=args.device, config=config, affine=False)
+    result = api.register(
+        pair.fixed,
+        pair.moving,
+        moving_labels={"aseg": pair.moving_labels},
+        device=args.device,
+        config=config,
+        affine=False,
+    )
     seconds = time.perf_counter() - start
     before = metrics.dice_per_label(pair.fixed_labels.array, pair.moving_labels.array, VOXELMORPH_EVAL_LABELS)
     after = metrics.dice_per_label(pair.fixed_labels.array, result.warped_labels["aseg"].array, VOXELMORPH_EVAL_LABELS)
     brain = torch.from_numpy(labels.array > 0)[None]
     report = {
         "pair": "voxelmorph_test_scan warped by a known smooth field (+ intensity change)",
-        "similarity": args.similarity, "lambda": config.lam, "device": result.metrics["device"],
+        "similarity": args.similarity,
+        "lambda": config.lam,
+        "device": result.metrics["device"],
         "max_true_displacement_voxels": float(pair.true_field.norm(dim=1).max()),
         "dice30_before": float(np.nanmean(list(before.values()))),
         "dice30_after": float(np.nanmean(list(after.values()))),

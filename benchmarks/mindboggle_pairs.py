@@ -41,14 +41,16 @@ def voxreg_pair(fixed: Path, moving: Path, fixed_labels: Path, moving_labels: Pa
     raw = api.warp_image(labels_moving, io.load_image(fixed))
     result = api.register(fixed, moving, moving_labels={"labels": labels_moving}, device="cpu")
     affine_only = api.warp_image(labels_moving, result.fixed, world_matrix=result.world_matrix)
-    return {"labels_in_both": len(labels_common - EXCLUDED),
-            "dice_before": mean_dice(labels_fixed, raw.array),
-            "dice_voxreg_affine": mean_dice(labels_fixed, affine_only.array),
-            "dice_voxreg_affine_deformable": mean_dice(labels_fixed, result.warped_labels["labels"].array),
-            "seconds_voxreg_affine": result.metrics["affine"]["seconds"],
-            "seconds_voxreg_deformable": result.metrics["registration_seconds"],
-            "folding_percent": result.metrics["folding_percent"],
-            "log_jacobian_std": result.metrics["log_jacobian_std"]}
+    return {
+        "labels_in_both": len(labels_common - EXCLUDED),
+        "dice_before": mean_dice(labels_fixed, raw.array),
+        "dice_voxreg_affine": mean_dice(labels_fixed, affine_only.array),
+        "dice_voxreg_affine_deformable": mean_dice(labels_fixed, result.warped_labels["labels"].array),
+        "seconds_voxreg_affine": result.metrics["affine"]["seconds"],
+        "seconds_voxreg_deformable": result.metrics["registration_seconds"],
+        "folding_percent": result.metrics["folding_percent"],
+        "log_jacobian_std": result.metrics["log_jacobian_std"],
+    }
 
 
 def ants_pair(fixed: Path, moving: Path, fixed_labels: Path, moving_labels: Path, syn: bool) -> dict:
@@ -57,8 +59,10 @@ def ants_pair(fixed: Path, moving: Path, fixed_labels: Path, moving_labels: Path
     f, m = ants.image_read(str(fixed)), ants.image_read(str(moving))
     labels_fixed = ants.image_read(str(fixed_labels)).numpy().astype(np.int32)
     labels_moving = ants.image_read(str(moving_labels))
-    out: dict = {"ants_version": ants.__version__,
-                 "ants_threads": os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "default")}
+    out: dict = {
+        "ants_version": ants.__version__,
+        "ants_threads": os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "default"),
+    }
     for kind in ["Affine"] + (["SyN"] if syn else []):
         start = time.perf_counter()
         reg = ants.registration(fixed=f, moving=m, type_of_transform=kind)
@@ -81,6 +85,7 @@ def main() -> None:
         raise SystemExit(f"Mindboggle data not found under {args.data}")
     try:
         import ants  # noqa: F401
+
         have_ants = not args.no_ants
     except ImportError:
         have_ants = False

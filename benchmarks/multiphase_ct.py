@@ -87,8 +87,9 @@ import csv
 import json
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -96,10 +97,10 @@ import torch
 from scipy import ndimage
 
 from voxreg import io, metrics
-from voxreg.registration import pipeline as api
 from voxreg.core import spatial
 from voxreg.core.image import Image
 from voxreg.core.synthetic import smooth_random_field
+from voxreg.registration import pipeline as api
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASET = Path("ct") / "totalsegmentator_example"
@@ -108,13 +109,31 @@ CT_FILE, SEG_FILE, LABELS_FILE = "example_ct_sm.nii.gz", "example_seg.nii.gz", "
 # Mean HU per organ and phase (see the module docstring for sources). "kidney" holds
 # (cortex, medulla). Organ names are TotalSegmentator v2 "total" class names.
 PHASE_HU: dict[str, dict[str, Any]] = {
-    "arterial": {"aorta": 320.0, "portal_vein_and_splenic_vein": 150.0, "inferior_vena_cava": 90.0,
-                 "liver": 75.0, "spleen": 125.0, "kidney": (190.0, 90.0)},
-    "portal_venous": {"aorta": 165.0, "portal_vein_and_splenic_vein": 190.0, "inferior_vena_cava": 150.0,
-                      "liver": 115.0, "spleen": 120.0, "kidney": (180.0, 165.0)},
+    "arterial": {
+        "aorta": 320.0,
+        "portal_vein_and_splenic_vein": 150.0,
+        "inferior_vena_cava": 90.0,
+        "liver": 75.0,
+        "spleen": 125.0,
+        "kidney": (190.0, 90.0),
+    },
+    "portal_venous": {
+        "aorta": 165.0,
+        "portal_vein_and_splenic_vein": 190.0,
+        "inferior_vena_cava": 150.0,
+        "liver": 115.0,
+        "spleen": 120.0,
+        "kidney": (180.0, 165.0),
+    },
     "native": {},  # the original unenhanced scan
-    "delayed": {"aorta": 115.0, "portal_vein_and_splenic_vein": 110.0, "inferior_vena_cava": 110.0,
-                "liver": 85.0, "spleen": 90.0, "kidney": (140.0, 150.0)},
+    "delayed": {
+        "aorta": 115.0,
+        "portal_vein_and_splenic_vein": 110.0,
+        "inferior_vena_cava": 110.0,
+        "liver": 85.0,
+        "spleen": 90.0,
+        "kidney": (140.0, 150.0),
+    },
 }
 # Amplitude (HU) of the smooth heterogeneous enhancement pattern added inside an organ.
 HETEROGENEITY_HU = {"arterial": {"spleen": 35.0}}
@@ -122,8 +141,20 @@ KIDNEYS = ("kidney_left", "kidney_right")
 # Labels scored by Dice (name -> shown as).
 DICE_ORGANS = {"liver": "liver", "spleen": "spleen", "kidney_left": "kidney L", "kidney_right": "kidney R"}
 # Organs whose smoothed mask weights the breathing motion (abdominal viscera).
-VISCERA = ("liver", "spleen", "kidney_left", "kidney_right", "stomach", "gallbladder", "pancreas",
-           "colon", "duodenum", "small_bowel", "portal_vein_and_splenic_vein", "inferior_vena_cava")
+VISCERA = (
+    "liver",
+    "spleen",
+    "kidney_left",
+    "kidney_right",
+    "stomach",
+    "gallbladder",
+    "pancreas",
+    "colon",
+    "duodenum",
+    "small_bowel",
+    "portal_vein_and_splenic_vein",
+    "inferior_vena_cava",
+)
 
 
 # --------------------------------------------------------------------------- data
@@ -134,8 +165,10 @@ def find_dataset(data: Path) -> Path:
     for folder in (data, data / DATASET):
         if (folder / CT_FILE).is_file() and (folder / SEG_FILE).is_file() and (folder / LABELS_FILE).is_file():
             return folder
-    raise SystemExit(f"data not found: expected {data / DATASET / CT_FILE} (+ {SEG_FILE}, {LABELS_FILE}); "
-                     "pass --data PATH to the shared data folder or to totalsegmentator_example")
+    raise SystemExit(
+        f"data not found: expected {data / DATASET / CT_FILE} (+ {SEG_FILE}, {LABELS_FILE}); "
+        "pass --data PATH to the shared data folder or to totalsegmentator_example"
+    )
 
 
 def read_label_codes(path: Path) -> dict[str, int]:
@@ -164,9 +197,17 @@ def smooth_pattern(shape: Sequence[int], sigma_vox: float, seed: int) -> np.ndar
     return (noise / max(np.abs(noise).max(), 1e-12)).astype(np.float32)
 
 
-def simulate_phase(ct: np.ndarray, seg: np.ndarray, codes: Mapping[str, int], phase_hu: Mapping[str, Any],
-                   spacing: Sequence[float] = (3.0, 3.0, 3.0), texture: float = 1.0, cortex_mm: float = 6.0,
-                   heterogeneity: Mapping[str, float] | None = None, seed: int = 0) -> np.ndarray:
+def simulate_phase(
+    ct: np.ndarray,
+    seg: np.ndarray,
+    codes: Mapping[str, int],
+    phase_hu: Mapping[str, Any],
+    spacing: Sequence[float] = (3.0, 3.0, 3.0),
+    texture: float = 1.0,
+    cortex_mm: float = 6.0,
+    heterogeneity: Mapping[str, float] | None = None,
+    seed: int = 0,
+) -> np.ndarray:
     """One contrast phase of an unenhanced CT (no noise; float32 HU).
 
     Each organ ``name`` of ``phase_hu`` present in ``seg`` (codes from ``codes``) gets
@@ -222,9 +263,16 @@ def anatomical_axes(affine: np.ndarray) -> dict[str, tuple[int, int]]:
     return out
 
 
-def breathing_field(shape: Sequence[int], affine: np.ndarray, weight: np.ndarray | None = None,
-                    si_mm: float = 10.0, ap_mm: float = 3.0, random_mm: float = 3.0,
-                    floor: float = 0.3, seed: int = 0) -> torch.Tensor:
+def breathing_field(
+    shape: Sequence[int],
+    affine: np.ndarray,
+    weight: np.ndarray | None = None,
+    si_mm: float = 10.0,
+    ap_mm: float = 3.0,
+    random_mm: float = 3.0,
+    floor: float = 0.3,
+    seed: int = 0,
+) -> torch.Tensor:
     """A smooth breathing-like displacement ``(1, 3, *shape)`` in voxels (voxreg layout).
 
     Used as ``moving = warp(fixed, field)`` (``moving(x) = fixed(x + u(x))``) it shifts the
@@ -283,8 +331,11 @@ def build_dataset(folder: Path, out: Path, args: argparse.Namespace) -> dict[str
     if seg.shape != ct.shape or not np.allclose(seg_img.affine, affine, atol=1e-3):
         raise SystemExit(f"{folder}: {SEG_FILE} is not on the grid of {CT_FILE}")
     codes = read_label_codes(folder / LABELS_FILE)
-    missing = [n for n in ("aorta", "portal_vein_and_splenic_vein", "liver", "spleen", *KIDNEYS)
-               if n not in codes or not (seg == codes[n]).any()]
+    missing = [
+        n
+        for n in ("aorta", "portal_vein_and_splenic_vein", "liver", "spleen", *KIDNEYS)
+        if n not in codes or not (seg == codes[n]).any()
+    ]
     if missing:
         raise SystemExit(f"{folder}: organs missing from the label map: {', '.join(missing)}")
     spacing = voxel_sizes(affine)
@@ -292,13 +343,18 @@ def build_dataset(folder: Path, out: Path, args: argparse.Namespace) -> dict[str
     weight = ndimage.gaussian_filter(viscera, 15.0 / spacing)  # ~15 mm smoothing
     weight /= max(float(weight.max()), 1e-12)
 
-    phases = {name: simulate_phase(ct, seg, codes, hu, spacing, args.texture, args.cortex_mm,
-                                   HETEROGENEITY_HU.get(name), seed=args.seed)
-              for name, hu in PHASE_HU.items()}
+    phases = {
+        name: simulate_phase(
+            ct, seg, codes, hu, spacing, args.texture, args.cortex_mm, HETEROGENEITY_HU.get(name), seed=args.seed
+        )
+        for name, hu in PHASE_HU.items()
+    }
     # (name, phase, deformation seed or None, noise seed)
-    volumes = [("portal_venous", "portal_venous", None, args.seed + 10),
-               ("arterial", "arterial", args.seed + 1, args.seed + 11),
-               ("delayed", "delayed", args.seed + 2, args.seed + 12)]
+    volumes = [
+        ("portal_venous", "portal_venous", None, args.seed + 10),
+        ("arterial", "arterial", args.seed + 1, args.seed + 11),
+        ("delayed", "delayed", args.seed + 2, args.seed + 12),
+    ]
     if args.control:
         volumes.append(("portal_venous_control", "portal_venous", args.seed + 1, args.seed + 13))
     if args.native:
@@ -310,18 +366,24 @@ def build_dataset(folder: Path, out: Path, args: argparse.Namespace) -> dict[str
         image, labels = phases[phase], seg
         if deform_seed is not None:
             scale = 1.0 if phase != "delayed" else 0.8  # another breath-hold, a bit less deep
-            field = breathing_field(ct.shape, affine, weight, args.si_mm * scale, args.ap_mm * scale,
-                                    args.random_mm, seed=deform_seed)
+            field = breathing_field(
+                ct.shape, affine, weight, args.si_mm * scale, args.ap_mm * scale, args.random_mm, seed=deform_seed
+            )
             image, labels = warp_array(image, field), warp_array(seg, field, nearest=True)
             mm = field[0].numpy() * spacing.reshape(3, 1, 1, 1)
             stats = metrics.jacobian_stats(field)
-            deformations[name] = {"max_mm": float(np.linalg.norm(mm, axis=0).max()),
-                                  "mean_mm_in_liver": float(np.linalg.norm(mm, axis=0)[seg == codes["liver"]].mean()),
-                                  "folding_percent": stats["folding_percent"],
-                                  "jacobian_min": stats["jacobian_min"], "jacobian_max": stats["jacobian_max"]}
+            deformations[name] = {
+                "max_mm": float(np.linalg.norm(mm, axis=0).max()),
+                "mean_mm_in_liver": float(np.linalg.norm(mm, axis=0)[seg == codes["liver"]].mean()),
+                "folding_percent": stats["folding_percent"],
+                "jacobian_min": stats["jacobian_min"],
+                "jacobian_max": stats["jacobian_max"],
+            }
         image = add_noise(image, args.noise, noise_seed)
-        files[name] = {"image": save_nifti(out / f"{name}.nii.gz", image, affine, np.int16),
-                       "labels": save_nifti(out / f"{name}_labels.nii.gz", labels, affine, np.int16)}
+        files[name] = {
+            "image": save_nifti(out / f"{name}.nii.gz", image, affine, np.int16),
+            "labels": save_nifti(out / f"{name}_labels.nii.gz", labels, affine, np.int16),
+        }
     pairs = [("arterial", "portal_venous"), ("delayed", "portal_venous")]
     if args.native:
         pairs.append(("native", "portal_venous"))
@@ -331,13 +393,29 @@ def build_dataset(folder: Path, out: Path, args: argparse.Namespace) -> dict[str
         writer = csv.writer(handle)
         writer.writerow(["fixed", "moving", "fixed_labels", "moving_labels"])
         for moving, fixed in pairs:
-            writer.writerow([files[fixed]["image"].resolve(), files[moving]["image"].resolve(),
-                             files[fixed]["labels"].resolve(), files[moving]["labels"].resolve()])
-    organ_hu = {phase: {organ: float(np.median(phases[phase][seg == codes[organ]]))
-                        for organ in ("aorta", "portal_vein_and_splenic_vein", "liver", "spleen", *KIDNEYS)}
-                for phase in phases}
-    return {"files": files, "pairs": pairs, "codes": codes, "deformations": deformations,
-            "organ_median_hu": organ_hu, "affine": affine}
+            writer.writerow(
+                [
+                    files[fixed]["image"].resolve(),
+                    files[moving]["image"].resolve(),
+                    files[fixed]["labels"].resolve(),
+                    files[moving]["labels"].resolve(),
+                ]
+            )
+    organ_hu = {
+        phase: {
+            organ: float(np.median(phases[phase][seg == codes[organ]]))
+            for organ in ("aorta", "portal_vein_and_splenic_vein", "liver", "spleen", *KIDNEYS)
+        }
+        for phase in phases
+    }
+    return {
+        "files": files,
+        "pairs": pairs,
+        "codes": codes,
+        "deformations": deformations,
+        "organ_median_hu": organ_hu,
+        "affine": affine,
+    }
 
 
 # --------------------------------------------------------------------------- registration
@@ -347,9 +425,17 @@ def windowed(image: Image, window: Sequence[float]) -> Image:
     return image.with_array(np.clip(image.array, window[0], window[1]).astype(np.float32))
 
 
-def evaluate(fixed: Image, fixed_labels: np.ndarray, moving: Image, warped: np.ndarray, warped_labels: np.ndarray,
-             moving_labels: np.ndarray, field: torch.Tensor, dice_codes: Mapping[str, int],
-             window: Sequence[float]) -> dict[str, Any]:
+def evaluate(
+    fixed: Image,
+    fixed_labels: np.ndarray,
+    moving: Image,
+    warped: np.ndarray,
+    warped_labels: np.ndarray,
+    moving_labels: np.ndarray,
+    field: torch.Tensor,
+    dice_codes: Mapping[str, int],
+    window: Sequence[float],
+) -> dict[str, Any]:
     """Dice per organ before/after, MI and local NCC before/after on window-scaled HU, folding."""
     scale = lambda a: io.normalize_intensity(a, window=tuple(window))  # noqa: E731
     f, m, w = scale(fixed.array), scale(moving.array), scale(warped)
@@ -363,15 +449,19 @@ def evaluate(fixed: Image, fixed_labels: np.ndarray, moving: Image, warped: np.n
         "dice_after": {n: dice_after[c] for n, c in dice_codes.items()},
         "dice_mean_before": float(np.mean([dice_before[dice_codes[n]] for n in names])),
         "dice_mean_after": float(np.mean([dice_after[dice_codes[n]] for n in names])),
-        "mi_before": before["mi"], "mi_after": after["mi"],
-        "local_ncc_before": before["local_ncc"], "local_ncc_after": after["local_ncc"],
-        "ncc_before": before["ncc"], "ncc_after": after["ncc"],
+        "mi_before": before["mi"],
+        "mi_after": after["mi"],
+        "local_ncc_before": before["local_ncc"],
+        "local_ncc_after": after["local_ncc"],
+        "ncc_before": before["ncc"],
+        "ncc_after": after["ncc"],
         **metrics.jacobian_stats(field),
     }
 
 
-def run_method(pair: tuple[str, str], method: str, mode: str, data: Mapping[str, Any],
-               args: argparse.Namespace) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+def run_method(
+    pair: tuple[str, str], method: str, mode: str, data: Mapping[str, Any], args: argparse.Namespace
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """One registration; returns the evaluation row, the warped HU image and warped labels."""
     moving_name, fixed_name = pair
     files = data["files"]
@@ -379,23 +469,49 @@ def run_method(pair: tuple[str, str], method: str, mode: str, data: Mapping[str,
     moving_img = io.load_image(files[moving_name]["image"])
     fixed_labels = io.load_image(files[fixed_name]["labels"], label=True)
     moving_labels = io.load_image(files[moving_name]["labels"], label=True)
-    fixed_in, moving_in = ((windowed(fixed_img, args.window), windowed(moving_img, args.window))
-                           if mode == "window" else (fixed_img, moving_img))
+    fixed_in, moving_in = (
+        (windowed(fixed_img, args.window), windowed(moving_img, args.window))
+        if mode == "window"
+        else (fixed_img, moving_img)
+    )
     kwargs: dict[str, Any] = {"affine_only": True} if method == "affine" else {"similarity": method}
     start = time.perf_counter()
-    result = api.register(fixed_in, moving_in, moving_labels={"labels": moving_labels}, fixed_labels=fixed_labels,
-                          device=args.device, **kwargs)
+    result = api.register(
+        fixed_in,
+        moving_in,
+        moving_labels={"labels": moving_labels},
+        fixed_labels=fixed_labels,
+        device=args.device,
+        **kwargs,
+    )
     seconds = time.perf_counter() - start
     # the HU moving scan through the returned transform (identical to result.warped in 'percentile' mode)
     warped = api.warp_image(moving_img, fixed_img, result.field, result.world_matrix).array
     warped_labels = result.warped_labels["labels"].array
     dice_codes = {n: data["codes"][n] for n in DICE_ORGANS}
-    row = evaluate(fixed_img, fixed_labels.array, moving_img, warped, warped_labels, moving_labels.array,
-                   result.field, dice_codes, args.window)
-    row.update({"moving": moving_name, "fixed": fixed_name, "method": method, "intensity": mode,
-                "seconds": seconds, "registration_seconds": result.metrics["registration_seconds"],
-                "api_dice_mean_after": result.metrics.get("dice_mean_after"),
-                "api_similarity": result.metrics.get("similarity")})
+    row = evaluate(
+        fixed_img,
+        fixed_labels.array,
+        moving_img,
+        warped,
+        warped_labels,
+        moving_labels.array,
+        result.field,
+        dice_codes,
+        args.window,
+    )
+    row.update(
+        {
+            "moving": moving_name,
+            "fixed": fixed_name,
+            "method": method,
+            "intensity": mode,
+            "seconds": seconds,
+            "registration_seconds": result.metrics["registration_seconds"],
+            "api_dice_mean_after": result.metrics.get("dice_mean_after"),
+            "api_similarity": result.metrics.get("similarity"),
+        }
+    )
     return row, warped, warped_labels
 
 
@@ -403,24 +519,57 @@ def run_method(pair: tuple[str, str], method: str, mode: str, data: Mapping[str,
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    head = ["pair (moving -> fixed)", "method", "intensity", *[f"Dice {v}" for v in DICE_ORGANS.values()],
-            "Dice mean", "MI before -> after", "lNCC before -> after", "fold %", "s"]
+    head = [
+        "pair (moving -> fixed)",
+        "method",
+        "intensity",
+        *[f"Dice {v}" for v in DICE_ORGANS.values()],
+        "Dice mean",
+        "MI before -> after",
+        "lNCC before -> after",
+        "fold %",
+        "s",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     shown_before: set[str] = set()
     for r in rows:
         pair = f"{r['moving']} -> {r['fixed']}"
         if pair not in shown_before:  # one 'before' row per pair
             shown_before.add(pair)
-            lines.append("| " + " | ".join([pair, "none (before)", "-",
-                                            *[f"{r['dice_before'][n]:.3f}" for n in DICE_ORGANS],
-                                            f"{r['dice_mean_before']:.3f}", f"{r['mi_before']:.3f}",
-                                            f"{r['local_ncc_before']:.3f}", "-", "-"]) + " |")
-        lines.append("| " + " | ".join([pair, r["method"], r["intensity"],
-                                        *[f"{r['dice_after'][n]:.3f}" for n in DICE_ORGANS],
-                                        f"**{r['dice_mean_after']:.3f}**",
-                                        f"{r['mi_before']:.3f} -> {r['mi_after']:.3f}",
-                                        f"{r['local_ncc_before']:.3f} -> {r['local_ncc_after']:.3f}",
-                                        f"{r['folding_percent']:.3f}", f"{r['seconds']:.1f}"]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        pair,
+                        "none (before)",
+                        "-",
+                        *[f"{r['dice_before'][n]:.3f}" for n in DICE_ORGANS],
+                        f"{r['dice_mean_before']:.3f}",
+                        f"{r['mi_before']:.3f}",
+                        f"{r['local_ncc_before']:.3f}",
+                        "-",
+                        "-",
+                    ]
+                )
+                + " |"
+            )
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    pair,
+                    r["method"],
+                    r["intensity"],
+                    *[f"{r['dice_after'][n]:.3f}" for n in DICE_ORGANS],
+                    f"**{r['dice_mean_after']:.3f}**",
+                    f"{r['mi_before']:.3f} -> {r['mi_after']:.3f}",
+                    f"{r['local_ncc_before']:.3f} -> {r['local_ncc_after']:.3f}",
+                    f"{r['folding_percent']:.3f}",
+                    f"{r['seconds']:.1f}",
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -435,12 +584,18 @@ def coronal(array: np.ndarray, affine: np.ndarray, index: int) -> np.ndarray:
     return to_ras(array, affine)[:, index, :].T[::-1, ::-1]
 
 
-def write_figure(path: Path, data: Mapping[str, Any], shown: Mapping[tuple[str, str], Mapping[str, Any]],
-                 mode: str, display: Sequence[float] = (-120.0, 280.0)) -> Path:
+def write_figure(
+    path: Path,
+    data: Mapping[str, Any],
+    shown: Mapping[tuple[str, str], Mapping[str, Any]],
+    mode: str,
+    display: Sequence[float] = (-120.0, 280.0),
+) -> Path:
     """Columns = pairs; rows = fixed, moving, warped by affine / NCC / MI (coronal slice through
     the liver's centre, cropped to the body); liver contours: fixed green on every panel,
     moving or warped red."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -457,9 +612,10 @@ def write_figure(path: Path, data: Mapping[str, Any], shown: Mapping[tuple[str, 
     crop = slice(max(int(body.min()) - 2, 0), min(int(body.max()) + 3, fixed_cor.shape[1]))
     pairs = list(dict.fromkeys(p for p, _ in shown))
     rows = ["fixed", "moving", "affine", "ncc", "mi"]
-    width = (crop.stop - crop.start) / fixed_cor.shape[0] * aspect ** -1
-    fig, axes = plt.subplots(len(rows), len(pairs), figsize=(5.5 * len(pairs), len(rows) * 5.5 / width + 0.8),
-                             squeeze=False)
+    width = (crop.stop - crop.start) / fixed_cor.shape[0] * aspect**-1
+    fig, axes = plt.subplots(
+        len(rows), len(pairs), figsize=(5.5 * len(pairs), len(rows) * 5.5 / width + 0.8), squeeze=False
+    )
     for col, pair in enumerate(pairs):
         moving_name = pair[0]
         for row, name in enumerate(rows):
@@ -479,16 +635,20 @@ def write_figure(path: Path, data: Mapping[str, Any], shown: Mapping[tuple[str, 
                 img = coronal(entry["warped"], affine, index)
                 lab = coronal(entry["warped_labels"] == liver, affine, index)
                 title = f"warped, {name} ({mode}): liver Dice {entry['row']['dice_after']['liver']:.3f}"
-            ax.imshow(img[:, crop], cmap="gray", vmin=display[0], vmax=display[1], aspect=aspect,
-                      interpolation="nearest")
+            ax.imshow(
+                img[:, crop], cmap="gray", vmin=display[0], vmax=display[1], aspect=aspect, interpolation="nearest"
+            )
             ax.contour(fixed_liver[:, crop], levels=[0.5], colors="lime", linewidths=0.9)
             if lab is not None:
                 ax.contour(lab[:, crop], levels=[0.5], colors="red", linewidths=0.9)
             ax.set_title(title, fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle(f"coronal slice (RAS A-P index {index}), superior up, patient right on the left, "
-                 f"HU {display[0]:.0f}..{display[1]:.0f}; liver: fixed green, moving/warped red", fontsize=10)
+    fig.suptitle(
+        f"coronal slice (RAS A-P index {index}), superior up, patient right on the left, "
+        f"HU {display[0]:.0f}..{display[1]:.0f}; liver: fixed green, moving/warped red",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -499,10 +659,15 @@ def write_figure(path: Path, data: Mapping[str, Any], shown: Mapping[tuple[str, 
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                        help="shared data folder (containing ct/totalsegmentator_example) or that folder itself")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=DEFAULT_DATA,
+        help="shared data folder (containing ct/totalsegmentator_example) or that folder itself",
+    )
     parser.add_argument("--out", type=Path, default=Path("/tmp/multiphase_ct"))
     parser.add_argument("--si-mm", type=float, default=10.0, help="max cranial shift at the liver dome (mm)")
     parser.add_argument("--ap-mm", type=float, default=3.0, help="max anterior-posterior shift (mm)")
@@ -510,14 +675,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--noise", type=float, default=12.0, help="Gaussian noise sigma (HU)")
     parser.add_argument("--texture", type=float, default=1.0, help="factor on the organs' own texture")
     parser.add_argument("--cortex-mm", type=float, default=6.0, help="renal cortex thickness (mm)")
-    parser.add_argument("--window", type=float, nargs=2, default=(-200.0, 300.0), metavar=("LO", "HI"),
-                        help="HU window: for the 'window' intensity mode and for all MI/NCC numbers")
-    parser.add_argument("--modes", nargs="+", choices=("percentile", "window"), default=["percentile"],
-                        help="intensity handling: percentile (the API's default) and/or window (HU clipped first)")
+    parser.add_argument(
+        "--window",
+        type=float,
+        nargs=2,
+        default=(-200.0, 300.0),
+        metavar=("LO", "HI"),
+        help="HU window: for the 'window' intensity mode and for all MI/NCC numbers",
+    )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=("percentile", "window"),
+        default=["percentile"],
+        help="intensity handling: percentile (the API's default) and/or window (HU clipped first)",
+    )
     parser.add_argument("--methods", nargs="+", choices=("affine", "ncc", "mi"), default=["affine", "ncc", "mi"])
     parser.add_argument("--native", action="store_true", help="add the native (unenhanced) -> portal venous pair")
-    parser.add_argument("--no-control", dest="control", action="store_false",
-                        help="skip the same-phase control pair")
+    parser.add_argument("--no-control", dest="control", action="store_false", help="skip the same-phase control pair")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
@@ -532,10 +707,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     total = time.perf_counter()
     data = build_dataset(folder, args.out, args)
     print(f"simulated phases written to {args.out} (pairs.csv lists the pairs)", flush=True)
-    print("organ median HU per phase (before noise): " + json.dumps(
-        {p: {o: round(v) for o, v in d.items()} for p, d in data["organ_median_hu"].items()}), flush=True)
-    print("deformations: " + json.dumps({k: {a: round(b, 3) for a, b in v.items()}
-                                         for k, v in data["deformations"].items()}), flush=True)
+    print(
+        "organ median HU per phase (before noise): "
+        + json.dumps({p: {o: round(v) for o, v in d.items()} for p, d in data["organ_median_hu"].items()}),
+        flush=True,
+    )
+    print(
+        "deformations: "
+        + json.dumps({k: {a: round(b, 3) for a, b in v.items()} for k, v in data["deformations"].items()}),
+        flush=True,
+    )
     rows, shown = [], {}
     figure_mode = "window" if "window" in args.modes else args.modes[0]
     for pair in data["pairs"]:
@@ -545,16 +726,25 @@ def main(argv: Sequence[str] | None = None) -> None:
                 rows.append(row)
                 if mode == figure_mode:
                     shown[(pair, method)] = {"row": row, "warped": warped, "warped_labels": warped_labels}
-                print(f"  {pair[0]} -> {pair[1]} {method:6s} {mode:10s} Dice mean {row['dice_mean_before']:.3f} -> "
-                      f"{row['dice_mean_after']:.3f}  MI {row['mi_before']:.3f} -> {row['mi_after']:.3f}  "
-                      f"{row['seconds']:.1f} s", flush=True)
+                print(
+                    f"  {pair[0]} -> {pair[1]} {method:6s} {mode:10s} Dice mean {row['dice_mean_before']:.3f} -> "
+                    f"{row['dice_mean_after']:.3f}  MI {row['mi_before']:.3f} -> {row['mi_after']:.3f}  "
+                    f"{row['seconds']:.1f} s",
+                    flush=True,
+                )
     table = markdown_table(rows)
     print("\n" + table + "\n")
     figure = write_figure(args.out / "figure.png", data, shown, figure_mode)
-    payload = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-               "phase_hu": PHASE_HU, "organ_median_hu": data["organ_median_hu"],
-               "deformations": data["deformations"], "rows": rows, "table": table,
-               "total_seconds": time.perf_counter() - total, "torch_threads": torch.get_num_threads()}
+    payload = {
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "phase_hu": PHASE_HU,
+        "organ_median_hu": data["organ_median_hu"],
+        "deformations": data["deformations"],
+        "rows": rows,
+        "table": table,
+        "total_seconds": time.perf_counter() - total,
+        "torch_threads": torch.get_num_threads(),
+    }
     (args.out / "results.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     print(f"results: {args.out / 'results.json'}\nfigure: {figure}\ntotal {payload['total_seconds']:.0f} s")
 

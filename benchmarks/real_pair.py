@@ -31,8 +31,13 @@ def itk_max_difference(outputs: dict[str, Path], moving_path: Path, fixed_path: 
     moving = io.load_image(moving_path)
     field = sitk.ReadImage(str(outputs["field_itk"]))
     transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
-    by_itk = sitk.Resample(io.array_to_sitk(moving.array, moving.affine),
-                           io.array_to_sitk(fixed.array, fixed.affine), transform, sitk.sitkLinear, 0.0)
+    by_itk = sitk.Resample(
+        io.array_to_sitk(moving.array, moving.affine),
+        io.array_to_sitk(fixed.array, fixed.affine),
+        transform,
+        sitk.sitkLinear,
+        0.0,
+    )
     warped = nib.load(outputs["warped"]).get_fdata(dtype=np.float32)
     return float(np.abs(io.sitk_to_array(by_itk)[0] - warped).max())
 
@@ -54,12 +59,16 @@ def main() -> None:
         out = args.out / similarity if args.out else Path(tempfile.mkdtemp(prefix=f"voxreg_{similarity}_"))
         outputs = result.save(out)
         values = result.metrics
-        report = {"similarity": similarity, "device": values["device"],
-                  **{k: round(v, 4) for k, v in values["similarity"].items()},
-                  "folding_percent": values["folding_percent"], "log_jacobian_std": values["log_jacobian_std"],
-                  "registration_seconds": round(values["registration_seconds"], 1),
-                  "itk_vs_voxreg_max_abs_difference": itk_max_difference(outputs, moving, fixed),
-                  "outputs": str(out)}
+        report = {
+            "similarity": similarity,
+            "device": values["device"],
+            **{k: round(v, 4) for k, v in values["similarity"].items()},
+            "folding_percent": values["folding_percent"],
+            "log_jacobian_std": values["log_jacobian_std"],
+            "registration_seconds": round(values["registration_seconds"], 1),
+            "itk_vs_voxreg_max_abs_difference": itk_max_difference(outputs, moving, fixed),
+            "outputs": str(out),
+        }
         print(json.dumps(report, indent=2), flush=True)
 
 

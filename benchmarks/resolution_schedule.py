@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from voxreg.training.trainer import TrainConfig, TrainingInterrupted, TrainingSet, scan_list, train
+from voxreg.training import TrainConfig, TrainingInterrupted, TrainingSet, scan_list, train
 
 RUNS = {
     "full-res field": {"half_res": False},
@@ -35,9 +35,19 @@ RUNS = {
 def run(name: str, options: dict, data: TrainingSet, val: TrainingSet, out: Path, args) -> list[dict]:
     """Train one configuration until the time budget is spent; return its metrics rows."""
     schedule = [(0.5, args.coarse_steps)] if options.get("coarse") else []
-    config = TrainConfig(similarity="ncc", lam=1.0, network="vm2", half_res=options["half_res"], lr=1e-3,
-                         steps=10**6, validate_every=args.validate_every, checkpoint_every=10**6,
-                         schedule=schedule, device=args.device, seed=0)
+    config = TrainConfig(
+        similarity="ncc",
+        lam=1.0,
+        network="vm2",
+        half_res=options["half_res"],
+        lr=1e-3,
+        steps=10**6,
+        validate_every=args.validate_every,
+        checkpoint_every=10**6,
+        schedule=schedule,
+        device=args.device,
+        seed=0,
+    )
     budget = args.minutes * 60
 
     def stop_when_spent(step: int, row: dict) -> None:
@@ -77,19 +87,26 @@ def main() -> None:
     val_scans, val_labels = scan_list([args.val])
     val = TrainingSet.from_paths(val_scans, val_labels, shape=data.shape)
     histories = {name: run(name, opts, data, val, args.output, args) for name, opts in RUNS.items()}
-    curves = {name: [(r["seconds"], r["val_dice"], r["step"]) for r in rows if "val_dice" in r]
-              for name, rows in histories.items()}
+    curves = {
+        name: [(r["seconds"], r["val_dice"], r["step"]) for r in rows if "val_dice" in r]
+        for name, rows in histories.items()
+    }
     reference = max(d for _, d, _ in curves["full-res field"])
     target = 0.98 * reference
-    lines = [f"Grid {'x'.join(map(str, data.shape))}, {len(data)} training scans, {len(val.validation_pairs())} "
-             f"validation pairs, budget {args.minutes:g} min each, validation every {args.validate_every} steps.",
-             "", "| run | steps | s/step | best val Dice | time to reach 98 % of the full-res field's best "
-             f"({target:.3f}) |", "|---|---|---|---|---|"]
+    lines = [
+        f"Grid {'x'.join(map(str, data.shape))}, {len(data)} training scans, {len(val.validation_pairs())} "
+        f"validation pairs, budget {args.minutes:g} min each, validation every {args.validate_every} steps.",
+        "",
+        f"| run | steps | s/step | best val Dice | time to reach 98 % of the full-res field's best ({target:.3f}) |",
+        "|---|---|---|---|---|",
+    ]
     for name, points in curves.items():
         rows = histories[name]
         reach = time_to_reach(rows, target)
-        lines.append(f"| {name} | {rows[-1]['step']} | {rows[-1]['seconds'] / rows[-1]['step']:.3f} | "
-                     f"{max(d for _, d, _ in points):.3f} | {f'{reach / 60:.1f} min' if reach else 'not reached'} |")
+        lines.append(
+            f"| {name} | {rows[-1]['step']} | {rows[-1]['seconds'] / rows[-1]['step']:.3f} | "
+            f"{max(d for _, d, _ in points):.3f} | {f'{reach / 60:.1f} min' if reach else 'not reached'} |"
+        )
     (args.output / "resolution_schedule.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(curves, args.output / "resolution_schedule.png", args)

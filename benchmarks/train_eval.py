@@ -17,7 +17,7 @@ import numpy as np
 
 from voxreg import io, metrics
 from voxreg.registration import pipeline as api
-from voxreg.training.trainer import scan_list
+from voxreg.training import scan_list
 
 
 def mean_dice(fixed: np.ndarray, warped: np.ndarray) -> float:
@@ -33,9 +33,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     scans, labels = scan_list([args.val])
-    methods = {"affine only": {}, "network": {"model": args.model},
-               f"network + refine {args.refine}": {"model": args.model, "refine": args.refine},
-               "instance optimisation": {}}
+    methods = {
+        "affine only": {},
+        "network": {"model": args.model},
+        f"network + refine {args.refine}": {"model": args.model, "refine": args.refine},
+        "instance optimisation": {},
+    }
     totals: dict[str, list[tuple[float, float, float]]] = {name: [] for name in methods}
     for index in range(len(scans) - 1):
         fixed, moving = scans[index + 1], scans[index]
@@ -45,15 +48,29 @@ def main() -> None:
                 dice = mean_dice(fixed_labels, io.load_image(labels[index], label=True).array)
                 totals[name].append((dice, 0.0, 0.0))
                 continue
-            result = api.register(fixed, moving, moving_labels=[labels[index]], affine=False,
-                                  device=args.device, **options)
+            result = api.register(
+                fixed, moving, moving_labels=[labels[index]], affine=False, device=args.device, **options
+            )
             warped = next(iter(result.warped_labels.values())).array
-            totals[name].append((mean_dice(fixed_labels, warped), result.metrics["folding_percent"],
-                                 result.metrics["registration_seconds"]))
-        print(f"pair {moving.name} -> {fixed.name}: " + ", ".join(f"{n} {t[-1][0]:.3f}" for n, t in totals.items()),
-              flush=True)
-    summary = {name: {"dice": float(np.mean([v[0] for v in rows])), "folding_percent": float(np.mean([v[1] for v in rows])),
-                      "seconds_per_pair": float(np.mean([v[2] for v in rows]))} for name, rows in totals.items()}
+            totals[name].append(
+                (
+                    mean_dice(fixed_labels, warped),
+                    result.metrics["folding_percent"],
+                    result.metrics["registration_seconds"],
+                )
+            )
+        print(
+            f"pair {moving.name} -> {fixed.name}: " + ", ".join(f"{n} {t[-1][0]:.3f}" for n, t in totals.items()),
+            flush=True,
+        )
+    summary = {
+        name: {
+            "dice": float(np.mean([v[0] for v in rows])),
+            "folding_percent": float(np.mean([v[1] for v in rows])),
+            "seconds_per_pair": float(np.mean([v[2] for v in rows])),
+        }
+        for name, rows in totals.items()
+    }
     print(json.dumps(summary, indent=2))
 
 

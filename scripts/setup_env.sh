@@ -14,7 +14,7 @@ STAMP="$VENV/.voxreg-installed"
 HASH="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$HASH" ]; then
   echo "[voxreg] installing voxreg and dependencies into .venv (first run takes a few minutes)"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[test]" 2>&1 | grep -v "is ignored: it is neither" || true
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[test,lint]" 2>&1 | grep -v "is ignored: it is neither" || true
   "$VENV/bin/python" -c "import voxreg, torch" || { echo "[voxreg] installation failed"; exit 1; }
   echo "$HASH" > "$STAMP"
 fi

@@ -30,7 +30,7 @@ def smooth_volume(shape, seed=0) -> np.ndarray:
     for _ in range(5):
         centre = rng.uniform(0.25, 0.75, len(shape))
         width = rng.uniform(0.08, 0.2)
-        out += np.exp(-sum((g - c) ** 2 for g, c in zip(grids, centre)) / (2 * width ** 2))
+        out += np.exp(-sum((g - c) ** 2 for g, c in zip(grids, centre)) / (2 * width**2))
     return (out / out.max()).astype(np.float32)
 
 

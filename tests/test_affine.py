@@ -15,11 +15,11 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from voxreg.io import templates
 from voxreg import io, losses
-from voxreg.registration.affine import AffineConfig, AffineResult, affine_register, mattes_mi
 from voxreg.core.errors import VoxregError
 from voxreg.core.image import Image
+from voxreg.io import templates
+from voxreg.registration.affine import AffineConfig, AffineResult, affine_register, mattes_mi
 
 SHAPE = (48, 48, 48)
 SPACING = 2.0
@@ -40,7 +40,7 @@ def phantom(shape=SHAPE, spacing=SPACING, seed=0, affine=None) -> Image:
     for _ in range(6):
         centre = rng.uniform(-16, 16, ndim) * np.array([1.0, 0.8, 0.6])[:ndim]
         width = rng.uniform(4, 8)
-        out += rng.uniform(0.3, 0.8) * np.exp(-((world - centre) ** 2).sum(1) / (2 * width ** 2))
+        out += rng.uniform(0.3, 0.8) * np.exp(-((world - centre) ** 2).sum(1) / (2 * width**2))
     return Image(out.reshape(shape).astype(np.float32), affine)
 
 
@@ -90,13 +90,18 @@ def rigid_case(fixed):
 # --------------------------------------------------------------------------- config
 
 
-@pytest.mark.parametrize("field, value", [("transform", "similarity"), ("similarity", "mse"),
-                                          ("init", "random"), ("scale_unit", "vox")])
+@pytest.mark.parametrize(
+    "field, value", [("transform", "similarity"), ("similarity", "mse"), ("init", "random"), ("scale_unit", "vox")]
+)
 def test_config_rejects_unknown_names_listing_choices(field, value):
     with pytest.raises(ValueError, match=field) as info:
         AffineConfig(**{field: value})
-    allowed = {"transform": "rigid, affine", "similarity": "ncc, mi", "init": "moments, com, identity",
-               "scale_unit": "mm, factor"}[field]
+    allowed = {
+        "transform": "rigid, affine",
+        "similarity": "ncc, mi",
+        "init": "moments, com, identity",
+        "scale_unit": "mm, factor",
+    }[field]
     assert allowed in str(info.value)
 
 
@@ -247,16 +252,14 @@ def test_masks_exclude_distractors(fixed, rigid_case):
     array[30:46, 2:18, 2:18] = 1.0
     fixed_mask = np.ones(SHAPE, bool)
     fixed_mask[28:, :20, :20] = False
-    result = affine_register(fixed.with_array(array), moving, AffineConfig(transform="rigid"),
-                             fixed_mask=fixed_mask)
+    result = affine_register(fixed.with_array(array), moving, AffineConfig(transform="rigid"), fixed_mask=fixed_mask)
     assert corner_error(result.world_matrix, truth, fixed) < 1.0
 
     array = moving.array.copy()
     array[2:18, 30:46, 30:46] = 1.0
     moving_mask = Image(np.ones(SHAPE, np.uint8), moving.affine)
     moving_mask.array[:20, 28:, 28:] = 0
-    result = affine_register(fixed, moving.with_array(array), AffineConfig(transform="rigid"),
-                             moving_mask=moving_mask)
+    result = affine_register(fixed, moving.with_array(array), AffineConfig(transform="rigid"), moving_mask=moving_mask)
     assert corner_error(result.world_matrix, truth, fixed) < 1.0
 
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 
 from conftest import smooth_volume
 from voxreg import io
-from voxreg.registration import pipeline as api
 from voxreg.core import spatial
-from voxreg.registration.instance import AlignConfig
 from voxreg.core.image import Image
+from voxreg.registration import pipeline as api
+from voxreg.registration.instance import AlignConfig
 
 # smooth synthetic images are locally linear, where local NCC cannot see a shift: use MSE
 FAST = AlignConfig(similarity="mse", scales=(2, 1), iterations=(40, 20), lr=0.1)
@@ -42,8 +43,7 @@ def test_itk_field_applied_by_simpleitk_matches_voxreg_warp(tmp_path):
     fixed = Image(fixed_array, oblique_affine())
     shift = torch.zeros(1, 3, 22, 26, 20)
     shift[:, 1] = 1.5
-    moving = Image(spatial.warp(torch.from_numpy(fixed_array)[None, None], -shift)[0, 0].numpy(),
-                   fixed.affine)
+    moving = Image(spatial.warp(torch.from_numpy(fixed_array)[None, None], -shift)[0, 0].numpy(), fixed.affine)
     result = api.register(fixed, moving, device="cpu", config=FAST, affine=False)
     outputs = result.save(tmp_path, figure=False)
     ref = io.array_to_sitk(fixed.array, fixed.affine)
@@ -90,12 +90,75 @@ def test_simpleitk_composite_of_affine_and_field_matches_voxreg(tmp_path):
     assert result.world_matrix is not None
     outputs = result.save(tmp_path, figure=False)
     affine = sitk.ReadTransform(str(outputs["affine"]))
-    field = sitk.DisplacementFieldTransform(sitk.Cast(sitk.ReadImage(str(outputs["field_itk"])), sitk.sitkVectorFloat64))
+    field = sitk.DisplacementFieldTransform(
+        sitk.Cast(sitk.ReadImage(str(outputs["field_itk"])), sitk.sitkVectorFloat64)
+    )
     composite = sitk.CompositeTransform([affine, field])  # applied last-first: field, then affine
-    by_itk = sitk.Resample(io.array_to_sitk(moving.array, moving.affine), io.array_to_sitk(fixed.array, fixed.affine),
-                           composite, sitk.sitkLinear, 0.0)
+    by_itk = sitk.Resample(
+        io.array_to_sitk(moving.array, moving.affine),
+        io.array_to_sitk(fixed.array, fixed.affine),
+        composite,
+        sitk.sitkLinear,
+        0.0,
+    )
     interior = (slice(4, -4),) * 3
     voxreg_warped = nib.load(outputs["warped"]).get_fdata()
     assert np.abs(io.sitk_to_array(by_itk)[0][interior] - voxreg_warped[interior]).max() < 1e-3
     # and the composite undoes the motion: the warped scan matches the fixed one
     assert np.abs(voxreg_warped[interior] - fixed_array[interior]).mean() < 0.02
+
+
+def tilted_2d_affine() -> np.ndarray:
+    """A 2D slice whose plane is tilted out of world x-y (no ITK 2D field possible)."""
+    c, s = np.cos(0.4), np.sin(0.4)
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
+    return affine
+
+
+def test_save_leaves_metrics_unchanged(tmp_path):
+    import copy
+    import json
+
+    fixed = Image(smooth_volume((32, 28), seed=7), tilted_2d_affine())
+    moving = Image(np.roll(fixed.array, 1, axis=0), fixed.affine)
+    result = api.register(fixed, moving, device="cpu", config=FAST, affine=False)
+    before = copy.deepcopy(result.metrics)
+    outputs = result.save(tmp_path, figure=False)
+    assert result.metrics == before
+    assert "field_itk" not in outputs
+    saved = json.loads(outputs["metrics"].read_text())
+    assert saved["field_itk"].startswith("not written")  # the note goes to metrics.json only
+
+
+def test_metrics_false_returns_transforms_without_measures(tmp_path):
+    fixed = Image(smooth_volume((20, 22, 18), seed=8))
+    moving = Image(np.roll(fixed.array, 1, axis=2))
+    labels = Image((fixed.array > fixed.array.mean()).astype(np.int16))
+    fast = api.register(
+        fixed,
+        moving,
+        device="cpu",
+        config=FAST,
+        affine=False,
+        metrics=False,
+        moving_labels={"seg": labels},
+        fixed_labels=labels,
+    )
+    full = api.register(
+        fixed, moving, device="cpu", config=FAST, affine=False, moving_labels={"seg": labels}, fixed_labels=labels
+    )
+    assert "similarity" not in fast.metrics and "dice_mean_after" not in fast.metrics
+    assert "folding_percent" not in fast.metrics and "pipeline_seconds" in fast.metrics
+    assert "seg" in fast.warped_labels
+    torch.testing.assert_close(fast.field, full.field)
+    measured = api.measure_registration(fast, fixed_labels=labels, moving_labels={"seg": labels})
+    assert measured["similarity"] == full.metrics["similarity"]
+    assert measured["dice_mean_after"] == full.metrics["dice_mean_after"]
+    assert fast.save(tmp_path, figure=False)["metrics"].exists()
+
+
+def test_saved_validation_lambda_reads_the_train_config_dict():
+    assert api.saved_validation_lambda(None) == 1.0
+    assert api.saved_validation_lambda({"lam": 0.5}) == 0.5
+    assert api.saved_validation_lambda({"lam": 0.5, "lam_range": [0.1, 10.0]}) == pytest.approx(1.0)

@@ -34,13 +34,32 @@ def assert_user_error(result, *fragments: str) -> None:
 
 def test_register_writes_all_outputs_and_improves(pair_3d, tmp_path):
     out = tmp_path / "out"
-    result = run("register", pair_3d["fixed"], pair_3d["moving"], "-o", out, "--no-affine",
-                 "--moving-labels", pair_3d["moving_labels"], "--fixed-labels", pair_3d["fixed_labels"],
-                 "--device", "cpu")
+    result = run(
+        "register",
+        pair_3d["fixed"],
+        pair_3d["moving"],
+        "-o",
+        out,
+        "--no-affine",
+        "--moving-labels",
+        pair_3d["moving_labels"],
+        "--fixed-labels",
+        pair_3d["fixed_labels"],
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.output
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(["warped.nii.gz", "warped_moving_labels.nii.gz", "field.nii.gz",
-                            "field_itk.nii.gz", "metrics.json", "figure.png"])
+    assert names == sorted(
+        [
+            "warped.nii.gz",
+            "warped_moving_labels.nii.gz",
+            "field.nii.gz",
+            "field_itk.nii.gz",
+            "metrics.json",
+            "figure.png",
+        ]
+    )
     values = json.loads((out / "metrics.json").read_text())
     assert values["dice_mean_after"] > values["dice_mean_before"] + 0.1
     assert values["similarity"]["ncc_after"] > values["similarity"]["ncc_before"]
@@ -54,16 +73,31 @@ def test_register_writes_all_outputs_and_improves(pair_3d, tmp_path):
 
 def test_default_runs_affine_then_deformable(pair_3d, tmp_path):
     out = tmp_path / "out"
-    result = run("register", pair_3d["fixed"], pair_3d["moving"], "-o", out, "--no-figure",
-                 "--moving-labels", pair_3d["moving_labels"], "--fixed-labels", pair_3d["fixed_labels"])
+    result = run(
+        "register",
+        pair_3d["fixed"],
+        pair_3d["moving"],
+        "-o",
+        out,
+        "--no-figure",
+        "--moving-labels",
+        pair_3d["moving_labels"],
+        "--fixed-labels",
+        pair_3d["fixed_labels"],
+    )
     assert result.exit_code == 0, result.output
     assert (out / "affine.txt").read_text().startswith("#Insight Transform File V1.0")
     values = json.loads((out / "metrics.json").read_text())
     assert values["dice_mean_affine"] > values["dice_mean_before"] + 0.1
     assert values["dice_mean_after"] >= values["dice_mean_affine"] - 0.02
     # the moving scan is the fixed one rolled by 2 voxels along axis 0 (1 mm voxels, RAS)
-    matrix = np.array([[float(v) for v in line.split()[1:]] for line in (out / "affine.txt").read_text().splitlines()
-                       if line.startswith("Parameters:")][0])
+    matrix = np.array(
+        [
+            [float(v) for v in line.split()[1:]]
+            for line in (out / "affine.txt").read_text().splitlines()
+            if line.startswith("Parameters:")
+        ][0]
+    )
     assert abs(abs(matrix[9]) - 2.0) < 0.5  # translation along x in LPS (sign flips from RAS)
 
 
@@ -78,8 +112,9 @@ def test_affine_only_stops_after_affine(pair_3d, tmp_path):
 
 def test_warp_applies_saved_composite_like_register(pair_3d, tmp_path):
     out = tmp_path / "out"
-    assert run("register", pair_3d["fixed"], pair_3d["moving"], "-o", out, "--no-figure",
-               "--device", "cpu").exit_code == 0
+    assert (
+        run("register", pair_3d["fixed"], pair_3d["moving"], "-o", out, "--no-figure", "--device", "cpu").exit_code == 0
+    )
     assert (out / "affine.txt").exists()
     warped_path = tmp_path / "again.nii.gz"
     result = run("warp", out / "field.nii.gz", pair_3d["moving"], "-o", warped_path)
@@ -132,8 +167,7 @@ def test_empty_or_constant_image(pair_3d, tmp_path, value):
 
 def test_label_map_with_non_integer_values(pair_3d, tmp_path):
     bad = write_nifti(tmp_path / "soft_labels.nii.gz", smooth_volume((24, 28, 20)))
-    result = run("register", pair_3d["fixed"], pair_3d["moving"], "-o", tmp_path / "out",
-                 "--moving-labels", bad)
+    result = run("register", pair_3d["fixed"], pair_3d["moving"], "-o", tmp_path / "out", "--moving-labels", bad)
     assert_user_error(result, "soft_labels.nii.gz", "integer")
 
 
@@ -186,14 +220,38 @@ def tiny_checkpoint(path: Path, ndim: int = 3) -> Path:
 def test_register_with_a_network_and_refinement(pair_3d, tmp_path):
     model = tiny_checkpoint(tmp_path / "tiny.pt")
     out = tmp_path / "net"
-    result = run("register", pair_3d["fixed"], pair_3d["moving"], "-o", out, "--no-affine", "--no-figure",
-                 "--model", model, "--device", "cpu")
+    result = run(
+        "register",
+        pair_3d["fixed"],
+        pair_3d["moving"],
+        "-o",
+        out,
+        "--no-affine",
+        "--no-figure",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.output
     values = json.loads((out / "metrics.json").read_text())
     assert values["engine"] == "network"
     refined = tmp_path / "refined"
-    result = run("register", pair_3d["fixed"], pair_3d["moving"], "-o", refined, "--no-affine", "--no-figure",
-                 "--model", model, "--refine", "30", "--device", "cpu")
+    result = run(
+        "register",
+        pair_3d["fixed"],
+        pair_3d["moving"],
+        "-o",
+        refined,
+        "--no-affine",
+        "--no-figure",
+        "--model",
+        model,
+        "--refine",
+        "30",
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.output
     refined_values = json.loads((refined / "metrics.json").read_text())
     assert refined_values["engine"] == "network+refine30"
@@ -238,15 +296,48 @@ def test_train_then_register_with_the_trained_model(tmp_path):
     for index in range(4):
         write_nifti(folder / f"s{index}.nii.gz", np.roll(base, index - 2, axis=index % 3))
     run_dir = tmp_path / "run"
-    result = run("train", folder, "-o", run_dir, "--network", "vm1", "--steps", "6", "--lr", "1e-3",
-                 "--checkpoint-every", "3", "--validate-every", "3", "--val", folder / "s0.nii.gz",
-                 "--val", folder / "s1.nii.gz", "--lambda-range", "0.1", "10", "--device", "cpu")
+    result = run(
+        "train",
+        folder,
+        "-o",
+        run_dir,
+        "--network",
+        "vm1",
+        "--steps",
+        "6",
+        "--lr",
+        "1e-3",
+        "--checkpoint-every",
+        "3",
+        "--validate-every",
+        "3",
+        "--val",
+        folder / "s0.nii.gz",
+        "--val",
+        folder / "s1.nii.gz",
+        "--lambda-range",
+        "0.1",
+        "10",
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.output
     rows = (run_dir / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 7  # header + 6 steps
     out = tmp_path / "reg"
-    result = run("register", folder / "s0.nii.gz", folder / "s3.nii.gz", "-o", out, "--no-affine", "--no-figure",
-                 "--model", run_dir / "last.pt", "--lambda", "3")
+    result = run(
+        "register",
+        folder / "s0.nii.gz",
+        folder / "s3.nii.gz",
+        "-o",
+        out,
+        "--no-affine",
+        "--no-figure",
+        "--model",
+        run_dir / "last.pt",
+        "--lambda",
+        "3",
+    )
     assert result.exit_code == 0, result.output
     assert json.loads((out / "metrics.json").read_text())["engine"] == "network"
 

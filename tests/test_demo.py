@@ -19,7 +19,13 @@ def test_demo_recovers_the_known_deformation(tmp_path):
     assert demo["endpoint_error_after_voxels"] < 0.5 * demo["endpoint_error_before_voxels"]
     assert values["dice_mean_after"] > values["dice_mean_before"] + 0.1
     assert values["folding_percent"] < 0.5
-    for name in ("warped.nii.gz", "warped_tissues.nii.gz", "field.nii.gz", "field_itk.nii.gz",
-                 "figure.png", "metrics.json"):
+    for name in (
+        "warped.nii.gz",
+        "warped_tissues.nii.gz",
+        "field.nii.gz",
+        "field_itk.nii.gz",
+        "figure.png",
+        "metrics.json",
+    ):
         assert (out / name).stat().st_size > 0
     assert str(out) in result.output  # it says where the outputs are

@@ -13,14 +13,35 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from voxreg.evaluation import report as er
 from voxreg.core.errors import VoxregError
-from voxreg.io.tables import label_name
+from voxreg.evaluation import report as er
+from voxreg.io.labels import label_name
+from voxreg.viz import evaluation as viz_evaluation
 
-RESULTS_COLUMNS = ["id", "fixed", "moving", "method", "status", "error", "dice_mean", "dice_std",
-                   "hd95_mean_mm", "folding_percent", "sdlogj", "ncc_before", "ncc_after",
-                   "mi_before", "mi_after", "tre_before_mm", "tre_after_mm", "seconds",
-                   "peak_memory_mb", "device", "threads", "settings"]
+RESULTS_COLUMNS = [
+    "id",
+    "fixed",
+    "moving",
+    "method",
+    "status",
+    "error",
+    "dice_mean",
+    "dice_std",
+    "hd95_mean_mm",
+    "folding_percent",
+    "sdlogj",
+    "ncc_before",
+    "ncc_after",
+    "mi_before",
+    "mi_after",
+    "tre_before_mm",
+    "tre_after_mm",
+    "seconds",
+    "peak_memory_mb",
+    "device",
+    "threads",
+    "settings",
+]
 GPU = "NVIDIA H100 80GB HBM3"
 # (id, method, status, dice, hd95, folding %, sdlogj, ncc before/after, seconds, memory, device)
 FAKE = [
@@ -35,9 +56,10 @@ STRUCTURES = (17, 53, 10, 49, 16, 24)  # hippocampus L/R, thalamus L/R, brain st
 
 
 def _png(seed: int) -> bytes:
+    import io
+
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    import io
 
     fig = Figure(figsize=(3, 2))
     FigureCanvasAgg(fig)
@@ -55,14 +77,28 @@ def make_fake_outdir(outdir: Path) -> Path:
         writer = csv.DictWriter(handle, RESULTS_COLUMNS)
         writer.writeheader()
         for pid, method, status, dice, hd, fold, sdj, (ncc0, ncc1), sec, mem, device in FAKE:
-            writer.writerow({
-                "id": pid, "fixed": f"/data/{pid}/fixed.nii.gz", "moving": f"/data/{pid}/moving.nii.gz",
-                "method": method, "status": status,
-                "error": "antsRegistration exited with code 1 | <bad> & worse" if status != "ok" else "",
-                "dice_mean": dice, "dice_std": 0.05 if dice != "" else "", "hd95_mean_mm": hd,
-                "folding_percent": fold, "sdlogj": sdj, "ncc_before": ncc0, "ncc_after": ncc1,
-                "seconds": sec, "peak_memory_mb": mem, "device": device, "threads": 2,
-                "settings": '{"lambda": 1.0}'})
+            writer.writerow(
+                {
+                    "id": pid,
+                    "fixed": f"/data/{pid}/fixed.nii.gz",
+                    "moving": f"/data/{pid}/moving.nii.gz",
+                    "method": method,
+                    "status": status,
+                    "error": "antsRegistration exited with code 1 | <bad> & worse" if status != "ok" else "",
+                    "dice_mean": dice,
+                    "dice_std": 0.05 if dice != "" else "",
+                    "hd95_mean_mm": hd,
+                    "folding_percent": fold,
+                    "sdlogj": sdj,
+                    "ncc_before": ncc0,
+                    "ncc_after": ncc1,
+                    "seconds": sec,
+                    "peak_memory_mb": mem,
+                    "device": device,
+                    "threads": 2,
+                    "settings": '{"lambda": 1.0}',
+                }
+            )
     with open(outdir / "per_structure.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["id", "method", "label", "name", "dice", "hd95_mm"])
@@ -72,8 +108,16 @@ def make_fake_outdir(outdir: Path) -> Path:
                 continue
             for k, code in enumerate(STRUCTURES):
                 name = "" if (pid, k) == ("p2", 5) else label_name(code)  # one row without a name
-                writer.writerow([pid, method, code, name, f"{np.clip(dice + rng.normal(0, 0.08), 0, 1):.4f}",
-                                 f"{rng.uniform(1, 6):.2f}"])
+                writer.writerow(
+                    [
+                        pid,
+                        method,
+                        code,
+                        name,
+                        f"{np.clip(dice + rng.normal(0, 0.08), 0, 1):.4f}",
+                        f"{rng.uniform(1, 6):.2f}",
+                    ]
+                )
     (outdir / "examples").mkdir(exist_ok=True)
     (outdir / "examples" / "p1_voxelmorph.png").write_bytes(_png(1))
     (outdir / "examples" / "p2_instance-opt.png").write_bytes(_png(2))
@@ -109,11 +153,27 @@ def test_table1_numbers(report):
     rows = _markdown_rows(first)
     assert list(rows) == ["voxelmorph", "instance-opt", "ants"]  # order of first appearance
     # Dice (0.80, 0.70): mean 0.750, std 0.050; HD95 (3, 4); folding (0.1, 0.3); SD log J (0.3, 0.5)
-    assert rows["voxelmorph"] == ["0.750 (0.050)", "3.50 (0.50)", "0.200 (0.100)", "0.400 (0.100)",
-                                  "–", "15.00 ± 5.00", "700", "2/0"]
+    assert rows["voxelmorph"] == [
+        "0.750 (0.050)",
+        "3.50 (0.50)",
+        "0.200 (0.100)",
+        "0.400 (0.100)",
+        "–",
+        "15.00 ± 5.00",
+        "700",
+        "2/0",
+    ]
     # one CUDA pair (2 s) and one CPU pair (30 s); peak memory = max(1200, 900)
-    assert rows["instance-opt"] == ["0.800 (0.050)", "3.00 (0.50)", "0.010 (0.010)", "0.300 (0.100)",
-                                    "2.00 ± 0.00", "30.00 ± 0.00", "1200", "2/0"]
+    assert rows["instance-opt"] == [
+        "0.800 (0.050)",
+        "3.00 (0.50)",
+        "0.010 (0.010)",
+        "0.300 (0.100)",
+        "2.00 ± 0.00",
+        "30.00 ± 0.00",
+        "1200",
+        "2/0",
+    ]
     # failed pair excluded from the statistics, counted in ok/failed
     assert rows["ants"] == ["0.780 (0.000)", "–", "–", "–", "–", "60.00 ± 0.00", "300", "1/1"]
     assert "cpu (2 threads)" in first and GPU in first
@@ -181,8 +241,9 @@ def test_missing_inputs(tmp_path):
 
 
 def test_minimal_results_without_per_structure(tmp_path):
-    (tmp_path / "results.csv").write_text("id,method,status,dice_mean,seconds,device\n"
-                                          "a,vxm,ok,0.5,1.5,cuda:0\nb,vxm,failed,,,\n")
+    (tmp_path / "results.csv").write_text(
+        "id,method,status,dice_mean,seconds,device\na,vxm,ok,0.5,1.5,cuda:0\nb,vxm,failed,,,\n"
+    )
     paths = er.write_report(tmp_path)
     rows = _markdown_rows(paths["table"].read_text(encoding="utf-8"))
     assert rows["vxm"] == ["0.500 (0.000)", "–", "–", "–", "1.50 ± 0.00", "–", "–", "1/1"]
@@ -191,11 +252,15 @@ def test_minimal_results_without_per_structure(tmp_path):
 
 
 def test_many_structures_split_into_rows():
-    rows = [{"id": f"p{p}", "method": m, "label": str(code), "name": label_name(code), "dice": "0.7"}
-            for p in range(2) for m in ("a", "b") for code in [*range(1002, 1036), 10, 49, 17, 53]]
+    rows = [
+        {"id": f"p{p}", "method": m, "label": str(code), "name": label_name(code), "dice": "0.7"}
+        for p in range(2)
+        for m in ("a", "b")
+        for code in [*range(1002, 1036), 10, 49, 17, 53]
+    ]
     structures, _ = er.structure_dice(rows)
     assert len(structures) == 36  # 34 cortical names (1004 corpuscallosum included) + 2
-    chunks = er._chunks(structures, 24)
+    chunks = viz_evaluation.chunks(structures, 24)
     assert [len(c) for c in chunks] == [18, 18]
     assert er.dice_boxplot_png(rows, ["a", "b"])[:4] == b"\x89PNG"
 
@@ -219,8 +284,14 @@ def _chrome_driver(width: int = 1400, height: int = 3000):
         pytest.skip(f"{' and '.join(missing)} not installed (apt-get install chromium chromium-driver)")
     options = webdriver.ChromeOptions()
     options.binary_location = browser
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                f"--window-size={width},{height}", "--hide-scrollbars"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        f"--window-size={width},{height}",
+        "--hide-scrollbars",
+    ):
         options.add_argument(arg)
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
@@ -259,9 +330,11 @@ def test_html_renders_in_headless_chromium(report, tmp_path):
 def test_before_row_from_dice_before():
     from voxreg.evaluation.report import BEFORE, summarize, table1_rows
 
-    rows = [{"id": "p1", "method": "a", "status": "ok", "dice_mean": "0.8", "dice_before": "0.2"},
-            {"id": "p1", "method": "b", "status": "ok", "dice_mean": "0.9", "dice_before": "0.2"},
-            {"id": "p2", "method": "a", "status": "ok", "dice_mean": "0.7", "dice_before": "0.4"}]
+    rows = [
+        {"id": "p1", "method": "a", "status": "ok", "dice_mean": "0.8", "dice_before": "0.2"},
+        {"id": "p1", "method": "b", "status": "ok", "dice_mean": "0.9", "dice_before": "0.2"},
+        {"id": "p2", "method": "a", "status": "ok", "dice_mean": "0.7", "dice_before": "0.4"},
+    ]
     summaries = summarize(rows)
     assert [s.method for s in summaries] == [BEFORE, "a", "b"]
     assert table1_rows(summaries)[0][:2] == [BEFORE, "0.300 (0.100)"]

@@ -21,6 +21,7 @@ SHAPE = (12, 14, 10)
 
 # --------------------------------------------------------------------------- helpers
 
+
 def rotation(angles: tuple[float, float, float]) -> np.ndarray:
     """3x3 rotation about x, then y, then z (radians)."""
     ax, ay, az = angles
@@ -94,6 +95,7 @@ def assert_one_line_error(excinfo: pytest.ExceptionInfo, *parts: str) -> None:
 
 
 # --------------------------------------------------------------------------- round trips
+
 
 @pytest.mark.parametrize("ext", [".nii.gz", ".nii", ".mgz", ".nrrd", ".mha", ".npz"])
 def test_roundtrip_keeps_array_and_affine(tmp_path: Path, ext: str) -> None:
@@ -173,10 +175,18 @@ def test_dicom_series_folder(tmp_path: Path) -> None:
     for k in range(data.shape[2]):
         slice_ = volume[:, :, k]
         position = volume.TransformIndexToPhysicalPoint((0, 0, k))
-        tags = {"0008|0060": "MR", "0008|0016": "1.2.840.10008.5.1.4.1.1.4",
-                "0008|0018": f"{uid}.{k + 1}", "0020|000d": f"{uid}.100", "0020|000e": f"{uid}.200",
-                "0020|0013": str(k + 1), "0020|0032": "\\".join(f"{v:g}" for v in position),
-                "0020|0037": "1\\0\\0\\0\\1\\0", "0018|0050": "2.0", "0028|0030": "0.9\\0.8"}
+        tags = {
+            "0008|0060": "MR",
+            "0008|0016": "1.2.840.10008.5.1.4.1.1.4",
+            "0008|0018": f"{uid}.{k + 1}",
+            "0020|000d": f"{uid}.100",
+            "0020|000e": f"{uid}.200",
+            "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(f"{v:g}" for v in position),
+            "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0018|0050": "2.0",
+            "0028|0030": "0.9\\0.8",
+        }
         for key, value in tags.items():
             slice_.SetMetaData(key, value)
         writer.SetFileName(str(tmp_path / f"slice{k:03d}.dcm"))
@@ -204,6 +214,7 @@ def test_npz_keys_and_affine(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- resampling
 
+
 def reoriented_pair(tmp_path: Path, data: np.ndarray) -> tuple[Image, Image]:
     affine = make_affine()
     original = nib.Nifti1Image(data, affine)
@@ -213,8 +224,7 @@ def reoriented_pair(tmp_path: Path, data: np.ndarray) -> tuple[Image, Image]:
     nib.save(original, tmp_path / "orig.nii.gz")
     nib.save(copy, tmp_path / "reor.nii.gz")
     label = np.issubdtype(data.dtype, np.integer)
-    return (io.load_image(tmp_path / "orig.nii.gz", label=label),
-            io.load_image(tmp_path / "reor.nii.gz", label=label))
+    return (io.load_image(tmp_path / "orig.nii.gz", label=label), io.load_image(tmp_path / "reor.nii.gz", label=label))
 
 
 def test_reoriented_copy_resamples_to_original(tmp_path: Path) -> None:
@@ -250,6 +260,7 @@ def test_oblique_or_coarser_copy_resamples_to_original(spacing) -> None:
 
 
 # --------------------------------------------------------------------------- fields
+
 
 @pytest.mark.parametrize("shape", [SHAPE, (12, 14)])
 def test_voxreg_field_roundtrip(tmp_path: Path, shape) -> None:
@@ -324,6 +335,7 @@ def test_itk_field_2d_out_of_plane_is_refused() -> None:
 
 # --------------------------------------------------------------------------- ITK affine
 
+
 def world_matrix() -> np.ndarray:
     matrix = np.eye(4)
     matrix[:3, :3] = rotation((0.1, 0.05, -0.12)) @ np.diag([1.05, 0.95, 1.02])
@@ -351,8 +363,11 @@ def test_itk_affine_resampling_matches_resample_to(tmp_path: Path) -> None:
     fixed_affine = make_affine(angles=(0.1, 0.2, -0.1), spacing=(1.1, 1.0, 1.3), origin=(-6, -7, -6))
     moving_shape = (18, 18, 16)
     fixed_centre = fixed_affine @ np.append((np.array(SHAPE) - 1) / 2, 1.0)
-    moving_affine = centred(make_affine(angles=(-0.2, 0.1, 0.25), spacing=(0.9, 1.2, 1.0)), moving_shape,
-                            (matrix @ fixed_centre)[:3] + [0.3, -0.4, 0.2])
+    moving_affine = centred(
+        make_affine(angles=(-0.2, 0.1, 0.25), spacing=(0.9, 1.2, 1.0)),
+        moving_shape,
+        (matrix @ fixed_centre)[:3] + [0.3, -0.4, 0.2],
+    )
     fixed = Image(np.zeros(SHAPE, np.float32), fixed_affine)
     moving = Image(smooth(world_points(moving_affine, moving_shape) * 2.0), moving_affine)
     ours = io.resample_to(moving, fixed, world_matrix=matrix).array
@@ -374,8 +389,10 @@ def test_read_itk_affine_center_and_type_names(tmp_path: Path) -> None:
     params = " ".join(f"{v:.17g}" for v in [*lps[:3, :3].ravel(), *translation])
     for name in ("AffineTransform_float_3_3", "MatrixOffsetTransformBase_double_3_3"):
         path = tmp_path / f"{name}.tfm"
-        path.write_text(f"#Insight Transform File V1.0\n#Transform 0\nTransform: {name}\n"
-                        f"Parameters: {params}\nFixedParameters: {center[0]} {center[1]} {center[2]}\n")
+        path.write_text(
+            f"#Insight Transform File V1.0\n#Transform 0\nTransform: {name}\n"
+            f"Parameters: {params}\nFixedParameters: {center[0]} {center[1]} {center[2]}\n"
+        )
         np.testing.assert_allclose(io.read_itk_affine(path), matrix, atol=1e-9)
     written = sitk.AffineTransform(3)
     written.SetMatrix(lps[:3, :3].ravel().tolist())
@@ -388,6 +405,7 @@ def test_read_itk_affine_center_and_type_names(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- intensities
+
 
 def test_normalize_zero_background_uses_nonzero_percentiles() -> None:
     array = np.zeros((10, 10), np.float32)
@@ -406,13 +424,15 @@ def test_normalize_window_constant_and_mask() -> None:
     ct = np.array([-1000.0, -100.0, 100.0, 300.0, 2000.0], np.float32)
     np.testing.assert_allclose(io.normalize_intensity(ct, window=(-100, 300)), [0, 0, 0.5, 1, 1])
     np.testing.assert_array_equal(io.normalize_intensity(np.full((3, 3), 7.0)), np.zeros((3, 3)))
-    mask = np.zeros((4, 4)); mask[1:3, 1:3] = 1
+    mask = np.zeros((4, 4))
+    mask[1:3, 1:3] = 1
     np.testing.assert_array_equal(io.normalize_intensity(mask), mask)
     with pytest.raises(VoxregError):
         io.normalize_intensity(ct, window=(300, -100))
 
 
 # --------------------------------------------------------------------------- errors
+
 
 def test_missing_and_wrong_format_files(tmp_path: Path) -> None:
     with pytest.raises(VoxregError) as excinfo:
@@ -467,9 +487,11 @@ def test_field_and_affine_file_errors(tmp_path: Path) -> None:
     with pytest.raises(VoxregError) as excinfo:
         io.load_field(image_path)
     assert_one_line_error(excinfo, "image.nii.gz", "not a voxreg displacement field")
-    (tmp_path / "rigid.txt").write_text("#Insight Transform File V1.0\n#Transform 0\n"
-                                        "Transform: Euler3DTransform_double_3_3\nParameters: 0 0 0 0 0 0\n"
-                                        "FixedParameters: 0 0 0 0\n")
+    (tmp_path / "rigid.txt").write_text(
+        "#Insight Transform File V1.0\n#Transform 0\n"
+        "Transform: Euler3DTransform_double_3_3\nParameters: 0 0 0 0 0 0\n"
+        "FixedParameters: 0 0 0 0\n"
+    )
     with pytest.raises(VoxregError) as excinfo:
         io.read_itk_affine(tmp_path / "rigid.txt")
     assert_one_line_error(excinfo, "rigid.txt", "unsupported transform type")
@@ -483,6 +505,7 @@ def test_field_and_affine_file_errors(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- atomic writes
+
 
 def test_ensure_output_dir(tmp_path: Path) -> None:
     created = io.ensure_output_dir(tmp_path / "a" / "b")
@@ -540,8 +563,9 @@ def test_itk_field_supported_only_for_planes_parallel_to_xy():
     from voxreg.core.image import Image
 
     flat = Image(np.zeros((4, 5), np.float32), np.diag([-1.0, -1.0, 1.0, 1.0]))
-    coronal = Image(np.zeros((4, 5), np.float32),
-                    np.array([[-1.0, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]]))
+    coronal = Image(
+        np.zeros((4, 5), np.float32), np.array([[-1.0, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]])
+    )
     assert io.itk_field_supported(flat) and not io.itk_field_supported(coronal)
     with pytest.raises(VoxregError, match="tilted"):
         io.field_to_itk_image(np.zeros((2, 4, 5), np.float32), coronal)

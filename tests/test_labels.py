@@ -5,19 +5,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from voxreg.io import tables as labels
 from voxreg.core.errors import VoxregError
+from voxreg.io import labels as labels
 
 VOXELMORPH_LABELS = Path("/work/shared/data/brain_mri/voxelmorph_test_scan/labels.csv")
 MINDBOGGLE_LABELS = Path("/work/shared/data/brain_mri/mindboggle_oasis_trt20/labels.csv")
 
 
-@pytest.mark.parametrize("code, name", [
-    (0, "Unknown"), (2, "Left-Cerebral-White-Matter"), (10, "Left-Thalamus"),
-    (17, "Left-Hippocampus"), (24, "CSF"), (49, "Right-Thalamus"), (63, "Right-choroid-plexus"),
-    (77, "WM-hypointensities"), (255, "CC_Anterior"), (1001, "ctx-lh-bankssts"),
-    (1035, "ctx-lh-insula"), (2024, "ctx-rh-precentral"), (2000, "ctx-rh-unknown"),
-])
+@pytest.mark.parametrize(
+    "code, name",
+    [
+        (0, "Unknown"),
+        (2, "Left-Cerebral-White-Matter"),
+        (10, "Left-Thalamus"),
+        (17, "Left-Hippocampus"),
+        (24, "CSF"),
+        (49, "Right-Thalamus"),
+        (63, "Right-choroid-plexus"),
+        (77, "WM-hypointensities"),
+        (255, "CC_Anterior"),
+        (1001, "ctx-lh-bankssts"),
+        (1035, "ctx-lh-insula"),
+        (2024, "ctx-rh-precentral"),
+        (2000, "ctx-rh-unknown"),
+    ],
+)
 def test_label_name_known_codes(code, name):
     assert labels.label_name(code) == name
 
@@ -67,10 +79,12 @@ def test_dkt31_matches_mindboggle_cortical_labels():
 
 def test_label_table_freesurfer_lut_format(tmp_path):
     lut = tmp_path / "lut.txt"
-    lut.write_text("#$Id: FreeSurferColorLUT.txt\n#No. Label Name:  R G B A\n\n"
-                   "0   Unknown                 0   0   0   0\n"
-                   "17  Left-Hippocampus        220 216 20  0\n"
-                   "1035 ctx-lh-insula          255 192 32  0\n")
+    lut.write_text(
+        "#$Id: FreeSurferColorLUT.txt\n#No. Label Name:  R G B A\n\n"
+        "0   Unknown                 0   0   0   0\n"
+        "17  Left-Hippocampus        220 216 20  0\n"
+        "1035 ctx-lh-insula          255 192 32  0\n"
+    )
     assert labels.label_table(lut) == {0: "Unknown", 17: "Left-Hippocampus", 1035: "ctx-lh-insula"}
 
 
@@ -79,7 +93,7 @@ def test_label_table_csv_with_and_without_header(tmp_path):
     with_header.write_text("code,name\n1,liver\n2, spleen\n")
     assert labels.label_table(with_header) == {1: "liver", 2: "spleen"}
     plain = tmp_path / "b.csv"
-    plain.write_text("3,left kidney\n4,\"right kidney\"\n")
+    plain.write_text('3,left kidney\n4,"right kidney"\n')
     assert labels.label_table(plain) == {3: "left kidney", 4: "right kidney"}
 
 
@@ -100,12 +114,23 @@ def test_label_table_errors(tmp_path):
         labels.label_table(noname)
 
 
-@pytest.mark.parametrize("given, pair", [
-    (17, "Hippocampus"), (53, "Hippocampus"), ("Left-Thalamus-Proper*", "Thalamus"),
-    ("Right-Thalamus-Proper", "Thalamus"), (10, "Thalamus"), (1035, "insula"), (2035, "insula"),
-    (16, "Brain-Stem"), (24, "CSF"), (251, "CC_Posterior"), ("Left_Putamen", "Putamen"),
-    (9999, "label 9999"),
-])
+@pytest.mark.parametrize(
+    "given, pair",
+    [
+        (17, "Hippocampus"),
+        (53, "Hippocampus"),
+        ("Left-Thalamus-Proper*", "Thalamus"),
+        ("Right-Thalamus-Proper", "Thalamus"),
+        (10, "Thalamus"),
+        (1035, "insula"),
+        (2035, "insula"),
+        (16, "Brain-Stem"),
+        (24, "CSF"),
+        (251, "CC_Posterior"),
+        ("Left_Putamen", "Putamen"),
+        (9999, "label 9999"),
+    ],
+)
 def test_hemisphere_pair_name(given, pair):
     assert labels.hemisphere_pair_name(given) == pair
 

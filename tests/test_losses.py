@@ -62,10 +62,10 @@ def test_local_ncc_matches_brute_force_with_borders():
     expected = np.zeros_like(a)
     for i in range(7):
         for j in range(8):
-            pa = a[max(i - 1, 0):i + 2, max(j - 1, 0):j + 2].ravel()
-            pb = b[max(i - 1, 0):i + 2, max(j - 1, 0):j + 2].ravel()
+            pa = a[max(i - 1, 0) : i + 2, max(j - 1, 0) : j + 2].ravel()
+            pb = b[max(i - 1, 0) : i + 2, max(j - 1, 0) : j + 2].ravel()
             cov = np.mean(pa * pb) - pa.mean() * pb.mean()
-            expected[i, j] = cov ** 2 / (pa.var() * pb.var())
+            expected[i, j] = cov**2 / (pa.var() * pb.var())
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)
 
 
@@ -78,13 +78,16 @@ def test_local_ncc_anisotropic_window_and_bad_window():
         L.local_ncc(img, img[..., :-1])
 
 
-@pytest.mark.parametrize("fn", [
-    lambda f, w: L.local_ncc(f, w),
-    lambda f, w: L.local_ncc(f, w, squared=False),
-    lambda f, w: L.global_ncc(f, w),
-    lambda f, w: L.mse(f, w),
-    lambda f, w: L.mutual_information(f, w, bins=16),
-])
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda f, w: L.local_ncc(f, w),
+        lambda f, w: L.local_ncc(f, w, squared=False),
+        lambda f, w: L.global_ncc(f, w),
+        lambda f, w: L.mse(f, w),
+        lambda f, w: L.mutual_information(f, w, bins=16),
+    ],
+)
 def test_constant_images_finite_values_and_gradients(fn):
     shape = (10, 11, 12)
     for fixed in (torch.full((1, 1, *shape), 0.3), _smooth_image(shape)):
@@ -145,8 +148,7 @@ def test_mi_maximal_for_identical_image():
 def test_mi_is_multimodal_while_ncc_is_not():
     img = _smooth_image((20, 22))
     inverted = 1.0 - img
-    assert L.mutual_information(img, inverted).item() == pytest.approx(
-        L.mutual_information(img, img).item(), rel=1e-4)
+    assert L.mutual_information(img, inverted).item() == pytest.approx(L.mutual_information(img, img).item(), rel=1e-4)
     assert L.global_ncc(img, inverted).item() == pytest.approx(-1.0, abs=1e-5)
     assert L.NCCLoss(squared=False)(img, inverted).item() == pytest.approx(2.0, abs=1e-3)
 
@@ -225,11 +227,11 @@ def test_gradient_penalty_linear_fields(shape):
     ndim, a = len(shape), 0.3
     grid = _grid(shape)
     field = (a * grid.sum(0)).expand(ndim, *shape)[None].clone()  # every channel a * sum(x)
-    assert L.gradient_penalty(field, "l2").item() == pytest.approx(a ** 2, rel=1e-5)
+    assert L.gradient_penalty(field, "l2").item() == pytest.approx(a**2, rel=1e-5)
     assert L.gradient_penalty(field, "l1").item() == pytest.approx(a, rel=1e-5)
     single = torch.zeros(1, ndim, *shape)
     single[0, 0] = a * grid[0]  # only channel 0, only along axis 0
-    assert L.gradient_penalty(single).item() == pytest.approx(a ** 2 / ndim ** 2, rel=1e-5)
+    assert L.gradient_penalty(single).item() == pytest.approx(a**2 / ndim**2, rel=1e-5)
     assert L.GradLoss("l1")(torch.zeros(1, ndim, *shape)).item() == 0.0
 
 
@@ -245,10 +247,10 @@ def test_bending_energy_known_values(shape):
     affine = torch.stack([0.1 * grid[0] - 0.3 * grid[-1] + 2 for _ in range(ndim)])[None]
     assert L.bending_energy(affine).item() == pytest.approx(0.0, abs=1e-12)
     quadratic = (a * grid[0] ** 2).expand(ndim, *shape)[None]
-    assert L.bending_energy(quadratic).item() == pytest.approx(4 * a ** 2, rel=1e-9)
+    assert L.bending_energy(quadratic).item() == pytest.approx(4 * a**2, rel=1e-9)
     cross = (a * grid[0] * grid[1]).expand(ndim, *shape)[None]
-    assert L.bending_energy(cross).item() == pytest.approx(2 * a ** 2, rel=1e-9)
-    assert L.BendingLoss()(quadratic).item() == pytest.approx(4 * a ** 2, rel=1e-9)
+    assert L.bending_energy(cross).item() == pytest.approx(2 * a**2, rel=1e-9)
+    assert L.BendingLoss()(quadratic).item() == pytest.approx(4 * a**2, rel=1e-9)
 
 
 def test_regularisers_have_gradients():

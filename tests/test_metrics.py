@@ -41,8 +41,7 @@ def test_dice_large_and_negative_labels_and_floats():
     fixed, warped = _cubes()
     big_f = np.where(fixed == 1, 50_000_000, -4).astype(np.int64)
     big_w = np.where(warped == 1, 50_000_000, -4).astype(np.int64)
-    assert M.dice_per_label(big_f, big_w) == {-4: pytest.approx(2 * (4096 - 768) / (2 * (4096 - 512))),
-                                               50_000_000: 0.5}
+    assert M.dice_per_label(big_f, big_w) == {-4: pytest.approx(2 * (4096 - 768) / (2 * (4096 - 512))), 50_000_000: 0.5}
     assert M.dice_per_label(fixed.astype(np.float32), warped.astype(np.float32)) == {1: 0.5}
     with pytest.raises(ValueError, match="shape"):
         M.dice_per_label(fixed, warped[:-1])

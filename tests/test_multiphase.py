@@ -43,8 +43,13 @@ def _phantom(shape=(24, 20, 16), seed=0):
 
 def test_simulate_phase_sets_organ_hu_and_keeps_texture(mp):
     ct, seg = _phantom()
-    phase = {"liver": 75.0, "spleen": 125.0, "aorta": 320.0, "kidney": (190.0, 90.0),
-             "portal_vein_and_splenic_vein": 150.0}  # absent organ: ignored
+    phase = {
+        "liver": 75.0,
+        "spleen": 125.0,
+        "aorta": 320.0,
+        "kidney": (190.0, 90.0),
+        "portal_vein_and_splenic_vein": 150.0,
+    }  # absent organ: ignored
     out = mp.simulate_phase(ct, seg, CODES, phase, spacing=(3.0, 3.0, 3.0), texture=1.0, cortex_mm=3.0)
     assert out.dtype == np.float32 and out.shape == ct.shape
     for name in ("liver", "spleen", "aorta"):

@@ -51,16 +51,19 @@ def test_config_dict_round_trip():
     assert NetworkConfig.from_dict(data) == cfg
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"ndim": 4}, "ndim"),
-    ({"enc_features": ()}, "enc_features"),
-    ({"enc_features": (8, -1)}, "enc_features"),
-    ({"dec_features": (8, 8)}, "dec_features"),
-    ({"int_steps": -1}, "int_steps"),
-    ({"half_res": "yes"}, "half_res"),
-    ({"lambda_conditional": 1}, "lambda_conditional"),
-    ({"in_channels": 0}, "in_channels"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"ndim": 4}, "ndim"),
+        ({"enc_features": ()}, "enc_features"),
+        ({"enc_features": (8, -1)}, "enc_features"),
+        ({"dec_features": (8, 8)}, "dec_features"),
+        ({"int_steps": -1}, "int_steps"),
+        ({"half_res": "yes"}, "half_res"),
+        ({"lambda_conditional": 1}, "lambda_conditional"),
+        ({"in_channels": 0}, "in_channels"),
+    ],
+)
 def test_config_validation_names_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         NetworkConfig(**kwargs)
@@ -206,7 +209,7 @@ def test_register_bf16_is_close_to_float32():
 def blob(shape, centre) -> torch.Tensor:
     axes = torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij")
     r2 = sum((a - c) ** 2 for a, c in zip(axes, centre))
-    return torch.exp(-r2 / (2 * 4.0 ** 2))[None, None]
+    return torch.exp(-r2 / (2 * 4.0**2))[None, None]
 
 
 def test_tiny_overfit_reduces_loss():
@@ -285,9 +288,22 @@ def _write_bad(path: Path, kind: str, good: Path) -> None:
         torch.save(payload, path)
 
 
-@pytest.mark.parametrize("kind", ["missing", "garbage", "truncated", "empty", "raw_state_dict", "pickled_object",
-                                  "config_mismatch", "missing_key", "unexpected_key", "bad_config",
-                                  "future_version"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "missing",
+        "garbage",
+        "truncated",
+        "empty",
+        "raw_state_dict",
+        "pickled_object",
+        "config_mismatch",
+        "missing_key",
+        "unexpected_key",
+        "bad_config",
+        "future_version",
+    ],
+)
 def test_bad_checkpoint_raises_one_line_error(trained, tmp_path, kind):
     _, good = trained
     bad = tmp_path / f"{kind}.pt"

@@ -13,11 +13,18 @@ import pytest
 from scipy import ndimage
 
 from voxreg import io, metrics
-from voxreg.registration.pipeline import warp_image
 from voxreg.core.errors import VoxregError
 from voxreg.core.image import Image
-from voxreg.training.preprocess import (MANIFEST_COLUMNS, atlas_outline, load_atlas, nearest_multiple,
-                               network_grid, output_names, preprocess)
+from voxreg.registration.pipeline import warp_image
+from voxreg.training.preprocess import (
+    MANIFEST_COLUMNS,
+    atlas_outline,
+    load_atlas,
+    nearest_multiple,
+    network_grid,
+    output_names,
+    preprocess,
+)
 
 ATLAS_SHAPE = (30, 34, 28)
 
@@ -96,8 +103,9 @@ def test_mni152_atlas_follows_spacing():
 
 
 def test_output_names_are_unique():
-    names = output_names(["a/OAS-1/t1.nii.gz", "a/OAS-2/t1.nii.gz", "b/ct.nrrd", "c/scan.mgz", "d/scan.mgz",
-                          "e/x/dicom_dir"])
+    names = output_names(
+        ["a/OAS-1/t1.nii.gz", "a/OAS-2/t1.nii.gz", "b/ct.nrrd", "c/scan.mgz", "d/scan.mgz", "e/x/dicom_dir"]
+    )
     assert names == ["OAS-1_t1", "OAS-2_t1", "ct", "c_scan", "d_scan", "dicom_dir"]
     assert output_names(["x/s.nii", "x/s.nii.gz"]) == ["x_s_1", "x_s_2"]
 
@@ -127,10 +135,16 @@ def run(tmp_path_factory):
     scans.append(_save(tmp / "broken.nii.gz", np.full((16, 16, 16), 3.0, np.float32), np.eye(4)))
     label_files.append(None)
     calls = []
-    result = preprocess(scans, tmp / "out", atlas=atlas, labels=label_files,
-                        progress=lambda done, total: calls.append((done, total)))
-    return {"result": result, "atlas": Image(image, np.eye(4)), "labels": Image(labels, np.eye(4)),
-            "calls": calls, "out": tmp / "out"}
+    result = preprocess(
+        scans, tmp / "out", atlas=atlas, labels=label_files, progress=lambda done, total: calls.append((done, total))
+    )
+    return {
+        "result": result,
+        "atlas": Image(image, np.eye(4)),
+        "labels": Image(labels, np.eye(4)),
+        "calls": calls,
+        "out": tmp / "out",
+    }
 
 
 def test_outputs_share_the_network_grid(run):
@@ -144,8 +158,9 @@ def test_outputs_share_the_network_grid(run):
             np.testing.assert_allclose(img.affine, result.grid.affine, atol=1e-5)
         assert image.array.min() >= 0.0 and image.array.max() <= 1.0 + 1e-6
     assert sorted(p.name for p in run["out"].iterdir()) == sorted(
-        ["manifest.csv", "summary.png"] + [f"{n}{s}.nii.gz" for n in ("shifted", "flipped", "coarse")
-                                           for s in ("", "_labels")])
+        ["manifest.csv", "summary.png"]
+        + [f"{n}{s}.nii.gz" for n in ("shifted", "flipped", "coarse") for s in ("", "_labels")]
+    )
 
 
 def test_aligned_scans_match_the_atlas(run):
@@ -192,8 +207,7 @@ def test_window_and_mask_labels(tmp_path):
     scan = _save(tmp_path / "ct.nii.gz", hu, np.eye(4))
     lab = _save(tmp_path / "ct_labels.nii.gz", labels, np.eye(4))
     atlas = Image(image, np.eye(4))
-    result = preprocess([scan], tmp_path / "out", atlas=atlas, labels=[lab], mask_labels=True,
-                        window=(-400.0, 400.0))
+    result = preprocess([scan], tmp_path / "out", atlas=atlas, labels=[lab], mask_labels=True, window=(-400.0, 400.0))
     assert result.outputs[0].status == "ok"
     out = io.load_image(result.outputs[0].image).array
     on_grid = warp_image(Image(hu, np.eye(4)), result.grid).array

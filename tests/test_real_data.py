@@ -55,8 +55,13 @@ def test_real_pair_itk_field_matches_voxreg_warp(tmp_path):
     fixed, moving = io.load_image(fixed_path), io.load_image(moving_path)
     field = sitk.ReadImage(str(outputs["field_itk"]))
     transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
-    by_itk = sitk.Resample(io.array_to_sitk(moving.array, moving.affine), io.array_to_sitk(fixed.array, fixed.affine),
-                           transform, sitk.sitkLinear, 0.0)
+    by_itk = sitk.Resample(
+        io.array_to_sitk(moving.array, moving.affine),
+        io.array_to_sitk(fixed.array, fixed.affine),
+        transform,
+        sitk.sitkLinear,
+        0.0,
+    )
     difference = np.abs(io.sitk_to_array(by_itk)[0] - result.warped.array)
     assert difference.max() < 1e-3
     assert torch.isfinite(result.field).all()

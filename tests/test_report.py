@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from voxreg.viz import registration_figure as report
 from voxreg.core.errors import VoxregError
+from voxreg.viz import registration_figure as report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -31,8 +31,9 @@ def _inputs(shape, seed=0):
 
 def test_figure_3d_is_a_png(tmp_path):
     fixed, moving, field = _inputs((20, 24, 18))
-    out = report.registration_figure(fixed, moving, fixed, field, tmp_path / "sub" / "fig.png",
-                                     title="test", spacing=(1.0, 1.0, 2.0))
+    out = report.registration_figure(
+        fixed, moving, fixed, field, tmp_path / "sub" / "fig.png", title="test", spacing=(1.0, 1.0, 2.0)
+    )
     assert out == tmp_path / "sub" / "fig.png" and out.is_file()
     width, height = _png_size(out)
     assert 600 < width < 3000 and 300 < height < 2000
@@ -81,14 +82,15 @@ def test_shift_along_axis0_moves_axial_lines_horizontally():
     field[0] = 2.0
     axial = report.display_planes((9, 10, 11))[0]
     assert (axial.axis, axial.horizontal, axial.vertical) == (2, 0, 1)
-    lines, _ = report.grid_lines(report._cut(field[axial.horizontal], axial),
-                                 report._cut(field[axial.vertical], axial), step=4)
+    lines, _ = report.grid_lines(
+        report._cut(field[axial.horizontal], axial), report._cut(field[axial.vertical], axial), step=4
+    )
     np.testing.assert_array_equal(lines[0][:, 0], np.arange(9) + 2)
 
 
 def _displayed(array: np.ndarray, plane) -> np.ndarray:
     shown = report._cut(array, plane)
-    return shown[::-1 if plane.flip_h else 1, ::-1 if plane.flip_v else 1]
+    return shown[:: -1 if plane.flip_h else 1, :: -1 if plane.flip_v else 1]
 
 
 def test_orientation_independent_display():

@@ -34,11 +34,13 @@ def test_one_voxel_shift_moves_image_one_voxel_along_each_axis(shape):
         field[:, axis] = 1.0
         warped = spatial.warp(image, field)
         # warped(x) = image(x + e_axis): warped[..., i, ...] == image[..., i+1, ...]
-        assert torch.allclose(warped.narrow(2 + axis, 0, shape[axis] - 1),
-                              image.narrow(2 + axis, 1, shape[axis] - 1), atol=1e-3)
+        assert torch.allclose(
+            warped.narrow(2 + axis, 0, shape[axis] - 1), image.narrow(2 + axis, 1, shape[axis] - 1), atol=1e-3
+        )
         # border padding repeats the last slice
-        assert torch.allclose(warped.narrow(2 + axis, shape[axis] - 1, 1),
-                              image.narrow(2 + axis, shape[axis] - 1, 1), atol=1e-3)
+        assert torch.allclose(
+            warped.narrow(2 + axis, shape[axis] - 1, 1), image.narrow(2 + axis, shape[axis] - 1, 1), atol=1e-3
+        )
 
 
 @pytest.mark.parametrize("shape", SHAPES)

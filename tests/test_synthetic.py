@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from voxreg.io import templates
-from voxreg.core import spatial
-from voxreg.core import synthetic
+from voxreg.core import spatial, synthetic
 from voxreg.core.errors import VoxregError
+from voxreg.io import templates
 
 HAS_NILEARN = importlib.util.find_spec("nilearn") is not None
 
@@ -45,7 +44,7 @@ def test_intensity_change_range_and_identity():
     assert out.min() >= 0 and out.max() <= 1
     assert np.array_equal(out, synthetic.intensity_change(array, gamma=1.5, seed=2))
     plain = synthetic.intensity_change(array, gamma=2.0, bias_field_strength=0, noise_std=0)
-    np.testing.assert_allclose(plain, array ** 2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(plain, array**2, rtol=1e-5, atol=1e-6)
     assert synthetic.intensity_change(np.ones((8, 8, 8)), noise_std=0).std() > 0  # bias field
 
 
@@ -64,8 +63,9 @@ def _interior(ndim: int, margin: int = 6):
 @pytest.mark.parametrize("shape", [(48, 48), (24, 28, 32)])
 def test_true_field_recovers_fixed(shape):
     image, labels = synthetic.blobs_image(shape, seed=1)
-    pair = synthetic.make_synthetic_pair(image, labels, max_displacement=3.0, seed=0, smoothness=10,
-                                         change_intensity=False)
+    pair = synthetic.make_synthetic_pair(
+        image, labels, max_displacement=3.0, seed=0, smoothness=10, change_intensity=False
+    )
     moving = torch.from_numpy(pair.moving.array)[None, None]
     back = spatial.warp(moving, pair.true_field)[0, 0].numpy()
     inner = _interior(len(shape))
@@ -77,8 +77,9 @@ def test_true_field_recovers_fixed(shape):
     assert float(residual.abs().max()) < 0.05
     # labels follow the same field (nearest) and keep their dtype
     assert pair.moving_labels.array.dtype == labels.array.dtype
-    back_labels = spatial.warp(torch.from_numpy(pair.moving_labels.array)[None, None], pair.true_field,
-                               mode="nearest")[0, 0].numpy()
+    back_labels = spatial.warp(torch.from_numpy(pair.moving_labels.array)[None, None], pair.true_field, mode="nearest")[
+        0, 0
+    ].numpy()
     fixed_l = pair.fixed_labels.array
     assert (back_labels == fixed_l)[inner].mean() > (pair.moving_labels.array == fixed_l)[inner].mean()
 

@@ -12,10 +12,10 @@ import torch
 
 from voxreg.core import spatial
 from voxreg.core.errors import VoxregError
+from voxreg.core.synthetic import blobs_image, smooth_random_field
 from voxreg.losses import gradient_penalty
 from voxreg.nn import VoxelMorph, load_checkpoint
-from voxreg.core.synthetic import blobs_image, smooth_random_field
-from voxreg.training.trainer import TrainConfig, TrainingInterrupted, TrainingSet, train, validate
+from voxreg.training import TrainConfig, TrainingInterrupted, TrainingSet, train, validate
 
 SHAPE = (16, 16, 16)
 
@@ -40,15 +40,28 @@ def data() -> tuple[TrainingSet, TrainingSet]:
 
 
 def _config(**kw) -> TrainConfig:
-    base = dict(similarity="mse", lam=0.01, network="vm1", lr=1e-3, steps=40, batch_size=2,
-                seed=1, checkpoint_every=10, validate_every=20, device="cpu")
+    base = dict(
+        similarity="mse",
+        lam=0.01,
+        network="vm1",
+        lr=1e-3,
+        steps=40,
+        batch_size=2,
+        seed=1,
+        checkpoint_every=10,
+        validate_every=20,
+        device="cpu",
+    )
     base.update(kw)
     return TrainConfig(**base)
 
 
 def _dice(fixed: torch.Tensor, warped: torch.Tensor) -> float:
-    scores = [2 * float(((fixed == k) & (warped == k)).sum()) / float((fixed == k).sum() + (warped == k).sum())
-              for k in torch.unique(fixed).tolist() if k != 0]
+    scores = [
+        2 * float(((fixed == k) & (warped == k)).sum()) / float((fixed == k).sum() + (warped == k).sum())
+        for k in torch.unique(fixed).tolist()
+        if k != 0
+    ]
     return float(np.mean(scores))
 
 
@@ -149,11 +162,20 @@ def test_training_set_from_paths_resamples_and_caches(tmp_path):
     assert bool((m != f).all())
 
 
-@pytest.mark.parametrize("kw, name", [
-    (dict(similarity="cc"), "similarity"), (dict(lam=-1.0), "lam"), (dict(lam_range=(1.0, 0.1)), "lam_range"),
-    (dict(network="vm3"), "network"), (dict(lr=0), "lr"), (dict(steps=0), "steps"),
-    (dict(batch_size=1.5), "batch_size"), (dict(device="tpu"), "device"), (dict(dice_weight=-1), "dice_weight"),
-])
+@pytest.mark.parametrize(
+    "kw, name",
+    [
+        (dict(similarity="cc"), "similarity"),
+        (dict(lam=-1.0), "lam"),
+        (dict(lam_range=(1.0, 0.1)), "lam_range"),
+        (dict(network="vm3"), "network"),
+        (dict(lr=0), "lr"),
+        (dict(steps=0), "steps"),
+        (dict(batch_size=1.5), "batch_size"),
+        (dict(device="tpu"), "device"),
+        (dict(dice_weight=-1), "dice_weight"),
+    ],
+)
 def test_bad_config_raises(kw, name):
     with pytest.raises(ValueError, match=name):
         TrainConfig(**kw)

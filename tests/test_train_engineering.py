@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
+from test_train import _config, _scans
 from voxreg.core.errors import VoxregError
 from voxreg.nn import NetworkConfig, VoxelMorph, load_checkpoint
-from voxreg.training.trainer import TrainConfig, TrainingSet, _Objective, train
-
-from test_train import _config, _scans
+from voxreg.training import TrainConfig, TrainingSet, train
+from voxreg.training.objective import Objective
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_bidirectional_objective_and_config(train_set, tmp_path):
     with pytest.raises(ValueError, match="bidirectional"):
         TrainConfig(bidirectional=True)
     cfg = _config(bidirectional=True, int_steps=3)
-    objective = _Objective(cfg, 0)
+    objective = Objective(cfg, 0)
     moving, fixed = train_set.images[0:1], train_set.images[1:2]
     zero = torch.zeros(1, 3, *train_set.shape)
     shift = torch.zeros_like(zero)
@@ -75,7 +75,8 @@ def test_bidirectional_objective_and_config(train_set, tmp_path):
     both = objective(moving, fixed, shift, torch.tensor([0.0]), inverse=-shift)[1]
     assert float(both) == pytest.approx(0.5 * (float(one_way) + float(back)), rel=1e-6)
     assert float(objective(moving, fixed, zero, torch.tensor([0.0]), inverse=zero)[1]) == pytest.approx(
-        float(((moving - fixed) ** 2).mean()), rel=1e-5)
+        float(((moving - fixed) ** 2).mean()), rel=1e-5
+    )
     result = train(_config(steps=3, bidirectional=True, int_steps=3), train_set, tmp_path)
     assert np.isfinite(result.history[-1]["loss"])
 
@@ -132,9 +133,32 @@ def _write_scans(folder) -> list[str]:
 
 
 def _train_cmd(paths: list[str], out, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "voxreg.cli", "train", *paths, "-o", str(out), "--steps", "30",
-            "--network", "vm1", "--similarity", "mse", "--lambda", "0.01", "--lr", "1e-3",
-            "--batch-size", "2", "--checkpoint-every", "5", "--device", "cpu", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "voxreg.cli",
+        "train",
+        *paths,
+        "-o",
+        str(out),
+        "--steps",
+        "30",
+        "--network",
+        "vm1",
+        "--similarity",
+        "mse",
+        "--lambda",
+        "0.01",
+        "--lr",
+        "1e-3",
+        "--batch-size",
+        "2",
+        "--checkpoint-every",
+        "5",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def _steps_done(metrics) -> int:
@@ -171,7 +195,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
 
 DDP_SCRIPT = """
 import os, sys, torch
-from voxreg.training.trainer import TrainConfig, TrainingSet, train
+from voxreg.training import TrainConfig, TrainingSet, train
 data, _ = TrainingSet.load(sys.argv[1])
 cfg = TrainConfig(similarity="mse", lam=0.01, network="vm1", lr=1e-3, steps=6, batch_size=1, seed=1,
                   checkpoint_every=3, validate_every=3, device="cpu")
@@ -186,8 +210,17 @@ def test_ddp_two_cpu_processes_hold_identical_weights(train_set, tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), str(cache), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(cache),
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0 and "gloo" in proc.stderr.lower() and "network" in proc.stderr.lower():
@@ -206,3 +239,66 @@ def test_ddp_two_cpu_processes_hold_identical_weights(train_set, tmp_path):
     assert not torch.equal(extra["rng_ranks"][0], extra["rng_ranks"][1])  # ranks drew different pairs
     with open(out / "metrics.csv") as fh:
         assert [int(r["step"]) for r in csv.DictReader(fh)] == list(range(1, 7))
+
+
+def test_device_names_follow_resolve_device():
+    assert TrainConfig(device="cuda:1").device == "cuda:1"
+    for bad in ("cuda:", "cuda:N", "gpu"):
+        with pytest.raises(ValueError, match="device"):
+            TrainConfig(device=bad)
+
+
+def test_train_cli_defaults_come_from_train_config():
+    import dataclasses
+
+    import typer
+
+    from voxreg.cli import app
+    from voxreg.cli.train import _OPTION_FIELDS
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    assert sorted(_OPTION_FIELDS.values()) == sorted(defaults)
+    params = {p.name: p for p in typer.main.get_command(app).commands["train"].params}
+    for param, name in _OPTION_FIELDS.items():
+        expected = list(defaults[name]) if name == "schedule" else defaults[name]
+        assert params[param].default == expected, name
+    assert "--regularizer" in params["regularizer"].opts
+
+
+def test_train_cli_2d_shape_regularizer_and_one_line_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from voxreg.cli import app
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"s{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(rng.random((20, 24)).astype(np.float32), np.eye(4)), paths[-1])
+    run = tmp_path / "run"
+    args = [
+        "train",
+        *paths,
+        "-o",
+        str(run),
+        "--steps",
+        "2",
+        "--network",
+        "vm1",
+        "--device",
+        "cpu",
+        "--similarity",
+        "mse",
+    ]
+    result = CliRunner().invoke(app, [*args, "--shape", "16x16", "--regularizer", "bending"])
+    assert result.exit_code == 0, result.output
+    model, extra = load_checkpoint(run / "last.pt")
+    assert model.config.ndim == 2 and extra["train_config"]["regularizer"] == "bending"
+    for bad, fragment in (
+        (["--regularizer", "l3"], "regularizer"),
+        (["--shape", "16x"], "--shape"),
+        (["--device", "tpu"], "device"),
+    ):
+        result = CliRunner().invoke(app, [*args, *bad])
+        lines = [line for line in result.output.strip().splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1 and fragment in lines[0], result.output

@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from test_train import _config, _scans
 from voxreg.cli import app
 from voxreg.core.errors import VoxregError
-from voxreg.training.trainer import TrainingSet, train
 from voxreg.evaluation.tune import LambdaPoint, lambda_grid, recommend, tune_lambda
-
-from test_train import _config, _scans
+from voxreg.training.trainer import TrainingSet, train
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +26,11 @@ def trained(tmp_path_factory):
 
 def test_lambda_grid_and_recommendation():
     np.testing.assert_allclose(lambda_grid(0.01, 1.0, 3), [0.01, 0.1, 1.0])
-    pts = [LambdaPoint(0.1, 0.80, 0.0, 2.0, 0.5, 3), LambdaPoint(1.0, 0.75, 0.0, 0.3, 0.3, 3),
-           LambdaPoint(10.0, 0.60, 0.0, 0.0, 0.1, 3)]
+    pts = [
+        LambdaPoint(0.1, 0.80, 0.0, 2.0, 0.5, 3),
+        LambdaPoint(1.0, 0.75, 0.0, 0.3, 0.3, 3),
+        LambdaPoint(10.0, 0.60, 0.0, 0.0, 0.1, 3),
+    ]
     assert recommend(pts, max_folding=0.5)[0] == 1.0
     assert recommend(pts, max_folding=5.0)[0] == 0.1
     lam, reason = recommend(pts, max_folding=-1.0)
@@ -57,19 +59,32 @@ def test_tune_lambda_cli(trained, tmp_path):
     model, scans, maps = trained
     rows = []
     for i, (scan, lab) in enumerate(zip(scans, maps)):
-        s, l = tmp_path / f"s{i}.nii.gz", tmp_path / f"l{i}.nii.gz"
+        s, lab_path = tmp_path / f"s{i}.nii.gz", tmp_path / f"lab_path{i}.nii.gz"
         nib.save(nib.Nifti1Image(scan.array, np.eye(4)), str(s))
-        nib.save(nib.Nifti1Image(lab.array, np.eye(4)), str(l))
-        rows.append(f"{s.name},{l.name}")
+        nib.save(nib.Nifti1Image(lab.array, np.eye(4)), str(lab_path))
+        rows.append(f"{s.name},{lab_path.name}")
     (tmp_path / "val.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "sweep"
-    res = CliRunner().invoke(app, ["tune-lambda", str(model), str(tmp_path / "val.csv"), "-o", str(out),
-                                   "--lambdas", "0.01,0.1,1", "--device", "cpu"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "tune-lambda",
+            str(model),
+            str(tmp_path / "val.csv"),
+            "-o",
+            str(out),
+            "--lambdas",
+            "0.01,0.1,1",
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "recommended lambda" in res.output
     assert (out / "lambda_curve.png").is_file() and (out / "lambda_curve.csv").is_file()
-    bad = CliRunner().invoke(app, ["tune-lambda", str(model), str(tmp_path / "val.csv"), "-o", str(out),
-                                   "--lambdas", "a,b"])
+    bad = CliRunner().invoke(
+        app, ["tune-lambda", str(model), str(tmp_path / "val.csv"), "-o", str(out), "--lambdas", "a,b"]
+    )
     assert bad.exit_code == 2 and "--lambdas" in bad.output
 
 

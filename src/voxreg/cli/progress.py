@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import typer
 from rich.console import Console
@@ -36,8 +36,14 @@ def user_errors(command: Callable) -> Callable:
 def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
     """A rich progress bar shown from the first update on (so input errors print alone);
     yields a ``callback(done, total, info="")``; ``info`` is shown after the ETA."""
-    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+    ]
     bar = Progress(*columns, console=console, transient=False)
     task = None
 

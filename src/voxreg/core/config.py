@@ -4,7 +4,8 @@ field, the allowed values and what was given (the CLI turns it into one line, ex
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
@@ -22,8 +23,9 @@ def check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
     return value
 
 
-def check_number(name: str, value: Any, low: float | None = None, high: float | None = None,
-                 low_inclusive: bool = True) -> float:
+def check_number(
+    name: str, value: Any, low: float | None = None, high: float | None = None, low_inclusive: bool = True
+) -> float:
     """``value`` must be a finite real number (never NaN/Inf) within the given bounds."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok and low is not None:

@@ -17,8 +17,8 @@ Normalised coordinates for ``grid_sample`` live in :mod:`voxreg.core.spatial`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -54,8 +54,9 @@ def voxel_spacing(affine: np.ndarray, ndim: int | None = None) -> np.ndarray:
     return np.sqrt((matrix[:size, :ndim] ** 2).sum(axis=0))
 
 
-def voxel_matrix(fixed_affine: np.ndarray, moving_affine: np.ndarray, ndim: int = 3,
-                 world_matrix: np.ndarray | None = None) -> np.ndarray:
+def voxel_matrix(
+    fixed_affine: np.ndarray, moving_affine: np.ndarray, ndim: int = 3, world_matrix: np.ndarray | None = None
+) -> np.ndarray:
     """Matrix ``(ndim+1, ndim+1)`` mapping fixed voxel indices to moving voxel indices.
 
     ``world_matrix`` (4x4, RAS mm) maps fixed world points to moving world points
@@ -87,8 +88,7 @@ def world_points(affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     return matrix[:ndim, :ndim] @ voxel_indices(shape) + matrix[:ndim, ndim:]
 
 
-def mapped_coords(matrix: np.ndarray, shape: Sequence[int],
-                  device: str | torch.device | None = None) -> torch.Tensor:
+def mapped_coords(matrix: np.ndarray, shape: Sequence[int], device: str | torch.device | None = None) -> torch.Tensor:
     """Voxel coordinates ``(1, ndim, *shape)`` float32 of ``matrix @ [x, 1]`` for every voxel
     ``x`` of a grid (computed in float64, so large grids keep sub-voxel accuracy)."""
     ndim = len(shape)
@@ -150,6 +150,6 @@ class Grid:
         """World coordinates ``(ndim, prod(shape))`` of every voxel (reduced axes)."""
         return world_points(self.reduced, self.shape)
 
-    def voxel_matrix_to(self, other: "Grid", world_matrix: np.ndarray | None = None) -> np.ndarray:
+    def voxel_matrix_to(self, other: Grid, world_matrix: np.ndarray | None = None) -> np.ndarray:
         """Voxel matrix from this grid's indices to ``other``'s (through ``world_matrix``)."""
         return voxel_matrix(self.affine, other.affine, self.ndim, world_matrix)

@@ -6,14 +6,23 @@ Conventions (see docs/conventions.md):
   integer dtype for label maps.
 - ``affine`` is the 4x4 voxel-index -> world (RAS, millimetres) matrix, as nibabel
   uses, also for 2D images (the third axis is then a single slice).
+- ``kind`` is ``'intensity'`` or ``'label'`` (default: ``'label'`` for an integer array);
+  label maps are only ever resampled with nearest neighbour.
+
+Geometry (spacing, world points, voxel matrices) lives in :mod:`voxreg.core.grid`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
+
+from voxreg.core.grid import Grid, voxel_spacing
+
+Kind = Literal["intensity", "label"]
 
 
 @dataclass
@@ -23,11 +32,16 @@ class Image:
     array: np.ndarray
     affine: np.ndarray = field(default_factory=lambda: np.eye(4))
     path: Path | None = None
+    kind: Kind | None = None  # None: derived from the dtype (integer -> 'label')
 
     def __post_init__(self) -> None:
         self.affine = np.asarray(self.affine, dtype=np.float64)
         if self.affine.shape != (4, 4):
             raise ValueError(f"affine must be 4x4, got {self.affine.shape}")
+        if self.kind is None:
+            self.kind = "label" if np.issubdtype(np.asarray(self.array).dtype, np.integer) else "intensity"
+        if self.kind not in get_args(Kind):
+            raise ValueError(f"kind must be one of {', '.join(get_args(Kind))}; got {self.kind!r}")
 
     @property
     def ndim(self) -> int:
@@ -42,12 +56,17 @@ class Image:
     @property
     def spacing(self) -> np.ndarray:
         """Voxel size in mm along each array axis."""
-        return np.sqrt((self.affine[:3, : self.ndim] ** 2).sum(axis=0))
+        return voxel_spacing(self.affine, self.ndim)
+
+    @property
+    def grid(self) -> Grid:
+        """The sampling grid (shape and affine) of this image."""
+        return Grid(self.shape, self.affine)
 
     @property
     def is_label(self) -> bool:
-        """True when the array has an integer dtype (a label map)."""
-        return np.issubdtype(self.array.dtype, np.integer)
+        """True for a label map (``kind == 'label'``)."""
+        return self.kind == "label"
 
     @property
     def name(self) -> str:
@@ -60,6 +79,6 @@ class Image:
                 return name[: -len(ext)]
         return name
 
-    def with_array(self, array: np.ndarray) -> "Image":
-        """A new Image on the same grid holding ``array``."""
+    def with_array(self, array: np.ndarray) -> Image:
+        """A new Image on the same grid holding ``array`` (kind derived from its dtype)."""
         return Image(array, self.affine.copy(), self.path)

@@ -54,7 +54,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise VoxregError(f"device {name!r} requested but CUDA is not available on this machine (use --device cpu or auto)")
+        raise VoxregError(
+            f"device {name!r} requested but CUDA is not available on this machine (use --device cpu or auto)"
+        )
     if not (name == "cpu" or name.startswith("cuda")):
         raise VoxregError(f"unknown device {name!r}: use auto, cpu or cuda[:N]")
     return torch.device(name)

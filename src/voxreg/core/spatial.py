@@ -17,8 +17,9 @@ Coordinate domains used throughout voxreg (see docs/conventions.md):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +43,9 @@ def _cached_identity(shape: tuple[int, ...], device: torch.device, dtype: torch.
     return torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
 
 
-def identity_grid(shape: Sequence[int], device: torch.device | str | None = None,
-                  dtype: torch.dtype = torch.float32) -> Tensor:
+def identity_grid(
+    shape: Sequence[int], device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """Voxel coordinates of every voxel, shape ``(1, ndim, *shape)`` (cached per shape)."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     return _cached_identity(tuple(int(s) for s in shape), device, dtype)
@@ -66,8 +68,7 @@ def normalized_to_voxel(grid: Tensor, shape: Sequence[int]) -> Tensor:
     return (coords + 1.0) * scale.view(1, ndim, *([1] * ndim))
 
 
-def sample(image: Tensor, coords: Tensor, mode: Interpolation = "linear",
-           padding: Padding = "border") -> Tensor:
+def sample(image: Tensor, coords: Tensor, mode: Interpolation = "linear", padding: Padding = "border") -> Tensor:
     """Sample ``image`` ``(N, C, *S_in)`` at voxel coordinates ``coords`` ``(N, ndim, *S_out)``.
 
     Linear interpolation is bilinear/trilinear; ``nearest`` is for label maps.
@@ -84,13 +85,13 @@ def sample(image: Tensor, coords: Tensor, mode: Interpolation = "linear",
     if coords.shape[0] != work.shape[0]:
         coords = coords.expand(work.shape[0], *coords.shape[1:])
     grid = voxel_to_normalized(coords, work.shape[2:])
-    out = F.grid_sample(work, grid, mode="bilinear" if mode == "linear" else "nearest",
-                        padding_mode=padding, align_corners=True)
+    out = F.grid_sample(
+        work, grid, mode="bilinear" if mode == "linear" else "nearest", padding_mode=padding, align_corners=True
+    )
     return out.round().to(image.dtype) if is_int else out
 
 
-def warp(image: Tensor, field: Tensor, mode: Interpolation = "linear",
-         padding: Padding = "border") -> Tensor:
+def warp(image: Tensor, field: Tensor, mode: Interpolation = "linear", padding: Padding = "border") -> Tensor:
     """Warp ``image`` ``(N, C, *S)`` by a displacement ``field`` ``(N, ndim, *S_fixed)`` in
     voxels: ``out(x) = image(x + field(x))``. The output lives on the field's grid."""
     coords = identity_grid(field.shape[2:], field.device, field.dtype) + field
@@ -112,7 +113,7 @@ def integrate_velocity(velocity: Tensor, steps: int = 7) -> Tensor:
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    field = velocity / (2 ** steps)
+    field = velocity / (2**steps)
     for _ in range(steps):
         field = field + warp(field, field)
     return field

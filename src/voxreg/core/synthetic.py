@@ -14,8 +14,8 @@ grid, channel ``d`` = displacement along array axis ``d``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -29,8 +29,9 @@ from voxreg.core.image import Image
 # --------------------------------------------------------------------------- fields
 
 
-def _random_smooth_noise(shape: Sequence[int], channels: int, smoothness: float,
-                         rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, ...]]:
+def _random_smooth_noise(
+    shape: Sequence[int], channels: int, smoothness: float, rng: np.random.Generator
+) -> tuple[np.ndarray, tuple[int, ...]]:
     """Smooth noise on a coarse grid (about 4 nodes per ``smoothness`` voxels)."""
     step = max(smoothness / 4.0, 1.0)
     coarse = tuple(max(int(np.ceil((s - 1) / step)) + 1, 4) for s in shape)
@@ -44,9 +45,14 @@ def _max_norm(field: Tensor) -> float:
     return float(field.square().sum(dim=1).sqrt().max())
 
 
-def smooth_random_field(shape: Sequence[int], max_displacement: float = 5.0,
-                        smoothness: float = 12.0, seed: int = 0,
-                        device: str | torch.device = "cpu", steps: int = 7) -> Tensor:
+def smooth_random_field(
+    shape: Sequence[int],
+    max_displacement: float = 5.0,
+    smoothness: float = 12.0,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    steps: int = 7,
+) -> Tensor:
     """Smooth, diffeomorphic random displacement ``(1, ndim, *shape)`` in voxels.
 
     A random velocity (Gaussian-smoothed noise, correlation length ~``smoothness`` voxels)
@@ -59,8 +65,7 @@ def smooth_random_field(shape: Sequence[int], max_displacement: float = 5.0,
     if len(shape) not in (2, 3) or min(shape) < 2:
         raise VoxregError(f"shape must be 2D or 3D with sizes >= 2, got {shape}")
     if max_displacement < 0 or smoothness <= 0:
-        raise VoxregError(f"need max_displacement >= 0 and smoothness > 0, got "
-                          f"{max_displacement}, {smoothness}")
+        raise VoxregError(f"need max_displacement >= 0 and smoothness > 0, got {max_displacement}, {smoothness}")
     if max_displacement == 0:
         return torch.zeros((1, len(shape), *shape), device=device)
     noise, coarse = _random_smooth_noise(shape, len(shape), smoothness, np.random.default_rng(seed))
@@ -91,8 +96,9 @@ def _smooth_log_bias(shape: Sequence[int], rng: np.random.Generator, order: int 
     return log_bias / max(np.abs(log_bias).max(), 1e-12)
 
 
-def intensity_change(array: np.ndarray, gamma: float = 1.3, bias_field_strength: float = 0.2,
-                     noise_std: float = 0.01, seed: int = 0) -> np.ndarray:
+def intensity_change(
+    array: np.ndarray, gamma: float = 1.3, bias_field_strength: float = 0.2, noise_std: float = 0.01, seed: int = 0
+) -> np.ndarray:
     """Smooth nonlinear intensity change: ``clip(a**gamma * exp(b * B(x)) + noise, 0, 1)``.
 
     ``array`` is clipped to [0, 1] first; ``B`` is a random low-frequency field in [-1, 1]
@@ -135,9 +141,15 @@ def _to_tensor(array: np.ndarray, device: str | torch.device) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))[None, None].to(device)
 
 
-def make_synthetic_pair(image: Image, labels: Image | None = None, max_displacement: float = 5.0,
-                        seed: int = 0, smoothness: float = 12.0, change_intensity: bool = True,
-                        device: str | torch.device = "cpu") -> SyntheticPair:
+def make_synthetic_pair(
+    image: Image,
+    labels: Image | None = None,
+    max_displacement: float = 5.0,
+    seed: int = 0,
+    smoothness: float = 12.0,
+    change_intensity: bool = True,
+    device: str | torch.device = "cpu",
+) -> SyntheticPair:
     """Warp ``image`` (and ``labels``, nearest) by a known smooth random field.
 
     ``fixed`` is ``image`` as float32; ``moving`` is it warped by ``forward_field``
@@ -183,7 +195,7 @@ def blobs_image(shape: Sequence[int] = (32, 32), seed: int = 0, n_blobs: int = 4
     for _ in range(n_blobs):
         centre = rng.uniform(0.25, 0.75, len(shape)).astype(np.float32).reshape(size.shape) * size
         sigma = rng.uniform(0.08, 0.15) * float(min(shape))
-        blobs.append(rng.uniform(0.6, 1.0) * np.exp(-((coords - centre) ** 2).sum(0) / (2 * sigma ** 2)))
+        blobs.append(rng.uniform(0.6, 1.0) * np.exp(-((coords - centre) ** 2).sum(0) / (2 * sigma**2)))
     stack = np.stack(blobs)
     image = np.clip(stack.sum(0), 0, None)
     image = (image / image.max()).astype(np.float32)

@@ -25,10 +25,8 @@ hemisphere label.
 from __future__ import annotations
 
 import base64
-import csv
 import datetime as _dt
 import html
-import io
 import math
 import os
 import platform
@@ -38,20 +36,23 @@ from pathlib import Path
 
 import numpy as np
 
-from voxreg.io import labels as _labels
 from voxreg.core.errors import VoxregError
-from voxreg.io import atomic_path
+from voxreg.io import atomic_write
+from voxreg.io import labels as _labels
+from voxreg.io.tables import read_table, write_table
+from voxreg.viz.evaluation import dice_boxplot
 
 RESULTS_CSV = "results.csv"
 PER_STRUCTURE_CSV = "per_structure.csv"
 DASH = "–"
 MAX_EXAMPLES = 6
-_STRUCTURES_PER_ROW = 24
 _RESULTS_REQUIRED = ("id", "method", "status")
 _PER_STRUCTURE_REQUIRED = ("id", "method", "dice")
-_SIMILARITY = (("ncc", "NCC", "ncc_before", "ncc_after", 3),
-               ("mi", "MI", "mi_before", "mi_after", 3),
-               ("tre", "TRE mm", "tre_before_mm", "tre_after_mm", 2))
+_SIMILARITY = (
+    ("ncc", "NCC", "ncc_before", "ncc_after", 3),
+    ("mi", "MI", "mi_before", "mi_after", 3),
+    ("tre", "TRE mm", "tre_before_mm", "tre_after_mm", 2),
+)
 
 Row = dict[str, str]
 
@@ -60,17 +61,12 @@ Row = dict[str, str]
 
 
 def _read_csv(path: Path, required: tuple[str, ...]) -> list[Row]:
-    """Rows of ``path`` as dicts (missing cells -> ""); checks the required columns."""
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            fields = reader.fieldnames or []
-            rows = [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
-    except FileNotFoundError as exc:
-        raise VoxregError(f"{path}: file not found (run 'voxreg evaluate' first)") from exc
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise VoxregError(f"{path}: cannot read CSV ({exc})") from exc
-    missing = [name for name in required if name not in fields]
+    """Rows of ``path`` as dicts (missing cells -> ""); checks the required columns of the
+    rows it has."""
+    if not path.is_file():
+        raise VoxregError(f"{path}: file not found (run 'voxreg evaluate' first)")
+    rows = [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in read_table(path)]
+    missing = [name for name in required if rows and name not in rows[0]]
     if missing:
         raise VoxregError(f"{path}: missing column(s) {', '.join(missing)}")
     return rows
@@ -110,7 +106,7 @@ class Stat:
     n: int
 
     @classmethod
-    def of(cls, values: list[float]) -> "Stat":
+    def of(cls, values: list[float]) -> Stat:
         """Statistics of ``values`` ignoring NaN; NaN mean/std when none is finite."""
         finite = np.asarray([v for v in values if math.isfinite(v)], dtype=np.float64)
         if finite.size == 0:
@@ -143,7 +139,8 @@ def summarize(rows: list[Row]) -> list[MethodSummary]:
     "before registration" row (Dice of the unregistered pair) when ``dice_before`` exists."""
     before = _before_summary(rows)
     return ([before] if before is not None else []) + [
-        _summarize_method(method, [r for r in rows if r["method"] == method]) for method in _methods(rows)]
+        _summarize_method(method, [r for r in rows if r["method"] == method]) for method in _methods(rows)
+    ]
 
 
 def _before_summary(rows: list[Row]) -> MethodSummary | None:
@@ -156,8 +153,19 @@ def _before_summary(rows: list[Row]) -> MethodSummary | None:
     if not per_pair:
         return None
     none = Stat(math.nan, math.nan, 0)
-    return MethodSummary(BEFORE, Stat.of(list(per_pair.values())), none, none, none, none, none, math.nan,
-                         len(per_pair), 0, {key: (none, none) for key, *_ in _SIMILARITY})
+    return MethodSummary(
+        BEFORE,
+        Stat.of(list(per_pair.values())),
+        none,
+        none,
+        none,
+        none,
+        none,
+        math.nan,
+        len(per_pair),
+        0,
+        {key: (none, none) for key, *_ in _SIMILARITY},
+    )
 
 
 def _summarize_method(method: str, rows: list[Row]) -> MethodSummary:
@@ -169,12 +177,18 @@ def _summarize_method(method: str, rows: list[Row]) -> MethodSummary:
     memory = [v for v in (_num(r, "peak_memory_mb") for r in ok) if math.isfinite(v)]
     similarity = {key: (stat(before), stat(after)) for key, _, before, after, _ in _SIMILARITY}
     return MethodSummary(
-        method=method, dice=stat("dice_mean"), hd95=stat("hd95_mean_mm"),
-        folding=stat("folding_percent"), sdlogj=stat("sdlogj"),
+        method=method,
+        dice=stat("dice_mean"),
+        hd95=stat("hd95_mean_mm"),
+        folding=stat("folding_percent"),
+        sdlogj=stat("sdlogj"),
         gpu_seconds=stat("seconds", [r for r in ok if _on_gpu(r)]),
         cpu_seconds=stat("seconds", [r for r in ok if not _on_gpu(r)]),
         peak_memory_mb=max(memory) if memory else math.nan,
-        n_ok=len(ok), n_failed=len(rows) - len(ok), similarity=similarity)
+        n_ok=len(ok),
+        n_failed=len(rows) - len(ok),
+        similarity=similarity,
+    )
 
 
 # --------------------------------------------------------------------------- formatting
@@ -191,22 +205,44 @@ def _mean_std(stat: Stat, digits: int, sep: str = " ({})") -> str:
     return _fmt(stat.mean, digits) + sep.format(_fmt(stat.std, digits))
 
 
-TABLE1_HEADER = ("Method", "Dice mean (std)", "HD95 mm", "% |J|≤0 (folding)", "SD log J",
-                 "GPU s", "CPU s", "peak memory MB", "pairs ok/failed")
+TABLE1_HEADER = (
+    "Method",
+    "Dice mean (std)",
+    "HD95 mm",
+    "% |J|≤0 (folding)",
+    "SD log J",
+    "GPU s",
+    "CPU s",
+    "peak memory MB",
+    "pairs ok/failed",
+)
 
 
 def table1_rows(summaries: list[MethodSummary]) -> list[list[str]]:
     """Formatted cells of the Table-1 summary, one list per method (see TABLE1_HEADER)."""
-    return [[s.method, _mean_std(s.dice, 3), _mean_std(s.hd95, 2), _mean_std(s.folding, 3),
-             _mean_std(s.sdlogj, 3), _mean_std(s.gpu_seconds, 2, " ± {}"),
-             _mean_std(s.cpu_seconds, 2, " ± {}"), _fmt(s.peak_memory_mb, 0),
-             f"{s.n_ok}/{s.n_failed}"] for s in summaries]
+    return [
+        [
+            s.method,
+            _mean_std(s.dice, 3),
+            _mean_std(s.hd95, 2),
+            _mean_std(s.folding, 3),
+            _mean_std(s.sdlogj, 3),
+            _mean_std(s.gpu_seconds, 2, " ± {}"),
+            _mean_std(s.cpu_seconds, 2, " ± {}"),
+            _fmt(s.peak_memory_mb, 0),
+            f"{s.n_ok}/{s.n_failed}",
+        ]
+        for s in summaries
+    ]
 
 
 def similarity_columns(summaries: list[MethodSummary]) -> list[tuple[str, str, int]]:
     """(key, title, digits) of the similarity/TRE measures that have a value for some method."""
-    return [(key, title, digits) for key, title, _, _, digits in _SIMILARITY
-            if any(s.similarity[key][0].n or s.similarity[key][1].n for s in summaries)]
+    return [
+        (key, title, digits)
+        for key, title, _, _, digits in _SIMILARITY
+        if any(s.similarity[key][0].n or s.similarity[key][1].n for s in summaries)
+    ]
 
 
 def similarity_rows(summaries: list[MethodSummary]) -> tuple[list[str], list[list[str]]]:
@@ -233,8 +269,7 @@ def _md_cell(text: str) -> str:
 
 
 def _markdown_table(header: list[str] | tuple[str, ...], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |",
-             "|" + "|".join("---" for _ in header) + "|"]
+    lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
@@ -254,9 +289,11 @@ def _devices(rows: list[Row]) -> list[str]:
 
 def _footnote(rows: list[Row]) -> str:
     devices = ", ".join(_devices(rows)) or "unknown"
-    return ("Mean (standard deviation) over the pairs that succeeded; seconds as mean ± std, "
-            "split by device (GPU s: CUDA runs only). Peak memory: maximum over pairs. "
-            f"Devices: {devices}.")
+    return (
+        "Mean (standard deviation) over the pairs that succeeded; seconds as mean ± std, "
+        "split by device (GPU s: CUDA runs only). Peak memory: maximum over pairs. "
+        f"Devices: {devices}."
+    )
 
 
 def markdown_report(rows: list[Row], summaries: list[MethodSummary]) -> str:
@@ -283,8 +320,9 @@ def structure_dice(per_structure: list[Row]) -> tuple[list[str], dict[str, dict[
         if not math.isfinite(dice):
             continue
         code = _num(row, "label")
-        name = row.get("name") or (_labels.label_name(int(code)) if math.isfinite(code)
-                                   else f"label {row.get('label', '?')}")
+        name = row.get("name") or (
+            _labels.label_name(int(code)) if math.isfinite(code) else f"label {row.get('label', '?')}"
+        )
         structure = _labels.hemisphere_pair_name(name)
         order = code if math.isfinite(code) else 1e9 + index
         first_code[structure] = min(first_code.get(structure, math.inf), order)
@@ -293,70 +331,10 @@ def structure_dice(per_structure: list[Row]) -> tuple[list[str], dict[str, dict[
     return structures, values
 
 
-def _chunks(items: list[str], per_row: int) -> list[list[str]]:
-    n_rows = max(1, math.ceil(len(items) / per_row))
-    size = math.ceil(len(items) / n_rows) if items else 0
-    return [items[i:i + size] for i in range(0, len(items), size)] if items else [[]]
-
-
 def dice_boxplot_png(per_structure: list[Row], methods: list[str], dpi: int = 110) -> bytes:
     """PNG bytes of the per-structure Dice box plot (one coloured box per method)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
     structures, values = structure_dice(per_structure)
-    methods = [m for m in methods if any(m in v for v in values.values())] or methods
-    rows = _chunks(structures, _STRUCTURES_PER_ROW)
-    per_row = max((len(r) for r in rows), default=1)
-    width = float(np.clip(1.5 + per_row * (0.2 + 0.18 * max(len(methods), 1)), 8, 22))
-    fig = Figure(figsize=(width, 1.0 + 4.2 * len(rows)), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
-    colors = [f"C{i % 10}" for i in range(len(methods))]
-    for ax, chunk in zip(axes, rows):
-        _draw_boxes(ax, chunk, values, methods, colors)
-    if not structures:
-        axes[0].text(0.5, 0.5, "no per-structure Dice in per_structure.csv", ha="center",
-                     va="center", transform=axes[0].transAxes, fontsize=12)
-    handles = [Patch(facecolor=c, edgecolor="black", alpha=0.8, label=m) for m, c in zip(methods, colors)]
-    legend = fig.legend(handles=handles, loc="outside upper center", ncol=min(len(methods), 6),
-                        frameon=False, fontsize=10,
-                        title="Dice per structure (left and right hemispheres pooled)")
-    legend.get_title().set_fontsize(12)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    return buffer.getvalue()
-
-
-def _draw_boxes(ax, structures: list[str], values: dict[str, dict[str, list[float]]],
-                methods: list[str], colors: list[str]) -> None:
-    """Boxes of ``structures`` on ``ax``, methods side by side within each structure slot."""
-    n = max(len(methods), 1)
-    box_width = 0.8 / n
-    for j, (method, color) in enumerate(zip(methods, colors)):
-        data, positions = [], []
-        for i, structure in enumerate(structures):
-            dice = values.get(structure, {}).get(method)
-            if dice:
-                data.append(dice)
-                positions.append(i - 0.4 + box_width * (j + 0.5))
-        if not data:
-            continue
-        parts = ax.boxplot(data, positions=positions, widths=box_width * 0.85, patch_artist=True,
-                           manage_ticks=False, flierprops=dict(marker=".", markersize=3, alpha=0.6),
-                           medianprops=dict(color="black", linewidth=1.2))
-        for box in parts["boxes"]:
-            box.set_facecolor(color)
-            box.set_alpha(0.8)
-    ax.set_xticks(range(len(structures)))
-    ax.set_xticklabels(structures, rotation=40, ha="right", rotation_mode="anchor", fontsize=9)
-    ax.set_xlim(-0.6, max(len(structures), 1) - 0.4)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("Dice")
-    ax.yaxis.grid(True, linestyle=":", alpha=0.6)
-    for i in range(1, len(structures)):
-        ax.axvline(i - 0.5, color="0.85", linewidth=0.6, zorder=0)
+    return dice_boxplot(structures, values, methods, dpi=dpi)
 
 
 # --------------------------------------------------------------------------- HTML
@@ -379,12 +357,21 @@ pre.error { white-space: pre-wrap; background: #fff5f5; border: 1px solid #e8b4b
 """
 
 _TEXT_KEYS = ("id", "method", "status", "fixed", "moving", "device", "threads")
-_PAIR_COLUMNS = (("id", "id", None), ("method", "method", None), ("status", "status", None),
-                 ("fixed", "fixed", None), ("moving", "moving", None),
-                 ("dice_mean", "Dice", 3), ("hd95_mean_mm", "HD95 mm", 2),
-                 ("folding_percent", "% |J|≤0", 3), ("sdlogj", "SD log J", 3),
-                 ("seconds", "seconds", 2), ("peak_memory_mb", "memory MB", 0),
-                 ("device", "device", None), ("threads", "threads", None))
+_PAIR_COLUMNS = (
+    ("id", "id", None),
+    ("method", "method", None),
+    ("status", "status", None),
+    ("fixed", "fixed", None),
+    ("moving", "moving", None),
+    ("dice_mean", "Dice", 3),
+    ("hd95_mean_mm", "HD95 mm", 2),
+    ("folding_percent", "% |J|≤0", 3),
+    ("sdlogj", "SD log J", 3),
+    ("seconds", "seconds", 2),
+    ("peak_memory_mb", "memory MB", 0),
+    ("device", "device", None),
+    ("threads", "threads", None),
+)
 
 
 def _e(text: object) -> str:
@@ -408,8 +395,10 @@ def _short_path(path: str) -> str:
 
 
 def _pair_table(rows: list[Row]) -> str:
-    head = "".join(f'<th class="text">{_e(title)}</th>' if key in _TEXT_KEYS else f"<th>{_e(title)}</th>"
-                   for key, title, _ in _PAIR_COLUMNS)
+    head = "".join(
+        f'<th class="text">{_e(title)}</th>' if key in _TEXT_KEYS else f"<th>{_e(title)}</th>"
+        for key, title, _ in _PAIR_COLUMNS
+    )
     body = []
     for row in rows:
         cells = []
@@ -423,8 +412,7 @@ def _pair_table(rows: list[Row]) -> str:
                 cells.append(f"<td>{_e(_fmt(_num(row, key), digits))}</td>")
         css = "" if _is_ok(row) else ' class="failed"'
         body.append(f"<tr{css}>{''.join(cells)}</tr>")
-    return (f'<table id="pairs">\n<thead><tr>{head}</tr></thead>\n<tbody>\n'
-            + "\n".join(body) + "\n</tbody>\n</table>\n")
+    return f'<table id="pairs">\n<thead><tr>{head}</tr></thead>\n<tbody>\n' + "\n".join(body) + "\n</tbody>\n</table>\n"
 
 
 def _version(package: str) -> str:
@@ -436,8 +424,10 @@ def _version(package: str) -> str:
 
 def machine_description() -> str:
     """One line: platform, CPU count, torch and voxreg versions of this machine."""
-    return (f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-            f"torch {_version('torch')}, voxreg {_version('voxreg')}")
+    return (
+        f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"torch {_version('torch')}, voxreg {_version('voxreg')}"
+    )
 
 
 def example_images(outdir: Path, rows: list[Row], limit: int = MAX_EXAMPLES) -> list[Path]:
@@ -453,15 +443,17 @@ def example_images(outdir: Path, rows: list[Row], limit: int = MAX_EXAMPLES) -> 
 
 def _examples_html(images: list[Path]) -> str:
     if not images:
-        return "<p class=\"note\">No example images (examples/*.png).</p>\n"
+        return '<p class="note">No example images (examples/*.png).</p>\n'
     figures = []
     for path in images:
         try:
             data = path.read_bytes()
         except OSError:
             continue
-        figures.append(f'<figure><img class="example" src="{_data_uri(data)}" alt="{_e(path.stem)}">'
-                       f"<figcaption>{_e(path.stem)}</figcaption></figure>")
+        figures.append(
+            f'<figure><img class="example" src="{_data_uri(data)}" alt="{_e(path.stem)}">'
+            f"<figcaption>{_e(path.stem)}</figcaption></figure>"
+        )
     return '<div class="examples">\n' + "\n".join(figures) + "\n</div>\n"
 
 
@@ -469,33 +461,49 @@ def _failed_html(rows: list[Row]) -> str:
     failed = [r for r in rows if not _is_ok(r)]
     if not failed:
         return "<p>None.</p>\n"
-    items = [f"<li><b>{_e(r.get('id', ''))} / {_e(r['method'])}</b> "
-             f"({_e(r.get('fixed', ''))} ← {_e(r.get('moving', ''))})"
-             f'<pre class="error">{_e(r.get("error") or "no error message")}</pre></li>' for r in failed]
+    items = [
+        f"<li><b>{_e(r.get('id', ''))} / {_e(r['method'])}</b> "
+        f"({_e(r.get('fixed', ''))} ← {_e(r.get('moving', ''))})"
+        f'<pre class="error">{_e(r.get("error") or "no error message")}</pre></li>'
+        for r in failed
+    ]
     return '<ul id="failed">\n' + "\n".join(items) + "\n</ul>\n"
 
 
-def html_report(outdir: Path, rows: list[Row], summaries: list[MethodSummary],
-                boxplot_png: bytes, title: str = "voxreg evaluation report") -> str:
+def html_report(
+    outdir: Path,
+    rows: list[Row],
+    summaries: list[MethodSummary],
+    boxplot_png: bytes,
+    title: str = "voxreg evaluation report",
+) -> str:
     """Text of the self-contained ``report.html``."""
     now = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     header, sim_rows = similarity_rows(summaries)
-    similarity = (_html_table(header, sim_rows, "similarity") if header
-                  else '<p class="note">No similarity or landmark columns in results.csv.</p>\n')
+    similarity = (
+        _html_table(header, sim_rows, "similarity")
+        if header
+        else '<p class="note">No similarity or landmark columns in results.csv.</p>\n'
+    )
     parts = [
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n",
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n',
         f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n",
         f"<h1>{_e(title)}</h1>\n",
         f'<p class="meta">Generated {_e(now)} from <code>{_e(outdir.resolve())}</code><br>',
         f"Machine: {_e(machine_description())}</p>\n",
-        "<h2>Summary</h2>\n", _html_table(TABLE1_HEADER, table1_rows(summaries), "table1"),
+        "<h2>Summary</h2>\n",
+        _html_table(TABLE1_HEADER, table1_rows(summaries), "table1"),
         f'<p class="note">{_e(_footnote(rows))}</p>\n',
-        "<h2>Similarity and landmark error (mean before → after)</h2>\n", similarity,
+        "<h2>Similarity and landmark error (mean before → after)</h2>\n",
+        similarity,
         "<h2>Dice per structure</h2>\n",
         f'<img id="dice-boxplot" src="{_data_uri(boxplot_png)}" alt="Dice per structure box plot">\n',
-        "<h2>Examples</h2>\n", _examples_html(example_images(outdir, rows)),
-        "<h2>Failed registrations</h2>\n", _failed_html(rows),
-        "<h2>Per-pair results</h2>\n", _pair_table(rows),
+        "<h2>Examples</h2>\n",
+        _examples_html(example_images(outdir, rows)),
+        "<h2>Failed registrations</h2>\n",
+        _failed_html(rows),
+        "<h2>Per-pair results</h2>\n",
+        _pair_table(rows),
         "</body>\n</html>\n",
     ]
     return "".join(parts)
@@ -504,28 +512,52 @@ def html_report(outdir: Path, rows: list[Row], summaries: list[MethodSummary],
 # --------------------------------------------------------------------------- writing
 
 
-def _write_atomic(path: Path, data: bytes) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return path
+SUMMARY_COLUMNS = (
+    "method",
+    "pairs_ok",
+    "pairs_failed",
+    "dice_mean",
+    "dice_std",
+    "hd95_mean_mm",
+    "hd95_std_mm",
+    "folding_percent_mean",
+    "folding_percent_std",
+    "sdlogj_mean",
+    "sdlogj_std",
+    "gpu_seconds_mean",
+    "gpu_seconds_std",
+    "cpu_seconds_mean",
+    "cpu_seconds_std",
+    "peak_memory_mb_max",
+)
 
 
-def _summary_csv(summaries: list[MethodSummary]) -> bytes:
-    """Machine-readable Table-1 numbers (one row per method)."""
-    columns = ["method", "pairs_ok", "pairs_failed", "dice_mean", "dice_std", "hd95_mean_mm",
-               "hd95_std_mm", "folding_percent_mean", "folding_percent_std", "sdlogj_mean",
-               "sdlogj_std", "gpu_seconds_mean", "gpu_seconds_std", "cpu_seconds_mean",
-               "cpu_seconds_std", "peak_memory_mb_max"]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
+def _summary_rows(summaries: list[MethodSummary]) -> list[dict[str, object]]:
+    """Machine-readable Table-1 numbers (one row per method, floats as 6 significant digits)."""
+    rows = []
     for s in summaries:
-        values = [s.dice.mean, s.dice.std, s.hd95.mean, s.hd95.std, s.folding.mean,
-                  s.folding.std, s.sdlogj.mean, s.sdlogj.std, s.gpu_seconds.mean,
-                  s.gpu_seconds.std, s.cpu_seconds.mean, s.cpu_seconds.std, s.peak_memory_mb]
-        writer.writerow([s.method, s.n_ok, s.n_failed]
-                        + [f"{v:.6g}" if math.isfinite(v) else "" for v in values])
-    return buffer.getvalue().encode("utf-8")
+        values = [
+            s.dice.mean,
+            s.dice.std,
+            s.hd95.mean,
+            s.hd95.std,
+            s.folding.mean,
+            s.folding.std,
+            s.sdlogj.mean,
+            s.sdlogj.std,
+            s.gpu_seconds.mean,
+            s.gpu_seconds.std,
+            s.cpu_seconds.mean,
+            s.cpu_seconds.std,
+            s.peak_memory_mb,
+        ]
+        cells = [s.method, s.n_ok, s.n_failed] + [f"{v:.6g}" if math.isfinite(v) else "" for v in values]
+        rows.append(dict(zip(SUMMARY_COLUMNS, cells)))
+    return rows
+
+
+def _write_bytes(path: Path, data: bytes) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def write_report(outdir: str | os.PathLike) -> dict[str, Path]:
@@ -537,14 +569,17 @@ def write_report(outdir: str | os.PathLike) -> dict[str, Path]:
     if not rows:
         raise VoxregError(f"{outdir / RESULTS_CSV}: no result rows")
     structure_path = outdir / PER_STRUCTURE_CSV
-    per_structure = (_read_csv(structure_path, _PER_STRUCTURE_REQUIRED)
-                     if structure_path.exists() else [])
+    per_structure = _read_csv(structure_path, _PER_STRUCTURE_REQUIRED) if structure_path.exists() else []
     summaries = summarize(rows)
     boxplot = dice_boxplot_png(per_structure, _methods(rows))
-    paths = {"table": outdir / "table.md", "csv": outdir / "summary.csv",
-             "boxplot": outdir / "dice_boxplot.png", "html": outdir / "report.html"}
-    _write_atomic(paths["table"], markdown_report(rows, summaries).encode("utf-8"))
-    _write_atomic(paths["csv"], _summary_csv(summaries))
-    _write_atomic(paths["boxplot"], boxplot)
-    _write_atomic(paths["html"], html_report(outdir, rows, summaries, boxplot).encode("utf-8"))
+    paths = {
+        "table": outdir / "table.md",
+        "csv": outdir / "summary.csv",
+        "boxplot": outdir / "dice_boxplot.png",
+        "html": outdir / "report.html",
+    }
+    _write_bytes(paths["table"], markdown_report(rows, summaries).encode("utf-8"))
+    write_table(paths["csv"], SUMMARY_COLUMNS, _summary_rows(summaries))
+    _write_bytes(paths["boxplot"], boxplot)
+    _write_bytes(paths["html"], html_report(outdir, rows, summaries, boxplot).encode("utf-8"))
     return paths

@@ -10,12 +10,11 @@ recommended lambda has the highest mean Dice among those whose mean folding stay
 
 from __future__ import annotations
 
-import csv
 import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,8 +22,10 @@ import torch
 from voxreg import io, metrics
 from voxreg.core import spatial
 from voxreg.core.errors import VoxregError
+from voxreg.io.tables import write_table
 from voxreg.nn import VoxelMorph, load_checkpoint
 from voxreg.training.trainer import TrainingSet
+from voxreg.viz.evaluation import lambda_curve
 
 __all__ = ["LambdaPoint", "TuneResult", "lambda_grid", "tune_lambda", "recommend"]
 
@@ -67,77 +68,67 @@ def recommend(points: Sequence[LambdaPoint], max_folding: float) -> tuple[float,
     ok = [p for p in points if p.folding_percent <= max_folding and math.isfinite(p.dice_mean)]
     if ok:
         best = max(ok, key=lambda p: p.dice_mean)
-        return best.lam, (f"highest mean Dice ({best.dice_mean:.3f}) with folding "
-                          f"{best.folding_percent:.3f} % <= {max_folding} %")
+        return best.lam, (
+            f"highest mean Dice ({best.dice_mean:.3f}) with folding {best.folding_percent:.3f} % <= {max_folding} %"
+        )
     best = min(points, key=lambda p: p.folding_percent)
     return best.lam, f"no lambda keeps folding <= {max_folding} %; least folding ({best.folding_percent:.3f} %)"
 
 
-def _pair_scores(model: VoxelMorph, data: TrainingSet, lam: float, device: torch.device,
-                 exclude: Sequence[int]) -> list[tuple[float, float, float]]:
+def _pair_scores(
+    model: VoxelMorph, data: TrainingSet, lam: float, device: torch.device, exclude: Sequence[int]
+) -> list[tuple[float, float, float]]:
     """(mean Dice, folding %, SD log J) for each labelled validation pair at ``lam``."""
     scores = []
     for m, f in data.validation_pairs():
         if not bool(data.has_labels[m] & data.has_labels[f]):
             continue
-        moving, fixed = data.images[m:m + 1].to(device), data.images[f:f + 1].to(device)
+        moving, fixed = data.images[m : m + 1].to(device), data.images[f : f + 1].to(device)
         with torch.inference_mode():
             field = model.predict_field(moving, fixed, lam)
-            warped = spatial.warp(data.labels[m:m + 1].to(device).float(), field, mode="nearest")
+            warped = spatial.warp(data.labels[m : m + 1].to(device).float(), field, mode="nearest")
         fixed_labels = data.labels[f, 0].numpy()
         warped_labels = warped[0, 0].cpu().numpy().astype(np.int64)
         present = (set(np.unique(fixed_labels)) & set(np.unique(warped_labels))) - set(exclude)
         dice = metrics.dice_per_label(fixed_labels, warped_labels, sorted(present))
         stats = metrics.jacobian_stats(field)
-        scores.append((float(np.nanmean(list(dice.values()))), stats["folding_percent"],
-                       stats["log_jacobian_std"]))
+        scores.append((float(np.nanmean(list(dice.values()))), stats["folding_percent"], stats["log_jacobian_std"]))
     return scores
 
 
 def _write_csv(path: Path, points: Sequence[LambdaPoint]) -> None:
-    with io.atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(CSV_COLUMNS)
-            for p in points:
-                writer.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in asdict(p).values()])
+    """``lambda_curve.csv``: one row per lambda, floats with 6 significant digits."""
+    rows = [
+        {k: f"{v:.6g}" if isinstance(v, float) else v for k, v in zip(CSV_COLUMNS, asdict(p).values())} for p in points
+    ]
+    write_table(path, CSV_COLUMNS, rows)
 
 
-def _plot(path: Path, points: Sequence[LambdaPoint], recommended: float, max_folding: float,
-          title: str) -> None:
+def _plot(path: Path, points: Sequence[LambdaPoint], recommended: float, max_folding: float, title: str) -> None:
     """Dice (mean +- std over pairs) and % folding against lambda on a log axis."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    lam = np.array([p.lam for p in points])
-    dice = np.array([p.dice_mean for p in points])
-    std = np.array([p.dice_std for p in points])
-    fig = Figure(figsize=(7, 4.2))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.plot(lam, dice, "o-", color="tab:blue", label="mean Dice")
-    ax.fill_between(lam, dice - std, dice + std, color="tab:blue", alpha=0.2, label="± std over pairs")
-    ax.set_xscale("log")
-    ax.set_xlabel("λ (regularisation weight)")
-    ax.set_ylabel("Dice of warped labels", color="tab:blue")
-    ax.axvline(recommended, color="k", ls=":", label=f"recommended λ = {recommended:.3g}")
-    ax2 = ax.twinx()
-    ax2.plot(lam, [p.folding_percent for p in points], "s-", color="tab:red", label="% folding (det J ≤ 0)")
-    ax2.axhline(max_folding, color="tab:red", ls="--", lw=0.8, label=f"folding limit {max_folding} %")
-    ax2.set_ylabel("% voxels with det J ≤ 0", color="tab:red")
-    ax2.set_ylim(bottom=0)
-    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax.legend(handles, [h.get_label() for h in handles], loc="lower left", fontsize=8)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    lambda_curve(
+        path,
+        [p.lam for p in points],
+        [p.dice_mean for p in points],
+        [p.dice_std for p in points],
+        [p.folding_percent for p in points],
+        recommended,
+        max_folding,
+        title,
+    )
 
 
-def tune_lambda(model_path: str | os.PathLike[str], data: TrainingSet, output_dir: str | os.PathLike[str],
-                lambdas: Sequence[float] | None = None, num: int = 9, max_folding: float = 0.5,
-                device: str | torch.device = "auto", exclude: Sequence[int] = (0,),
-                progress: Callable[[int, int], None] | None = None) -> TuneResult:
+def tune_lambda(
+    model_path: str | os.PathLike[str],
+    data: TrainingSet,
+    output_dir: str | os.PathLike[str],
+    lambdas: Sequence[float] | None = None,
+    num: int = 9,
+    max_folding: float = 0.5,
+    device: str | torch.device = "auto",
+    exclude: Sequence[int] = (0,),
+    progress: Callable[[int, int], None] | None = None,
+) -> TuneResult:
     """Sweep lambda for a lambda-conditional checkpoint over ``data``'s validation pairs.
 
     ``lambdas`` defaults to ``num`` log-spaced values over the range the model was trained
@@ -149,8 +140,9 @@ def tune_lambda(model_path: str | os.PathLike[str], data: TrainingSet, output_di
     torch_device = resolve_device(device)
     model, extra = load_checkpoint(model_path, torch_device)
     if not model.config.lambda_conditional:
-        raise VoxregError(f"{model_path}: not a lambda-conditional model; tune-lambda needs one "
-                          "trained with --lambda-range")
+        raise VoxregError(
+            f"{model_path}: not a lambda-conditional model; tune-lambda needs one trained with --lambda-range"
+        )
     if data.labels is None or len(data.validation_pairs()) == 0:
         raise VoxregError("tune-lambda needs validation scans with label maps (scan,labels CSV rows)")
     if data.ndim != model.config.ndim:
@@ -164,14 +156,27 @@ def tune_lambda(model_path: str | os.PathLike[str], data: TrainingSet, output_di
         scores = np.array(_pair_scores(model, data, float(lam), torch_device, exclude))
         if scores.size == 0:
             raise VoxregError("no validation pair has label maps on both scans")
-        points.append(LambdaPoint(float(lam), float(scores[:, 0].mean()), float(scores[:, 0].std()),
-                                  float(scores[:, 1].mean()), float(scores[:, 2].mean()), len(scores)))
+        points.append(
+            LambdaPoint(
+                float(lam),
+                float(scores[:, 0].mean()),
+                float(scores[:, 0].std()),
+                float(scores[:, 1].mean()),
+                float(scores[:, 2].mean()),
+                len(scores),
+            )
+        )
         if progress is not None:
             progress(i + 1, len(values))
     recommended, reason = recommend(points, max_folding)
     csv_path, plot_path = out / "lambda_curve.csv", out / "lambda_curve.png"
     _write_csv(csv_path, points)
     range_text = f" (trained on λ in [{lam_range[0]:g}, {lam_range[1]:g}])" if lam_range else ""
-    _plot(plot_path, points, recommended, max_folding,
-          f"{Path(model_path).name}{range_text}: {points[0].pairs} validation pairs")
+    _plot(
+        plot_path,
+        points,
+        recommended,
+        max_folding,
+        f"{Path(model_path).name}{range_text}: {points[0].pairs} validation pairs",
+    )
     return TuneResult(points, recommended, reason, csv_path, plot_path)

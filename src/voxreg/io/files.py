@@ -8,8 +8,8 @@ import contextlib
 import os
 import secrets
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from voxreg.core.errors import VoxregError, one_line, short_reason
 
@@ -25,6 +25,7 @@ WRITABLE_EXTS = NIFTI_EXTS + MGH_EXTS + (".nrrd", ".mha") + NPZ_EXTS
 
 
 # --------------------------------------------------------------------------- helpers
+
 
 def extension(path: Path) -> str:
     """Lower-case extension, with ``.nii.gz`` as one extension."""
@@ -48,6 +49,7 @@ def file_error(path: PathLike, problem: str) -> VoxregError:
 
 # --------------------------------------------------------------------------- writing
 
+
 def ensure_output_dir(path: PathLike) -> Path:
     """Create folder ``path`` (with parents) and check a file can be written there."""
     path = Path(path)
@@ -65,7 +67,7 @@ def ensure_output_dir(path: PathLike) -> Path:
 def _temp_name(path: Path) -> Path:
     """A hidden, unique name next to ``path`` with the same extension(s)."""
     stem = path.name[: len(path.name) - len(extension(path))]
-    return path.with_name(f".{stem}.{secrets.token_hex(4)}.tmp{path.name[len(stem):]}")
+    return path.with_name(f".{stem}.{secrets.token_hex(4)}.tmp{path.name[len(stem) :]}")
 
 
 @contextlib.contextmanager
@@ -93,5 +95,3 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     except Exception as exc:
         raise file_error(path, f"cannot write ({short_reason(exc)})") from exc
     return path
-
-

@@ -23,17 +23,29 @@ Displacement fields:
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
 from voxreg.core.errors import VoxregError, short_reason
+from voxreg.core.grid import reduced_affine, voxel_spacing
 from voxreg.core.image import Image
-from voxreg.io.files import (DICOM_EXTS, ITK_EXTS, MGH_EXTS, NIFTI_EXTS, NPZ_EXTS, READABLE_EXTS, WRITABLE_EXTS,
-                             PathLike, atomic_write, extension, file_error)
+from voxreg.io.files import (
+    DICOM_EXTS,
+    ITK_EXTS,
+    MGH_EXTS,
+    NIFTI_EXTS,
+    NPZ_EXTS,
+    READABLE_EXTS,
+    WRITABLE_EXTS,
+    PathLike,
+    atomic_write,
+    extension,
+    file_error,
+)
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -63,6 +75,7 @@ def set_nifti_xform(img: nib.Nifti1Image, affine: np.ndarray) -> None:
 
 
 # --------------------------------------------------------------------------- loading
+
 
 def load_image(path: PathLike, label: bool = False) -> Image:
     """Load an image (or, with ``label=True``, a label map) as an :class:`Image`.
@@ -98,8 +111,11 @@ def _reader_for(path: Path) -> tuple[Callable[[Path, bool], tuple[np.ndarray, np
         return _read_itk_file, ext[1:].upper()
     if ext in NPZ_EXTS:
         return _read_npz, "npz"
-    raise file_error(path, f"unsupported file type '{ext or path.name}'; expected one of "
-                      f"{', '.join(READABLE_EXTS)} or a DICOM series folder")
+    raise file_error(
+        path,
+        f"unsupported file type '{ext or path.name}'; expected one of "
+        f"{', '.join(READABLE_EXTS)} or a DICOM series folder",
+    )
 
 
 def _read_nibabel(path: Path, label: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -150,15 +166,20 @@ def _npz_key(keys: list[str], label: bool, path: Path) -> str:
     if len(arrays) == 1:
         return arrays[0]
     wanted = _NPZ_LABEL_KEYS if label else _NPZ_IMAGE_KEYS
-    raise file_error(path, f"no image array found (keys: {', '.join(keys) or 'none'}); expected "
-                      f"one of {', '.join(wanted)} or a single array")
+    raise file_error(
+        path,
+        f"no image array found (keys: {', '.join(keys) or 'none'}); expected "
+        f"one of {', '.join(wanted)} or a single array",
+    )
 
 
 def sitk_to_array(img: sitk.Image, path: PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Array in (x, y, z) index order and 4x4 RAS affine of a SimpleITK image."""
     if img.GetNumberOfComponentsPerPixel() != 1:
-        raise file_error(path or "image", f"vector image with {img.GetNumberOfComponentsPerPixel()} "
-                                     "components per voxel; expected a scalar image")
+        raise file_error(
+            path or "image",
+            f"vector image with {img.GetNumberOfComponentsPerPixel()} components per voxel; expected a scalar image",
+        )
     array = sitk.GetArrayFromImage(img).T  # SimpleITK arrays are (z, y, x)
     dim = img.GetDimension()
     k = min(dim, 3)
@@ -176,8 +197,7 @@ def _spatial_array(array: np.ndarray, path: Path) -> np.ndarray:
     if array.ndim == 4:
         raise file_error(path, f"4D volume with {array.shape[3]} frames; pass a single 3D volume")
     if array.ndim not in (2, 3):
-        raise file_error(path, f"{array.ndim}D array of shape {tuple(array.shape)}; "
-                          "expected a 2D or 3D image")
+        raise file_error(path, f"{array.ndim}D array of shape {tuple(array.shape)}; expected a 2D or 3D image")
     if array.size == 0:
         raise file_error(path, f"empty array of shape {tuple(array.shape)}")
     return array
@@ -214,8 +234,11 @@ def _label_array(array: np.ndarray, path: Path) -> np.ndarray:
         deviation = np.abs(array - rounded)
         worst = int(np.argmax(deviation))
         if deviation.flat[worst] > _LABEL_TOLERANCE:
-            raise file_error(path, f"label map has non-integer values (e.g. {array.flat[worst]:g}); "
-                              "pass a segmentation with integer labels")
+            raise file_error(
+                path,
+                f"label map has non-integer values (e.g. {array.flat[worst]:g}); "
+                "pass a segmentation with integer labels",
+            )
         array = rounded
     info = np.iinfo(np.int32)
     if array.min() < info.min or array.max() > info.max:
@@ -293,8 +316,13 @@ def _write_npz(tmp: Path, array: np.ndarray, affine: np.ndarray) -> None:
 
 
 _WRITERS: dict[str, Callable[[Path, np.ndarray, np.ndarray], None]] = {
-    ".nii.gz": _write_nifti, ".nii": _write_nifti, ".mgz": _write_mgh, ".mgh": _write_mgh,
-    ".nrrd": _write_itk, ".mha": _write_itk, ".npz": _write_npz,
+    ".nii.gz": _write_nifti,
+    ".nii": _write_nifti,
+    ".mgz": _write_mgh,
+    ".mgh": _write_mgh,
+    ".nrrd": _write_itk,
+    ".mha": _write_itk,
+    ".npz": _write_npz,
 }
 
 
@@ -312,7 +340,7 @@ def array_to_sitk(array: np.ndarray, affine: np.ndarray) -> sitk.Image:
     dim = array.ndim
     img = sitk.GetImageFromArray(np.ascontiguousarray(array.T))
     matrix = lps[:dim, :dim]
-    spacing = np.sqrt((matrix ** 2).sum(axis=0))
+    spacing = voxel_spacing(reduced_affine(lps, dim))
     img.SetSpacing([float(s) for s in spacing])
     img.SetDirection([float(v) for v in (matrix / spacing).ravel()])
     img.SetOrigin([float(v) for v in lps[:dim, 3]])
@@ -321,8 +349,10 @@ def array_to_sitk(array: np.ndarray, affine: np.ndarray) -> sitk.Image:
 
 # --------------------------------------------------------------------------- intensities
 
-def normalize_intensity(array: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5,
-                        window: tuple[float, float] | None = None) -> np.ndarray:
+
+def normalize_intensity(
+    array: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5, window: tuple[float, float] | None = None
+) -> np.ndarray:
     """Scale intensities to float32 in [0, 1].
 
     Without ``window``, ``low_pct``/``high_pct`` percentiles map to 0 and 1; when the
@@ -353,5 +383,3 @@ def robust_range(values: np.ndarray, low_pct: float, high_pct: float) -> tuple[f
     if not high > low:
         low, high = values.min(), values.max()
     return float(low), float(high)
-
-

@@ -30,8 +30,38 @@ _DATA_FILE = "freesurfer_labels.tsv"
 #: lateral ventricle, cerebellum white matter and cortex, thalamus, caudate, putamen,
 #: pallidum, hippocampus, amygdala, ventral DC, choroid plexus, plus 3rd and 4th ventricle,
 #: brain stem and CSF. Accumbens (26/58) is not in it.
-ASEG30: tuple[int, ...] = (2, 3, 4, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 28, 31,
-                           41, 42, 43, 46, 47, 49, 50, 51, 52, 53, 54, 60, 63)
+ASEG30: tuple[int, ...] = (
+    2,
+    3,
+    4,
+    7,
+    8,
+    10,
+    11,
+    12,
+    13,
+    14,
+    15,
+    16,
+    17,
+    18,
+    24,
+    28,
+    31,
+    41,
+    42,
+    43,
+    46,
+    47,
+    49,
+    50,
+    51,
+    52,
+    53,
+    54,
+    60,
+    63,
+)
 
 #: The 31 DKT31 cortical regions per hemisphere (Klein & Tourville 2012): Desikan codes
 #: without 1001 bankssts, 1004 corpuscallosum, 1032 frontalpole, 1033 temporalpole.
@@ -77,7 +107,7 @@ def _parse_lines(lines: list[str], source: str) -> dict[int, str]:
         except ValueError:
             if not table:  # header row, e.g. "code,name" or "value,name,..."
                 continue
-            raise VoxregError(f"{source}: line {number}: '{fields[0]}' is not an integer label code")
+            raise VoxregError(f"{source}: line {number}: '{fields[0]}' is not an integer label code") from None
         if len(fields) < 2 or not fields[1]:
             raise VoxregError(f"{source}: line {number}: label {code} has no name")
         table[code] = fields[1]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -12,9 +12,15 @@ from voxreg.core.errors import VoxregError
 from voxreg.core.grid import mapped_coords, voxel_matrix
 from voxreg.core.image import Image
 
-def resample_to(moving: Image, fixed: Image, world_matrix: np.ndarray | None = None,
-                nearest: bool | None = None, device: str | torch.device = "cpu",
-                field: np.ndarray | torch.Tensor | None = None) -> Image:
+
+def resample_to(
+    moving: Image,
+    fixed: Image,
+    world_matrix: np.ndarray | None = None,
+    nearest: bool | None = None,
+    device: str | torch.device = "cpu",
+    field: np.ndarray | torch.Tensor | None = None,
+) -> Image:
     """Resample ``moving`` onto ``fixed``'s grid in world coordinates.
 
     Handles different shapes, voxel sizes and orientations. Label maps (integer
@@ -26,29 +32,35 @@ def resample_to(moving: Image, fixed: Image, world_matrix: np.ndarray | None = N
     The result carries the fixed affine.
     """
     if moving.ndim != fixed.ndim:
-        raise VoxregError(f"cannot resample the {moving.ndim}D image {moving.name} onto the "
-                          f"{fixed.ndim}D grid of {fixed.name}")
+        raise VoxregError(
+            f"cannot resample the {moving.ndim}D image {moving.name} onto the {fixed.ndim}D grid of {fixed.name}"
+        )
     ndim = fixed.ndim
     matrix = voxel_matrix(fixed.affine, moving.affine, ndim, world_matrix)
     if field is None and np.allclose(matrix, np.eye(ndim + 1), atol=1e-6) and moving.shape == fixed.shape:
-        return Image(moving.array.copy(), fixed.affine.copy(), moving.path)
+        return Image(moving.array.copy(), fixed.affine.copy(), moving.path, moving.kind)
     use_nearest = moving.is_label if nearest is None else nearest
     array = moving.array
     if np.issubdtype(array.dtype, np.floating) or not use_nearest:
         array = array.astype(np.float32, copy=False)
     tensor = torch.from_numpy(np.ascontiguousarray(array))[None, None].to(device)
-    coords = mapped_coords(matrix, fixed.shape, device) if field is None else \
-        _displaced_coords(matrix, field, fixed.shape, device)
+    coords = (
+        mapped_coords(matrix, fixed.shape, device)
+        if field is None
+        else _displaced_coords(matrix, field, fixed.shape, device)
+    )
     if use_nearest:
         out = spatial.sample(tensor, coords, "nearest", padding="zeros")
     else:  # pad with min(image min, 0): sample (image - low) with zero padding, add low back
         low = min(float(tensor.min()), 0.0) if tensor.numel() else 0.0
         out = spatial.sample(tensor - low, coords, "linear", padding="zeros") + low
-    return Image(out[0, 0].cpu().numpy(), fixed.affine.copy(), moving.path)
+    kind = "label" if use_nearest and moving.is_label else None
+    return Image(out[0, 0].cpu().numpy(), fixed.affine.copy(), moving.path, kind)
 
 
-def _displaced_coords(matrix: np.ndarray, field: np.ndarray | torch.Tensor, shape: Sequence[int],
-                      device: str | torch.device) -> torch.Tensor:
+def _displaced_coords(
+    matrix: np.ndarray, field: np.ndarray | torch.Tensor, shape: Sequence[int], device: str | torch.device
+) -> torch.Tensor:
     """Moving voxel coordinates of ``x + field(x)`` for every fixed voxel ``x``."""
     ndim = len(shape)
     field = torch.as_tensor(field, dtype=torch.float32, device=device)
@@ -56,5 +68,3 @@ def _displaced_coords(matrix: np.ndarray, field: np.ndarray | torch.Tensor, shap
     m = torch.as_tensor(matrix, dtype=torch.float32, device=device)
     mapped = m[:ndim, :ndim] @ points.reshape(ndim, -1) + m[:ndim, ndim:]
     return mapped.reshape(1, ndim, *shape)
-
-

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from voxreg.core.errors import VoxregError, short_reason
 from voxreg.io.files import PathLike, atomic_path
@@ -55,4 +56,5 @@ def append_row(path: PathLike, columns: Sequence[str], row: Mapping[str, Any]) -
     """Append one row to a CSV written by :func:`write_table` with the same ``columns``."""
     with open(path, "a", newline="", encoding="utf-8") as handle:
         csv.DictWriter(handle, fieldnames=list(columns), restval="").writerow(
-            {key: cell(value) for key, value in row.items()})
+            {key: cell(value) for key, value in row.items()}
+        )

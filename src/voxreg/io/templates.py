@@ -28,21 +28,23 @@ _MNI_FILES = {
 TISSUE_LABELS = {0: "background", 1: "csf", 2: "gm", 3: "wm"}
 
 
-
 def nilearn_data_dir() -> Path:
     """Folder of the data files shipped inside the installed nilearn package (not imported)."""
     spec = importlib.util.find_spec("nilearn")
     if spec is None or not spec.submodule_search_locations:
-        raise VoxregError("the MNI152 template needs the 'nilearn' package (pip install nilearn); "
-                          "it ships the template files, nothing is downloaded")
+        raise VoxregError(
+            "the MNI152 template needs the 'nilearn' package (pip install nilearn); "
+            "it ships the template files, nothing is downloaded"
+        )
     return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
 
 
 def _mni_path(key: str) -> Path:
     path = nilearn_data_dir() / _MNI_FILES[key]
     if not path.is_file():
-        raise VoxregError(f"MNI152 file not found: {path} (this nilearn version does not ship it; "
-                          "install nilearn>=0.10)")
+        raise VoxregError(
+            f"MNI152 file not found: {path} (this nilearn version does not ship it; install nilearn>=0.10)"
+        )
     return path
 
 

@@ -20,11 +20,12 @@ import torch
 from voxreg.core.errors import VoxregError, short_reason
 from voxreg.core.image import Image
 from voxreg.io.files import NIFTI_EXTS, PathLike, atomic_write, extension, file_error
-from voxreg.io.images import FIELD_INTENT_NAME, NIFTI_INTENT_VECTOR, RAS_TO_LPS, check_finite, set_nifti_xform
+from voxreg.io.images import FIELD_INTENT_NAME, RAS_TO_LPS, check_finite, set_nifti_xform
 
 _ITK_AFFINE_NAME = re.compile(r"^(AffineTransform|MatrixOffsetTransformBase)_(double|float)_([23])_\3$")
 
 # --------------------------------------------------------------------------- fields
+
 
 def _field_array(field: np.ndarray | torch.Tensor, fixed: Image) -> np.ndarray:
     """float32 ``(ndim, *S)`` numpy copy of a field, checked against the fixed grid."""
@@ -35,8 +36,9 @@ def _field_array(field: np.ndarray | torch.Tensor, fixed: Image) -> np.ndarray:
         field = field[0]
     expected = (fixed.ndim, *fixed.shape)
     if field.shape != expected:
-        raise VoxregError(f"displacement field of shape {field.shape} does not match the grid of "
-                          f"{fixed.name} (expected {expected})")
+        raise VoxregError(
+            f"displacement field of shape {field.shape} does not match the grid of {fixed.name} (expected {expected})"
+        )
     return field.astype(np.float32, copy=False)
 
 
@@ -69,8 +71,11 @@ def load_field(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
         raise file_error(path, f"cannot read as NIfTI ({short_reason(exc)})") from exc
     intent = img.header.get_intent() if isinstance(img, nib.Nifti1Image) else ("none", (), "")
     if intent[0] != "vector" or intent[2] != FIELD_INTENT_NAME:
-        raise file_error(path, "not a voxreg displacement field (expected a NIfTI with intent "
-                          f"'vector' named '{FIELD_INTENT_NAME}'; ITK fields cannot be loaded here)")
+        raise file_error(
+            path,
+            "not a voxreg displacement field (expected a NIfTI with intent "
+            f"'vector' named '{FIELD_INTENT_NAME}'; ITK fields cannot be loaded here)",
+        )
     try:
         data = img.get_fdata(dtype=np.float32)
     except Exception as exc:
@@ -106,8 +111,10 @@ def field_to_itk_image(field: np.ndarray | torch.Tensor, fixed: Image) -> nib.Ni
         vectors = np.einsum("ij,j...->...i", linear, data)[..., None, :]
     else:
         if not itk_field_supported(fixed):
-            raise VoxregError(f"{fixed.name}: ITK export of a 2D field needs an image plane parallel "
-                              "to the x-y plane; this 2D image is tilted out of it")
+            raise VoxregError(
+                f"{fixed.name}: ITK export of a 2D field needs an image plane parallel "
+                "to the x-y plane; this 2D image is tilted out of it"
+            )
         linear = (RAS_TO_LPS[:3, :3] @ affine[:3, :2])[:2]
         vectors = np.einsum("ij,j...->...i", linear, data)[:, :, None, None, :]
     img = nib.Nifti1Image(np.ascontiguousarray(vectors, dtype=np.float32), affine)
@@ -127,73 +134,63 @@ def save_itk_field(path: PathLike, field: np.ndarray | torch.Tensor, fixed: Imag
 
 # --------------------------------------------------------------------------- ITK affine
 
+
+def _itk_affine_transform(lps: np.ndarray) -> sitk.AffineTransform:
+    """SimpleITK 3D affine transform of a 4x4 LPS matrix (center 0)."""
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix([float(v) for v in lps[:3, :3].ravel()])
+    transform.SetTranslation([float(v) for v in lps[:3, 3]])
+    return transform
+
+
 def write_itk_affine(path: PathLike, world_matrix_ras: np.ndarray) -> Path:
     """Write a 4x4 RAS world matrix (fixed -> moving points) as an ITK affine transform
-    (text ``#Insight Transform File V1.0``; binary ITK MATLAB format for ``.mat``),
-    which maps fixed LPS points to moving LPS points."""
+    through SimpleITK (text ``#Insight Transform File V1.0`` for ``.txt``/``.tfm``, binary
+    ITK MATLAB format for ``.mat``), which maps fixed LPS points to moving LPS points."""
     path = Path(path)
     matrix = np.asarray(world_matrix_ras, dtype=np.float64)
     if matrix.shape != (4, 4) or not np.allclose(matrix[3], [0, 0, 0, 1]):
         raise VoxregError(f"{path}: world matrix must be a 4x4 affine with last row 0 0 0 1")
-    lps = RAS_TO_LPS @ matrix @ RAS_TO_LPS
-    if path.suffix.lower() == ".mat":
-        transform = sitk.AffineTransform(3)
-        transform.SetMatrix([float(v) for v in lps[:3, :3].ravel()])
-        transform.SetTranslation([float(v) for v in lps[:3, 3]])
-        return atomic_write(path, lambda tmp: sitk.WriteTransform(transform, str(tmp)))
-    params = " ".join(f"{v:.17g}" for v in [*lps[:3, :3].ravel(), *lps[:3, 3]])
-    text = ("#Insight Transform File V1.0\n#Transform 0\nTransform: AffineTransform_double_3_3\n"
-            f"Parameters: {params}\nFixedParameters: 0 0 0\n")
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
+    transform = _itk_affine_transform(RAS_TO_LPS @ matrix @ RAS_TO_LPS)
+    return atomic_write(path, lambda tmp: sitk.WriteTransform(transform, str(tmp)))
 
 
 def read_itk_affine(path: PathLike) -> np.ndarray:
-    """Read an ITK affine (text, or ANTs ``.mat``) as a 4x4 RAS matrix mapping fixed
-    world points to moving world points. Accepts AffineTransform /
+    """Read an ITK affine (text, or ANTs ``.mat``) through SimpleITK as a 4x4 RAS matrix
+    mapping fixed world points to moving world points. Accepts AffineTransform /
     MatrixOffsetTransformBase, double or float, 3D or 2D, with any center."""
     path = Path(path)
     if not path.exists():
         raise file_error(path, "file not found")
-    if path.suffix.lower() == ".mat":
-        name, params, fixed = _read_itk_binary(path)
-    else:
-        name, params, fixed = _parse_itk_text(path)
-    return _itk_to_ras(name, params, fixed, path)
+    name = None if path.suffix.lower() == ".mat" else _itk_text_name(path)
+    transform = _read_itk_transform(path)
+    if name is None:
+        dim = transform.GetDimension()
+        name = f"{transform.GetName()}_double_{dim}_{dim}"
+    return _itk_to_ras(name, list(transform.GetParameters()), list(transform.GetFixedParameters()), path)
 
 
-def _read_itk_binary(path: Path) -> tuple[str, list[float], list[float]]:
-    """Transform name, parameters and fixed parameters of an ITK MATLAB ``.mat`` file."""
+def _read_itk_transform(path: Path) -> sitk.Transform:
+    """The (single) transform of an ITK transform file, read by SimpleITK."""
     try:
-        transform = sitk.ReadTransform(str(path))
+        return sitk.ReadTransform(str(path))
     except Exception as exc:
-        raise file_error(path, f"cannot read as an ITK transform ({short_reason(exc)})") from exc
-    dim = transform.GetDimension()
-    return (f"{transform.GetName()}_double_{dim}_{dim}", list(transform.GetParameters()),
-            list(transform.GetFixedParameters()))
+        raise file_error(path, f"not an ITK transform file ({short_reason(exc)})") from exc
 
 
-def _parse_itk_text(path: Path) -> tuple[str, list[float], list[float]]:
-    """Transform name, parameters and fixed parameters of an ITK text transform file."""
+def _itk_text_name(path: Path) -> str:
+    """Transform type named in an ITK text file (checked to hold exactly one transform),
+    which SimpleITK does not report for MatrixOffsetTransformBase."""
     try:
         lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
     except (OSError, UnicodeDecodeError) as exc:
         raise file_error(path, f"not an ITK transform text file ({short_reason(exc)})") from exc
     if not lines or not lines[0].startswith("#Insight Transform File"):
         raise file_error(path, "not an ITK transform file (missing '#Insight Transform File' header)")
-    fields: dict[str, list[str]] = {}
-    for line in lines[1:]:
-        key, sep, value = line.partition(":")
-        if sep and not key.startswith("#"):
-            fields.setdefault(key.strip(), []).append(value.strip())
-    names = fields.get("Transform", [])
+    names = [ln.partition(":")[2].strip() for ln in lines if ln.startswith("Transform:")]
     if len(names) != 1:
         raise file_error(path, f"holds {len(names)} transforms; expected exactly one affine transform")
-    try:
-        params = [float(v) for v in fields.get("Parameters", [""])[0].split()]
-        fixed = [float(v) for v in fields.get("FixedParameters", [""])[0].split()]
-    except ValueError as exc:
-        raise file_error(path, f"malformed transform parameters ({exc})") from exc
-    return names[0], params, fixed
+    return names[0]
 
 
 def _itk_to_ras(name: str, params: list[float], fixed: list[float], path: Path) -> np.ndarray:
@@ -203,11 +200,13 @@ def _itk_to_ras(name: str, params: list[float], fixed: list[float], path: Path) 
         raise file_error(path, f"unsupported transform type '{name}'; expected AffineTransform_double_3_3")
     dim = int(match.group(3))
     if len(params) != dim * dim + dim or len(fixed) not in (0, dim):
-        raise file_error(path, f"{name} needs {dim * dim + dim} parameters and {dim} fixed parameters, "
-                          f"got {len(params)} and {len(fixed)}")
+        raise file_error(
+            path,
+            f"{name} needs {dim * dim + dim} parameters and {dim} fixed parameters, got {len(params)} and {len(fixed)}",
+        )
     linear = np.reshape(params[: dim * dim], (dim, dim))
     center = np.asarray(fixed if fixed else [0.0] * dim)
     lps = np.eye(4)
     lps[:dim, :dim] = linear
-    lps[:dim, 3] = np.asarray(params[dim * dim:]) + center - linear @ center
+    lps[:dim, 3] = np.asarray(params[dim * dim :]) + center - linear @ center
     return RAS_TO_LPS @ lps @ RAS_TO_LPS

@@ -1,39 +1,22 @@
-"""Similarity measures, regularisers and Dice: pure functions plus thin ``nn.Module``s.
+"""Similarity measures on ``(N, C, *spatial)`` tensors (higher is better): local and global
+NCC, MSE (a penalty) and mutual information.
 
 Conventions (see :mod:`voxreg.core.spatial`): images are ``(N, C, *spatial)`` float32 tensors,
-2D or 3D through one code path; displacement fields are ``(N, ndim, *spatial)`` in voxels.
-
-The functions return *similarities* (higher is better: NCC, MI, Dice) or *penalties*
-(lower is better: MSE, gradient, bending). The modules always return a **loss to
-minimise**:
-
-============  ===================================  =====================
-module        loss                                 optimum
-============  ===================================  =====================
-NCCLoss       ``1 - local_ncc``                    0
-MSELoss       ``mse``                              0
-MILoss        ``-mutual_information`` (nats)       ``-H(fixed)``
-GradLoss      ``gradient_penalty``                 0
-BendingLoss   ``bending_energy``                   0
-DiceLoss      ``1 - dice``                         0
-============  ===================================  =====================
-
-Select them by name with :func:`similarity_loss` (``'ncc' | 'mse' | 'mi'``) and
-:func:`regularizer` (``'l2' | 'l1' | 'bending'``).
+2D or 3D through one code path. Mutual information has one estimator family: a Parzen
+joint histogram (:func:`mutual_information`, dense, for deformable registration and
+training) and its sampled-point form (:func:`mattes_mi`, cubic B-spline Parzen window
+on flat sample vectors, used by the affine stage).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from voxreg.core.spatial import spatial_ndim
-
-Penalty = Literal["l1", "l2"]
-Reduction = Literal["mean", "none"]
 
 _MI_CHUNK = 1 << 18  # voxels per chunk of the Parzen histogram (~32 MB per weight matrix)
 _LOG_EPS = 1e-12  # inside log() of probabilities (float64)
@@ -46,8 +29,9 @@ def _check_pair(fixed: Tensor, warped: Tensor) -> int:
     """Validate two ``(N, C, *S)`` images of one shape; return the spatial ndim."""
     ndim = spatial_ndim(fixed)
     if fixed.shape != warped.shape:
-        raise ValueError(f"fixed and warped must have the same shape, got {tuple(fixed.shape)} "
-                         f"and {tuple(warped.shape)}")
+        raise ValueError(
+            f"fixed and warped must have the same shape, got {tuple(fixed.shape)} and {tuple(warped.shape)}"
+        )
     return ndim
 
 
@@ -64,8 +48,10 @@ def _check_mask(mask: Tensor | None, image: Tensor) -> Tensor | None:
     if mask is None:
         return None
     if mask.dim() != image.dim() or mask.shape[2:] != image.shape[2:]:
-        raise ValueError(f"mask of shape {tuple(mask.shape)} does not match image shape "
-                         f"{tuple(image.shape)}; expected (N|1, C|1, *spatial)")
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not match image shape "
+            f"{tuple(image.shape)}; expected (N|1, C|1, *spatial)"
+        )
     return mask
 
 
@@ -134,15 +120,22 @@ def _ncc_from_moments(cov: Tensor, var_a: Tensor, var_b: Tensor, squared: bool, 
     return signed * signed if squared else signed
 
 
-def local_ncc_map(fixed: Tensor, warped: Tensor, window: int | Sequence[int] = 9,
-                  squared: bool = True, eps: float = 1e-5) -> Tensor:
+def local_ncc_map(
+    fixed: Tensor, warped: Tensor, window: int | Sequence[int] = 9, squared: bool = True, eps: float = 1e-5
+) -> Tensor:
     """Voxel-wise local NCC ``(N, C, *S)`` over a box ``window`` (see :func:`local_ncc`)."""
     return _ncc_from_moments(*_local_moments(fixed, warped, window), squared, eps)
 
 
-def local_ncc(fixed: Tensor, warped: Tensor, window: int | Sequence[int] = 9,
-              squared: bool = True, eps: float = 1e-5, mask: Tensor | None = None,
-              structure: float = 0.0) -> Tensor:
+def local_ncc(
+    fixed: Tensor,
+    warped: Tensor,
+    window: int | Sequence[int] = 9,
+    squared: bool = True,
+    eps: float = 1e-5,
+    mask: Tensor | None = None,
+    structure: float = 0.0,
+) -> Tensor:
     """Mean local normalised cross-correlation over odd box windows (default 9 per axis).
 
     ``squared=True`` (default) is VoxelMorph's squared NCC, in ``[0, 1]`` and blind to the
@@ -167,8 +160,7 @@ def local_ncc(fixed: Tensor, warped: Tensor, window: int | Sequence[int] = 9,
     return _weighted_mean(values, weights)
 
 
-def global_ncc(fixed: Tensor, warped: Tensor, eps: float = 1e-8,
-               mask: Tensor | None = None) -> Tensor:
+def global_ncc(fixed: Tensor, warped: Tensor, eps: float = 1e-8, mask: Tensor | None = None) -> Tensor:
     """Pearson correlation over all voxels per (sample, channel), averaged: in ``[-1, 1]``.
 
     Constant images give 0. ``mask`` restricts the voxels used.
@@ -204,19 +196,18 @@ def _parzen_weights(x: Tensor, centers: Tensor, sigma: float, out: Tensor) -> Te
     nearest = torch.round(x / spacing) * spacing
     offset = (x - nearest).square_()  # squared distance to the nearest centre: keeps exp > 0
     w = torch.sub(x[:, None], centers[None, :], out=out)
-    w.square_().sub_(offset[:, None]).mul_(-0.5 / sigma ** 2).exp_()
+    w.square_().sub_(offset[:, None]).mul_(-0.5 / sigma**2).exp_()
     return w.div_(w.sum(dim=1, keepdim=True))
 
 
-def _parzen_backward(x: Tensor, weights: Tensor, upstream: Tensor, centers: Tensor,
-                     sigma: float) -> Tensor:
+def _parzen_backward(x: Tensor, weights: Tensor, upstream: Tensor, centers: Tensor, sigma: float) -> Tensor:
     """``sum_k upstream_k * d weights_k / d x`` per voxel ``(M,)``; overwrites ``upstream``.
 
     For normalised Gaussian weights ``d w_k / d x = w_k (c_k - sum_j w_j c_j) / sigma^2``.
     """
     q = upstream.mul_(weights)
     mean_center = weights @ centers
-    return (q @ centers - mean_center * q.sum(dim=1)) / sigma ** 2
+    return (q @ centers - mean_center * q.sum(dim=1)) / sigma**2
 
 
 class _JointHistogram(torch.autograd.Function):
@@ -227,8 +218,7 @@ class _JointHistogram(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor, weights: Tensor | None, centers: Tensor,
-                sigma: float) -> Tensor:
+    def forward(ctx, a: Tensor, b: Tensor, weights: Tensor | None, centers: Tensor, sigma: float) -> Tensor:
         bins = centers.numel()
         hist = torch.zeros(bins, bins, dtype=torch.float64, device=a.device)
         buf_a, buf_b = (a.new_empty(min(_MI_CHUNK, a.numel()), bins) for _ in range(2))
@@ -278,9 +268,15 @@ def _subsample(n: int, max_voxels: int | None, seed: int | None, device: torch.d
     return torch.randint(n, (max_voxels,), generator=generator, device=device)
 
 
-def joint_histogram(fixed: Tensor, warped: Tensor, bins: int = 32, sigma_ratio: float = 0.5,
-                    mask: Tensor | None = None, max_voxels: int | None = None,
-                    seed: int | None = 0) -> Tensor:
+def joint_histogram(
+    fixed: Tensor,
+    warped: Tensor,
+    bins: int = 32,
+    sigma_ratio: float = 0.5,
+    mask: Tensor | None = None,
+    max_voxels: int | None = None,
+    seed: int | None = 0,
+) -> Tensor:
     """Parzen-window joint histograms ``(N*C, bins, bins)`` float64, each summing to 1.
 
     Intensities are clamped to ``[0, 1]``; ``bins`` Gaussian kernels are centred on
@@ -321,9 +317,15 @@ def _mi_terms(hist: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return _entropy(hist.sum(2), (1,)), _entropy(hist.sum(1), (1,)), _entropy(hist, (1, 2))
 
 
-def mutual_information(fixed: Tensor, warped: Tensor, bins: int = 32, sigma_ratio: float = 0.5,
-                       mask: Tensor | None = None, max_voxels: int | None = None,
-                       seed: int | None = 0) -> Tensor:
+def mutual_information(
+    fixed: Tensor,
+    warped: Tensor,
+    bins: int = 32,
+    sigma_ratio: float = 0.5,
+    mask: Tensor | None = None,
+    max_voxels: int | None = None,
+    seed: int | None = 0,
+) -> Tensor:
     """Mutual information in nats, ``H(f) + H(w) - H(f, w)``, from a Gaussian Parzen
     joint histogram (see :func:`joint_histogram` for the arguments); mean over (N, C).
 
@@ -335,16 +337,28 @@ def mutual_information(fixed: Tensor, warped: Tensor, bins: int = 32, sigma_rati
     return (h_f + h_w - h_fw).mean().to(fixed.dtype)
 
 
-def joint_entropy(fixed: Tensor, warped: Tensor, bins: int = 32, sigma_ratio: float = 0.5,
-                  mask: Tensor | None = None, max_voxels: int | None = None,
-                  seed: int | None = 0) -> Tensor:
+def joint_entropy(
+    fixed: Tensor,
+    warped: Tensor,
+    bins: int = 32,
+    sigma_ratio: float = 0.5,
+    mask: Tensor | None = None,
+    max_voxels: int | None = None,
+    seed: int | None = 0,
+) -> Tensor:
     """Joint entropy ``H(f, w)`` in nats with the estimator of :func:`mutual_information`."""
     hist = joint_histogram(fixed, warped, bins, sigma_ratio, mask, max_voxels, seed)
     return _mi_terms(hist)[2].mean().to(fixed.dtype)
 
 
-def entropy(image: Tensor, bins: int = 32, sigma_ratio: float = 0.5, mask: Tensor | None = None,
-            max_voxels: int | None = None, seed: int | None = 0) -> Tensor:
+def entropy(
+    image: Tensor,
+    bins: int = 32,
+    sigma_ratio: float = 0.5,
+    mask: Tensor | None = None,
+    max_voxels: int | None = None,
+    seed: int | None = 0,
+) -> Tensor:
     """Entropy ``H(image)`` in nats with the Parzen estimator of :func:`mutual_information`
     (its marginal), so ``MI(a, a) = 2 H(a) - H(a, a)``, which tends to ``H(a)`` as
     ``sigma_ratio`` shrinks."""
@@ -352,161 +366,30 @@ def entropy(image: Tensor, bins: int = 32, sigma_ratio: float = 0.5, mask: Tenso
     return _mi_terms(hist)[0].mean().to(image.dtype)
 
 
-# --------------------------------------------------------------------------- regularisers
+def _cubic_bspline(t: Tensor) -> Tensor:
+    """Cubic B-spline kernel (support ``|t| < 2``, partition of unity)."""
+    a = t.abs()
+    inner = (4.0 - 6.0 * a**2 + 3.0 * a**3) / 6.0
+    outer = (2.0 - a).clamp_min(0.0) ** 3 / 6.0
+    return torch.where(a < 1.0, inner, outer)
 
 
-def _forward_diff(tensor: Tensor, axis: int) -> Tensor:
-    """Forward difference along spatial ``axis`` (size shrinks by one there)."""
-    dim = 2 + axis
-    n = tensor.shape[dim]
-    return tensor.narrow(dim, 1, n - 1) - tensor.narrow(dim, 0, n - 1)
-
-
-def gradient_penalty(field: Tensor, penalty: Penalty = "l2") -> Tensor:
-    """VoxelMorph's ``Grad``: for each axis the mean over (N, channels, voxels) of the
-    squared (``'l2'``) or absolute (``'l1'``) forward differences, averaged over axes.
-
-    ``field = a * (x_0 + ... + x_{n-1})`` in every channel gives ``a**2`` (``|a|``).
-    """
-    if penalty not in ("l1", "l2"):
-        raise ValueError(f"penalty must be 'l1' or 'l2', got {penalty!r}")
-    ndim = spatial_ndim(field)
-    terms = []
-    for axis in range(ndim):
-        diff = _forward_diff(field, axis)
-        terms.append((diff.abs() if penalty == "l1" else diff * diff).mean())
-    return sum(terms) / ndim
-
-
-def bending_energy(field: Tensor) -> Tensor:
-    """Bending energy: mean over (N, channels, voxels) of ``sum_{i,j} (d2 u / dx_i dx_j)^2``
-    (cross terms counted twice), each term averaged over the voxels where its finite
-    difference is defined (central second differences, forward-forward cross terms).
-
-    0 for affine fields; ``u_c = a x_0^2`` gives ``4 a^2``; ``u_c = a x_0 x_1`` gives ``2 a^2``.
-    """
-    ndim = spatial_ndim(field)
-    total = field.new_zeros(())
-    for i in range(ndim):
-        first = _forward_diff(field, i)
-        total = total + _forward_diff(first, i).square().mean()
-        for j in range(i + 1, ndim):
-            total = total + 2 * _forward_diff(first, j).square().mean()
-    return total
-
-
-# --------------------------------------------------------------------------- Dice
-
-
-def dice(a: Tensor, b: Tensor, reduction: Reduction = "mean", eps: float = 1e-5) -> Tensor:
-    """Soft Dice ``2 sum(a b) / max(sum(a) + sum(b), eps)`` of one-hot or probability
-    tensors ``(N, K, *S)``: per (sample, class) ``(N, K)`` with ``reduction='none'``,
-    else their mean. A class absent from both gives 0."""
-    _check_pair(a, b)
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    dims = tuple(range(2, a.dim()))
-    top = 2 * (a * b).sum(dim=dims)
-    bottom = (a + b).sum(dim=dims).clamp_min(eps)
-    scores = top / bottom
-    return scores if reduction == "none" else scores.mean()
-
-
-# --------------------------------------------------------------------------- modules
-
-
-class NCCLoss(nn.Module):
-    """``1 - local_ncc(fixed, warped)`` (see :func:`local_ncc`)."""
-
-    def __init__(self, window: int | Sequence[int] = 9, squared: bool = True, eps: float = 1e-5,
-                 structure: float = 0.0):
-        super().__init__()
-        self.window, self.squared, self.eps, self.structure = window, squared, eps, structure
-
-    def forward(self, fixed: Tensor, warped: Tensor, mask: Tensor | None = None) -> Tensor:
-        return 1.0 - local_ncc(fixed, warped, self.window, self.squared, self.eps, mask, self.structure)
-
-
-class MSELoss(nn.Module):
-    """``mse(fixed, warped)`` (see :func:`mse`)."""
-
-    def forward(self, fixed: Tensor, warped: Tensor, mask: Tensor | None = None) -> Tensor:
-        return mse(fixed, warped, mask)
-
-
-class MILoss(nn.Module):
-    """``-mutual_information(fixed, warped)`` in nats (see :func:`mutual_information`)."""
-
-    def __init__(self, bins: int = 32, sigma_ratio: float = 0.5, max_voxels: int | None = None,
-                 seed: int | None = 0):
-        super().__init__()
-        self.bins, self.sigma_ratio = bins, sigma_ratio
-        self.max_voxels, self.seed = max_voxels, seed
-
-    def forward(self, fixed: Tensor, warped: Tensor, mask: Tensor | None = None) -> Tensor:
-        return -mutual_information(fixed, warped, self.bins, self.sigma_ratio, mask,
-                                   self.max_voxels, self.seed)
-
-
-class GradLoss(nn.Module):
-    """``gradient_penalty(field, penalty)`` (see :func:`gradient_penalty`)."""
-
-    def __init__(self, penalty: Penalty = "l2"):
-        super().__init__()
-        if penalty not in ("l1", "l2"):
-            raise ValueError(f"penalty must be 'l1' or 'l2', got {penalty!r}")
-        self.penalty = penalty
-
-    def forward(self, field: Tensor) -> Tensor:
-        return gradient_penalty(field, self.penalty)
-
-
-class BendingLoss(nn.Module):
-    """``bending_energy(field)`` (see :func:`bending_energy`)."""
-
-    def forward(self, field: Tensor) -> Tensor:
-        return bending_energy(field)
-
-
-class DiceLoss(nn.Module):
-    """``1 - dice(a, b)`` over one-hot/probability tensors (see :func:`dice`)."""
-
-    def __init__(self, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-
-    def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        return 1.0 - dice(a, b, "mean", self.eps)
-
-
-# --------------------------------------------------------------------------- registries
-
-SIMILARITY_LOSSES: dict[str, Callable[..., nn.Module]] = {
-    "ncc": NCCLoss,
-    "mse": MSELoss,
-    "mi": MILoss,
-}
-
-REGULARIZERS: dict[str, Callable[..., nn.Module]] = {
-    "l2": lambda **kwargs: GradLoss("l2", **kwargs),
-    "l1": lambda **kwargs: GradLoss("l1", **kwargs),
-    "bending": BendingLoss,
-}
-
-
-def _lookup(registry: dict[str, Callable[..., nn.Module]], kind: str, name: str) -> Callable[..., nn.Module]:
-    """Registry entry for ``name`` (case-insensitive) or a ValueError listing the choices."""
-    key = str(name).strip().lower()
-    if key not in registry:
-        raise ValueError(f"unknown {kind} {name!r}; choose one of: {', '.join(sorted(registry))}")
-    return registry[key]
-
-
-def similarity_loss(name: str, **kwargs) -> nn.Module:
-    """Similarity loss module by name: ``'ncc'``, ``'mse'`` or ``'mi'`` (kwargs go to it)."""
-    return _lookup(SIMILARITY_LOSSES, "similarity", name)(**kwargs)
-
-
-def regularizer(name: str, **kwargs) -> nn.Module:
-    """Regulariser module by name: ``'l2'``, ``'l1'`` (gradient) or ``'bending'``."""
-    return _lookup(REGULARIZERS, "regularizer", name)(**kwargs)
+def mattes_mi(fixed: Tensor, moving: Tensor, weights: Tensor | None = None, bins: int = 32) -> Tensor:
+    """Mutual information (nats) of two flat intensity vectors in [0, 1], Mattes style:
+    nearest-bin fixed, cubic B-spline Parzen window on the moving values (4 bins per
+    sample), so a histogram costs O(samples) and is differentiable w.r.t. ``moving``.
+    ``weights`` (same length) weight the samples."""
+    width = bins + 3  # moving bins -1 .. bins + 1
+    row = (fixed.clamp(0.0, 1.0) * (bins - 1)).round().long() * width
+    x = moving.clamp(0.0, 1.0) * (bins - 1)
+    floor = x.detach().floor()
+    hist = x.new_zeros(bins * width)
+    for k in (-1.0, 0.0, 1.0, 2.0):
+        w = _cubic_bspline(x - (floor + k))
+        if weights is not None:
+            w = w * weights
+        hist = hist.index_add(0, row + (floor + k + 1.0).long(), w)
+    joint = hist.view(bins, width) / hist.sum().clamp_min(1e-12)
+    p_f, p_m = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
+    eps = 1e-10
+    return (joint * (torch.log(joint + eps) - torch.log(p_f + eps) - torch.log(p_m + eps))).sum()

@@ -4,15 +4,14 @@ network config, its weights and JSON-like extras (training config, metrics)."""
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn, Tensor
+from torch import Tensor, nn
 
 from voxreg.core.errors import CheckpointError, one_line
-from voxreg.nn.unet import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, NetworkConfig, VoxelMorph, config_kwargs
+from voxreg.nn.unet import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, NetworkConfig, VoxelMorph
 
 # --------------------------------------------------------------------------- checkpoints
 
@@ -34,12 +33,13 @@ def _check_weights_only_safe(value: Any, where: str = "extra") -> None:
         for i, v in enumerate(value):
             _check_weights_only_safe(v, f"{where}[{i}]")
         return
-    raise ValueError(f"{where} holds a {type(value).__name__}; checkpoints store only "
-                     "None/bool/int/float/str/tensors and lists/tuples/dicts of them")
+    raise ValueError(
+        f"{where} holds a {type(value).__name__}; checkpoints store only "
+        "None/bool/int/float/str/tensors and lists/tuples/dicts of them"
+    )
 
 
-def save_checkpoint(path: str | os.PathLike[str], model: VoxelMorph,
-                    extra: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(path: str | os.PathLike[str], model: VoxelMorph, extra: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (config + weights) and ``extra`` to ``path`` atomically.
 
     ``extra`` (e.g. epoch, optimiser state, metrics) may hold only plain Python values
@@ -81,17 +81,24 @@ def _read_payload(path: Path, device: str | torch.device) -> dict[str, Any]:
         payload = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - the unpickler raises anything on garbage
         if "Weights only load failed" in str(exc):
-            raise CheckpointError(f"{path} is not a voxreg checkpoint: it holds pickled objects other "
-                                  "than tensors and plain values (refused for safety)") from exc
-        raise CheckpointError(f"cannot read checkpoint {path}: not a torch file, corrupted or "
-                              f"truncated ({one_line(str(exc) or type(exc).__name__, 160)})") from exc
+            raise CheckpointError(
+                f"{path} is not a voxreg checkpoint: it holds pickled objects other "
+                "than tensors and plain values (refused for safety)"
+            ) from exc
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: not a torch file, corrupted or "
+            f"truncated ({one_line(str(exc) or type(exc).__name__, 160)})"
+        ) from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a voxreg checkpoint (no 'format': "
-                              f"'{CHECKPOINT_FORMAT}' entry; a raw state_dict or another model?)")
+        raise CheckpointError(
+            f"{path} is not a voxreg checkpoint (no 'format': "
+            f"'{CHECKPOINT_FORMAT}' entry; a raw state_dict or another model?)"
+        )
     version = payload.get("version")
     if not isinstance(version, int) or version > CHECKPOINT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has unsupported version {version!r} "
-                              f"(this voxreg reads up to {CHECKPOINT_VERSION})")
+        raise CheckpointError(
+            f"checkpoint {path} has unsupported version {version!r} (this voxreg reads up to {CHECKPOINT_VERSION})"
+        )
     for key, kind in (("config", dict), ("state_dict", dict), ("extra", dict)):
         if not isinstance(payload.get(key), kind):
             raise CheckpointError(f"checkpoint {path} is damaged: '{key}' missing or not a {kind.__name__}")
@@ -116,8 +123,9 @@ def _state_mismatch(model: nn.Module, state: dict[str, Any]) -> str | None:
     return "; ".join(problems) if problems else None
 
 
-def load_checkpoint(path: str | os.PathLike[str],
-                    device: str | torch.device = "cpu") -> tuple[VoxelMorph, dict[str, Any]]:
+def load_checkpoint(
+    path: str | os.PathLike[str], device: str | torch.device = "cpu"
+) -> tuple[VoxelMorph, dict[str, Any]]:
     """Read a checkpoint written by :func:`save_checkpoint`: ``(model on device, extra)``.
 
     Raises :class:`~voxreg.errors.CheckpointError` (one-line message naming the file) when
@@ -129,7 +137,9 @@ def load_checkpoint(path: str | os.PathLike[str],
     try:
         config = NetworkConfig.from_dict(payload["config"])
     except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint {path} has an invalid config: {one_line(str(exc) or type(exc).__name__, 160)}") from exc
+        raise CheckpointError(
+            f"checkpoint {path} has an invalid config: {one_line(str(exc) or type(exc).__name__, 160)}"
+        ) from exc
     model = VoxelMorph(config)
     problem = _state_mismatch(model, payload["state_dict"])
     if problem:
@@ -137,5 +147,7 @@ def load_checkpoint(path: str | os.PathLike[str],
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as exc:  # pragma: no cover - caught by _state_mismatch above
-        raise CheckpointError(f"checkpoint {path} weights do not match its config: {one_line(str(exc) or type(exc).__name__, 160)}") from exc
+        raise CheckpointError(
+            f"checkpoint {path} weights do not match its config: {one_line(str(exc) or type(exc).__name__, 160)}"
+        ) from exc
     return model.to(device).eval(), payload["extra"]

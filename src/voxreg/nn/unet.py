@@ -25,26 +25,21 @@ U-Net only. ``benchmarks/bench_network.py`` times the variants.
 
 from __future__ import annotations
 
-import os
-import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-import torch.utils.checkpoint
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from voxreg.core import spatial
-from voxreg.core.errors import CheckpointError
 
 __all__ = [
     "NetworkConfig",
     "NetworkOutput",
     "VoxelMorph",
-    "save_checkpoint",
-    "load_checkpoint",
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
 ]
@@ -98,16 +93,14 @@ class NetworkConfig:
         self.dec_features = _as_feature_tuple("dec_features", self.dec_features)
         need = len(self.enc_features) + 2
         if len(self.dec_features) < need:
-            raise ValueError(f"dec_features must have at least len(enc_features) + 2 = {need} "
-                             f"entries, got {len(self.dec_features)}")
-        if not isinstance(self.int_steps, int) or isinstance(self.int_steps, bool) \
-                or not 0 <= self.int_steps <= 20:
-            raise ValueError(f"int_steps must be an int in [0, 20] (0 = plain displacement), "
-                             f"got {self.int_steps!r}")
+            raise ValueError(
+                f"dec_features must have at least len(enc_features) + 2 = {need} entries, got {len(self.dec_features)}"
+            )
+        if not isinstance(self.int_steps, int) or isinstance(self.int_steps, bool) or not 0 <= self.int_steps <= 20:
+            raise ValueError(f"int_steps must be an int in [0, 20] (0 = plain displacement), got {self.int_steps!r}")
         _check_bool("half_res", self.half_res)
         _check_bool("lambda_conditional", self.lambda_conditional)
-        if not isinstance(self.in_channels, int) or isinstance(self.in_channels, bool) \
-                or self.in_channels < 1:
+        if not isinstance(self.in_channels, int) or isinstance(self.in_channels, bool) or self.in_channels < 1:
             raise ValueError(f"in_channels must be a positive int, got {self.in_channels!r}")
 
     @property
@@ -121,16 +114,14 @@ class NetworkConfig:
         return self.int_steps > 0
 
     @classmethod
-    def vm1(cls, ndim: int = 3, **kwargs: Any) -> "NetworkConfig":
+    def vm1(cls, ndim: int = 3, **kwargs: Any) -> NetworkConfig:
         """VoxelMorph-1 (CVPR 2018): enc (16, 32, 32, 32), dec (32, 32, 32, 32, 8, 8)."""
-        return cls(ndim=ndim, enc_features=(16, 32, 32, 32),
-                   dec_features=(32, 32, 32, 32, 8, 8), **kwargs)
+        return cls(ndim=ndim, enc_features=(16, 32, 32, 32), dec_features=(32, 32, 32, 32, 8, 8), **kwargs)
 
     @classmethod
-    def vm2(cls, ndim: int = 3, **kwargs: Any) -> "NetworkConfig":
+    def vm2(cls, ndim: int = 3, **kwargs: Any) -> NetworkConfig:
         """VoxelMorph-2: enc (16, 32, 32, 32), dec (32, 32, 32, 32, 32, 16, 16)."""
-        return cls(ndim=ndim, enc_features=(16, 32, 32, 32),
-                   dec_features=(32, 32, 32, 32, 32, 16, 16), **kwargs)
+        return cls(ndim=ndim, enc_features=(16, 32, 32, 32), dec_features=(32, 32, 32, 32, 32, 16, 16), **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python (JSON- and weights_only-safe) dict of the config."""
@@ -140,7 +131,7 @@ class NetworkConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "NetworkConfig":
+    def from_dict(cls, data: dict[str, Any]) -> NetworkConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise ValueError, missing keys use defaults."""
         return cls(**config_kwargs(cls, data, "network"))
 
@@ -204,8 +195,10 @@ class _FiLM(nn.Module):
         self.ndim = ndim
         self.channels = tuple(channels)
         self.mlp = nn.Sequential(
-            nn.Linear(1, _FILM_HIDDEN), nn.LeakyReLU(_LEAKY_SLOPE),
-            nn.Linear(_FILM_HIDDEN, _FILM_HIDDEN), nn.LeakyReLU(_LEAKY_SLOPE),
+            nn.Linear(1, _FILM_HIDDEN),
+            nn.LeakyReLU(_LEAKY_SLOPE),
+            nn.Linear(_FILM_HIDDEN, _FILM_HIDDEN),
+            nn.LeakyReLU(_LEAKY_SLOPE),
             nn.Linear(_FILM_HIDDEN, 2 * sum(self.channels)),
         )
         nn.init.zeros_(self.mlp[-1].weight)
@@ -217,8 +210,8 @@ class _FiLM(nn.Module):
         out, start = [], 0
         view = (n, -1) + (1,) * self.ndim
         for c in self.channels:
-            scale = 1.0 + params[:, start:start + c].reshape(view)
-            shift = params[:, start + c:start + 2 * c].reshape(view)
+            scale = 1.0 + params[:, start : start + c].reshape(view)
+            shift = params[:, start + c : start + 2 * c].reshape(view)
             out.append((scale, shift))
             start += 2 * c
         return out
@@ -320,15 +313,18 @@ class VoxelMorph(nn.Module):
         cfg = self.config
         for name, t in (("moving", moving), ("fixed", fixed)):
             if t.dim() != cfg.ndim + 2:
-                raise ValueError(f"{name} must be (N, C, *spatial) with {cfg.ndim} spatial dims, "
-                                 f"got shape {tuple(t.shape)}")
+                raise ValueError(
+                    f"{name} must be (N, C, *spatial) with {cfg.ndim} spatial dims, got shape {tuple(t.shape)}"
+                )
             if t.shape[1] != cfg.in_channels:
                 raise ValueError(f"{name} has {t.shape[1]} channels, the network expects {cfg.in_channels}")
             if not torch.is_floating_point(t):
                 raise ValueError(f"{name} must be a floating point tensor, got {t.dtype}")
         if moving.shape != fixed.shape:
-            raise ValueError(f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} "
-                             "must have the same shape (resample onto the fixed grid first)")
+            raise ValueError(
+                f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} "
+                "must have the same shape (resample onto the fixed grid first)"
+            )
 
     def _unet(self, x: Tensor, film: list[tuple[Tensor, Tensor]] | None) -> Tensor:
         """Raw flow output on the padded grid (half resolution when ``half_res``)."""
@@ -344,14 +340,12 @@ class VoxelMorph(nn.Module):
             if self.grad_checkpoint and self.training and torch.is_grad_enabled():
                 # one segment = conv block + upsampling + skip concatenation: the large
                 # upsampled/concatenated tensors are recomputed instead of stored
-                x = torch.utils.checkpoint.checkpoint(self._decode_step, i, x, skips, step_film,
-                                                      use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(self._decode_step, i, x, skips, step_film, use_reentrant=False)
             else:
                 x = self._decode_step(i, x, skips, step_film)
         return self.flow(x).contiguous()
 
-    def _decode_step(self, i: int, x: Tensor, skips: list[Tensor],
-                     film: tuple[Tensor, Tensor] | None) -> Tensor:
+    def _decode_step(self, i: int, x: Tensor, skips: list[Tensor], film: tuple[Tensor, Tensor] | None) -> Tensor:
         """Decoder conv ``i``, then (where the architecture has one) 2x upsampling and the
         concatenation of the matching skip."""
         x = self.decoder[i](x, film)
@@ -366,13 +360,14 @@ class VoxelMorph(nn.Module):
             return torch.utils.checkpoint.checkpoint(block, x, film, use_reentrant=False)
         return block(x, film)
 
-    def _raw_flow(self, moving: Tensor, fixed: Tensor, lam: float | Tensor | None,
-                  bf16: bool = False) -> tuple[Tensor, tuple[int, ...]]:
+    def _raw_flow(
+        self, moving: Tensor, fixed: Tensor, lam: float | Tensor | None, bf16: bool = False
+    ) -> tuple[Tensor, tuple[int, ...]]:
         """Validate, pad, run the U-Net: (raw float32 flow, padded full-res shape)."""
         self._check_inputs(moving, fixed)
         log_lam = self._log_lambda(lam, moving.shape[0], moving)
         film = self.film(log_lam) if self.film is not None else None
-        x = _pad_to_multiple(torch.cat([moving, fixed], dim=1), 2 ** self.config.levels)
+        x = _pad_to_multiple(torch.cat([moving, fixed], dim=1), 2**self.config.levels)
         if not bf16:
             return self._unet(x, film), tuple(x.shape[2:])
         with torch.autocast(x.device.type, dtype=torch.bfloat16):
@@ -390,11 +385,13 @@ class VoxelMorph(nn.Module):
         if not self.config.diffeomorphic:
             return NetworkOutput(field=self._to_input_grid(flow, padded, shape))
         field = spatial.integrate_velocity(flow, self.config.int_steps)
-        return NetworkOutput(field=self._to_input_grid(field, padded, shape),
-                             velocity=self._to_input_grid(flow, padded, shape))
+        return NetworkOutput(
+            field=self._to_input_grid(field, padded, shape), velocity=self._to_input_grid(flow, padded, shape)
+        )
 
-    def predict_field(self, moving: Tensor, fixed: Tensor, lam: float | Tensor | None = None,
-                      *, bf16: bool = False) -> Tensor:
+    def predict_field(
+        self, moving: Tensor, fixed: Tensor, lam: float | Tensor | None = None, *, bf16: bool = False
+    ) -> Tensor:
         """Displacement field only: like ``forward(...).field`` without resampling the velocity.
 
         ``bf16=True`` runs the U-Net convs under bfloat16 autocast (integration, resizing
@@ -407,8 +404,9 @@ class VoxelMorph(nn.Module):
             flow = spatial.integrate_velocity(flow, self.config.int_steps)
         return self._to_input_grid(flow, padded, shape)
 
-    def register(self, moving: Tensor, fixed: Tensor, lam: float | Tensor | None = None,
-                 *, bf16: bool = False) -> tuple[Tensor, Tensor]:
+    def register(
+        self, moving: Tensor, fixed: Tensor, lam: float | Tensor | None = None, *, bf16: bool = False
+    ) -> tuple[Tensor, Tensor]:
         """Inference: ``(moving warped onto fixed, field)`` under ``torch.inference_mode``.
 
         See :meth:`predict_field` for ``bf16``.

@@ -24,7 +24,7 @@ Method:
 4. **Optimisation.** ``W(p) = L (p - c) + c + t`` about the fixed centre of mass ``c``,
    ``L = L0 @ expm(K)`` with ``K`` skew-symmetric (rigid) or general (affine: rotation,
    scaling and shear, det > 0), translations in units of the fixed radius of gyration.
-   Adam on ``1 - global NCC`` or ``-MI`` (:func:`mattes_mi`) between the fixed samples
+   Adam on ``1 - global NCC`` or ``-MI`` (:func:`voxreg.losses.mattes_mi`) between the fixed samples
    and the moving level image sampled at ``W`` of them, counting only samples that land
    inside the moving image (and scaling the similarity down when under 75% of the fixed
    foreground does, so sliding out of the field of view is never rewarded); the best
@@ -39,8 +39,10 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import dataclass, field as dataclass_field
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,10 +50,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from voxreg import io, losses
-from voxreg.core import runtime
-from voxreg.core import spatial
+from voxreg.core import runtime, spatial
+from voxreg.core.config import check_choice
 from voxreg.core.errors import VoxregError
+from voxreg.core.grid import embed_world, level_grid, mapped_coords, reduced_affine, voxel_spacing, world_points
 from voxreg.core.image import Image
+from voxreg.core.schedule import cosine_factor
+from voxreg.losses import mattes_mi
+
+__all__ = ["AffineConfig", "AffineResult", "affine_register", "mattes_mi"]
 
 ProgressCallback = Callable[[int, int], None]
 MaskLike = Image | np.ndarray | None
@@ -71,12 +78,9 @@ _SEED = 0
 # --------------------------------------------------------------------------- config / result
 
 
-def _check_choice(name: str, value: str, allowed: Sequence[str]) -> str:
-    """Lower-cased ``value`` or a ValueError naming ``name`` and the allowed values."""
-    key = str(value).strip().lower()
-    if key not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-    return key
+def _choice(name: str, value: str, allowed: Sequence[str]) -> str:
+    """Lower-cased ``value`` checked by :func:`voxreg.core.config.check_choice`."""
+    return check_choice(name, str(value).strip().lower(), allowed)
 
 
 @dataclass
@@ -108,21 +112,21 @@ class AffineConfig:
     threads: int = 1
 
     def __post_init__(self) -> None:
-        self.transform = _check_choice("transform", self.transform, TRANSFORMS)
-        self.similarity = _check_choice("similarity", self.similarity, SIMILARITIES)
-        self.init = _check_choice("init", self.init, INITS)
-        self.scale_unit = _check_choice("scale_unit", self.scale_unit, SCALE_UNITS)
+        self.transform = _choice("transform", self.transform, TRANSFORMS)
+        self.similarity = _choice("similarity", self.similarity, SIMILARITIES)
+        self.init = _choice("init", self.init, INITS)
+        self.scale_unit = _choice("scale_unit", self.scale_unit, SCALE_UNITS)
         self.scales = tuple(float(s) for s in self.scales)
         self.iterations = tuple(int(i) for i in self.iterations)
         if not self.scales or len(self.scales) != len(self.iterations):
-            raise ValueError(f"scales and iterations must be non-empty and of equal length; got "
-                             f"{len(self.scales)} scales and {len(self.iterations)} iterations")
+            raise ValueError(
+                f"scales and iterations must be non-empty and of equal length; got "
+                f"{len(self.scales)} scales and {len(self.iterations)} iterations"
+            )
         if any(s <= 0 for s in self.scales) or any(i < 0 for i in self.iterations):
             raise ValueError(f"scales must be > 0 and iterations >= 0; got {self.scales}, {self.iterations}")
-        if (self.lr <= 0 or self.max_points < 64 or self.init_iterations < 0 or self.mi_bins < 4
-                or self.threads < 0):
-            raise ValueError("need lr > 0, max_points >= 64, init_iterations >= 0, mi_bins >= 4 "
-                             "and threads >= 0")
+        if self.lr <= 0 or self.max_points < 64 or self.init_iterations < 0 or self.mi_bins < 4 or self.threads < 0:
+            raise ValueError("need lr > 0, max_points >= 64, init_iterations >= 0, mi_bins >= 4 and threads >= 0")
 
 
 @dataclass
@@ -147,36 +151,18 @@ class AffineResult:
 # --------------------------------------------------------------------------- geometry helpers
 
 
-def _reduced_affine(affine: np.ndarray, ndim: int) -> np.ndarray:
-    """``(ndim+1, ndim+1)`` voxel -> world matrix (2D: the x-y plane, as grid.voxel_matrix)."""
-    keep = list(range(ndim)) + [3]
-    return np.asarray(affine, dtype=np.float64)[np.ix_(keep, keep)]
-
-
-def _embed_world(matrix: np.ndarray, ndim: int) -> np.ndarray:
-    """4x4 world matrix of an ``(ndim+1, ndim+1)`` one (2D: identity along z)."""
-    out = np.eye(4)
-    keep = list(range(ndim)) + [3]
-    out[np.ix_(keep, keep)] = matrix
-    return out
-
-
-def _spacing(affine: np.ndarray) -> np.ndarray:
-    """Voxel size along each axis of a reduced affine."""
-    return np.sqrt((affine[:-1, :-1] ** 2).sum(axis=0))
-
-
 _MIN_LEVEL_VOXELS = 16  # a pyramid level keeps at least this many voxels across the fixed image
 
 
-def _level_spacings(config: AffineConfig, fixed: np.ndarray, moving: np.ndarray,
-                    fixed_shape: Sequence[int]) -> list[float]:
+def _level_spacings(
+    config: AffineConfig, fixed: np.ndarray, moving: np.ndarray, fixed_shape: Sequence[int]
+) -> list[float]:
     """Pyramid spacings in mm, never finer than the finest voxel of either image and never
     so coarse that the fixed image spans fewer than ``_MIN_LEVEL_VOXELS`` voxels (small images)."""
-    finest = float(min(_spacing(fixed).min(), _spacing(moving).min()))
-    extent = float(min(np.asarray(fixed_shape) * _spacing(fixed)))
+    finest = float(min(voxel_spacing(fixed).min(), voxel_spacing(moving).min()))
+    extent = float(min(np.asarray(fixed_shape) * voxel_spacing(fixed)))
     coarsest = max(extent / _MIN_LEVEL_VOXELS, finest)
-    unit = float(_spacing(fixed).min()) if config.scale_unit == "factor" else 1.0
+    unit = float(voxel_spacing(fixed).min()) if config.scale_unit == "factor" else 1.0
     return [min(max(s * unit, finest), coarsest) for s in config.scales]
 
 
@@ -186,8 +172,7 @@ def _skew(params: Tensor, ndim: int) -> Tensor:
     if ndim == 2:
         return torch.stack([torch.stack([zero, -params[0]]), torch.stack([params[0], zero])])
     x, y, z = params
-    return torch.stack([torch.stack([zero, -z, y]), torch.stack([z, zero, -x]),
-                        torch.stack([-y, x, zero])])
+    return torch.stack([torch.stack([zero, -z, y]), torch.stack([z, zero, -x]), torch.stack([-y, x, zero])])
 
 
 # --------------------------------------------------------------------------- pyramid
@@ -223,19 +208,9 @@ def _block_average(tensor: Tensor, affine: np.ndarray, factors: Sequence[int]) -
     return pooled, affine @ scale
 
 
-def _box_variance(factors: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
+def _box_variance(factors: Sequence[int], spacing: Sequence[float] | np.ndarray) -> np.ndarray:
     """Variance (mm^2) per axis of a block average by ``factors`` of voxels of ``spacing``."""
     return (np.asarray(factors, dtype=np.float64) ** 2 - 1.0) / 12.0 * np.asarray(spacing) ** 2
-
-
-def _level_grid(affine: np.ndarray, shape: Sequence[int],
-                spacing: float) -> tuple[np.ndarray, tuple[int, ...]]:
-    """Isotropic grid of ``spacing`` mm along the image axes covering its extent."""
-    size = [max(1, int(round(n * v / spacing))) for n, v in zip(shape, _spacing(affine))]
-    step = np.asarray(shape, dtype=np.float64) / np.asarray(size)  # image voxels per level voxel
-    index = np.diag([*step, 1.0])
-    index[:-1, -1] = -0.5 + 0.5 * step
-    return affine @ index, tuple(size)
 
 
 def _as_tensor(array: np.ndarray) -> Tensor:
@@ -247,15 +222,15 @@ class _Pyramid:
     the finest level spacing) from which every level is smoothed and resampled."""
 
     def __init__(self, image: Image, mask: MaskLike, finest: float, name: str) -> None:
-        affine = _reduced_affine(image.affine, image.ndim)
+        affine = reduced_affine(image.affine, image.ndim)
         self.affine, self.shape, self.name = affine, image.shape, name
-        factors = [max(1, int(math.floor(finest / v + 1e-6))) for v in _spacing(affine)]
+        factors = [max(1, int(math.floor(finest / v + 1e-6))) for v in voxel_spacing(affine)]
         base, self.base_affine = _block_average(_as_tensor(image.array), affine, factors)
         self.base = _as_tensor(io.normalize_intensity(base[0, 0].numpy()))
         self.mask = None
         if mask is not None:
             self.mask = _block_average(_as_tensor(_mask_array(mask, image, name)), affine, factors)[0]
-        self.variance = _box_variance(factors, _spacing(affine))
+        self.variance = _box_variance(factors, voxel_spacing(affine))
         self._cache: dict[tuple[float, bool], tuple[Tensor, np.ndarray]] = {}
 
     def level(self, spacing: float, mask: bool = False) -> tuple[Tensor, np.ndarray]:
@@ -269,27 +244,20 @@ class _Pyramid:
         """Image (or mask) ``(1, 1, *S)`` on the isotropic ``spacing`` grid, and its affine:
         block-averaged by up to half the spacing, then Gaussian-smoothed to sigma
         ``spacing / 2`` in total, then linearly resampled."""
-        grid_affine, shape = _level_grid(self.affine, self.shape, spacing)
-        base_voxel = _spacing(self.base_affine)
+        grid_affine, shape = level_grid(self.affine, self.shape, spacing)
+        base_voxel = voxel_spacing(self.base_affine)
         factors = [max(1, int(math.floor(spacing / (2.0 * v) + 1e-6))) for v in base_voxel]
-        source, source_affine = _block_average(self.mask if mask else self.base, self.base_affine, factors)
+        image = self.mask if mask and self.mask is not None else self.base
+        source, source_affine = _block_average(image, self.base_affine, factors)
         variance = self.variance + _box_variance(factors, base_voxel)
-        voxel = _spacing(source_affine)
+        voxel = voxel_spacing(source_affine)
         sigmas = np.sqrt(np.clip((_SMOOTH * spacing) ** 2 - variance, 0.0, None)) / voxel
         blurred = _gaussian_blur(source, sigmas)
         matrix = np.linalg.inv(source_affine) @ grid_affine
         if tuple(blurred.shape[2:]) == shape and np.allclose(matrix, np.eye(len(shape) + 1), atol=1e-4):
             return blurred, grid_affine
-        coords = _grid_coords(torch.as_tensor(matrix, dtype=torch.float32), shape)
+        coords = mapped_coords(matrix, shape)
         return spatial.sample(blurred, coords, padding="border"), grid_affine
-
-
-def _grid_coords(matrix: Tensor, shape: Sequence[int]) -> Tensor:
-    """Voxel coordinates ``(1, ndim, *shape)`` of ``matrix @ x`` for every voxel ``x``."""
-    ndim = len(shape)
-    grid = spatial.identity_grid(shape).reshape(ndim, -1)
-    mapped = matrix[:ndim, :ndim] @ grid + matrix[:ndim, ndim:]
-    return mapped.reshape(1, ndim, *shape)
 
 
 def _mask_array(mask: Image | np.ndarray, image: Image, name: str) -> np.ndarray:
@@ -305,13 +273,6 @@ def _mask_array(mask: Image | np.ndarray, image: Image, name: str) -> np.ndarray
 # --------------------------------------------------------------------------- moments
 
 
-def _world_points(affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """World coordinates ``(ndim, prod(shape))`` of every voxel of a grid (float64)."""
-    ndim = len(shape)
-    grid = np.indices(shape, dtype=np.float64).reshape(ndim, -1)
-    return affine[:ndim, :ndim] @ grid + affine[:ndim, ndim:]
-
-
 def _moments(image: Tensor, affine: np.ndarray, mask: Tensor | None) -> tuple[np.ndarray, np.ndarray, float]:
     """Centre of mass, principal axes (columns, ascending eigenvalues) and radius of
     gyration (mm) of the intensities above the foreground threshold."""
@@ -321,7 +282,7 @@ def _moments(image: Tensor, affine: np.ndarray, mask: Tensor | None) -> tuple[np
         weights = weights * (mask.flatten().double().numpy() > 0.5)
     if weights.sum() <= 0:
         weights = np.clip(values, 0.0, None)
-    points = _world_points(affine, image.shape[2:])
+    points = world_points(affine, image.shape[2:])
     total = weights.sum()
     com = points @ weights / total
     centred = points - com[:, None]
@@ -384,8 +345,7 @@ class _State:
         return out
 
 
-def _fixed_samples(fixed: _Pyramid, spacing: float, centre: np.ndarray,
-                   max_points: int) -> tuple[Tensor, Tensor]:
+def _fixed_samples(fixed: _Pyramid, spacing: float, centre: np.ndarray, max_points: int) -> tuple[Tensor, Tensor]:
     """Sample points (world minus ``centre``) and values of the fixed image at one level."""
     image, affine = fixed.level(spacing)
     ndim = image.dim() - 2
@@ -414,8 +374,7 @@ def _fixed_samples(fixed: _Pyramid, spacing: float, centre: np.ndarray,
     return torch.as_tensor(world, dtype=torch.float32), values
 
 
-def _build_level(fixed: _Pyramid, moving: _Pyramid, spacing: float, centre: np.ndarray,
-                 max_points: int) -> _Level:
+def _build_level(fixed: _Pyramid, moving: _Pyramid, spacing: float, centre: np.ndarray, max_points: int) -> _Level:
     """Fixed samples and moving image (and mask) of the level of ``spacing`` mm."""
     points, values = _fixed_samples(fixed, spacing, centre, max_points)
     image, affine = moving.level(spacing)
@@ -443,35 +402,6 @@ def _similarity(level: _Level, coords: Tensor, config: AffineConfig) -> tuple[Te
     return value, overlap
 
 
-def _cubic_bspline(t: Tensor) -> Tensor:
-    """Cubic B-spline kernel (support ``|t| < 2``, partition of unity)."""
-    a = t.abs()
-    inner = (4.0 - 6.0 * a ** 2 + 3.0 * a ** 3) / 6.0
-    outer = (2.0 - a).clamp_min(0.0) ** 3 / 6.0
-    return torch.where(a < 1.0, inner, outer)
-
-
-def mattes_mi(fixed: Tensor, moving: Tensor, weights: Tensor | None = None, bins: int = 32) -> Tensor:
-    """Mutual information (nats) of two flat intensity vectors in [0, 1], Mattes style:
-    nearest-bin fixed, cubic B-spline Parzen window on the moving values (4 bins per
-    sample), so a histogram costs O(samples) and is differentiable w.r.t. ``moving``.
-    ``weights`` (same length) weight the samples."""
-    width = bins + 3  # moving bins -1 .. bins + 1
-    row = (fixed.clamp(0.0, 1.0) * (bins - 1)).round().long() * width
-    x = moving.clamp(0.0, 1.0) * (bins - 1)
-    floor = x.detach().floor()
-    hist = x.new_zeros(bins * width)
-    for k in (-1.0, 0.0, 1.0, 2.0):
-        w = _cubic_bspline(x - (floor + k))
-        if weights is not None:
-            w = w * weights
-        hist = hist.index_add(0, row + (floor + k + 1.0).long(), w)
-    joint = hist.view(bins, width) / hist.sum().clamp_min(1e-12)
-    p_f, p_m = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
-    eps = 1e-10
-    return (joint * (torch.log(joint + eps) - torch.log(p_f + eps) - torch.log(p_m + eps))).sum()
-
-
 def _moving_coords(level: _Level, state: _State, linear: Tensor, shift: Tensor) -> Tensor:
     """Moving level voxel coordinates ``(ndim, P)`` of the fixed samples."""
     to_moving = torch.as_tensor(level.to_moving, dtype=torch.float64)
@@ -489,24 +419,6 @@ def _loss(similarity: Tensor, overlap: Tensor, config: AffineConfig) -> Tensor:
     if config.similarity == "mi":
         return -similarity * factor
     return 1.0 - similarity * factor
-
-
-class _Adam:
-    """Adam on one small parameter vector (torch.optim's first use imports torch._dynamo,
-    which costs over a second per process)."""
-
-    def __init__(self, size: int, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        self.m = torch.zeros(size, dtype=torch.float64)
-        self.v = torch.zeros(size, dtype=torch.float64)
-        self.betas, self.eps, self.t = betas, eps, 0
-
-    def step(self, params: Tensor, grad: Tensor, lr: float) -> None:
-        b1, b2 = self.betas
-        self.t += 1
-        self.m.mul_(b1).add_(grad, alpha=1 - b1)
-        self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        denom = (self.v / (1 - b2 ** self.t)).sqrt_().add_(self.eps)
-        params.sub_(lr / (1 - b1 ** self.t) * self.m / denom)
 
 
 def _transform(params: Tensor, state: _State, kind: str, scale: float) -> tuple[Tensor, Tensor]:
@@ -532,14 +444,23 @@ def _sort_samples(level: _Level, state: _State) -> None:
     level.values = level.values[:, :, order]
 
 
-def _optimise(level: _Level, state: _State, kind: str, steps: int, lr: float, scale: float,
-              config: AffineConfig, history: list[float], tick: Callable[[], None]) -> _State:
+def _optimise(
+    level: _Level,
+    state: _State,
+    kind: str,
+    steps: int,
+    lr: float,
+    scale: float,
+    config: AffineConfig,
+    history: list[float],
+    tick: Callable[[], None],
+) -> _State:
     """Run ``steps`` Adam steps (cosine-decayed ``lr``) from ``state``; return the best
     state seen, so a bad step is never kept."""
     ndim = state.centre.size
     n_linear = ndim * (ndim - 1) // 2 if kind == "rigid" else ndim * ndim
     params = torch.zeros(n_linear + ndim, dtype=torch.float64, requires_grad=True)
-    adam = _Adam(params.numel())
+    adam = torch.optim.Adam([params], lr=lr)
     _sort_samples(level, state)
     best = (math.inf, state)
     for step in range(steps + 1):
@@ -548,19 +469,25 @@ def _optimise(level: _Level, state: _State, kind: str, steps: int, lr: float, sc
         loss = _loss(similarity, overlap, config)
         value = float(loss.detach())
         if not math.isfinite(value):
-            raise VoxregError("affine registration diverged (the loss became NaN); check the inputs "
-                              "or lower AffineConfig.lr")
+            raise VoxregError(
+                "affine registration diverged (the loss became NaN); check the inputs or lower AffineConfig.lr"
+            )
         if value < best[0]:
-            best = (value, _State(linear.detach().numpy().copy(), shift.detach().numpy().copy(),
-                                  state.centre))
+            best = (value, _State(linear.detach().numpy().copy(), shift.detach().numpy().copy(), state.centre))
         if step == steps:
             break
         history.append(value)
-        (grad,) = torch.autograd.grad(loss, params)
-        with torch.no_grad():
-            adam.step(params, grad, lr * (0.1 + 0.45 * (1.0 + math.cos(math.pi * step / max(steps, 1)))))
+        _adam_step(adam, params, loss, lr * cosine_factor(step / max(steps, 1), floor=0.1))
         tick()
     return best[1]
+
+
+def _adam_step(adam: torch.optim.Adam, params: Tensor, loss: Tensor, lr: float) -> None:
+    """One Adam step on ``params`` with learning rate ``lr``."""
+    (params.grad,) = torch.autograd.grad(loss, params)
+    for group in adam.param_groups:
+        group["lr"] = lr
+    adam.step()
 
 
 def _evaluate(level: _Level, state: _State, config: AffineConfig) -> tuple[float, float]:
@@ -585,14 +512,18 @@ def _check_image(image: Image, role: str) -> str:
     if not np.any(array):
         raise VoxregError(f"{name}: cannot be aligned: image is empty (all voxels are zero)")
     if array.min() == array.max():
-        raise VoxregError(f"{name}: cannot be aligned: image is constant "
-                          f"(every voxel is {float(array.min()):g})")
+        raise VoxregError(f"{name}: cannot be aligned: image is constant (every voxel is {float(array.min()):g})")
     return name
 
 
-def affine_register(fixed: Image, moving: Image, config: AffineConfig | None = None,
-                    fixed_mask: MaskLike = None, moving_mask: MaskLike = None,
-                    progress: ProgressCallback | None = None) -> AffineResult:
+def affine_register(
+    fixed: Image,
+    moving: Image,
+    config: AffineConfig | None = None,
+    fixed_mask: MaskLike = None,
+    moving_mask: MaskLike = None,
+    progress: ProgressCallback | None = None,
+) -> AffineResult:
     """Rigid or affine registration of ``moving`` to ``fixed`` in world space (RAS mm).
 
     Returns an :class:`AffineResult` whose ``world_matrix`` maps fixed world points to
@@ -609,7 +540,8 @@ def affine_register(fixed: Image, moving: Image, config: AffineConfig | None = N
     rotation = _plane_rotation(fixed)
     if rotation is not None:  # a 2D slice outside the x-y plane: register within its own plane
         fixed, moving, fixed_mask, moving_mask = (
-            _rotated(item, rotation) for item in (fixed, moving, fixed_mask, moving_mask))
+            _rotated(item, rotation) for item in (fixed, moving, fixed_mask, moving_mask)
+        )
     try:
         result = _register(fixed, moving, config, fixed_mask, moving_mask, progress)
     finally:
@@ -651,27 +583,34 @@ class _Problem:
     candidates: list[tuple[str, np.ndarray]]
 
 
-def _prepare(fixed: Image, moving: Image, names: tuple[str, str], config: AffineConfig,
-             masks: tuple[MaskLike, MaskLike]) -> _Problem:
+def _prepare(
+    fixed: Image, moving: Image, names: tuple[str, str], config: AffineConfig, masks: tuple[MaskLike, MaskLike]
+) -> _Problem:
     """Pyramids, moments, start candidates and per-level samples of one pair."""
     ndim = fixed.ndim
-    spacings = _level_spacings(config, _reduced_affine(fixed.affine, ndim),
-                               _reduced_affine(moving.affine, ndim), fixed.shape)
-    pyramids = [_Pyramid(image, mask, min(spacings), name)
-                for image, mask, name in zip((fixed, moving), masks, names)]
+    spacings = _level_spacings(
+        config, reduced_affine(fixed.affine, ndim), reduced_affine(moving.affine, ndim), fixed.shape
+    )
+    pyramids = [_Pyramid(image, mask, min(spacings), name) for image, mask, name in zip((fixed, moving), masks, names)]
     moments = []
     for pyramid in pyramids:
         image, affine = pyramid.level(spacings[0])
         mask = None if pyramid.mask is None else pyramid.level(spacings[0], mask=True)[0]
         moments.append(_moments(image, affine, mask))
     (com_f, axes_f, radius), (com_m, axes_m, _) = moments
-    levels = [_build_level(*pyramids, s, com_f, config.max_points) for s in spacings]
+    levels = [_build_level(pyramids[0], pyramids[1], s, com_f, config.max_points) for s in spacings]
     shift = np.zeros(ndim) if config.init == "identity" else com_m - com_f
     return _Problem(levels, com_f, shift, radius, _candidates(config.init, axes_f, axes_m))
 
 
-def _register(fixed: Image, moving: Image, config: AffineConfig, fixed_mask: MaskLike,
-              moving_mask: MaskLike, progress: ProgressCallback | None) -> AffineResult:
+def _register(
+    fixed: Image,
+    moving: Image,
+    config: AffineConfig,
+    fixed_mask: MaskLike,
+    moving_mask: MaskLike,
+    progress: ProgressCallback | None,
+) -> AffineResult:
     """Body of :func:`affine_register` (thread setting handled by the caller)."""
     start = time.perf_counter()
     names = (_check_image(fixed, "fixed"), _check_image(moving, "moving"))
@@ -692,12 +631,12 @@ def _register(fixed: Image, moving: Image, config: AffineConfig, fixed_mask: Mas
     init, state = _pick_candidate(problem, config, tick)
     for kind in stages:
         for index, (level, steps) in enumerate(zip(problem.levels, config.iterations)):
-            lr = config.lr * 0.5 ** index
+            lr = config.lr * 0.5**index
             state = _optimise(level, state, kind, steps, lr, problem.radius, config, history, tick)
     identity = _State(np.eye(fixed.ndim), np.zeros(fixed.ndim), problem.centre)
     before = _evaluate(problem.levels[-1], identity, config)[0]
     after = _evaluate(problem.levels[-1], state, config)[0]
-    world = _embed_world(state.world(), fixed.ndim)
+    world = embed_world(state.world(), fixed.ndim)
     if not np.all(np.isfinite(world)) or not math.isfinite(after):
         raise VoxregError(f"{names[1]}: affine registration to {names[0]} gave a degenerate (NaN) result")
     return AffineResult(world, before, after, time.perf_counter() - start, init, history)
@@ -710,8 +649,9 @@ def _pick_candidate(problem: _Problem, config: AffineConfig, tick: Callable[[], 
     best: tuple[float, str, _State] | None = None
     for name, rotation in problem.candidates:
         state = _State(rotation, problem.shift.copy(), problem.centre)
-        state = _optimise(level, state, "rigid", config.init_iterations, config.lr * 2, problem.radius,
-                          config, [], tick)
+        state = _optimise(
+            level, state, "rigid", config.init_iterations, config.lr * 2, problem.radius, config, [], tick
+        )
         loss = _evaluate(level, state, config)[1]
         if best is None or loss < best[0] - 1e-6:
             best = (loss, name, state)

@@ -11,18 +11,19 @@ Used alone (the default engine with no trained model) or as refinement after a n
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, field as dataclass_field
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from voxreg import losses
-from voxreg.core import runtime
-from voxreg.core import spatial
+from voxreg.core import runtime, spatial
+from voxreg.core.config import check_choice, check_number
+from voxreg.core.schedule import cosine_factor
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -61,22 +62,20 @@ class AlignConfig:
     adam_eps: float = 0.1
 
     def __post_init__(self) -> None:
-        self.similarity = self.similarity.lower()
+        self.similarity = check_choice("similarity", str(self.similarity).lower(), sorted(losses.SIMILARITY_LOSSES))
+        check_choice("regularizer", str(self.regularizer).strip().lower(), sorted(losses.REGULARIZERS))
         if len(self.scales) != len(self.iterations):
             raise ValueError("scales and iterations must have the same length")
-        if self.similarity not in losses.SIMILARITY_LOSSES:
-            raise ValueError(f"similarity must be one of {sorted(losses.SIMILARITY_LOSSES)}, got {self.similarity!r}")
         if self.lam is None:
             self.lam = DEFAULT_LAMBDA[self.similarity]
-        if self.lam < 0:
-            raise ValueError(f"lam must be >= 0, got {self.lam}")
+        self.lam = check_number("lam", float(self.lam), low=0.0)
 
     @property
     def total_iterations(self) -> int:
         """Number of optimiser steps over all levels."""
         return int(sum(self.iterations))
 
-    def refinement(self, steps: int) -> "AlignConfig":
+    def refinement(self, steps: int) -> AlignConfig:
         """A config for ``steps`` refinement iterations at full and half scale only."""
         fine = max(1, steps // 3)
         return AlignConfig(**{**self.__dict__, "scales": (2, 1), "iterations": (steps - fine, fine)})
@@ -112,13 +111,13 @@ def _field_from_parameter(param: Tensor, shape: tuple[int, ...], config: AlignCo
     return spatial.resize_field(field, shape)
 
 
-def _cosine_lr(base: float, step: int, total: int, floor: float = 0.1) -> float:
-    """Cosine decay from ``base`` to ``floor * base`` over one pyramid level."""
-    progress = step / max(total - 1, 1)
-    return base * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+def _cosine_lr(base: float, step: int, total: int) -> float:
+    """Cosine decay from ``base`` to ``0.1 * base`` over one pyramid level of ``total`` steps."""
+    return base * cosine_factor(step / max(total - 1, 1), floor=0.1)
 
 
 def _set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate of every parameter group."""
     for group in optimizer.param_groups:
         group["lr"] = lr
 
@@ -139,12 +138,14 @@ def _masked_similarity(similarity: torch.nn.Module, fixed: Tensor, warped: Tenso
 
 
 def _set_relative_eps(optimizer: torch.optim.Optimizer, grad: Tensor, relative: float) -> None:
+    """Adam eps of every group: ``relative`` times the RMS of ``grad``."""
     rms = float(grad.pow(2).mean().sqrt())
     for group in optimizer.param_groups:
         group["eps"] = max(relative * rms, 1e-12)
 
 
 def _similarity(config: AlignConfig) -> torch.nn.Module:
+    """The similarity loss module named by ``config``."""
     if config.similarity == "ncc":
         return losses.similarity_loss("ncc", window=config.window)
     if config.similarity == "mi":
@@ -153,8 +154,9 @@ def _similarity(config: AlignConfig) -> torch.nn.Module:
     return losses.similarity_loss(config.similarity)
 
 
-def foreground_box(fixed: Tensor, moving: Tensor, margin: int = 8, threshold: float = 0.01,
-                   block: int = 4) -> tuple[slice, ...]:
+def foreground_box(
+    fixed: Tensor, moving: Tensor, margin: int = 8, threshold: float = 0.01, block: int = 4
+) -> tuple[slice, ...]:
     """Bounding box (one slice per spatial axis) of the foreground of either image, grown
     by ``margin`` voxels. The foreground is where the ``block``-voxel block average exceeds
     ``threshold``, so isolated noise spikes in the background do not widen the box; the
@@ -185,8 +187,13 @@ def _pad_to_grid(field: Tensor, box: tuple[slice, ...], shape: Sequence[int]) ->
     return F.pad(field, pads, mode="replicate")
 
 
-def align(fixed: Tensor, moving: Tensor, config: AlignConfig | None = None,
-          initial_field: Tensor | None = None, progress: ProgressCallback | None = None) -> AlignResult:
+def align(
+    fixed: Tensor,
+    moving: Tensor,
+    config: AlignConfig | None = None,
+    initial_field: Tensor | None = None,
+    progress: ProgressCallback | None = None,
+) -> AlignResult:
     """Register ``moving`` to ``fixed`` (both ``(1, 1, *S)`` on the same grid, intensities
     in [0, 1]) by optimising a displacement field; returns it in voxels of the fixed grid.
 
@@ -211,8 +218,9 @@ def align(fixed: Tensor, moving: Tensor, config: AlignConfig | None = None,
     return AlignResult(field=field, history=history, seconds=time.perf_counter() - start)
 
 
-def _optimise(fixed: Tensor, moving: Tensor, config: AlignConfig,
-              progress: ProgressCallback | None) -> tuple[Tensor, list[float]]:
+def _optimise(
+    fixed: Tensor, moving: Tensor, config: AlignConfig, progress: ProgressCallback | None
+) -> tuple[Tensor, list[float]]:
     """The multi-scale Adam loop on one grid; returns the field on it and the loss history."""
     similarity = _similarity(config).to(fixed.device)
     regularizer = losses.regularizer(config.regularizer).to(fixed.device)
@@ -238,7 +246,7 @@ def _optimise(fixed: Tensor, moving: Tensor, config: AlignConfig,
             mask = _foreground(fixed_level, warped.detach(), config.foreground_threshold)
             loss = _masked_similarity(similarity, fixed_level, warped, mask) + config.lam * regularizer(field)
             loss.backward()
-            if step == 0:
+            if step == 0 and param.grad is not None:
                 _set_relative_eps(optimizer, param.grad, config.adam_eps)
             optimizer.step()
             history.append(float(loss.detach()))

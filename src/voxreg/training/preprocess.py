@@ -23,42 +23,49 @@ Outputs in the output folder (each written atomically):
   in world space and after the affine alignment. ``status`` is ``ok`` or ``failed`` (then
   ``error`` holds the one-line :class:`~voxreg.errors.VoxregError` message).
 - ``summary.png``: the middle axial slice of the target grid (same plane for all, shown as
-  :func:`voxreg.report.display_planes` orients it) of the atlas and of every scan, with the
+  :func:`voxreg.viz.registration_figure.display_planes` orients it) of the atlas and of every scan, with the
   atlas outline drawn on top.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from scipy import ndimage
 
-from voxreg.io import templates
 from voxreg import io, losses
-from voxreg.viz import registration_figure as report
-from voxreg.core import synthetic
-from voxreg.registration.affine import AffineConfig, affine_register
-from voxreg.registration.pipeline import warp_image
 from voxreg.core.errors import VoxregError
 from voxreg.core.image import Image
+from voxreg.io import templates
+from voxreg.io.tables import write_table
+from voxreg.registration.affine import AffineConfig, affine_register
+from voxreg.registration.pipeline import warp_image
+from voxreg.viz.training import summary_figure, summary_plane, summary_slice
 
 PathLike = str | os.PathLike
 ProgressCallback = Callable[[int, int], None]
 
-MANIFEST_COLUMNS = ("source", "labels_source", "image", "labels", "status", "error",
-                    "affine_ncc_before", "affine_ncc_after", "seconds")
+MANIFEST_COLUMNS = (
+    "source",
+    "labels_source",
+    "image",
+    "labels",
+    "status",
+    "error",
+    "affine_ncc_before",
+    "affine_ncc_after",
+    "seconds",
+)
 _FOREGROUND = 0.1  # normalised atlas intensity above which a voxel is inside the outline
 _OUTLINE_SIGMA = 1.0  # Gaussian smoothing (grid voxels) of the atlas mask before contouring
 _MAX_PANELS = 48  # summary.png shows at most this many scans
-_COLUMNS = 6
 
 
 @dataclass
@@ -140,22 +147,18 @@ def load_atlas(atlas: PathLike | Image, spacing: float | None = None) -> Image:
     return image
 
 
-def _strip_ext(path: Path) -> str:
-    """File name of ``path`` without its image extension (``.nii.gz`` counts as one)."""
-    name = path.name
-    for ext in io.READABLE_EXTS + (".mgh", ".nhdr"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return name
+def _stem(path: Path) -> str:
+    """File name of ``path`` without its image extension (``.nii.gz`` counts as one); other
+    names (e.g. DICOM folders such as ``1.2.840``) are kept whole."""
+    return io.strip_extension(path) if path.name.lower().endswith(io.READABLE_EXTS) else path.name
 
 
 def output_names(scans: Sequence[PathLike]) -> list[str]:
     """Unique output names: the file name without extension, prefixed by the parent folder
     name where names collide, then numbered if they still do."""
     paths = [Path(p) for p in scans]
-    stems = [_strip_ext(p) for p in paths]
-    names = [f"{p.parent.name}_{s}" if stems.count(s) > 1 and p.parent.name else s
-             for p, s in zip(paths, stems)]
+    stems = [_stem(p) for p in paths]
+    names = [f"{p.parent.name}_{s}" if stems.count(s) > 1 and p.parent.name else s for p, s in zip(paths, stems)]
     seen: dict[str, int] = {}
     unique = []
     for name in names:
@@ -165,15 +168,22 @@ def output_names(scans: Sequence[PathLike]) -> list[str]:
     return unique
 
 
-def _check_options(scans: Sequence[PathLike], labels: Sequence[PathLike | None] | None,
-                   window: tuple[float, float] | None, low_pct: float, high_pct: float,
-                   similarity: str) -> AffineConfig:
+def _check_options(
+    scans: Sequence[PathLike],
+    labels: Sequence[PathLike | None] | None,
+    window: tuple[float, float] | None,
+    low_pct: float,
+    high_pct: float,
+    similarity: str,
+) -> AffineConfig:
     """Validate the arguments shared by every scan; returns the affine configuration."""
     if not scans:
         raise VoxregError("no scans given: pass at least one scan to preprocess")
     if labels is not None and len(labels) != len(scans):
-        raise VoxregError(f"labels has {len(labels)} entries for {len(scans)} scans: give one per "
-                          "scan (None where a scan has no label map)")
+        raise VoxregError(
+            f"labels has {len(labels)} entries for {len(scans)} scans: give one per "
+            "scan (None where a scan has no label map)"
+        )
     if window is not None and (len(window) != 2 or not float(window[1]) > float(window[0])):
         raise VoxregError(f"window must be (low, high) with low < high, got {tuple(window)}")
     if not 0.0 <= low_pct < high_pct <= 100.0:
@@ -227,12 +237,15 @@ def _masked(scan: Image, labels: Image | None, mask: bool) -> Image:
         on_scan = warp_image(labels, scan)
     masked = scan.with_array(np.where(on_scan.array > 0, scan.array, 0).astype(np.float32))
     if not np.any(masked.array):
-        raise VoxregError(f"{labels.path}: label map does not overlap the scan {scan.path} "
-                          "(nothing left after masking)")
+        raise VoxregError(
+            f"{labels.path}: label map does not overlap the scan {scan.path} (nothing left after masking)"
+        )
     return masked
 
 
-def _align_scan(scan: Image, labels: Image | None, opts: _Options) -> tuple[np.ndarray, np.ndarray | None, float, float]:
+def _align_scan(
+    scan: Image, labels: Image | None, opts: _Options
+) -> tuple[np.ndarray, np.ndarray | None, float, float]:
     """Aligned intensities in [0, 1] and labels on the target grid, and NCC before/after.
     The scan is normalised (and masked) first; that image is aligned and resampled."""
     scaled = scan.with_array(io.normalize_intensity(scan.array, opts.low_pct, opts.high_pct, opts.window))
@@ -247,8 +260,7 @@ def _align_scan(scan: Image, labels: Image | None, opts: _Options) -> tuple[np.n
     return image, warped_labels, ncc_before, _global_ncc(opts.atlas_on_grid, image)
 
 
-def _save_outputs(name: str, image: np.ndarray, labels: np.ndarray | None,
-                  opts: _Options) -> tuple[Path, Path | None]:
+def _save_outputs(name: str, image: np.ndarray, labels: np.ndarray | None, opts: _Options) -> tuple[Path, Path | None]:
     """Write ``<name>.nii.gz`` (and ``<name>_labels.nii.gz``) on the grid; on a failure no
     file of this scan is left behind."""
     image_path = io.save_image(opts.grid.with_array(image), opts.output / f"{name}.nii.gz")
@@ -261,8 +273,9 @@ def _save_outputs(name: str, image: np.ndarray, labels: np.ndarray | None,
         raise
 
 
-def _process_scan(name: str, source: PathLike, labels_source: PathLike | None,
-                  opts: _Options) -> tuple[ScanRecord, np.ndarray | None]:
+def _process_scan(
+    name: str, source: PathLike, labels_source: PathLike | None, opts: _Options
+) -> tuple[ScanRecord, np.ndarray | None]:
     """Preprocess one scan; a VoxregError gives a 'failed' record instead of raising.
     Also returns the aligned volume (None when failed) for the summary."""
     start = time.perf_counter()
@@ -275,11 +288,21 @@ def _process_scan(name: str, source: PathLike, labels_source: PathLike | None,
         image, warped_labels, before, after = _align_scan(scan, labels, opts)
         image_path, out_labels = _save_outputs(name, image, warped_labels, opts)
     except VoxregError as exc:
-        record = ScanRecord(source, labels_path, None, None, "failed", " ".join(str(exc).split()),
-                            math.nan, math.nan, time.perf_counter() - start)
+        record = ScanRecord(
+            source,
+            labels_path,
+            None,
+            None,
+            "failed",
+            " ".join(str(exc).split()),
+            math.nan,
+            math.nan,
+            time.perf_counter() - start,
+        )
         return record, None
-    record = ScanRecord(source, labels_path, image_path, out_labels, "ok", "", before, after,
-                        time.perf_counter() - start)
+    record = ScanRecord(
+        source, labels_path, image_path, out_labels, "ok", "", before, after, time.perf_counter() - start
+    )
     return record, image
 
 
@@ -299,32 +322,17 @@ def write_manifest(records: Sequence[ScanRecord], path: PathLike) -> Path:
     """Write ``records`` as CSV (:data:`MANIFEST_COLUMNS`) atomically; output files are
     written relative to the manifest's folder."""
     path = Path(path)
-    with io.atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(MANIFEST_COLUMNS)
-            for record in records:
-                row = {f.name: getattr(record, f.name) for f in fields(record)}
-                for key in ("image", "labels"):
-                    if row[key] is not None:
-                        row[key] = os.path.relpath(row[key], path.parent)
-                writer.writerow([_csv_value(row[c]) for c in MANIFEST_COLUMNS])
-    return path
+    rows = []
+    for record in records:
+        row = {f.name: getattr(record, f.name) for f in fields(record)}
+        for key in ("image", "labels"):
+            if row[key] is not None:
+                row[key] = os.path.relpath(row[key], path.parent)
+        rows.append({column: _csv_value(row[column]) for column in MANIFEST_COLUMNS})
+    return write_table(path, MANIFEST_COLUMNS, rows)
 
 
 # --------------------------------------------------------------------------- summary
-
-
-def _summary_plane(grid: Image) -> report.DisplayPlane:
-    """The middle axial plane of the grid (the whole image in 2D)."""
-    return report.display_planes(grid.shape, grid.affine if grid.ndim == 3 else None)[0]
-
-
-def _cut(array: np.ndarray, plane: report.DisplayPlane) -> np.ndarray:
-    """2D slice of ``array`` indexed ``[horizontal, vertical]``."""
-    sl = array if plane.axis < 0 else np.take(array, plane.index, axis=plane.axis)
-    in_plane = [d for d in range(array.ndim) if d != plane.axis]
-    return sl if in_plane.index(plane.horizontal) == 0 else sl.T
 
 
 def atlas_outline(atlas_on_grid: np.ndarray) -> np.ndarray:
@@ -334,78 +342,47 @@ def atlas_outline(atlas_on_grid: np.ndarray) -> np.ndarray:
     return ndimage.gaussian_filter(mask.astype(np.float32), _OUTLINE_SIGMA)
 
 
-def _draw_panel(ax, image: np.ndarray | None, outline: np.ndarray, plane: report.DisplayPlane,
-                aspect: float, title: str) -> None:
-    """One summary panel: ``[h, v]`` slice (or a 'failed' note) with the atlas outline."""
-    size_h, size_v = outline.shape
-    if image is None:
-        ax.set_facecolor("black")
-        ax.text(0.5, 0.5, "failed", color="red", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlim(-0.5, size_h - 0.5)
-    ax.set_ylim(-0.5, size_v - 0.5)
-    report.show_slice(ax, image, plane, aspect, cmap="gray", vmin=0.0, vmax=1.0)
-    if outline.max() > 0.5 > outline.min():
-        ax.contour(outline.T, levels=[0.5], colors="yellow", linewidths=0.7)
-    ax.set_title(title, fontsize=7)
-
-
-def summary_figure(slices: Sequence[tuple[str, np.ndarray | None]], outline: np.ndarray,
-                   grid: Image, path: PathLike, note: str = "", dpi: int = 100) -> Path:
-    """Write ``summary.png``: one panel per ``(title, slice)`` (slice ``[h, v]`` on the summary
-    plane, None for a failed scan), each with the atlas ``outline`` slice contoured at 0.5;
-    ``note`` is appended to the figure title."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    plane = _summary_plane(grid)
-    spacing = grid.spacing
-    aspect = float(spacing[plane.vertical] / spacing[plane.horizontal])
-    size_h, size_v = outline.shape
-    panel_w = 2.0
-    panel_h = panel_w * min(max(aspect * size_v / size_h, 0.4), 2.5)
-    columns = min(_COLUMNS, max(len(slices), 1))
-    rows = max(math.ceil(len(slices) / columns), 1)
-    fig = Figure(figsize=(panel_w * columns, (panel_h + 0.3) * rows + 0.35))
-    FigureCanvasAgg(fig)
-    for index, (title, image) in enumerate(slices):
-        ax = fig.add_subplot(rows, columns, index + 1)
-        _draw_panel(ax, image, outline, plane, aspect, title)
-    fig.suptitle(f"{plane.name or 'slice'} on grid {grid.shape}, atlas outline in yellow{note}",
-                 fontsize=8, y=1 - 0.05 / fig.get_figheight(), va="top")
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))
-    path = Path(path)
-    with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
-    return path
-
-
 # --------------------------------------------------------------------------- entry point
 
 
-def _process_all(scans: Sequence[PathLike], labels: Sequence[PathLike | None], opts: _Options,
-                 progress: ProgressCallback | None) -> tuple[list[ScanRecord], list[tuple[str, np.ndarray | None]]]:
+def _process_all(
+    scans: Sequence[PathLike], labels: Sequence[PathLike | None], opts: _Options, progress: ProgressCallback | None
+) -> tuple[list[ScanRecord], list[tuple[str, np.ndarray | None]]]:
     """Run every scan; returns the records and the summary slices (atlas first)."""
-    plane = _summary_plane(opts.grid)
+    plane = summary_plane(opts.grid)
     records: list[ScanRecord] = []
-    slices: list[tuple[str, np.ndarray | None]] = [("atlas", _cut(opts.atlas_on_grid, plane))]
+    slices: list[tuple[str, np.ndarray | None]] = [("atlas", summary_slice(opts.atlas_on_grid, plane))]
     if progress is not None:
         progress(0, len(scans))
     for index, (name, scan, lab) in enumerate(zip(output_names(scans), scans, labels)):
         record, image = _process_scan(name, scan, lab, opts)
         records.append(record)
         if len(slices) <= _MAX_PANELS:
-            slices.append((name if image is not None else f"{name} (failed)",
-                           None if image is None else _cut(image, plane)))
+            slices.append(
+                (
+                    name if image is not None else f"{name} (failed)",
+                    None if image is None else summary_slice(image, plane),
+                )
+            )
         if progress is not None:
             progress(index + 1, len(scans))
     return records, slices
 
 
-def preprocess(scans: Sequence[PathLike], output: PathLike, atlas: PathLike | Image = "mni152",
-               labels: Sequence[PathLike | None] | None = None, mask_labels: bool = False,
-               spacing: float | None = None, multiple: int = 16,
-               window: tuple[float, float] | None = None, low_pct: float = 0.5, high_pct: float = 99.5,
-               similarity: str = "ncc", progress: ProgressCallback | None = None) -> PreprocessResult:
+def preprocess(
+    scans: Sequence[PathLike],
+    output: PathLike,
+    atlas: PathLike | Image = "mni152",
+    labels: Sequence[PathLike | None] | None = None,
+    mask_labels: bool = False,
+    spacing: float | None = None,
+    multiple: int = 16,
+    window: tuple[float, float] | None = None,
+    low_pct: float = 0.5,
+    high_pct: float = 99.5,
+    similarity: str = "ncc",
+    progress: ProgressCallback | None = None,
+) -> PreprocessResult:
     """Align ``scans`` (and their ``labels``, one entry per scan or None) to ``atlas`` and write
     them on one network-friendly grid into ``output``, with ``manifest.csv`` and ``summary.png``.
 
@@ -422,13 +399,22 @@ def preprocess(scans: Sequence[PathLike], output: PathLike, atlas: PathLike | Im
     grid = network_grid(atlas_img, spacing, multiple)
     out_dir = io.ensure_output_dir(output)
     atlas_on_grid = io.normalize_intensity(warp_image(atlas_img, grid).array)
-    opts = _Options(atlas_img, grid, atlas_on_grid, out_dir, config, mask_labels,
-                    None if window is None else (float(window[0]), float(window[1])), low_pct, high_pct)
+    opts = _Options(
+        atlas_img,
+        grid,
+        atlas_on_grid,
+        out_dir,
+        config,
+        mask_labels,
+        None if window is None else (float(window[0]), float(window[1])),
+        low_pct,
+        high_pct,
+    )
     label_list = list(labels) if labels is not None else [None] * len(scans)
     records, slices = _process_all(scans, label_list, opts, progress)
     manifest = write_manifest(records, out_dir / "manifest.csv")
-    plane = _summary_plane(grid)
-    outline = atlas_outline(_cut(atlas_on_grid, plane))
+    plane = summary_plane(grid)
+    outline = atlas_outline(summary_slice(atlas_on_grid, plane))
     note = f" (first {_MAX_PANELS} of {len(scans)} scans)" if len(scans) > _MAX_PANELS else ""
     summary = summary_figure(slices, outline, grid, out_dir / "summary.png", note)
     return PreprocessResult(grid, records, manifest, summary)

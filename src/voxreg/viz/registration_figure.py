@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from voxreg.core import spatial
 from voxreg.core.errors import VoxregError
+from voxreg.core.grid import voxel_spacing
 
 _COLUMNS = ("fixed", "moving (fixed grid)", "warped", "warped - fixed", "deformation grid")
 
@@ -56,14 +57,15 @@ def _as_numpy_field(field: np.ndarray | torch.Tensor, ndim: int) -> np.ndarray:
     return field
 
 
-def _check_inputs(fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray,
-                  field: np.ndarray) -> None:
+def _check_inputs(fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray, field: np.ndarray) -> None:
     if fixed.ndim not in (2, 3):
         raise VoxregError(f"figure: fixed must be a 2D or 3D array, got shape {fixed.shape}")
     for name, arr in (("moving", moving), ("warped", warped)):
         if arr.shape != fixed.shape:
-            raise VoxregError(f"figure: {name} shape {arr.shape} differs from fixed {fixed.shape} "
-                              "(resample it onto the fixed grid first)")
+            raise VoxregError(
+                f"figure: {name} shape {arr.shape} differs from fixed {fixed.shape} "
+                "(resample it onto the fixed grid first)"
+            )
     if field.shape != (fixed.ndim, *fixed.shape):
         raise VoxregError(f"figure: field shape {field.shape} must be {(fixed.ndim, *fixed.shape)}")
 
@@ -93,9 +95,17 @@ def display_planes(shape: Sequence[int], affine: np.ndarray | None = None) -> li
     planes = []
     for name, cut, horiz, vert in layout:
         h, v, c = axis_of[horiz], axis_of[vert], axis_of[cut]
-        planes.append(DisplayPlane(axis=c, index=shape[c] // 2, horizontal=h, vertical=v,
-                             flip_h=codes[h] in "LPI", flip_v=codes[v] in "LPI",
-                             name=f"{name} (axis {c} = {shape[c] // 2})"))
+        planes.append(
+            DisplayPlane(
+                axis=c,
+                index=shape[c] // 2,
+                horizontal=h,
+                vertical=v,
+                flip_h=codes[h] in "LPI",
+                flip_v=codes[v] in "LPI",
+                name=f"{name} (axis {c} = {shape[c] // 2})",
+            )
+        )
     return planes
 
 
@@ -118,8 +128,7 @@ def grid_lines(disp_h: np.ndarray, disp_v: np.ndarray, step: int) -> tuple[np.nd
     ``(V, 2)`` likewise for the points ``(k*step, j)``. A zero field gives straight lines.
     """
     size_h, size_v = disp_h.shape
-    hh, vv = np.meshgrid(np.arange(size_h, dtype=np.float32), np.arange(size_v, dtype=np.float32),
-                         indexing="ij")
+    hh, vv = np.meshgrid(np.arange(size_h, dtype=np.float32), np.arange(size_v, dtype=np.float32), indexing="ij")
     moved = np.stack([hh + disp_h, vv + disp_v], axis=-1)  # (H, V, 2)
     along_h = moved[:, ::step].transpose(1, 0, 2)  # lines at fixed v: (n, H, 2)
     along_v = moved[::step, :]  # lines at fixed h: (n, V, 2)
@@ -186,16 +195,22 @@ def robust_range(arrays: Sequence[np.ndarray]) -> tuple[float, float]:
     return float(lo), float(hi if hi > lo else lo + 1.0)
 
 
-def _draw_row(fig, axes, planes_data: dict, plane: DisplayPlane, aspect: float, ranges: dict,
-              step: int) -> None:
+def _draw_row(fig, axes, planes_data: dict, plane: DisplayPlane, aspect: float, ranges: dict, step: int) -> None:
     gray = dict(cmap="gray", vmin=ranges["image"][0], vmax=ranges["image"][1])
     for ax, key in zip(axes[:3], ("fixed", "moving", "warped")):
         show_slice(ax, planes_data[key], plane, aspect, **gray)
     diff = planes_data["warped"] - planes_data["fixed"]
     before = np.abs(planes_data["moving"] - planes_data["fixed"]).mean()
     art = show_slice(axes[3], diff, plane, aspect, cmap="RdBu_r", vmin=-ranges["diff"], vmax=ranges["diff"])
-    axes[3].text(0.02, 0.02, f"MAE {np.abs(diff).mean():.3g} (before {before:.3g})", fontsize=6.5,
-                 transform=axes[3].transAxes, color="k", backgroundcolor=(1, 1, 1, 0.6))
+    axes[3].text(
+        0.02,
+        0.02,
+        f"MAE {np.abs(diff).mean():.3g} (before {before:.3g})",
+        fontsize=6.5,
+        transform=axes[3].transAxes,
+        color="k",
+        backgroundcolor=(1, 1, 1, 0.6),
+    )
     _colorbar(fig, axes[3], art)
     jac = _jacobian_slice(planes_data["field"], plane)
     art = show_slice(axes[4], jac, plane, aspect, cmap="coolwarm", vmin=0.0, vmax=2.0)
@@ -208,23 +223,40 @@ def _draw_row(fig, axes, planes_data: dict, plane: DisplayPlane, aspect: float, 
     axes[4].set_ylim(axes[0].get_ylim())
 
 
-def _render(fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray, field: np.ndarray,
-            title: str, spacing: np.ndarray, planes: list[DisplayPlane], grid_step: int | None):
+def _render(
+    fixed: np.ndarray,
+    moving: np.ndarray,
+    warped: np.ndarray,
+    field: np.ndarray,
+    title: str,
+    spacing: np.ndarray,
+    planes: list[DisplayPlane],
+    grid_step: int | None,
+):
     from matplotlib.figure import Figure
 
-    cuts = [{k: _cut(a, p) for k, a in (("fixed", fixed), ("moving", moving), ("warped", warped))}
-            for p in planes]
+    cuts = [{k: _cut(a, p) for k, a in (("fixed", fixed), ("moving", moving), ("warped", warped))} for p in planes]
     ranges = {"image": robust_range([c["fixed"] for c in cuts])}
     before = [np.abs(c["moving"] - c["fixed"]) for c in cuts]
     ranges["diff"] = max(robust_range(before)[1], 1e-6)
-    extents = [(p_h * spacing[p.horizontal], p_v * spacing[p.vertical]) for p, (p_h, p_v)
-               in zip(planes, (c["fixed"].shape for c in cuts))]
+    extents = [
+        (p_h * spacing[p.horizontal], p_v * spacing[p.vertical])
+        for p, (p_h, p_v) in zip(planes, (c["fixed"].shape for c in cuts))
+    ]
     panel_w = 2.3
     heights = [panel_w * min(max(v / h, 0.4), 2.0) for h, v in extents]
     fig = Figure(figsize=(panel_w * len(_COLUMNS) * 1.25, sum(heights) + 0.6 + 0.3 * bool(title)))
-    grid = fig.add_gridspec(len(planes), len(_COLUMNS), height_ratios=heights, wspace=0.38,
-                            hspace=0.08, left=0.03, right=0.96, bottom=0.02,
-                            top=1 - (0.45 + 0.3 * bool(title)) / fig.get_figheight())
+    grid = fig.add_gridspec(
+        len(planes),
+        len(_COLUMNS),
+        height_ratios=heights,
+        wspace=0.38,
+        hspace=0.08,
+        left=0.03,
+        right=0.96,
+        bottom=0.02,
+        top=1 - (0.45 + 0.3 * bool(title)) / fig.get_figheight(),
+    )
     step = grid_step or max(int(round(max(fixed.shape) / 24)), 2)
     for r, (plane, data) in enumerate(zip(planes, cuts)):
         axes = [fig.add_subplot(grid[r, c]) for c in range(len(_COLUMNS))]
@@ -256,10 +288,18 @@ def _save_atomic(fig, path: Path, dpi: int) -> None:
         raise
 
 
-def registration_figure(fixed: np.ndarray, moving: np.ndarray, warped: np.ndarray,
-                        field: np.ndarray | torch.Tensor, path: str | os.PathLike, title: str = "",
-                        spacing: Sequence[float] | None = None, affine: np.ndarray | None = None,
-                        grid_step: int | None = None, dpi: int = 110) -> Path:
+def registration_figure(
+    fixed: np.ndarray,
+    moving: np.ndarray,
+    warped: np.ndarray,
+    field: np.ndarray | torch.Tensor,
+    path: str | os.PathLike,
+    title: str = "",
+    spacing: Sequence[float] | None = None,
+    affine: np.ndarray | None = None,
+    grid_step: int | None = None,
+    dpi: int = 110,
+) -> Path:
     """Write a PNG summarising one registration; returns its path.
 
     ``fixed``, ``moving`` (already on the fixed grid) and ``warped`` are spatial arrays of
@@ -273,8 +313,7 @@ def registration_figure(fixed: np.ndarray, moving: np.ndarray, warped: np.ndarra
     field = _as_numpy_field(field, fixed.ndim)
     _check_inputs(fixed, moving, warped, field)
     if spacing is None:
-        spacing = (np.sqrt((np.asarray(affine)[:3, : fixed.ndim] ** 2).sum(axis=0))
-                   if affine is not None else np.ones(fixed.ndim))
+        spacing = voxel_spacing(affine, fixed.ndim) if affine is not None else np.ones(fixed.ndim)
     spacing = np.asarray(spacing, dtype=np.float64)
     if spacing.shape != (fixed.ndim,) or np.any(spacing <= 0):
         raise VoxregError(f"figure: spacing must be {fixed.ndim} positive numbers, got {spacing}")
@@ -283,3 +322,6 @@ def registration_figure(fixed: np.ndarray, moving: np.ndarray, warped: np.ndarra
     out = Path(path)
     _save_atomic(fig, out, dpi)
     return out
+
+
+cut = _cut

@@ -1,0 +1,250 @@
+"""``voxreg train``: a thin command over :func:`voxreg.training.train` whose options are
+the fields of :class:`~voxreg.training.TrainConfig` (defaults read from the dataclass, so
+the CLI and the Python API cannot drift apart), plus the data options (scans, validation,
+atlas, grid shape, cache) and ``--resume``. A bad value is one line on stderr, exit 2."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from voxreg.cli.progress import console, progress_bar, user_errors
+from voxreg.core.errors import VoxregError
+from voxreg.training.config import TrainConfig
+
+__all__ = ["train", "config_from_options", "parse_schedule", "parse_shape"]
+
+#: TrainConfig's defaults by field name (the one source of the CLI's defaults)
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+#: command parameter -> TrainConfig field (every field has exactly one option)
+_OPTION_FIELDS = {
+    "similarity": "similarity",
+    "ncc_window": "window",
+    "lam": "lam",
+    "lam_range": "lam_range",
+    "regularizer": "regularizer",
+    "network": "network",
+    "half_res": "half_res",
+    "int_steps": "int_steps",
+    "lr": "lr",
+    "steps": "steps",
+    "batch_size": "batch_size",
+    "seed": "seed",
+    "checkpoint_every": "checkpoint_every",
+    "validate_every": "validate_every",
+    "device": "device",
+    "dice_weight": "dice_weight",
+    "augment": "augment",
+    "bidirectional": "bidirectional",
+    "schedule": "schedule",
+    "lr_schedule": "lr_schedule",
+    "amp": "amp",
+    "grad_checkpoint": "grad_checkpoint",
+    "tensorboard": "tensorboard",
+    "synth": "synth",
+    "synth_shape": "synth_shape",
+    "voxel_size": "voxel_size",
+    "similarity_weight": "similarity_weight",
+}
+if set(_OPTION_FIELDS.values()) != set(_DEFAULTS):  # pragma: no cover - caught by any test importing the CLI
+    raise RuntimeError(
+        f"voxreg train options miss TrainConfig fields {sorted(set(_DEFAULTS) - set(_OPTION_FIELDS.values()))}"
+    )
+
+
+def parse_schedule(stages: list[str]) -> list[tuple[float, int]]:
+    """``["0.5:1000", ...]`` -> ``[(0.5, 1000), ...]`` (ValueError on a malformed stage)."""
+    out = []
+    for stage in stages:
+        scale, sep, steps = stage.partition(":")
+        try:
+            out.append((float(scale), int(steps)))
+        except ValueError:
+            raise ValueError(f"--schedule takes SCALE:STEPS (e.g. 0.5:1000), got {stage!r}") from None
+        if not sep:
+            raise ValueError(f"--schedule takes SCALE:STEPS (e.g. 0.5:1000), got {stage!r}")
+    return out
+
+
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    """``"64x80x64"`` (3D) or ``"64x64"`` (2D) -> a tuple of ints; None stays None."""
+    if text is None:
+        return None
+    parts = re.split(r"[x,]", text.strip().lower())
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) not in (2, 3) or min(shape) < 2:
+        raise VoxregError(f"--shape takes 2 or 3 sizes >= 2 such as 64x80x64 or 64x64, got {text!r}")
+    return shape
+
+
+def config_from_options(options: dict[str, Any]) -> TrainConfig:
+    """The :class:`TrainConfig` of the command's options; a bad value is a VoxregError
+    carrying the config's ValueError text (one line, exit 2)."""
+    kwargs = {field: options[param] for param, field in _OPTION_FIELDS.items()}
+    try:
+        kwargs["schedule"] = parse_schedule(list(kwargs["schedule"]))
+        kwargs["synth_shape"] = parse_shape(kwargs["synth_shape"])
+        return TrainConfig(**kwargs)
+    except ValueError as exc:
+        raise VoxregError(str(exc)) from None
+
+
+def _train_info(row: dict[str, float]) -> str:
+    """Loss (and the last validation Dice) for the training progress bar."""
+    text = f"loss {row['loss']:.4f}"
+    return text + (f" val Dice {row['val_dice']:.3f}" if "val_dice" in row else "")
+
+
+def _schedule_default() -> list[str]:
+    """TrainConfig's default schedule as ``SCALE:STEPS`` strings."""
+    return [f"{scale}:{steps}" for scale, steps in _DEFAULTS["schedule"]]
+
+
+@user_errors
+def train(
+    scans: list[str] = typer.Argument(
+        None,
+        help="Training scans: files, folders, globs or a CSV (scan[,labels]); with --synth: optional label maps for the 'user' source.",
+    ),
+    output: Path = typer.Option(..., "-o", "--output", help="Run folder: checkpoints, metrics.csv, loss_curve.png."),
+    val: list[str] = typer.Option([], "--val", help="Validation scans (same forms; a CSV can give label maps)."),
+    similarity: str = typer.Option(_DEFAULTS["similarity"], "--similarity", "-s", help="ncc, mse or mi."),
+    lam: float = typer.Option(_DEFAULTS["lam"], "--lambda", "-l", help="Regularisation weight."),
+    ncc_window: int = typer.Option(_DEFAULTS["window"], "--ncc-window", help="Local NCC window size (voxels)."),
+    lam_range: tuple[float, float] | None = typer.Option(
+        _DEFAULTS["lam_range"], "--lambda-range", help="Train one lambda-conditional model over [LO, HI]."
+    ),
+    regularizer: str = typer.Option(
+        _DEFAULTS["regularizer"], "--regularizer", help="Smoothness penalty of the field: l2, l1 or bending."
+    ),
+    network: str = typer.Option(_DEFAULTS["network"], "--network", help="vm1 or vm2 feature sizes."),
+    half_res: bool = typer.Option(
+        _DEFAULTS["half_res"], "--half-res", help="Predict the field at half resolution (faster)."
+    ),
+    int_steps: int = typer.Option(
+        _DEFAULTS["int_steps"], "--int-steps", help="Scaling-and-squaring steps (0 = plain displacement)."
+    ),
+    steps: int = typer.Option(_DEFAULTS["steps"], "--steps", help="Optimiser steps."),
+    lr: float = typer.Option(_DEFAULTS["lr"], "--lr", help="Adam learning rate."),
+    batch_size: int = typer.Option(_DEFAULTS["batch_size"], "--batch-size"),
+    shape: str | None = typer.Option(
+        None, "--shape", help="Resize every scan to this grid: 64x80x64 (3D) or 64x64 (2D)."
+    ),
+    dice_weight: float = typer.Option(
+        _DEFAULTS["dice_weight"], "--dice-weight", help="Semi-supervised Dice weight (needs label maps)."
+    ),
+    augment: bool = typer.Option(
+        _DEFAULTS["augment"], "--augment", help="Small random affine + intensity augmentation."
+    ),
+    atlas: Path | None = typer.Option(
+        None, "--atlas", help="Scan-to-atlas training: every pair is scan -> this atlas."
+    ),
+    atlas_labels: Path | None = typer.Option(None, "--atlas-labels", help="Label map of the atlas (semi-supervised)."),
+    bidirectional: bool = typer.Option(
+        _DEFAULTS["bidirectional"],
+        "--bidirectional",
+        help="Also score fixed warped by the inverse (needs --int-steps).",
+    ),
+    schedule: list[str] = typer.Option(
+        _schedule_default(),
+        "--schedule",
+        help="Coarse-to-fine stage SCALE:STEPS (repeatable), e.g. 0.5:1000; then full resolution.",
+    ),
+    lr_schedule: str = typer.Option(_DEFAULTS["lr_schedule"], "--lr-schedule", help="constant or cosine."),
+    amp: bool = typer.Option(
+        _DEFAULTS["amp"], "--amp", help="Mixed precision on CUDA (bf16; fp16 + scaling where bf16 is unsupported)."
+    ),
+    grad_checkpoint: bool = typer.Option(
+        _DEFAULTS["grad_checkpoint"], "--grad-checkpoint", help="Recompute activations: less memory for large volumes."
+    ),
+    tensorboard: bool = typer.Option(
+        _DEFAULTS["tensorboard"], "--tensorboard", help="Also log to OUTPUT/tensorboard (needs tensorboard)."
+    ),
+    cache: Path | None = typer.Option(
+        None, "--cache", help="Cache of the scans on the training grid (.pt), reused when the inputs match."
+    ),
+    checkpoint_every: int = typer.Option(_DEFAULTS["checkpoint_every"], "--checkpoint-every"),
+    validate_every: int = typer.Option(_DEFAULTS["validate_every"], "--validate-every"),
+    seed: int = typer.Option(_DEFAULTS["seed"], "--seed"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUTPUT from last.pt."),
+    device: str = typer.Option(_DEFAULTS["device"], "--device", help="auto (CUDA when available), cpu or cuda[:N]."),
+    synth: str | None = typer.Option(
+        _DEFAULTS["synth"],
+        "--synth",
+        help="Train on synthetic label-map pairs: SOURCE[:WEIGHT],... from brain, shapes, user (e.g. brain:0.8,shapes:0.2).",
+    ),
+    synth_shape: str | None = typer.Option(
+        None, "--synth-shape", help="Grid of the synthetic pairs, e.g. 64x80x64 (3D) or 96x112 (2D)."
+    ),
+    voxel_size: float | None = typer.Option(
+        _DEFAULTS["voxel_size"],
+        "--voxel-size",
+        help="Voxel size (mm) of the model's space, recorded in the checkpoint.",
+    ),
+    similarity_weight: float = typer.Option(
+        _DEFAULTS["similarity_weight"],
+        "--similarity-weight",
+        help="Weight of the image similarity (0 for label-only synthetic training).",
+    ),
+) -> None:
+    """Train a VoxelMorph network without labels (scan-to-scan pairs), on CPU or GPU."""
+    from voxreg import training
+
+    config = config_from_options(locals())
+    grid = parse_shape(shape)
+    data = _training_data(config, scans or [], grid, cache, atlas, atlas_labels)
+    validation = None
+    if val:
+        val_scans, val_labels = training.scan_list(val)
+        validation = training.TrainingSet.from_paths(
+            val_scans, val_labels, shape=grid or data.shape, atlas=atlas, atlas_labels=atlas_labels
+        )
+    with progress_bar("training") as update:
+        try:
+            result = training.train(
+                config,
+                data,
+                output,
+                validation,
+                resume=resume,
+                progress=lambda step, row: update(step, config.steps, _train_info(row)),
+            )
+        except training.TrainingInterrupted as stop:
+            console.print(f"stopped at step {stop.step}; saved {stop.checkpoint} (continue with --resume)")
+            raise typer.Exit(code=130) from None
+    console.print(f"trained {result.step} steps -> {result.output_dir}")
+    console.print(f"  last {result.last_checkpoint}\n  best {result.best_checkpoint}\n  metrics {result.metrics_csv}")
+
+
+def _training_data(
+    config: TrainConfig,
+    scans: list[str],
+    grid: tuple[int, ...] | None,
+    cache: Path | None,
+    atlas: Path | None,
+    atlas_labels: Path | None,
+) -> Any:
+    """Real scans (a TrainingSet) or, with ``--synth``, a SynthSource (scans = user label maps)."""
+    from voxreg import io, training
+    from voxreg.training.synth_data import SynthSource, synth_config_of
+
+    if config.synth is None:
+        if not scans:
+            raise VoxregError("give training scans (files, folders, globs or a CSV), or --synth")
+        train_scans, train_labels = training.scan_list(scans)
+        return training.TrainingSet.from_paths(
+            train_scans, train_labels, shape=grid, cache=cache, atlas=atlas, atlas_labels=atlas_labels
+        )
+    ndim = len(config.synth_shape) if config.synth_shape else 3
+    maps = [io.load_image(path, label=True).array for path in training.scan_list(scans)[0]] if scans else None
+    try:
+        return SynthSource(synth_config_of(config, ndim), label_maps=maps)
+    except ValueError as exc:
+        raise VoxregError(str(exc)) from None

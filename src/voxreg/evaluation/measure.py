@@ -1,0 +1,224 @@
+"""Running one method on one loaded pair and measuring it: peak memory and the metric
+columns of a result row (Dice/HD95 per structure, folding and SD log-Jacobian of the field,
+global NCC/MI before and after, TRE before and after), with the unregistered pair's
+measures computed once per pair."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from voxreg import io, metrics
+from voxreg.core.errors import VoxregError, one_line
+from voxreg.core.image import Image
+from voxreg.evaluation.methods import CPU_METHODS, METHODS
+from voxreg.evaluation.pairs import PairData
+from voxreg.evaluation.types import EvaluationOptions, MethodOutput, MethodRunner, Row
+
+_MEMORY_POLL_S = 0.02
+
+
+class IntensityScale:
+    """[0, 1] scaling of the moving scan by its own robust range, the same before and after."""
+
+    def __init__(self, moving: Image) -> None:
+        self.window = io.robust_range(np.asarray(moving.array, np.float32), 0.5, 99.5)
+
+    def __call__(self, array: np.ndarray) -> np.ndarray:
+        low, high = self.window
+        if not high > low:
+            return np.zeros_like(array, dtype=np.float32)
+        return io.normalize_intensity(array, window=(low, high))
+
+
+@dataclass
+class Before:
+    """What every method of a pair is compared against: the intensity scaling, the
+    normalised fixed scan and the measures of the unregistered pair (identity mapping)."""
+
+    scale: IntensityScale
+    fixed_normalized: np.ndarray
+    row: Row
+
+
+class PeakMemory:
+    """Peak memory (MB) used inside a ``with`` block: CUDA peak allocation on a CUDA device,
+    else the peak resident set (``/proc/self/status`` VmRSS polled every 20 ms) minus the
+    resident set at entry, after freed memory is returned to the OS (``resource.getrusage``
+    when /proc is absent)."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.peak_mb = float("nan")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        import gc
+
+        from voxreg.core.runtime import release_memory
+
+        gc.collect()
+        release_memory()  # freed blocks kept by an earlier method must not hide this one's use
+        self._base = _resident_mb()
+        self._peak = self._base
+        if self._base is not None:
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        else:
+            self._base = _max_resident_mb()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.wait(_MEMORY_POLL_S):
+            self._peak = max(self._peak, _resident_mb() or 0.0)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._peak = max(self._peak, _resident_mb() or 0.0)
+            self.peak_mb = max(self._peak - self._base, 0.0)
+        else:
+            self.peak_mb = max(_max_resident_mb() - self._base, 0.0)
+
+
+def _resident_mb() -> float | None:
+    """Current resident set size in MB from /proc/self/status, None when unavailable."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
+def _max_resident_mb() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return usage / 2**20 if os.uname().sysname == "Darwin" else usage / 1024.0
+
+
+def nanmean(values: Iterable[float]) -> float:
+    """Mean of the finite values (NaN when there is none)."""
+    array = np.asarray(list(values), dtype=np.float64)
+    return float(np.nanmean(array)) if np.any(np.isfinite(array)) else float("nan")
+
+
+def before(data: PairData, labels: Sequence[int]) -> Before:
+    """The pair's reference measures (NCC/MI, Dice, TRE before registration), cached on
+    ``data`` so that several methods of one pair compute them once."""
+    if data.before is None:
+        scale = IntensityScale(data.moving)
+        fixed_n = io.normalize_intensity(data.fixed.array)
+        row: Row = {}
+        unregistered = io.resample_to(data.moving, data.fixed)
+        row["ncc_before"], row["mi_before"] = metrics.global_similarity(fixed_n, scale(unregistered.array))
+        if data.fixed_labels is not None and data.moving_labels is not None and labels:
+            moving_labels = io.resample_to(data.moving_labels, data.fixed, nearest=True).array
+            row["dice_before"] = nanmean(
+                metrics.dice_per_label(data.fixed_labels.array, moving_labels, labels).values()
+            )
+        if data.fixed_points is not None:
+            row["tre_before_mm"] = metrics.mean_distance(data.moving_points, data.fixed_points)
+        data.before = Before(scale, fixed_n, row)
+    return data.before
+
+
+def measure(
+    data: PairData, output: MethodOutput, labels: Sequence[int], names: Mapping[int, str] | None = None
+) -> tuple[Row, list[Row]]:
+    """The metric columns of one result row and its per-structure rows (without id/method);
+    structure names from ``names`` (FreeSurfer names by default)."""
+    from voxreg.io.labels import label_name
+
+    reference = before(data, labels)
+    row: Row = dict(reference.row)
+    row["ncc_after"], row["mi_after"] = metrics.global_similarity(
+        reference.fixed_normalized, reference.scale(output.warped.array)
+    )
+    jacobian = metrics.jacobian_stats(output.field)
+    row["folding_percent"], row["sdlogj"] = jacobian["folding_percent"], jacobian["log_jacobian_std"]
+    structures: list[Row] = []
+    if data.fixed_labels is not None and output.warped_labels is not None and labels:
+        scores = metrics.structure_scores(
+            data.fixed_labels.array, output.warped_labels.array, labels, data.fixed.spacing
+        )
+        dice = np.array([s[0] for s in scores.values()], dtype=np.float64)
+        row["dice_mean"] = nanmean(dice)
+        row["dice_std"] = float(np.nanstd(dice)) if np.isfinite(dice).any() else math.nan
+        row["hd95_mean_mm"] = nanmean([s[1] for s in scores.values()])
+        structures = [
+            {
+                "label": label,
+                "name": names.get(label, f"label {label}") if names else label_name(label),
+                "dice": d,
+                "hd95_mm": h,
+            }
+            for label, (d, h) in scores.items()
+        ]
+    if data.fixed_points is not None:
+        row["tre_after_mm"] = metrics.mean_distance(data.moving_points, output.map_points(data.fixed_points))
+    return row, structures
+
+
+def run_one(
+    data: PairData,
+    method: str,
+    options: EvaluationOptions,
+    labels: Sequence[int],
+    runner: MethodRunner | None = None,
+    names: Mapping[int, str] | None = None,
+) -> tuple[Row, list[Row], MethodOutput]:
+    """Run ``method`` on a loaded pair and measure it: (result row, per-structure rows, output)."""
+    runner = runner or METHODS[method]
+    with PeakMemory("cpu" if method in CPU_METHODS else options.device) as memory:
+        output = runner(data, options)
+    row, structures = measure(data, output, labels, names)
+    row.update(
+        {
+            "status": "ok",
+            "error": "",
+            "seconds": output.seconds,
+            "peak_memory_mb": memory.peak_mb,
+            "device": output.device,
+            "threads": output.threads,
+            "settings": json.dumps(output.settings, sort_keys=True, default=str),
+        }
+    )
+    return row, structures, output
+
+
+def describe_row(row: Mapping[str, Any]) -> str:
+    """Short text of a finished result row for progress displays (empty for skipped rows)."""
+    if not row:
+        return ""
+    text = f"{row.get('id', '')} {row.get('method', '')}: {row.get('status', '')}"
+    dice = row.get("dice_mean")
+    if isinstance(dice, float) and math.isfinite(dice):
+        text += f", Dice {dice:.3f}"
+    return text
+
+
+def error_line(exc: BaseException) -> str:
+    """One-line description of an exception (VoxregError messages as they are)."""
+    text = str(exc) if isinstance(exc, VoxregError) else f"{type(exc).__name__}: {exc}"
+    return one_line(text, limit=500)

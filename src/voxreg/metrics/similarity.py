@@ -1,0 +1,65 @@
+"""Image similarity measures for reports: global NCC, local NCC, MI (nats) and MSE between
+images on one grid (the maths are :mod:`voxreg.losses`; here they give plain floats)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from voxreg import losses
+from voxreg.metrics._arrays import ArrayLike, as_image
+
+
+def similarities(
+    fixed: ArrayLike, other: ArrayLike, window: int = 9, bins: int = 32, max_voxels: int | None = 1 << 20
+) -> dict[str, float]:
+    """Global NCC, local NCC (squared, ``window``), MI (nats) and MSE between two images
+    on one grid (MI expects intensities in [0, 1])."""
+    fixed, other = as_image(fixed), as_image(other)
+    with torch.no_grad():
+        return _similarity_values(fixed, other, window, bins, max_voxels)
+
+
+def _similarity_values(
+    fixed: Tensor, other: Tensor, window: int, bins: int, max_voxels: int | None
+) -> dict[str, float]:
+    return {
+        "ncc": float(losses.global_ncc(fixed, other)),
+        "local_ncc": float(losses.local_ncc(fixed, other, window)),
+        "mi": float(losses.mutual_information(fixed, other, bins, max_voxels=max_voxels)),
+        "mse": float(losses.mse(fixed, other)),
+    }
+
+
+def similarity_report(
+    fixed: ArrayLike,
+    moving: ArrayLike,
+    warped: ArrayLike,
+    window: int = 9,
+    bins: int = 32,
+    max_voxels: int | None = 1 << 20,
+) -> dict[str, float]:
+    """Similarity of fixed vs moving (``*_before``) and fixed vs warped (``*_after``).
+
+    Keys: ``ncc`` (global Pearson), ``local_ncc`` (squared, ``window``), ``mi`` (nats,
+    ``bins``, on at most ``max_voxels`` voxels with a fixed seed) and ``mse``, each with
+    the suffix ``_before`` / ``_after``. ``moving`` must already be on the fixed grid;
+    MI expects intensities in [0, 1].
+    """
+    f, m, w = as_image(fixed), as_image(moving), as_image(warped)
+    if not f.shape == m.shape == w.shape:
+        raise ValueError(
+            f"fixed, moving and warped differ in shape: {tuple(f.shape)}, {tuple(m.shape)}, {tuple(w.shape)}"
+        )
+    with torch.no_grad():
+        before = _similarity_values(f, m, window, bins, max_voxels)
+        after = _similarity_values(f, w, window, bins, max_voxels)
+    report = {f"{k}_before": v for k, v in before.items()}
+    report.update({f"{k}_after": v for k, v in after.items()})
+    return report
+
+
+def global_similarity(fixed: ArrayLike, other: ArrayLike) -> tuple[float, float]:
+    """(global NCC, MI in nats) of two [0, 1] images on one grid."""
+    values = similarities(fixed, other)
+    return values["ncc"], values["mi"]

@@ -1,0 +1,189 @@
+"""What one registration returns and what is made of it afterwards, kept apart from the
+pipeline: :class:`RegistrationResult` (transforms and warped images), :func:`measure_registration`
+(similarity before/after, Jacobian statistics, Dice: only when asked) and :func:`save_outputs`
+(warped image and labels, fields in voxreg and ITK/ANTs formats, affine.txt, metrics.json,
+figure.png; each file written to a temporary name and renamed)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from voxreg import io, metrics
+from voxreg.core import spatial
+from voxreg.core.image import Image
+
+ITK_FIELD_SKIPPED = "not written: ITK 2D fields need an image plane parallel to x-y"
+
+
+@dataclass
+class RegistrationResult:
+    """Everything one registration produced; ``save()`` writes the standard outputs.
+
+    ``moving`` is the moving scan on the fixed grid after the affine stage (before the
+    field); ``field`` is ``(1, ndim, *fixed.shape)`` in fixed voxels; ``world_matrix`` maps
+    fixed world points to moving world points (RAS mm) or is None."""
+
+    fixed: Image
+    moving: Image
+    warped: Image
+    field: torch.Tensor
+    warped_labels: dict[str, Image] = dataclass_field(default_factory=dict)
+    world_matrix: np.ndarray | None = None
+    metrics: dict[str, Any] = dataclass_field(default_factory=dict)
+
+    def save(self, outdir: str | Path, figure: bool = True) -> dict[str, Path]:
+        """Write the standard outputs into ``outdir`` (see :func:`save_outputs`)."""
+        return save_outputs(self, outdir, figure)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _to_tensor(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """``(1, 1, *S)`` float32 tensor of ``array`` on ``device``."""
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None].to(device)
+
+
+def _normalised(image: Image, device: torch.device | str) -> torch.Tensor:
+    """Image scaled to [0, 1] by robust percentiles, as a tensor."""
+    return _to_tensor(io.normalize_intensity(image.array), device)
+
+
+def similarity_metrics(fixed: torch.Tensor, moving: torch.Tensor, field: torch.Tensor) -> dict[str, float]:
+    """Similarities of normalised fixed/moving tensors before and after warping by ``field``."""
+    with torch.no_grad():
+        warped = spatial.warp(moving, field.to(moving.device))
+        return metrics.similarity_report(fixed, moving, warped)
+
+
+def raw_similarity(fixed: Image, moving: Image, fixed_t: torch.Tensor, device: torch.device | str) -> dict[str, float]:
+    """NCC/MI of the raw moving scan on the fixed grid (before any alignment), keys ``*_raw``."""
+    raw_t = _normalised(io.resample_to(moving, fixed, device=device), device)
+    return {f"{key}_raw": value for key, value in metrics.similarities(fixed_t, raw_t).items()}
+
+
+def dice_metrics(
+    fixed_labels: Image,
+    fixed: Image,
+    moving_labels: Mapping[str, Image],
+    warped_labels: Mapping[str, Image],
+    world_matrix: np.ndarray | None,
+    device: torch.device | str,
+) -> dict[str, Any]:
+    """Dice of the first moving label map against the fixed one: raw (before any
+    alignment), after the affine stage when one ran, and after the full registration."""
+    if fixed_labels.shape != fixed.shape or not np.allclose(fixed_labels.affine, fixed.affine, atol=1e-3):
+        fixed_labels = io.resample_to(fixed_labels, fixed, device=device)
+    name, moving = next(iter(moving_labels.items()))
+    labels = sorted(set(np.unique(fixed_labels.array)) & set(np.unique(moving.array)) - {0})
+    stages = {"before": io.resample_to(moving, fixed, device=device), "after": warped_labels[name]}
+    if world_matrix is not None:
+        stages["affine"] = io.resample_to(moving, fixed, world_matrix, device=device)
+    scores = {stage: metrics.dice_per_label(fixed_labels.array, img.array, labels) for stage, img in stages.items()}
+    values: dict[str, Any] = {"dice_labels": name}
+    for stage, per_label in scores.items():
+        values[f"dice_mean_{stage}"] = float(np.nanmean(list(per_label.values()))) if per_label else float("nan")
+    values["dice_per_label"] = {int(k): {stage: scores[stage][k] for stage in scores} for k in labels}
+    return values
+
+
+def measure_registration(
+    result: RegistrationResult,
+    source: Image | None = None,
+    fixed_labels: Image | None = None,
+    moving_labels: Mapping[str, Image] | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Evaluation measures of ``result`` (a new dict; ``result`` is not changed).
+
+    Jacobian statistics of the field, similarity before/after the field (normalised
+    intensities), the similarity of the raw ``source`` moving scan (pass it when an affine
+    stage ran), and Dice when ``fixed_labels`` and the original ``moving_labels`` are given."""
+    fixed_t = _normalised(result.fixed, device)
+    values: dict[str, Any] = dict(metrics.jacobian_stats(result.field))
+    values["similarity"] = similarity_metrics(fixed_t, _normalised(result.moving, device), result.field)
+    if source is not None:
+        values["similarity"].update(raw_similarity(result.fixed, source, fixed_t, device))
+    if fixed_labels is not None and moving_labels:
+        values.update(
+            dice_metrics(fixed_labels, result.fixed, moving_labels, result.warped_labels, result.world_matrix, device)
+        )
+    return values
+
+
+# --------------------------------------------------------------------------- files
+
+
+def save_outputs(result: RegistrationResult, outdir: str | Path, figure: bool = True) -> dict[str, Path]:
+    """Write warped image, labels, fields (voxreg + ITK), affine.txt, metrics.json and
+    figure.png into ``outdir``; each file goes to a temporary name and is renamed.
+    ``result.metrics`` is left unchanged (notes about skipped files go to metrics.json only)."""
+    outdir = io.ensure_output_dir(outdir)
+    field = result.field[0].detach().cpu().numpy()
+    payload = dict(result.metrics)
+    written: dict[str, Path] = {"warped": io.save_image(result.warped, outdir / "warped.nii.gz")}
+    for name, labels in result.warped_labels.items():
+        written[f"warped_{name}"] = io.save_image(labels, outdir / f"warped_{name}.nii.gz")
+    written["field"] = io.save_field(outdir / "field.nii.gz", field, result.fixed)
+    if io.itk_field_supported(result.fixed):
+        written["field_itk"] = io.save_itk_field(outdir / "field_itk.nii.gz", field, result.fixed)
+    else:  # a 2D slice tilted out of the x-y plane: the voxreg field (field.nii.gz) still holds it
+        payload["field_itk"] = ITK_FIELD_SKIPPED
+    if result.world_matrix is not None:
+        written["affine"] = io.write_itk_affine(outdir / "affine.txt", result.world_matrix)
+    if figure:
+        written["figure"] = _save_figure(result, field, outdir / "figure.png")
+    written["metrics"] = write_json(outdir / "metrics.json", payload)
+    return {k: Path(v) for k, v in written.items()}
+
+
+def _save_figure(result: RegistrationResult, field: np.ndarray, path: Path) -> Path:
+    """figure.png: orthogonal mid-slices of fixed, moving, warped, difference and grid."""
+    from voxreg.viz.registration_figure import registration_figure
+
+    return registration_figure(
+        result.fixed.array,
+        result.moving.array,
+        result.warped.array,
+        field,
+        path,
+        title=figure_title(result.metrics),
+        affine=result.fixed.affine,
+    )
+
+
+def figure_title(values: Mapping[str, Any]) -> str:
+    """One-line figure title: engine, NCC and Dice before -> after, folding."""
+    parts = [f"{values.get('engine', '')}"]
+    sim = values.get("similarity", {})
+    if "ncc_before" in sim:
+        parts.append(f"NCC {sim['ncc_before']:.3f} -> {sim['ncc_after']:.3f}")
+    if "dice_mean_after" in values:
+        parts.append(f"Dice {values.get('dice_mean_before', float('nan')):.3f} -> {values['dice_mean_after']:.3f}")
+    if "folding_percent" in values:
+        parts.append(f"folding {values['folding_percent']:.3f}%")
+    return "   ".join(p for p in parts if p)
+
+
+def write_json(path: Path, payload: Mapping[str, Any]) -> Path:
+    """Atomically write ``payload`` as indented JSON (numpy values converted)."""
+    with io.atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    """JSON form of numpy scalars and arrays (``str`` of anything else)."""
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)

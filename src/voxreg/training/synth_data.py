@@ -1,0 +1,66 @@
+"""Synthetic training pairs as a data source of the training loop (the counterpart of
+:class:`~voxreg.training.data.TrainingSet` for ``voxreg train --synth``).
+
+Pairs come from :class:`~voxreg.training.synth.SynthGenerator` (label maps deformed by
+random smooth diffeomorphisms, random Gaussian-mixture intensities per label, bias, noise,
+blur, resolution); the objective is the Dice of the warped moving label maps plus
+λ smoothness (``--dice-weight``, usually with ``--similarity-weight 0``). Licence-clean:
+shapes from noise, the MNI152 tissue maps of the nilearn wheel, or the user's label maps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from voxreg.training.config import TrainConfig, parse_synth_sources
+from voxreg.training.synth import SynthBatch, SynthConfig, SynthGenerator
+
+__all__ = ["SynthSource", "synth_config_of"]
+
+_DEFAULT_SHAPE = {3: (64, 80, 64), 2: (96, 112)}
+
+
+def synth_config_of(config: TrainConfig, ndim: int = 3) -> SynthConfig:
+    """The :class:`SynthConfig` a training config asks for (sources, shape, seed)."""
+    if config.synth is None:
+        raise ValueError("this TrainConfig trains on real scans (synth is None)")
+    shape = config.synth_shape or _DEFAULT_SHAPE[ndim]
+    return SynthConfig(shape=tuple(shape), sources=parse_synth_sources(config.synth), seed=config.seed)
+
+
+class SynthSource:
+    """Synthetic pairs drawn on the fly; ``label_maps`` feed the ``user`` source."""
+
+    def __init__(self, config: SynthConfig, label_maps: Sequence[np.ndarray | Tensor] | None = None) -> None:
+        self.config = config
+        self._label_maps = label_maps
+        self.generator = SynthGenerator(config, label_maps=label_maps)
+
+    @property
+    def ndim(self) -> int:
+        """Number of spatial dimensions."""
+        return self.config.ndim
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Spatial shape of the generated pairs."""
+        return tuple(self.config.shape)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of labels (background included) of every generated label map."""
+        return int(self.generator.num_labels)
+
+    def resized(self, scale: float) -> SynthSource:
+        """The same source on a grid scaled by ``scale`` (coarse-to-fine schedules)."""
+        shape = tuple(max(8, int(round(s * scale))) for s in self.config.shape)
+        return SynthSource(dataclasses.replace(self.config, shape=shape), self._label_maps)
+
+    def batch(self, batch_size: int, generator: torch.Generator) -> SynthBatch:
+        """``batch_size`` fresh pairs drawn with ``generator`` (CPU)."""
+        return self.generator.sample(batch_size, generator)
