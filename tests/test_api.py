@@ -127,7 +127,7 @@ def test_save_leaves_metrics_unchanged(tmp_path):
     outputs = result.save(tmp_path, figure=False)
     assert result.metrics == before
     assert "field_itk" not in outputs
-    saved = json.loads(outputs["metrics"].read_text())
+    saved = json.loads(outputs["metrics"].read_text(encoding="utf-8"))
     assert saved["field_itk"].startswith("not written")  # the note goes to metrics.json only
 
 

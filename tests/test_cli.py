@@ -60,7 +60,7 @@ def test_register_writes_all_outputs_and_improves(pair_3d, tmp_path):
             "figure.png",
         ]
     )
-    values = json.loads((out / "metrics.json").read_text())
+    values = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert values["dice_mean_after"] > values["dice_mean_before"] + 0.1
     assert values["similarity"]["ncc_after"] > values["similarity"]["ncc_before"]
     assert values["folding_percent"] < 0.5
@@ -86,15 +86,15 @@ def test_default_runs_affine_then_deformable(pair_3d, tmp_path):
         pair_3d["fixed_labels"],
     )
     assert result.exit_code == 0, result.output
-    assert (out / "affine.txt").read_text().startswith("#Insight Transform File V1.0")
-    values = json.loads((out / "metrics.json").read_text())
+    assert (out / "affine.txt").read_text(encoding="utf-8").startswith("#Insight Transform File V1.0")
+    values = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert values["dice_mean_affine"] > values["dice_mean_before"] + 0.1
     assert values["dice_mean_after"] >= values["dice_mean_affine"] - 0.02
     # the moving scan is the fixed one rolled by 2 voxels along axis 0 (1 mm voxels, RAS)
     matrix = np.array(
         [
             [float(v) for v in line.split()[1:]]
-            for line in (out / "affine.txt").read_text().splitlines()
+            for line in (out / "affine.txt").read_text(encoding="utf-8").splitlines()
             if line.startswith("Parameters:")
         ][0]
     )
@@ -105,7 +105,7 @@ def test_affine_only_stops_after_affine(pair_3d, tmp_path):
     out = tmp_path / "out"
     result = run("register", pair_3d["fixed"], pair_3d["moving"], "-o", out, "--affine-only", "--no-figure")
     assert result.exit_code == 0, result.output
-    values = json.loads((out / "metrics.json").read_text())
+    values = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert values["engine"] == "affine" and values["folding_percent"] == 0.0
     assert (out / "affine.txt").exists()
 
@@ -234,7 +234,7 @@ def test_register_with_a_network_and_refinement(pair_3d, tmp_path):
         "cpu",
     )
     assert result.exit_code == 0, result.output
-    values = json.loads((out / "metrics.json").read_text())
+    values = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert values["engine"] == "network"
     refined = tmp_path / "refined"
     result = run(
@@ -253,7 +253,7 @@ def test_register_with_a_network_and_refinement(pair_3d, tmp_path):
         "cpu",
     )
     assert result.exit_code == 0, result.output
-    refined_values = json.loads((refined / "metrics.json").read_text())
+    refined_values = json.loads((refined / "metrics.json").read_text(encoding="utf-8"))
     assert refined_values["engine"] == "network+refine30"
     # an untrained network leaves the pair misaligned; refinement aligns it
     assert refined_values["similarity"]["mse_after"] < 0.5 * values["similarity"]["mse_after"]
@@ -276,7 +276,7 @@ def test_preprocess_command(tmp_path):
     out = tmp_path / "pre"
     result = run("preprocess", *scans, "-o", out, "--atlas", atlas_path, "--multiple", "8")
     assert result.exit_code == 0, result.output
-    rows = (out / "manifest.csv").read_text().strip().splitlines()
+    rows = (out / "manifest.csv").read_text(encoding="utf-8").strip().splitlines()
     assert len(rows) == 3 and all(",ok," in row for row in rows[1:])
     aligned = nib.load(out / "scan0.nii.gz")
     assert all(s % 8 == 0 for s in aligned.shape)
@@ -322,7 +322,7 @@ def test_train_then_register_with_the_trained_model(tmp_path):
         "cpu",
     )
     assert result.exit_code == 0, result.output
-    rows = (run_dir / "metrics.csv").read_text().strip().splitlines()
+    rows = (run_dir / "metrics.csv").read_text(encoding="utf-8").strip().splitlines()
     assert len(rows) == 7  # header + 6 steps
     out = tmp_path / "reg"
     result = run(
@@ -339,7 +339,7 @@ def test_train_then_register_with_the_trained_model(tmp_path):
         "3",
     )
     assert result.exit_code == 0, result.output
-    assert json.loads((out / "metrics.json").read_text())["engine"] == "network"
+    assert json.loads((out / "metrics.json").read_text(encoding="utf-8"))["engine"] == "network"
 
 
 def test_train_with_no_scans(tmp_path):

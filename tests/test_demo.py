@@ -14,7 +14,7 @@ def test_demo_recovers_the_known_deformation(tmp_path):
     out = tmp_path / "demo"
     result = CliRunner().invoke(app, ["demo", "-o", str(out), "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    values = json.loads((out / "metrics.json").read_text())
+    values = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     demo = values["demo"]
     assert demo["endpoint_error_after_voxels"] < 0.5 * demo["endpoint_error_before_voxels"]
     assert values["dice_mean_after"] > values["dice_mean_before"] + 0.1

@@ -394,7 +394,7 @@ def test_cli_affine_and_instance_end_to_end(tmp_path, pairs_csv):
         "a_moving_to_a_fixed_instance.png",
     ]
     assert "2 run, 0 already done, 0 failed" in result.output
-    table = (out / "table.md").read_text()  # the report is always written from the CSVs
+    table = (out / "table.md").read_text(encoding="utf-8")  # the report is always written from the CSVs
     assert "| affine |" in table and "| instance |" in table
     assert {"table.md", "summary.csv", "dice_boxplot.png", "report.html"} <= {p.name for p in out.iterdir()}
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left

@@ -347,7 +347,7 @@ def world_matrix() -> np.ndarray:
 def test_itk_affine_file_maps_lps_points(tmp_path: Path) -> None:
     matrix = world_matrix()
     path = io.write_itk_affine(tmp_path / "affine.txt", matrix)
-    lines = path.read_text().splitlines()
+    lines = path.read_text(encoding="utf-8").splitlines()
     assert lines[:3] == ["#Insight Transform File V1.0", "#Transform 0", "Transform: AffineTransform_double_3_3"]
     assert lines[4] == "FixedParameters: 0 0 0"
     transform = sitk.ReadTransform(str(path))
@@ -521,7 +521,7 @@ def test_atomic_path_renames_or_cleans_up(tmp_path: Path) -> None:
     with io.atomic_path(tmp_path / "out.nii.gz") as tmp:
         assert tmp.parent == tmp_path and tmp.name.endswith(".nii.gz") and tmp.name.startswith(".")
         tmp.write_text("done")
-    assert (tmp_path / "out.nii.gz").read_text() == "done"
+    assert (tmp_path / "out.nii.gz").read_text(encoding="utf-8") == "done"
     with pytest.raises(RuntimeError):
         with io.atomic_path(tmp_path / "broken.nii.gz") as tmp:
             tmp.write_text("partial")

@@ -65,14 +65,14 @@ def test_preset_sizes_and_content():
 def test_aseg30_matches_voxelmorph_labels_npz():
     rows = labels.label_table(VOXELMORPH_LABELS)  # CSV with a header: value,name,voxels,flag
     assert rows[17] == "Left-Hippocampus"
-    lines = VOXELMORPH_LABELS.read_text().splitlines()[1:]
+    lines = VOXELMORPH_LABELS.read_text(encoding="utf-8").splitlines()[1:]
     in_eval = {int(line.split(",")[0]) for line in lines if line.rstrip().endswith(",1")}
     assert in_eval == set(labels.ASEG30)
 
 
 @pytest.mark.skipif(not MINDBOGGLE_LABELS.exists(), reason="Mindboggle labels.csv absent")
 def test_dkt31_matches_mindboggle_cortical_labels():
-    lines = MINDBOGGLE_LABELS.read_text().splitlines()[1:]
+    lines = MINDBOGGLE_LABELS.read_text(encoding="utf-8").splitlines()[1:]
     dkt = {int(line.split(",")[0]) for line in lines if "(manual DKT31)" in line}
     assert dkt == set(labels.DKT31)
 

@@ -6,6 +6,8 @@ and exits with code 2, without a traceback.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -30,7 +32,10 @@ def register(
     moving: Path = typer.Argument(..., help="Moving scan, warped onto the fixed one."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder."),
     model: Path | None = typer.Option(
-        None, "--model", "-m", help="Network checkpoint; without it instance optimisation runs."
+        None, "--model", "-m", help="Network checkpoint, or the name of a shipped model (voxreg models)."
+    ),
+    engine: str = typer.Option(
+        "auto", "--engine", help="auto (a shipped model when one suits the scans, else instance), network or instance."
     ),
     similarity: str = typer.Option("ncc", "--similarity", "-s", help="Similarity: ncc, mse or mi."),
     lam: float | None = typer.Option(None, "--lambda", "-l", help="Regularisation weight."),
@@ -46,28 +51,46 @@ def register(
 ) -> None:
     """Register MOVING to FIXED (affine, then deformable) and write warped image, labels,
     fields (voxreg + ITK/ANTs), affine.txt, metrics.json and figure.png."""
-    from voxreg import io
+    from voxreg.io.staging import REGISTER_OUTPUTS, staged_outputs
+    from voxreg.registration import outputs as writer
     from voxreg.registration import pipeline as api
 
-    io.ensure_output_dir(output)
-    with progress_bar("registering") as update:
-        result = api.register(
-            fixed,
-            moving,
-            model=model,
-            similarity=similarity,
-            lam=lam,
-            refine=refine,
-            device=device,
-            moving_labels=moving_labels or None,
-            fixed_labels=fixed_labels,
-            affine=not no_affine,
-            affine_only=affine_only,
-            progress=update,
-            metrics=True,
-        )
-    written = result.save(output, figure=not no_figure)
-    _print_summary(result.metrics, written)
+    inputs = [fixed, moving, model, fixed_labels, *moving_labels]
+    with _interruptible(), staged_outputs(output, inputs, REGISTER_OUTPUTS, remove_stale=True) as stage:
+        with progress_bar("registering") as update:
+            result = api.register(
+                fixed,
+                moving,
+                model=model,
+                engine=engine,
+                similarity=similarity,
+                lam=lam,
+                refine=refine,
+                device=device,
+                moving_labels=moving_labels or None,
+                fixed_labels=fixed_labels,
+                affine=not no_affine,
+                affine_only=affine_only,
+                progress=update,
+                metrics=True,
+            )
+        names = writer.write_outputs(result, stage, figure=not no_figure)
+    _print_summary(result.metrics, {key: output / name for key, name in names.items()})
+
+
+@contextmanager
+def _interruptible() -> Iterator[None]:
+    """SIGTERM / SIGINT during a staged run: one line, exit 143 / 130 (after cleanup)."""
+    from voxreg.io.staging import Terminated
+
+    try:
+        yield
+    except Terminated:
+        typer.echo("voxreg: terminated; no output written", err=True)
+        raise typer.Exit(code=143) from None
+    except KeyboardInterrupt:
+        typer.echo("voxreg: interrupted; no output written", err=True)
+        raise typer.Exit(code=130) from None
 
 
 def _print_summary(values: dict, written: dict[str, Path]) -> None:
@@ -95,23 +118,33 @@ def warp(
     field: Path = typer.Argument(..., help="field.nii.gz written by voxreg register."),
     image: Path = typer.Argument(..., help="Image or label map on the moving scan's grid."),
     output: Path = typer.Option(..., "-o", "--output", help="Output file (.nii.gz, .nrrd, ...)."),
-    nearest: bool = typer.Option(False, "--nearest", help="Nearest-neighbour (label maps)."),
+    nearest: bool = typer.Option(False, "--nearest", help="Force nearest neighbour (default for integer label maps)."),
+    linear: bool = typer.Option(False, "--linear", help="Force linear interpolation (default for intensity images)."),
     affine: Path | None = typer.Option(
         None, "--affine", help="ITK affine text (default: affine.txt next to FIELD, if any)."
     ),
     no_affine: bool = typer.Option(False, "--no-affine", help="Ignore affine.txt next to FIELD."),
     device: Device = "auto",
 ) -> None:
-    """Apply a saved displacement FIELD (and the affine.txt beside it) to IMAGE."""
+    """Apply a saved displacement FIELD (and the affine.txt beside it) to IMAGE. Integer
+    label maps are resampled with nearest neighbour in their own dtype unless --linear."""
     from voxreg import io
+    from voxreg.core.errors import VoxregError
+    from voxreg.io.staging import staged_outputs
     from voxreg.registration import pipeline as api
 
-    io.ensure_output_dir(output.parent if str(output.parent) else Path("."))
+    if nearest and linear:
+        raise VoxregError("--nearest and --linear contradict each other: choose one")
     if affine is None and not no_affine and (field.parent / "affine.txt").exists():
         affine = field.parent / "affine.txt"
-        console.print(f"applying {affine} then {field.name} (composite of voxreg register)")
-    warped = api.apply_field(field, image, nearest=nearest or None, affine_path=affine, device=device)
-    io.save_image(warped, output)
+    folder = output.parent if str(output.parent) else Path(".")
+    inputs = [field, image, affine]
+    with _interruptible(), staged_outputs(folder, inputs, outputs=(output.name,), lock=False) as stage:
+        mode = True if nearest else (False if linear else None)
+        warped = api.apply_field(field, image, nearest=mode, affine_path=affine, device=device)
+        io.save_image(warped, stage / output.name)
+    if affine is not None:
+        console.print(f"applied {affine} then {field.name} (composite of voxreg register)")
     console.print(f"wrote {output}")
 
 
@@ -133,11 +166,33 @@ def demo(
 ) -> None:
     """Register the MNI152 template (nilearn wheel) to a known synthetic deformation of itself."""
     from voxreg.cli.demo import run_demo
+    from voxreg.core.config import check_number
+    from voxreg.core.errors import VoxregError
+
+    try:
+        check_number("--max-displacement", max_displacement, low=0.0, low_inclusive=False)
+    except ValueError as exc:
+        raise VoxregError(str(exc)) from None
 
     run_demo(output, device=device, max_displacement=max_displacement, console=console)
 
 
 app.command("evaluate")(evaluate)
+
+
+@app.command()
+@user_errors
+def models() -> None:
+    """List the models shipped inside voxreg (usable offline with --model NAME)."""
+    from voxreg.nn.shipped import shipped_models
+
+    shipped = shipped_models()
+    if not shipped:
+        typer.echo("no model ships in this version yet (register uses instance optimisation); see docs/models.md")
+        return
+    for model in shipped:
+        default = " (default)" if model.card.get("default") else ""
+        typer.echo(f"{model.name}{default}: {model.card['description']} [{model.ndim}D, {model.size_mb:.1f} MB]")
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -4,6 +4,7 @@ A bad value is one line on stderr, exit 2."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -26,6 +27,22 @@ def _float_list(option: str, text: str) -> list[float]:
     if not values:
         raise VoxregError(f"{option} takes comma-separated numbers, got {text!r}")
     return values
+
+
+def _check_number(option: str, value: float | None, low: float, low_inclusive: bool = True) -> None:
+    """Refuse NaN, Inf and values below ``low`` (or at it when not ``low_inclusive``)."""
+    if value is None:
+        return
+    ok = math.isfinite(value) and (value >= low if low_inclusive else value > low)
+    if not ok:
+        bound = f"{'>=' if low_inclusive else '>'} {low:g}"
+        raise VoxregError(f"{option} must be a finite number {bound}, got {value:g}")
+
+
+def _check_int(option: str, value: int | None, low: int) -> None:
+    """Refuse an integer option below ``low``."""
+    if value is not None and value < low:
+        raise VoxregError(f"{option} must be an integer >= {low}, got {value}")
 
 
 def _int_list(text: str, option: str) -> list[int]:
@@ -59,6 +76,11 @@ def tune_lambda(
     from voxreg.training import trainer as training
 
     values = _float_list("--lambdas", lambdas) if lambdas else None
+    for value in values or []:
+        _check_number("--lambdas", value, 0.0, low_inclusive=False)
+    _check_int("--num", num, 2)
+    _check_number("--max-folding", max_folding, 0.0)
+    excluded = _int_list(exclude, "--exclude-labels")
     scans, labels = training.scan_list(val)
     data = training.TrainingSet.from_paths(scans, labels)
     with progress_bar("lambda sweep") as update:
@@ -70,7 +92,7 @@ def tune_lambda(
             num=num,
             max_folding=max_folding,
             device=device,
-            exclude=[int(v) for v in _float_list("--exclude-labels", exclude)],
+            exclude=excluded,
             progress=update,
         )
     console.print("lambda    Dice (std)       folding %  SD logJ")
@@ -129,6 +151,12 @@ def evaluate(
     from voxreg.evaluation.runner import evaluate as run_evaluation
 
     iteration_list = _int_list(iterations, "--iterations") if iterations else None
+    if iteration_list is not None and (min(iteration_list, default=-1) < 0 or sum(iteration_list) < 1):
+        raise VoxregError(f"--iterations takes steps >= 0 per level (at least one > 0), got {iterations!r}")
+    _check_number("--lambda", lam, 0.0)
+    _check_int("--refine", refine, 1)
+    _check_int("--examples", examples, 0)
+    _check_int("--ants-threads", ants_threads, 1)
     excluded = _int_list(exclude_labels, "--exclude-labels")
     with progress_bar("evaluating") as update:
         result = run_evaluation(

@@ -56,5 +56,6 @@ def preprocess(
         f"{len(result.outputs) - len(failed)} of {len(result.outputs)} scans on grid {result.grid.shape} -> {output}"
     )
     for record in failed:
-        console.print(f"  failed: {record.source}: {record.error}")
+        error = record.error if record.error.startswith(str(record.source)) else f"{record.source}: {record.error}"
+        console.print(f"  failed: {error}", markup=False, highlight=False)
     console.print(f"  manifest {result.manifest}\n  summary  {result.summary}")

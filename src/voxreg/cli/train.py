@@ -49,6 +49,7 @@ _OPTION_FIELDS = {
     "synth_shape": "synth_shape",
     "voxel_size": "voxel_size",
     "similarity_weight": "similarity_weight",
+    "synth_curriculum": "synth_curriculum",
 }
 if set(_OPTION_FIELDS.values()) != set(_DEFAULTS):  # pragma: no cover - caught by any test importing the CLI
     raise RuntimeError(
@@ -93,7 +94,22 @@ def config_from_options(options: dict[str, Any]) -> TrainConfig:
         kwargs["synth_shape"] = parse_shape(kwargs["synth_shape"])
         return TrainConfig(**kwargs)
     except ValueError as exc:
-        raise VoxregError(str(exc)) from None
+        raise VoxregError(_option_message(str(exc))) from None
+
+
+#: TrainConfig field -> its command-line option, where the names differ
+_FIELD_OPTIONS = {"lam": "--lambda", "window": "--ncc-window", "lam_range": "--lambda-range"}
+
+
+def _option_message(text: str) -> str:
+    """A TrainConfig ValueError with its leading field name replaced by the option name
+    (``lr must be ...`` -> ``--lr must be ...``)."""
+    match = re.match(r"([a-z_]+)(\[\d\])?(?= )", text)
+    if match is None or match.group(1) not in _DEFAULTS:
+        return text
+    field = match.group(1)
+    option = _FIELD_OPTIONS.get(field, "--" + field.replace("_", "-"))
+    return option + (match.group(2) or "") + text[match.end() :]
 
 
 def _train_info(row: dict[str, float]) -> str:
@@ -188,6 +204,11 @@ def train(
         "--voxel-size",
         help="Voxel size (mm) of the model's space, recorded in the checkpoint.",
     ),
+    synth_curriculum: int = typer.Option(
+        _DEFAULTS["synth_curriculum"],
+        "--synth-curriculum",
+        help="Steps over which synthetic deformations grow from 25 % to full strength (0: full from the start).",
+    ),
     similarity_weight: float = typer.Option(
         _DEFAULTS["similarity_weight"],
         "--similarity-weight",
@@ -234,11 +255,15 @@ def _training_data(
     """Real scans (a TrainingSet) or, with ``--synth``, a SynthSource (scans = user label maps)."""
     from voxreg import io, training
     from voxreg.training.synth_data import SynthSource, synth_config_of
+    from voxreg.training.trainer import check_dice_labels
 
     if config.synth is None:
         if not scans:
             raise VoxregError("give training scans (files, folders, globs or a CSV), or --synth")
         train_scans, train_labels = training.scan_list(scans)
+        if config.dice_weight > 0:  # before any scan is loaded or a cache written
+            has = [label is not None for label in train_labels]
+            check_dice_labels(has + [atlas_labels is not None] if atlas else has, atlas is not None)
         return training.TrainingSet.from_paths(
             train_scans, train_labels, shape=grid, cache=cache, atlas=atlas, atlas_labels=atlas_labels
         )

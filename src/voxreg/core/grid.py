@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from voxreg.core.errors import VoxregError
+
 
 def _square(matrix: np.ndarray) -> np.ndarray:
     matrix = np.asarray(matrix, dtype=np.float64)
@@ -52,6 +54,19 @@ def voxel_spacing(affine: np.ndarray, ndim: int | None = None) -> np.ndarray:
     size = matrix.shape[0] - 1
     ndim = size if ndim is None else int(ndim)
     return np.sqrt((matrix[:size, :ndim] ** 2).sum(axis=0))
+
+
+def check_affine(matrix: np.ndarray, name: str) -> np.ndarray:
+    """``matrix`` (a 4x4 affine or world matrix) must be finite and invertible; raises a
+    one-line VoxregError naming ``name`` otherwise."""
+    array = np.asarray(matrix, dtype=np.float64)
+    if array.ndim != 2 or array.shape[0] != array.shape[1] or not np.all(np.isfinite(array)):
+        raise VoxregError(f"{name}: the affine matrix is not a finite square matrix")
+    linear = array[:-1, :-1]
+    scale = float(np.abs(linear).max()) if linear.size else 0.0
+    if scale == 0.0 or abs(float(np.linalg.det(linear / scale))) < 1e-9:
+        raise VoxregError(f"{name}: the affine matrix is singular (zero voxel size or collapsed axes)")
+    return array
 
 
 def voxel_matrix(

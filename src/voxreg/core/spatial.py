@@ -71,24 +71,49 @@ def normalized_to_voxel(grid: Tensor, shape: Sequence[int]) -> Tensor:
 def sample(image: Tensor, coords: Tensor, mode: Interpolation = "linear", padding: Padding = "border") -> Tensor:
     """Sample ``image`` ``(N, C, *S_in)`` at voxel coordinates ``coords`` ``(N, ndim, *S_out)``.
 
-    Linear interpolation is bilinear/trilinear; ``nearest`` is for label maps.
-    ``padding='border'`` repeats edge values outside the image, ``'zeros'`` fills 0.
-    Label maps of integer dtype are sampled with nearest and keep their dtype.
+    Linear interpolation is bilinear/trilinear; ``nearest`` is for label maps and is exact
+    for any dtype (:func:`sample_nearest`). ``padding='border'`` repeats edge values outside
+    the image, ``'zeros'`` fills 0. Integer images are always sampled with nearest and keep
+    their dtype and values.
     """
     ndim = spatial_ndim(image)
     if coords.shape[1] != ndim:
         raise ValueError(f"coords have {coords.shape[1]} channels for a {ndim}D image")
-    is_int = not torch.is_floating_point(image)
-    if is_int:
-        mode = "nearest"
-    work = image.to(coords.dtype) if is_int else image
-    if coords.shape[0] != work.shape[0]:
-        coords = coords.expand(work.shape[0], *coords.shape[1:])
-    grid = voxel_to_normalized(coords, work.shape[2:])
-    out = F.grid_sample(
-        work, grid, mode="bilinear" if mode == "linear" else "nearest", padding_mode=padding, align_corners=True
-    )
-    return out.round().to(image.dtype) if is_int else out
+    if mode == "nearest" or not torch.is_floating_point(image):
+        return sample_nearest(image, coords, padding)
+    if coords.shape[0] != image.shape[0]:
+        coords = coords.expand(image.shape[0], *coords.shape[1:])
+    grid = voxel_to_normalized(coords, image.shape[2:])
+    return F.grid_sample(image, grid, mode="bilinear", padding_mode=padding, align_corners=True)
+
+
+def sample_nearest(image: Tensor, coords: Tensor, padding: Padding = "zeros") -> Tensor:
+    """Nearest-neighbour sampling by rounding ``coords`` ``(N, ndim, *S_out)`` and gathering
+    from ``image`` ``(N, C, *S_in)`` in its own dtype: exact for any integer value (no float
+    round trip). Outside the grid (and at non-finite coordinates): 0 with ``padding='zeros'``,
+    the nearest edge voxel with ``'border'``. One code path for 2D and 3D."""
+    ndim = spatial_ndim(image)
+    if coords.shape[1] != ndim:
+        raise ValueError(f"coords have {coords.shape[1]} channels for a {ndim}D image")
+    batch, channels = image.shape[:2]
+    if coords.shape[0] != batch:
+        coords = coords.expand(batch, *coords.shape[1:])
+    out_shape = coords.shape[2:]
+    sizes = image.shape[2:]
+    finite = torch.isfinite(coords).all(dim=1)
+    rounded = torch.round(torch.nan_to_num(coords, nan=-1.0, posinf=-1.0, neginf=-1.0).double())
+    valid = finite.clone()
+    flat = torch.zeros((batch, *out_shape), dtype=torch.long, device=image.device)
+    for axis, size in enumerate(sizes):
+        index = rounded[:, axis].clamp(-1, size).long()
+        valid &= (index >= 0) & (index < size)
+        flat = flat * size + index.clamp(0, size - 1)
+    values = torch.gather(
+        image.reshape(batch, channels, -1), 2, flat.reshape(batch, 1, -1).expand(batch, channels, -1)
+    ).reshape(batch, channels, *out_shape)
+    if padding == "zeros":
+        values = torch.where(valid[:, None], values, torch.zeros((), dtype=image.dtype, device=image.device))
+    return values
 
 
 def warp(image: Tensor, field: Tensor, mode: Interpolation = "linear", padding: Padding = "border") -> Tensor:

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from voxreg.evaluation.measure import Before
 
 PathLike = str | os.PathLike
+#: label presets of ``--structures`` (:func:`voxreg.io.labels.preset`)
+STRUCTURE_PRESETS = ("aseg30", "dkt31")
 PAIR_COLUMNS = ("id", "fixed", "moving", "fixed_labels", "moving_labels", "fixed_landmarks", "moving_landmarks")
 
 
@@ -148,10 +150,18 @@ def structure_table(structures: str) -> dict[int, str] | None:
     ``code,name`` CSV, e.g. TotalSegmentator's labels.csv)."""
     from voxreg.io.labels import label_table, preset
 
-    if structures.strip().lower() == "all":
+    key = structures.strip().lower()
+    if key == "all":
         return None
-    if Path(structures).is_file():
+    if key in STRUCTURE_PRESETS:
+        return preset(key)
+    path = Path(structures)
+    if path.is_file():
         return label_table(structures)
+    if path.is_dir():
+        raise VoxregError(f"--structures {structures}: is a folder; pass a label table file or a preset")
+    if path.suffix or os.sep in structures or "/" in structures:
+        raise VoxregError(f"--structures {structures}: file not found (a label table file, or a preset: aseg30, dkt31)")
     return preset(structures)
 
 

@@ -137,6 +137,10 @@ def tune_lambda(
     """
     from voxreg.core.runtime import resolve_device
 
+    if lambdas is not None and not all(math.isfinite(v) and v > 0 for v in lambdas):
+        raise VoxregError(f"lambdas must be finite numbers > 0, got {list(lambdas)}")
+    if not (math.isfinite(max_folding) and max_folding >= 0):
+        raise VoxregError(f"max_folding must be a finite percentage >= 0, got {max_folding}")
     torch_device = resolve_device(device)
     model, extra = load_checkpoint(model_path, torch_device)
     if not model.config.lambda_conditional:

@@ -20,6 +20,7 @@ from voxreg.io.files import (
     ensure_output_dir,
     extension,
     file_error,
+    stored_as_integer,
     strip_extension,
 )
 from voxreg.io.images import (
@@ -59,6 +60,7 @@ __all__ = [
     "ensure_output_dir",
     "extension",
     "file_error",
+    "stored_as_integer",
     "strip_extension",
     "FIELD_INTENT_NAME",
     "NIFTI_INTENT_VECTOR",

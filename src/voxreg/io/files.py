@@ -95,3 +95,35 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     except Exception as exc:
         raise file_error(path, f"cannot write ({short_reason(exc)})") from exc
     return path
+
+
+def stored_as_integer(path: PathLike) -> bool:
+    """True when the file at ``path`` stores an integer voxel type (a label map) according
+    to its header (NIfTI/MGH via nibabel, NRRD/MetaImage via SimpleITK, npz by its array);
+    False when unknown or unreadable (the loader then reports the problem)."""
+    path = Path(path)
+    ext = extension(path)
+    try:
+        if ext in NIFTI_EXTS + MGH_EXTS:
+            import nibabel as nib
+            import numpy as np
+
+            return bool(np.issubdtype(nib.load(str(path)).get_data_dtype(), np.integer))
+        if ext in ITK_EXTS:
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            name = sitk.GetPixelIDValueAsString(reader.GetPixelID()).lower()
+            return "int" in name and "vector" not in name
+        if ext in NPZ_EXTS:
+            import numpy as np
+
+            with np.load(path) as data:
+                keys = [k for k in ("seg", "vol", "image", "arr_0") if k in data.files] or data.files
+                first = data[keys[0]] if keys else None
+            return first is not None and bool(np.issubdtype(first.dtype, np.integer))
+    except Exception:
+        return False
+    return False

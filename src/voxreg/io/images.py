@@ -22,6 +22,7 @@ Displacement fields:
 
 from __future__ import annotations
 
+import math
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -55,6 +56,12 @@ NIFTI_INTENT_VECTOR = 1007
 _LABEL_TOLERANCE = 1e-3  # float label maps may carry rounding noise from scaling
 _NPZ_IMAGE_KEYS = ("vol", "image", "arr_0")
 _NPZ_LABEL_KEYS = ("seg",) + _NPZ_IMAGE_KEYS
+#: largest image voxreg loads (2e9 voxels = 8 GB as float32): more is a corrupt header
+MAX_IMAGE_VOXELS = 2_000_000_000
+#: deflate cannot compress better than about 1032:1, so a gzip file claiming more data
+#: than this many times its size has a corrupt header
+_MAX_GZIP_RATIO = 1100
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
 def _is_orthogonal(matrix: np.ndarray) -> bool:
@@ -93,8 +100,11 @@ def load_image(path: PathLike, label: bool = False) -> Image:
         array, affine = reader(path, label)
     except VoxregError:
         raise
+    except MemoryError as exc:
+        raise file_error(path, "too large to load into memory (or its header is corrupt)") from exc
     except Exception as exc:  # library errors of any type: unreadable / wrong format
         raise file_error(path, f"cannot read as {kind} ({short_reason(exc)})") from exc
+    _check_scalar_dtype(np.asarray(array).dtype, path)
     array = _spatial_array(array, path)
     array = _label_array(array, path) if label else _intensity_array(array, path)
     return Image(array, np.asarray(affine, dtype=np.float64), path)
@@ -118,29 +128,142 @@ def _reader_for(path: Path) -> tuple[Callable[[Path, bool], tuple[np.ndarray, np
     )
 
 
+def _is_gzip_name(path: Path) -> bool:
+    """True for the gzip-compressed formats (``.nii.gz``, ``.mgz``)."""
+    return path.name.lower().endswith((".gz", ".mgz"))
+
+
 def _read_nibabel(path: Path, label: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Array and affine of a NIfTI / MGH file (raw values for labels, floats otherwise)."""
+    """Array and affine of a NIfTI / MGH file (raw values for labels, floats otherwise).
+    The header is checked (data type, size against the file) before any data is read."""
+    if _is_gzip_name(path):
+        with open(path, "rb") as handle:
+            if handle.read(2) != _GZIP_MAGIC:
+                kind = "NIfTI" if extension(path) in NIFTI_EXTS else "MGH/MGZ"
+                raise file_error(
+                    path, f"cannot read as {kind}: not a gzip-compressed file (corrupt, or wrong extension)"
+                )
     img = nib.load(path, mmap=False)
+    dtype = img.get_data_dtype()
+    _check_scalar_dtype(dtype, path)
+    offset = img.header.get_data_offset() if hasattr(img.header, "get_data_offset") else 0
+    _check_data_size(path, tuple(int(s) for s in img.shape), dtype.itemsize, max(int(offset), 0))
     if label:
         return np.asanyarray(img.dataobj), img.affine
     return img.get_fdata(dtype=np.float32), img.affine
 
 
+def _check_scalar_dtype(dtype: np.dtype, path: Path) -> None:
+    """Refuse complex and colour (RGB, structured) voxel types: voxreg needs scalars."""
+    if dtype.kind == "c":
+        raise file_error(path, f"complex-valued image ({dtype}); pass a magnitude (real-valued) image")
+    if dtype.fields is not None or dtype.kind == "V":
+        names = ",".join(dtype.names or ()) or str(dtype)
+        raise file_error(path, f"colour/multi-component image (voxels are {names}); pass a greyscale scalar image")
+    if dtype.kind not in "biuf":
+        raise file_error(path, f"unsupported voxel type {dtype}; pass a numeric scalar image")
+
+
+def _check_data_size(path: Path, shape: tuple[int, ...], itemsize: int, offset: int) -> None:
+    """Refuse a header whose image cannot be in the file (truncated file or corrupt header)
+    or is too large to load, before reading (and allocating) anything."""
+    voxels = math.prod(shape)
+    text = "x".join(str(s) for s in shape)
+    if voxels > MAX_IMAGE_VOXELS:
+        raise file_error(
+            path,
+            f"header claims a {text} image ({voxels:.3g} voxels, more than {MAX_IMAGE_VOXELS:.0e}); "
+            "the header is corrupt or the image is too large",
+        )
+    size = path.stat().st_size
+    needed = voxels * itemsize
+    if _is_gzip_name(path) or path.suffix.lower() in (".nrrd", ".mha"):
+        if needed > _MAX_GZIP_RATIO * size:
+            raise file_error(
+                path, f"header claims a {text} image ({needed:.3g} bytes) but the file has {size} bytes; corrupt header"
+            )
+    elif needed + offset > size:
+        raise file_error(
+            path,
+            f"header claims a {text} image ({needed} bytes of data) but the file has {size} bytes; "
+            "the file is truncated or its header is corrupt",
+        )
+
+
+_COMPLEX_PIXELS = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
+
+
 def _read_itk_file(path: Path, label: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Array and RAS affine of a file SimpleITK reads (NRRD, MetaImage, DICOM slice)."""
-    return sitk_to_array(sitk.ReadImage(str(path)), path)
+    """Array and RAS affine of a file SimpleITK reads (NRRD, MetaImage, DICOM slice);
+    the header is checked before the voxels are read."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    _check_itk_info(path, reader.GetPixelID(), reader.GetNumberOfComponents(), reader.GetSize())
+    if path.suffix.lower() in (".nrrd", ".mha"):  # header and voxels in one file
+        _check_data_size(path, tuple(reader.GetSize()), 1, 0)
+    return sitk_to_array(reader.Execute(), path)
+
+
+def _check_itk_info(path: Path, pixel_id: int, components: int, size: tuple[int, ...]) -> None:
+    """Refuse complex / multi-component voxels and impossible sizes from an ITK header."""
+    if pixel_id in _COMPLEX_PIXELS:
+        raise file_error(path, "complex-valued image; pass a magnitude (real-valued) image")
+    if components != 1:
+        raise file_error(
+            path,
+            f"{components} components per voxel (complex, vector or RGB colour data); "
+            "pass a scalar (greyscale or magnitude) image",
+        )
+    voxels = math.prod(int(s) for s in size)
+    if voxels > MAX_IMAGE_VOXELS:
+        raise file_error(
+            path, f"header claims {voxels:.3g} voxels (more than {MAX_IMAGE_VOXELS:.0e}); corrupt header or too large"
+        )
+
+
+def _dicom_tag(reader: sitk.ImageFileReader, tag: str) -> str:
+    """A DICOM tag of the file ``reader`` has read the header of ('' when absent)."""
+    return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
+
+
+def describe_dicom_series(folder: Path, series: list[str]) -> list[str]:
+    """One short description per series: UID, SeriesDescription and file count."""
+    out = []
+    for uid in series:
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+        text = f"{uid} ({len(files)} files"
+        try:
+            info = sitk.ImageFileReader()
+            info.SetFileName(files[0])
+            info.LoadPrivateTagsOff()
+            info.ReadImageInformation()
+            description = _dicom_tag(info, "0008|103e")
+            text += f", '{description}'" if description else ""
+        except Exception:  # noqa: BLE001 - the description is only a hint
+            pass
+        out.append(text + ")")
+    return out
 
 
 def _read_dicom_series(path: Path, label: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Array and RAS affine of the DICOM series in folder ``path`` (the largest series
-    when the folder holds several)."""
+    """Array and RAS affine of the one DICOM series in folder ``path`` (a folder with
+    several series is refused, naming them)."""
     reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(path))
+    series = list(reader.GetGDCMSeriesIDs(str(path)))
     if not series:
         raise file_error(path, "no DICOM series found in this folder")
-    files = max((reader.GetGDCMSeriesFileNames(str(path), sid) for sid in series), key=len)
+    if len(series) > 1:
+        raise file_error(
+            path,
+            f"folder holds {len(series)} DICOM series: {'; '.join(describe_dicom_series(path, series))}; "
+            "pass a folder with one series",
+        )
+    files = reader.GetGDCMSeriesFileNames(str(path), series[0])
     reader.SetFileNames(files)
-    return sitk_to_array(reader.Execute(), path)
+    image = reader.Execute()
+    _check_itk_info(path, image.GetPixelID(), image.GetNumberOfComponentsPerPixel(), image.GetSize())
+    return sitk_to_array(image, path)
 
 
 def _read_npz(path: Path, label: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -192,8 +315,14 @@ def sitk_to_array(img: sitk.Image, path: PathLike | None = None) -> tuple[np.nda
 
 def _spatial_array(array: np.ndarray, path: Path) -> np.ndarray:
     """Drop trailing singleton axes and check the result is a 2D or 3D image."""
+    original = tuple(array.shape)
     while array.ndim > 1 and array.shape[-1] == 1:
         array = array[..., 0]
+    if 0 < array.size and array.ndim < 2:
+        text = "x".join(str(s) for s in original)
+        raise file_error(
+            path, f"image of shape {text} is 1D (fewer than 2 axes longer than 1); expected a 2D or 3D image"
+        )
     if array.ndim == 4:
         raise file_error(path, f"4D volume with {array.shape[3]} frames; pass a single 3D volume")
     if array.ndim not in (2, 3):
@@ -214,7 +343,7 @@ def check_finite(array: np.ndarray, path: Path) -> None:
 def _intensity_array(array: np.ndarray, path: Path) -> np.ndarray:
     """float32 copy of an intensity array, checked for NaN/Inf."""
     if np.iscomplexobj(array):
-        raise file_error(path, "complex-valued image; pass magnitude images")
+        raise file_error(path, "complex-valued image; pass a magnitude (real-valued) image")
     out = np.asarray(array, dtype=np.float32)
     check_finite(out, path)
     return np.ascontiguousarray(out)

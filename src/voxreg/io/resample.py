@@ -9,7 +9,7 @@ import torch
 
 from voxreg.core import spatial
 from voxreg.core.errors import VoxregError
-from voxreg.core.grid import mapped_coords, voxel_matrix
+from voxreg.core.grid import check_affine, mapped_coords, voxel_matrix
 from voxreg.core.image import Image
 
 
@@ -36,26 +36,41 @@ def resample_to(
             f"cannot resample the {moving.ndim}D image {moving.name} onto the {fixed.ndim}D grid of {fixed.name}"
         )
     ndim = fixed.ndim
+    check_affine(fixed.affine, f"{fixed.path or 'fixed image'}")
+    check_affine(moving.affine, f"{moving.path or 'moving image'}")
+    if world_matrix is not None:
+        check_affine(world_matrix, "the affine transform")
     matrix = voxel_matrix(fixed.affine, moving.affine, ndim, world_matrix)
     if field is None and np.allclose(matrix, np.eye(ndim + 1), atol=1e-6) and moving.shape == fixed.shape:
         return Image(moving.array.copy(), fixed.affine.copy(), moving.path, moving.kind)
     use_nearest = moving.is_label if nearest is None else nearest
-    array = moving.array
-    if np.issubdtype(array.dtype, np.floating) or not use_nearest:
-        array = array.astype(np.float32, copy=False)
-    tensor = torch.from_numpy(np.ascontiguousarray(array))[None, None].to(device)
     coords = (
         mapped_coords(matrix, fixed.shape, device)
         if field is None
         else _displaced_coords(matrix, field, fixed.shape, device)
     )
     if use_nearest:
-        out = spatial.sample(tensor, coords, "nearest", padding="zeros")
+        out = _nearest(moving.array, coords, device)
     else:  # pad with min(image min, 0): sample (image - low) with zero padding, add low back
+        tensor = torch.from_numpy(np.ascontiguousarray(moving.array, dtype=np.float32))[None, None].to(device)
         low = min(float(tensor.min()), 0.0) if tensor.numel() else 0.0
-        out = spatial.sample(tensor - low, coords, "linear", padding="zeros") + low
+        out = (spatial.sample(tensor - low, coords, "linear", padding="zeros") + low)[0, 0].cpu().numpy()
     kind = "label" if use_nearest and moving.is_label else None
-    return Image(out[0, 0].cpu().numpy(), fixed.affine.copy(), moving.path, kind)
+    return Image(out, fixed.affine.copy(), moving.path, kind)
+
+
+# dtypes torch cannot gather in: sampled as int64 and cast back (exact)
+_WIDENED = {np.dtype(np.uint16), np.dtype(np.uint32), np.dtype(np.uint64), np.dtype(np.bool_)}
+
+
+def _nearest(array: np.ndarray, coords: torch.Tensor, device: str | torch.device) -> np.ndarray:
+    """Nearest-neighbour samples of ``array`` at ``coords`` in the array's own dtype
+    (exact for every integer value; 0 outside the grid)."""
+    dtype = array.dtype
+    work = array.astype(np.int64) if dtype in _WIDENED else array
+    tensor = torch.from_numpy(np.ascontiguousarray(work))[None, None].to(device)
+    out = spatial.sample_nearest(tensor, coords, padding="zeros")[0, 0].cpu().numpy()
+    return out.astype(dtype, copy=False)
 
 
 def _displaced_coords(

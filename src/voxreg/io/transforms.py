@@ -182,7 +182,7 @@ def _itk_text_name(path: Path) -> str:
     """Transform type named in an ITK text file (checked to hold exactly one transform),
     which SimpleITK does not report for MatrixOffsetTransformBase."""
     try:
-        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
     except (OSError, UnicodeDecodeError) as exc:
         raise file_error(path, f"not an ITK transform text file ({short_reason(exc)})") from exc
     if not lines or not lines[0].startswith("#Insight Transform File"):

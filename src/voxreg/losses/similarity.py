@@ -77,13 +77,19 @@ def _window_sizes(window: int | Sequence[int], ndim: int) -> tuple[int, ...]:
     return sizes
 
 
+def clip_window(sizes: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
+    """Odd per-axis window sizes no larger than each axis of ``shape`` (at least 1)."""
+    return tuple(max(1, min(int(w), int(s) if int(s) % 2 else int(s) - 1)) for w, s in zip(sizes, shape))
+
+
 def box_filter(image: Tensor, window: int | Sequence[int]) -> Tensor:
     """Local mean over an odd box ``window`` per voxel, as separable 1D average pools.
 
-    Near the borders the mean is over the voxels inside the image only.
+    Near the borders the mean is over the voxels inside the image only. Each axis's window
+    is clipped to the largest odd size that fits that axis (thin and small images).
     """
     ndim = spatial_ndim(image)
-    sizes = _window_sizes(window, ndim)
+    sizes = clip_window(_window_sizes(window, ndim), image.shape[2:])
     pool = F.avg_pool2d if ndim == 2 else F.avg_pool3d
     out = image
     for axis, size in enumerate(sizes):

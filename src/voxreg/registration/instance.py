@@ -90,13 +90,24 @@ class AlignResult:
     seconds: float = 0.0
 
 
+_MIN_LEVEL_SIZE = 8  # an axis is only downsampled while it keeps at least this many voxels
+
+
+def level_shape(shape: Sequence[int], factor: int) -> tuple[int, ...]:
+    """Spatial shape of one pyramid level, per axis: ``size // factor``, but never below
+    ``_MIN_LEVEL_SIZE`` voxels (an axis that cannot afford the level keeps its size), so
+    thin, small and anisotropic scans skip the levels they cannot afford axis by axis."""
+    return tuple(int(s) if factor == 1 else max(int(s) // factor, min(int(s), _MIN_LEVEL_SIZE)) for s in shape)
+
+
 def _downsample(image: Tensor, factor: int) -> Tensor:
-    """Average-pool-free downsampling by linear interpolation after light blurring."""
-    if factor == 1:
+    """Light 3-voxel box blur (per axis, only along axes that shrink), then linear
+    resampling to :func:`level_shape`."""
+    shape = level_shape(image.shape[2:], factor)
+    if shape == tuple(image.shape[2:]):
         return image
-    shape = [max(2, s // factor) for s in image.shape[2:]]
-    pooled = F.avg_pool3d(image, 3, 1, 1) if image.dim() == 5 else F.avg_pool2d(image, 3, 1, 1)
-    return spatial.resize_image(pooled, shape)
+    window = [3 if new < old else 1 for new, old in zip(shape, image.shape[2:])]
+    return spatial.resize_image(losses.box_filter(image, window), shape)
 
 
 def _parameter_shape(level_shape: tuple[int, ...], field_scale: int) -> list[int]:

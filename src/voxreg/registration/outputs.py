@@ -2,12 +2,13 @@
 pipeline: :class:`RegistrationResult` (transforms and warped images), :func:`measure_registration`
 (similarity before/after, Jacobian statistics, Dice: only when asked) and :func:`save_outputs`
 (warped image and labels, fields in voxreg and ITK/ANTs formats, affine.txt, metrics.json,
-figure.png; each file written to a temporary name and renamed)."""
+figure.png; all or nothing through a staging folder, metrics.json strict JSON)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
@@ -18,7 +19,9 @@ import torch
 
 from voxreg import io, metrics
 from voxreg.core import spatial
+from voxreg.core.errors import VoxregError
 from voxreg.core.image import Image
+from voxreg.io.staging import REGISTER_OUTPUTS, staged_outputs
 
 ITK_FIELD_SKIPPED = "not written: ITK 2D fields need an image plane parallel to x-y"
 
@@ -122,27 +125,58 @@ def measure_registration(
 # --------------------------------------------------------------------------- files
 
 
-def save_outputs(result: RegistrationResult, outdir: str | Path, figure: bool = True) -> dict[str, Path]:
+def save_outputs(
+    result: RegistrationResult, outdir: str | Path, figure: bool = True, inputs: Sequence[str | Path] = ()
+) -> dict[str, Path]:
     """Write warped image, labels, fields (voxreg + ITK), affine.txt, metrics.json and
-    figure.png into ``outdir``; each file goes to a temporary name and is renamed.
+    figure.png into ``outdir``, all or nothing (:func:`voxreg.io.staging.staged_outputs`:
+    staged, locked, inputs never overwritten, stale outputs of an earlier run removed).
     ``result.metrics`` is left unchanged (notes about skipped files go to metrics.json only)."""
-    outdir = io.ensure_output_dir(outdir)
+    sources = [*inputs, result.fixed.path, result.moving.path, *(lab.path for lab in result.warped_labels.values())]
+    with staged_outputs(outdir, inputs=sources, outputs=REGISTER_OUTPUTS, remove_stale=True) as stage:
+        names = write_outputs(result, stage, figure)
+    return {key: Path(outdir) / name for key, name in names.items()}
+
+
+def write_outputs(result: RegistrationResult, folder: str | Path, figure: bool = True) -> dict[str, str]:
+    """Write the standard outputs into ``folder`` (a staging folder); returns their file
+    names by key. metrics.json names this run's files (``outputs``) and is strict JSON."""
+    check_finite_result(result)
+    folder = Path(folder)
     field = result.field[0].detach().cpu().numpy()
     payload = dict(result.metrics)
-    written: dict[str, Path] = {"warped": io.save_image(result.warped, outdir / "warped.nii.gz")}
+    names: dict[str, str] = {"warped": "warped.nii.gz"}
+    io.save_image(result.warped, folder / "warped.nii.gz")
     for name, labels in result.warped_labels.items():
-        written[f"warped_{name}"] = io.save_image(labels, outdir / f"warped_{name}.nii.gz")
-    written["field"] = io.save_field(outdir / "field.nii.gz", field, result.fixed)
+        names[f"warped_{name}"] = f"warped_{name}.nii.gz"
+        io.save_image(labels, folder / names[f"warped_{name}"])
+    names["field"] = "field.nii.gz"
+    io.save_field(folder / "field.nii.gz", field, result.fixed)
     if io.itk_field_supported(result.fixed):
-        written["field_itk"] = io.save_itk_field(outdir / "field_itk.nii.gz", field, result.fixed)
+        names["field_itk"] = "field_itk.nii.gz"
+        io.save_itk_field(folder / "field_itk.nii.gz", field, result.fixed)
     else:  # a 2D slice tilted out of the x-y plane: the voxreg field (field.nii.gz) still holds it
         payload["field_itk"] = ITK_FIELD_SKIPPED
     if result.world_matrix is not None:
-        written["affine"] = io.write_itk_affine(outdir / "affine.txt", result.world_matrix)
+        names["affine"] = "affine.txt"
+        io.write_itk_affine(folder / "affine.txt", result.world_matrix)
     if figure:
-        written["figure"] = _save_figure(result, field, outdir / "figure.png")
-    written["metrics"] = write_json(outdir / "metrics.json", payload)
-    return {k: Path(v) for k, v in written.items()}
+        names["figure"] = "figure.png"
+        _save_figure(result, field, folder / "figure.png")
+    names["metrics"] = "metrics.json"
+    payload["outputs"] = sorted(names.values())
+    write_json(folder / "metrics.json", payload)
+    return names
+
+
+def check_finite_result(result: RegistrationResult) -> None:
+    """Raise VoxregError when the field, the affine or a warped image holds NaN/Inf."""
+    if not bool(torch.isfinite(result.field).all()):
+        raise VoxregError("registration failed: the displacement field contains NaN/Inf (e.g. a NaN model)")
+    if result.world_matrix is not None and not np.all(np.isfinite(result.world_matrix)):
+        raise VoxregError("registration failed: the affine matrix contains NaN/Inf")
+    if np.issubdtype(result.warped.array.dtype, np.floating) and not np.all(np.isfinite(result.warped.array)):
+        raise VoxregError("registration failed: the warped image contains NaN/Inf")
 
 
 def _save_figure(result: RegistrationResult, field: np.ndarray, path: Path) -> Path:
@@ -174,16 +208,27 @@ def figure_title(values: Mapping[str, Any]) -> str:
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> Path:
-    """Atomically write ``payload`` as indented JSON (numpy values converted)."""
+    """Atomically write ``payload`` as indented strict JSON: numpy values converted,
+    NaN/Inf written as null (``allow_nan=False`` guards the rest)."""
+    text = json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n"
     with io.atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
+        Path(tmp).write_text(text, encoding="utf-8")
     return path
 
 
-def _json_default(value: Any) -> Any:
-    """JSON form of numpy scalars and arrays (``str`` of anything else)."""
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
+def json_safe(value: Any) -> Any:
+    """``value`` with numpy scalars/arrays as Python values, non-finite floats as None,
+    tuples as lists, non-string keys as strings and anything else unknown as its ``str``."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
     if isinstance(value, np.ndarray):
-        return value.tolist()
+        return json_safe(value.tolist())
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
     return str(value)

@@ -21,11 +21,16 @@ import numpy as np
 import torch
 
 from voxreg import io
+from voxreg.core.config import check_choice, check_int, check_number
 from voxreg.core.errors import VoxregError
+from voxreg.core.grid import check_affine
 from voxreg.core.image import Image
 from voxreg.core.runtime import resolve_device
 from voxreg.registration.instance import AlignConfig, align
 from voxreg.registration.outputs import RegistrationResult, measure_registration
+
+#: deformable engines of :func:`register`: auto (a shipped model when one suits, else instance optimisation)
+ENGINES = ("auto", "network", "instance")
 
 __all__ = ["RegistrationResult", "apply_field", "as_image", "measure_registration", "register", "warp_image"]
 
@@ -72,17 +77,42 @@ def warp_image(
 
 
 def _predict_with_model(
-    model_path: str | Path, fixed: torch.Tensor, moving: torch.Tensor, lam: float | None, device: torch.device
+    model_path: str | Path, fixed: Image, moving_on_fixed: Image, lam: float | None, device: torch.device
 ) -> torch.Tensor:
-    """Field predicted by the checkpoint at ``model_path`` for one normalised pair."""
+    """Field (voxels of the fixed grid) predicted by the checkpoint at ``model_path`` for an
+    affine-aligned pair, in the model's space when the checkpoint records one."""
     from voxreg.nn import load_checkpoint
+    from voxreg.registration.network import model_space_of, predict_field
 
     model, extra = load_checkpoint(model_path, device=device)
-    if model.config.ndim != fixed.dim() - 2:
-        raise VoxregError(f"{model_path}: model is {model.config.ndim}D but the images are {fixed.dim() - 2}D")
-    with torch.inference_mode():
-        output = model(moving, fixed, lam=_model_lambda(model, extra, lam, model_path))
-    return output.field.clone()
+    if model.config.ndim != fixed.ndim:
+        raise VoxregError(f"{model_path}: model is {model.config.ndim}D but the images are {fixed.ndim}D")
+    space = model_space_of(extra, str(model_path))
+    return predict_field(model, space, fixed, moving_on_fixed, _model_lambda(model, extra, lam, model_path), device)
+
+
+def resolve_model(model: str | Path | None, engine: str, ndim: int) -> str | Path | None:
+    """The checkpoint to run: a path, a shipped model's name (``voxreg models``), or for
+    ``engine='auto'`` without a model the shipped default for ``ndim``-D scans (None: none
+    ships, instance optimisation runs). ``engine='instance'`` never uses a network."""
+    from voxreg.nn.shipped import default_model, find_shipped
+
+    try:
+        check_choice("engine", engine, ENGINES)
+    except ValueError as exc:
+        raise VoxregError(f"--{exc}") from None
+    if engine == "instance":
+        if model is not None:
+            raise VoxregError("--engine instance and --model contradict each other: give one")
+        return None
+    if model is not None:
+        if Path(model).exists() or any(sep in str(model) for sep in "/\\") or str(model).endswith(".pt"):
+            return model
+        return find_shipped(str(model)).path
+    shipped = default_model(ndim)
+    if shipped is None and engine == "network":
+        raise VoxregError(f"--engine network: no shipped model registers {ndim}D scans; give --model CHECKPOINT")
+    return None if shipped is None else shipped.path
 
 
 def _model_lambda(model: Any, extra: Mapping[str, Any], lam: float | None, path: str | Path) -> float | None:
@@ -139,6 +169,7 @@ def register(
     config: AlignConfig | None = None,
     progress: ProgressCallback | None = None,
     metrics: bool = True,
+    engine: str = "auto",
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` and return a :class:`RegistrationResult`.
 
@@ -149,11 +180,19 @@ def register(
     RAS mm) is given; ``affine_only`` stops after it. Label maps are carried with nearest
     neighbour. ``metrics=True`` adds Jacobian statistics, similarity before/after and (with
     ``fixed_labels``) Dice to ``result.metrics``; ``metrics=False`` skips all of them and
-    returns only the transforms, warped images and timings.
+    returns only the transforms, warped images and timings. ``engine``: ``'auto'`` uses the
+    shipped model for the scans' dimension when one ships (``voxreg models``), else instance
+    optimisation; ``'instance'`` never uses a network; ``model`` may name a shipped model.
     """
+    _check_options(lam, refine, affine, affine_only, moving_labels, fixed_labels, model)
     total_start = time.perf_counter()
     fixed_img, moving_img = as_image(fixed), as_image(moving)
+    check_affine(fixed_img.affine, f"{fixed_img.path or 'fixed'}: header")
+    check_affine(moving_img.affine, f"{moving_img.path or 'moving'}: header")
+    if world_matrix is not None:
+        check_affine(world_matrix, "world_matrix")
     _check_pair(fixed_img, moving_img)
+    model = resolve_model(model, engine, fixed_img.ndim)
     label_maps = _label_maps(moving_labels)
     fixed_label_img = as_image(fixed_labels, label=True) if fixed_labels is not None else None
     for labels in [*label_maps.values(), *([fixed_label_img] if fixed_label_img is not None else [])]:
@@ -170,11 +209,17 @@ def register(
     if affine_only:
         engine, field = "affine", torch.zeros(1, fixed_img.ndim, *fixed_img.shape, device=torch_device)
     else:
-        engine, field = _estimate_field(fixed_t, moving_t, model, config, lam, refine, torch_device, progress)
+        engine, field = _estimate_field(
+            fixed_t, moving_t, (fixed_img, moving_on_fixed), model, config, lam, refine, torch_device, progress
+        )
     if torch_device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    if not bool(torch.isfinite(field).all()):
+        raise VoxregError(f"registration failed: the {engine} field contains NaN/Inf (e.g. a model with NaN weights)")
     warped = warp_image(moving_img, fixed_img, field, world_matrix, device=torch_device)
+    if not np.all(np.isfinite(warped.array)):
+        raise VoxregError("registration failed: the warped image contains NaN/Inf")
     pipeline_seconds = time.perf_counter() - total_start  # affine + deformable + warp, no metrics
     warped_labels = {
         name: warp_image(lab, fixed_img, field, world_matrix, device=torch_device) for name, lab in label_maps.items()
@@ -187,6 +232,7 @@ def register(
             "pipeline_seconds": pipeline_seconds,
             "similarity_loss": config.similarity,
             "lambda": config.lam if model is None else lam,
+            "model": None if model is None else str(model),
             "fixed": str(fixed_img.path or ""),
             "moving": str(moving_img.path or ""),
         }
@@ -199,6 +245,28 @@ def register(
         values.update(measure_registration(result, source, fixed_label_img, label_maps, torch_device))
     values["total_seconds"] = time.perf_counter() - total_start
     return result
+
+
+def _check_options(
+    lam: Any,
+    refine: Any,
+    affine: bool,
+    affine_only: bool,
+    moving_labels: Any,
+    fixed_labels: Any,
+    model: Any,
+) -> None:
+    """Validate the numeric and combined options of :func:`register` (one-line VoxregError)."""
+    try:
+        if lam is not None:
+            check_number("--lambda", lam, low=0.0, low_inclusive=model is None)
+        check_int("--refine", refine, 0)
+    except ValueError as exc:
+        raise VoxregError(str(exc)) from None
+    if affine_only and not affine:
+        raise VoxregError("--no-affine and --affine-only contradict each other: choose one")
+    if fixed_labels is not None and not moving_labels:
+        raise VoxregError("--fixed-labels needs --moving-labels (Dice compares the warped moving labels with them)")
 
 
 def _affine_config(config: Any, similarity: str) -> Any:
@@ -236,6 +304,7 @@ def _align_config(config: AlignConfig | None, similarity: str, lam: float | None
 def _estimate_field(
     fixed: torch.Tensor,
     moving: torch.Tensor,
+    images: tuple[Image, Image],
     model: str | Path | None,
     config: AlignConfig,
     lam: float | None,
@@ -243,10 +312,11 @@ def _estimate_field(
     device: torch.device,
     progress: ProgressCallback | None,
 ) -> tuple[str, torch.Tensor]:
-    """(engine name, field) from instance optimisation or the network (+ refinement)."""
+    """(engine name, field) from instance optimisation or the network (+ refinement);
+    ``images`` = (fixed, moving on the fixed grid) for the network's model space."""
     if model is None:
         return "instance-optimisation", align(fixed, moving, config, progress=progress).field
-    field = _predict_with_model(model, fixed, moving, lam, device)
+    field = _predict_with_model(model, images[0], images[1], lam, device).to(fixed.device)
     if refine <= 0:
         return "network", field
     refined = align(fixed, moving, config.refinement(refine), initial_field=field, progress=progress)
@@ -263,9 +333,16 @@ def apply_field(
     """Apply a saved voxreg field (and optional ITK affine text) to ``image``; returns it
     on the field's (fixed) grid. ``nearest`` defaults to True for integer label maps."""
     field, fixed_affine = io.load_field(field_path)
-    loaded = image if isinstance(image, Image) else io.load_image(image, label=bool(nearest))
+    if isinstance(image, Image):
+        loaded = image
+    else:  # label maps (integer voxels on disk) load as such and default to nearest
+        loaded = io.load_image(image, label=bool(nearest) or (nearest is None and io.stored_as_integer(image)))
     grid = Image(np.zeros(field.shape[1:], dtype=np.float32), fixed_affine)
     if loaded.ndim != grid.ndim:
         raise VoxregError(f"{loaded.path}: image is {loaded.ndim}D but the field {field_path} is {grid.ndim}D")
     world_matrix = io.read_itk_affine(affine_path) if affine_path is not None else None
+    if world_matrix is not None:
+        check_affine(world_matrix, str(affine_path))
+    if not np.all(np.isfinite(field)):
+        raise VoxregError(f"{field_path}: the field contains NaN/Inf")
     return warp_image(loaded, grid, torch.from_numpy(field)[None], world_matrix, nearest, resolve_device(device))

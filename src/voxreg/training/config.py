@@ -80,6 +80,7 @@ class TrainConfig:
     synth: str | None = None
     synth_shape: tuple[int, ...] | None = None
     voxel_size: float | None = None
+    synth_curriculum: int = 0
     similarity_weight: float = 1.0
 
     def __post_init__(self) -> None:
@@ -111,6 +112,7 @@ class TrainConfig:
         if self.voxel_size is not None:
             self.voxel_size = check_positive("voxel_size", self.voxel_size)
         check_positive("similarity_weight", self.similarity_weight, allow_zero=True)
+        check_int("synth_curriculum", self.synth_curriculum, 0)
 
     @property
     def lambda_conditional(self) -> bool:

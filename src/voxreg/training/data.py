@@ -28,6 +28,8 @@ __all__ = ["TrainingSet", "scan_list", "VAL_PAIRS"]
 
 #: at most this many validation pairs
 VAL_PAIRS = 8
+#: entries every cache written by :meth:`TrainingSet.save` holds
+_CACHE_KEYS = frozenset({"images", "labels", "has_labels", "affine", "key"})
 
 
 def _resize(tensor: Tensor, shape: Sequence[int], nearest: bool) -> Tensor:
@@ -184,8 +186,16 @@ class TrainingSet:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> tuple[TrainingSet, str]:
         """Read a cache written by :meth:`save`: ``(training set, key)``."""
+        problem = "not a voxreg training cache (unreadable or corrupt); delete it or pass another --cache file"
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
+        except MemoryError as exc:
+            raise VoxregError(f"{path}: training cache too large to load into memory") from exc
+        except Exception as exc:  # noqa: BLE001 - torch's text is many lines of pickle advice
+            raise VoxregError(f"{path}: {problem}") from exc
+        if not isinstance(data, dict) or not _CACHE_KEYS <= set(data):
+            raise VoxregError(f"{path}: {problem}")
+        try:
             return cls(
                 data["images"],
                 data["labels"],
@@ -193,8 +203,10 @@ class TrainingSet:
                 data["affine"].numpy(),
                 bool(data.get("atlas", False)),
             ), str(data.get("key", ""))
-        except Exception as exc:  # noqa: BLE001 - any unreadable cache is a user error
-            raise VoxregError(f"cannot read training cache {path}: {exc}") from exc
+        except VoxregError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - tensors of the wrong type or shape
+            raise VoxregError(f"{path}: {problem}") from exc
 
     def sample_pairs(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """Random (moving, fixed) index pairs of distinct scans (scan -> atlas in atlas

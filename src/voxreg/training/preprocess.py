@@ -29,6 +29,7 @@ Outputs in the output folder (each written atomically):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -66,6 +67,9 @@ MANIFEST_COLUMNS = (
 _FOREGROUND = 0.1  # normalised atlas intensity above which a voxel is inside the outline
 _OUTLINE_SIGMA = 1.0  # Gaussian smoothing (grid voxels) of the atlas mask before contouring
 _MAX_PANELS = 48  # summary.png shows at most this many scans
+#: largest target grid (voxels): 1e9 float32 voxels are 4 GB per scan, and resampling needs
+#: several times that
+MAX_GRID_VOXELS = 1_000_000_000
 
 
 @dataclass
@@ -115,14 +119,22 @@ def network_grid(atlas: Image, spacing: float | None = None, multiple: int = 16)
     """Target grid: ``atlas``'s grid resampled to ``spacing`` mm (isotropic; None keeps the
     atlas voxel size) and cropped/padded symmetrically so each axis is a multiple of
     ``multiple``. Same orientation and world centre as the atlas; returns zeros (float32)."""
-    if spacing is not None and not spacing > 0:
-        raise VoxregError(f"spacing must be a positive number of mm, got {spacing}")
+    if spacing is not None and not (math.isfinite(spacing) and spacing > 0):
+        raise VoxregError(f"spacing must be a finite positive number of mm, got {spacing}")
     if int(multiple) != multiple or multiple < 1:
         raise VoxregError(f"multiple must be a positive integer, got {multiple}")
     ndim = atlas.ndim
     old = atlas.spacing
     new = old if spacing is None else np.full(ndim, float(spacing))
     extent = np.asarray(atlas.shape, dtype=np.float64) * old
+    sizes = [max(e / s, 1.0) for e, s in zip(extent, new)]
+    voxels = math.prod(sizes)
+    if voxels > MAX_GRID_VOXELS:  # estimated before anything is allocated
+        text = "x".join(f"{s:.0f}" for s in sizes)
+        raise VoxregError(
+            f"spacing {spacing} mm gives a {text} output grid ({voxels:.2g} voxels, more than "
+            f"{MAX_GRID_VOXELS:.0e}); use a larger --spacing"
+        )
     shape = tuple(nearest_multiple(max(round(e / s), 1), int(multiple)) for e, s in zip(extent, new))
     affine = atlas.affine.copy()
     affine[:3, :ndim] = atlas.affine[:3, :ndim] / old * new
@@ -184,8 +196,10 @@ def _check_options(
             f"labels has {len(labels)} entries for {len(scans)} scans: give one per "
             "scan (None where a scan has no label map)"
         )
-    if window is not None and (len(window) != 2 or not float(window[1]) > float(window[0])):
-        raise VoxregError(f"window must be (low, high) with low < high, got {tuple(window)}")
+    if window is not None and (
+        len(window) != 2 or not all(math.isfinite(float(v)) for v in window) or not float(window[1]) > float(window[0])
+    ):
+        raise VoxregError(f"window must be two finite numbers (low, high) with low < high, got {tuple(window)}")
     if not 0.0 <= low_pct < high_pct <= 100.0:
         raise VoxregError(f"percentiles must satisfy 0 <= low < high <= 100, got {low_pct}, {high_pct}")
     try:
@@ -287,14 +301,15 @@ def _process_scan(
         labels = _load_labels(labels_path, scan)
         image, warped_labels, before, after = _align_scan(scan, labels, opts)
         image_path, out_labels = _save_outputs(name, image, warped_labels, opts)
-    except VoxregError as exc:
+    except (VoxregError, MemoryError) as exc:
+        reason = str(exc) if isinstance(exc, VoxregError) else f"{source}: out of memory"
         record = ScanRecord(
             source,
             labels_path,
             None,
             None,
             "failed",
-            " ".join(str(exc).split()),
+            " ".join(reason.split()),
             math.nan,
             math.nan,
             time.perf_counter() - start,
@@ -392,11 +407,14 @@ def preprocess(
     (e.g. CT HU). ``similarity`` ('ncc' or 'mi') drives the affine alignment.
     ``mask_labels`` zeroes intensities outside ``labels > 0`` (scans without a label map are
     left unmasked). A scan that fails with a VoxregError is recorded as failed; the others go on.
+    When every scan fails nothing is written (an output folder created here is removed) and a
+    VoxregError summarising the failures is raised.
     ``progress(done, total)`` is called once per scan (and with 0 before the first).
     """
     config = _check_options(scans, labels, window, low_pct, high_pct, similarity)
     atlas_img = load_atlas(atlas, spacing)
     grid = network_grid(atlas_img, spacing, multiple)
+    created = not Path(output).exists()
     out_dir = io.ensure_output_dir(output)
     atlas_on_grid = io.normalize_intensity(warp_image(atlas_img, grid).array)
     opts = _Options(
@@ -412,6 +430,15 @@ def preprocess(
     )
     label_list = list(labels) if labels is not None else [None] * len(scans)
     records, slices = _process_all(scans, label_list, opts, progress)
+    if not any(record.status == "ok" for record in records):
+        if created:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # only when empty: nothing was written
+        raise VoxregError(
+            f"all {len(records)} scans failed, nothing written (first: {records[0].error})"
+            if len(records) > 1
+            else records[0].error
+        )
     manifest = write_manifest(records, out_dir / "manifest.csv")
     plane = summary_plane(grid)
     outline = atlas_outline(summary_slice(atlas_on_grid, plane))

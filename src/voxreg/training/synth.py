@@ -139,6 +139,9 @@ class SynthConfig:
     gamma_std: float = 0.25
     lowres_prob: float = 0.25
     lowres_factor: float = 3.0
+    same_contrast: float = 0.0
+    tissue_contrast: float = 0.0
+    tissue_jitter: float = 0.03
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -174,6 +177,9 @@ class SynthConfig:
             ("gamma_std", 0.0, 1.0),
             ("lowres_prob", 0.0, 1.0),
             ("lowres_factor", 1.0, 8.0),
+            ("same_contrast", 0.0, 1.0),
+            ("tissue_contrast", 0.0, 1.0),
+            ("tissue_jitter", 0.0, 1.0),
         ):
             setattr(self, name, _check_number(name, getattr(self, name), low, high))
         for name, low, high in (
@@ -551,16 +557,32 @@ def _lowres(images: Tensor, factors: Tensor) -> Tensor:
     return out
 
 
-def synthesize_images(labels: Tensor, num_labels: int, config: SynthConfig, generator: torch.Generator) -> Tensor:
-    """One random image per label map ``(M, 1, *S)``: float32 ``(M, 1, *S)`` in [0, 1]
-    (Gaussian mixture, blur, bias, noise, low resolution, min-max, gamma; see module doc)."""
-    m, ndim, device = labels.shape[0], labels.dim() - 2, labels.device
-    size = labels.shape[2:]
+def random_mixture(
+    m: int, num_labels: int, config: SynthConfig, generator: torch.Generator, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Per-image Gaussian mixture ``(means, stds)``, each ``(M, num_labels)``; the background
+    (label 0) is dark with probability ``dark_background_prob``."""
     means = _uniform(config.mean_range, m * num_labels, generator, device).view(m, num_labels)
     stds = _uniform(config.std_range, m * num_labels, generator, device).view(m, num_labels)
     dark = (_uniform((0.0, 1.0), m, generator, device) < config.dark_background_prob).to(means.dtype)
     means[:, 0] *= 1 - dark
     stds[:, 0] *= 1 - dark
+    return means, stds
+
+
+def synthesize_images(
+    labels: Tensor,
+    num_labels: int,
+    config: SynthConfig,
+    generator: torch.Generator,
+    mixture: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """One random image per label map ``(M, 1, *S)``: float32 ``(M, 1, *S)`` in [0, 1]
+    (Gaussian mixture — drawn here unless ``mixture`` gives it —, blur, bias, noise, low
+    resolution, min-max, gamma; see module doc)."""
+    m, ndim, device = labels.shape[0], labels.dim() - 2, labels.device
+    size = labels.shape[2:]
+    means, stds = mixture if mixture is not None else random_mixture(m, num_labels, config, generator, device)
     flat = labels.reshape(m, -1)
     images = means.gather(1, flat) + stds.gather(1, flat) * _randn(flat.shape, generator, device)
     images = gaussian_blur(images.view(m, 1, *size), _uniform(config.blur_sigma, m, generator, device))
@@ -730,6 +752,36 @@ class SynthGenerator:
         picks = torch.searchsorted(cdf, draws, right=True).clamp(max=len(self.sources) - 1)
         return tuple(self.sources[int(i)] for i in picks)
 
+    def _pair_mixture(self, names: Sequence[str], gen: torch.Generator) -> tuple[Tensor, Tensor] | None:
+        """Gaussian mixtures of the 2N images (fixed first): brain parcels share their tissue's
+        intensity with probability ``tissue_contrast`` (a realistic scan of a random contrast),
+        and a pair shares one mixture with probability ``same_contrast`` (so an image
+        similarity such as NCC is meaningful for it). None: independent draws as SynthMorph."""
+        cfg, n, k = self.config, len(names), self.num_labels
+        if cfg.same_contrast <= 0 and cfg.tissue_contrast <= 0:
+            return None
+        means, stds = random_mixture(2 * n, k, cfg, gen, self.device)
+        if cfg.tissue_contrast > 0 and "brain" in names:
+            tissue_of = torch.tensor(
+                np.asarray(brain_parcellation(cfg.num_brain_labels, cfg.seed)[1]), dtype=torch.long
+            )
+            tissue_of = tissue_of.to(self.device)
+            nb = tissue_of.numel()
+            tissue_means, tissue_stds = random_mixture(2 * n, 4, cfg, gen, self.device)
+            jitter = cfg.tissue_jitter * _randn((2 * n, nb), gen, self.device)
+            use = _uniform((0.0, 1.0), 2 * n, gen, self.device) < cfg.tissue_contrast
+            brain = torch.tensor([names[i % n] == "brain" for i in range(2 * n)], device=self.device)
+            rows = torch.nonzero(use & brain).flatten()
+            means[rows, :nb] = (tissue_means[rows][:, tissue_of] + jitter[rows]).clamp(0.0, 1.0)
+            stds[rows, :nb] = tissue_stds[rows][:, tissue_of]
+            means[rows, 0] = tissue_means[rows, 0]
+            stds[rows, 0] = tissue_stds[rows, 0]
+        if cfg.same_contrast > 0:
+            same = torch.nonzero(_uniform((0.0, 1.0), n, gen, self.device) < cfg.same_contrast).flatten()
+            means[n + same] = means[same]
+            stds[n + same] = stds[same]
+        return means, stds
+
     def sample(self, batch_size: int = 1, generator: torch.Generator | None = None) -> SynthBatch:
         """Draw ``batch_size`` pairs. Same ``generator`` state -> identical batch; without
         one, an internal generator seeded with ``config.seed`` is advanced."""
@@ -750,7 +802,7 @@ class SynthGenerator:
             downsample=cfg.integration_downsample,
         )
         labels = _warp_labels(base.repeat(2, *([1] * (base.dim() - 1))), fields_)
-        images = synthesize_images(labels, self.num_labels, cfg, gen)
+        images = synthesize_images(labels, self.num_labels, cfg, gen, self._pair_mixture(names, gen))
         return SynthBatch(
             fixed=images[:n],
             moving=images[n:],

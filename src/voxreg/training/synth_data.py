@@ -30,7 +30,16 @@ def synth_config_of(config: TrainConfig, ndim: int = 3) -> SynthConfig:
     if config.synth is None:
         raise ValueError("this TrainConfig trains on real scans (synth is None)")
     shape = config.synth_shape or _DEFAULT_SHAPE[ndim]
-    return SynthConfig(shape=tuple(shape), sources=parse_synth_sources(config.synth), seed=config.seed)
+    # with an image similarity in the loss, a pair must share one contrast (NCC across two random
+    # contrasts is meaningless); brain parcels then take their tissue's intensity half of the time
+    with_similarity = config.similarity_weight > 0
+    return SynthConfig(
+        shape=tuple(shape),
+        sources=parse_synth_sources(config.synth),
+        seed=config.seed,
+        same_contrast=1.0 if with_similarity else 0.0,
+        tissue_contrast=0.5 if with_similarity else 0.0,
+    )
 
 
 class SynthSource:
@@ -57,10 +66,28 @@ class SynthSource:
         return int(self.generator.num_labels)
 
     def resized(self, scale: float) -> SynthSource:
-        """The same source on a grid scaled by ``scale`` (coarse-to-fine schedules)."""
-        shape = tuple(max(8, int(round(s * scale))) for s in self.config.shape)
-        return SynthSource(dataclasses.replace(self.config, shape=shape), self._label_maps)
+        """The same source on a grid scaled by ``scale`` (coarse-to-fine schedules): sizes in
+        voxels (deformations, smoothness) scale too, so the anatomy deforms alike."""
+        cfg = self.config
+        shape = tuple(max(8, int(round(s * scale))) for s in cfg.shape)
 
-    def batch(self, batch_size: int, generator: torch.Generator) -> SynthBatch:
-        """``batch_size`` fresh pairs drawn with ``generator`` (CPU)."""
+        def scaled(pair: tuple[float, float], low: float = 0.0) -> tuple[float, float]:
+            return (max(pair[0] * scale, low), max(pair[1] * scale, low))
+
+        config = dataclasses.replace(
+            cfg,
+            shape=shape,
+            max_displacement=scaled(cfg.max_displacement),
+            smoothness=scaled(cfg.smoothness, 2.0),
+            anatomy_displacement=scaled(cfg.anatomy_displacement),
+            anatomy_smoothness=scaled(cfg.anatomy_smoothness, 2.0),
+            shape_smoothness=scaled(cfg.shape_smoothness, 2.0),
+            shape_warp=cfg.shape_warp * scale,
+        )
+        return SynthSource(config, self._label_maps)
+
+    def batch(self, batch_size: int, generator: torch.Generator, difficulty: float = 1.0) -> SynthBatch:
+        """``batch_size`` fresh pairs drawn with ``generator`` (CPU); ``difficulty`` in (0, 1]
+        scales the pair's deformation (curriculum)."""
+        self.generator.config.difficulty = float(difficulty)
         return self.generator.sample(batch_size, generator)

@@ -17,7 +17,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -268,11 +268,15 @@ def _tensorboard(config: TrainConfig, out: Path, ctx: Dist) -> Any:
 
 
 def _batch(
-    data: TrainingSet | SynthSource, config: TrainConfig, generator: torch.Generator, device: torch.device
+    data: TrainingSet | SynthSource,
+    config: TrainConfig,
+    generator: torch.Generator,
+    device: torch.device,
+    step: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None]:
     """One training batch: moving, fixed, lambda per sample, optional (labels, labels, mask)."""
     if isinstance(data, SynthSource):
-        return _synth_batch(data, config, generator, device)
+        return _synth_batch(data, config, generator, device, step)
     mi, fi = data.sample_pairs(config.batch_size, generator)
     lam = sample_lambda(config, config.batch_size, generator)
     moving, fixed = data.images[mi], data.images[fi]
@@ -289,11 +293,20 @@ def _batch(
     return moving.to(device), fixed.to(device), lam.to(device), labels
 
 
+def synth_difficulty(config: TrainConfig, step: int) -> float:
+    """Curriculum of synthetic training: 0.25 at step 0 rising linearly to 1 at
+    ``synth_curriculum`` steps (1 throughout when the curriculum is 0)."""
+    if config.synth_curriculum <= 0:
+        return 1.0
+    return min(1.0, 0.25 + 0.75 * step / config.synth_curriculum)
+
+
 def _synth_batch(
-    data: SynthSource, config: TrainConfig, generator: torch.Generator, device: torch.device
+    data: SynthSource, config: TrainConfig, generator: torch.Generator, device: torch.device, step: int
 ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
-    """One synthetic batch: images, lambda and both label maps (every pair has labels)."""
-    pairs = data.batch(config.batch_size, generator)
+    """One synthetic batch: images, lambda and both label maps (every pair has labels); the
+    deformations grow from 25 % to full strength over ``synth_curriculum`` steps."""
+    pairs = data.batch(config.batch_size, generator, difficulty=synth_difficulty(config, step))
     lam = sample_lambda(config, config.batch_size, generator)
     both = torch.ones(config.batch_size, dtype=torch.bool, device=device)
     labels = (pairs.moving_labels.to(device), pairs.fixed_labels.to(device), both)
@@ -304,7 +317,7 @@ def _train_step(
     session: _Session, config: TrainConfig, data: TrainingSet | SynthSource, objective: Objective, device: torch.device
 ) -> dict[str, float]:
     """One optimiser step on one batch; returns the loss terms."""
-    moving, fixed, lam, labels = _batch(data, config, session.generator, device)
+    moving, fixed, lam, labels = _batch(data, config, session.generator, device, session.step)
     dtype = _amp_dtype(config, device)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         output = session.net(moving, fixed, lam if config.lambda_conditional else None)
@@ -331,6 +344,23 @@ def _train_step(
     }
 
 
+def check_dice_labels(has_labels: Sequence[bool], atlas: bool = False) -> None:
+    """Refuse ``dice_weight > 0`` when no training pair can have label maps on both scans
+    (``has_labels`` per scan, the atlas last in atlas mode)."""
+    scans = list(has_labels[:-1]) if atlas else list(has_labels)
+    if not any(has_labels):
+        raise VoxregError(
+            f"--dice-weight needs label maps, but none of the {len(has_labels)} training scans has one "
+            "(give a CSV of scan,labels rows, or leave --dice-weight at 0)"
+        )
+    if (atlas and not (has_labels[-1] and any(scans))) or (not atlas and sum(scans) < 2):
+        raise VoxregError(
+            "--dice-weight needs label maps on both scans of a pair: "
+            + ("the atlas (--atlas-labels) and at least one scan" if atlas else "at least 2 scans")
+            + f" must have one ({sum(map(bool, has_labels))} of {len(has_labels)} have)"
+        )
+
+
 def _check_inputs(config: Any, training_set: Any, validation_set: Any) -> None:
     """Type checks of :func:`train`'s arguments (ValueError / VoxregError naming them)."""
     if not isinstance(config, TrainConfig):
@@ -342,6 +372,8 @@ def _check_inputs(config: Any, training_set: Any, validation_set: Any) -> None:
             "synthetic training learns from label maps only: set --dice-weight > 0 "
             "(e.g. --dice-weight 1 --similarity-weight 0)"
         )
+    if isinstance(training_set, TrainingSet) and config.dice_weight > 0:
+        check_dice_labels(training_set.has_labels.tolist(), training_set.atlas)
     if validation_set is not None and validation_set.ndim != training_set.ndim:
         raise VoxregError("validation_set and training_set must have the same dimensionality")
 

@@ -20,7 +20,7 @@ Matplotlib is used through its object API with the Agg canvas (no pyplot state).
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,17 +274,19 @@ def _render(
 
 
 def _save_atomic(fig, path: Path, dpi: int) -> None:
+    """Render ``fig`` to a hidden temporary name next to ``path`` and rename it; the file
+    gets the usual permissions (0666 minus the umask, like every other output)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with open(tmp, "xb") as handle:
             fig.savefig(handle, format="png", dpi=dpi)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

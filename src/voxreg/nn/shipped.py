@@ -1,0 +1,96 @@
+"""Models that ship inside the voxreg package (``voxreg/models/``), usable offline.
+
+Each shipped model is a pair of files: ``<name>.pt`` (a voxreg checkpoint, weights possibly
+stored in half precision, recording the model's space) and ``<name>.json`` (its card:
+description, anatomy, modality, training data and licences, steps, wall time, measured
+accuracy). Nothing is ever downloaded. ``voxreg models`` lists them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from voxreg.core.errors import VoxregError
+from voxreg.nn.checkpoint import load_checkpoint, save_checkpoint
+
+__all__ = ["ShippedModel", "default_model", "shipped_models", "find_shipped", "export_shipped"]
+
+_CARD_KEYS = ("name", "description", "anatomy", "ndim")
+
+
+@dataclass(frozen=True)
+class ShippedModel:
+    """A model inside the package: its checkpoint path and its card (a dict)."""
+
+    name: str
+    path: Path
+    card: dict[str, Any]
+
+    @property
+    def ndim(self) -> int:
+        """Spatial dimensions the model registers (2 or 3)."""
+        return int(self.card["ndim"])
+
+    @property
+    def size_mb(self) -> float:
+        """Size of the checkpoint file in MB."""
+        return self.path.stat().st_size / 1e6
+
+
+def models_dir() -> Path:
+    """The folder of shipped models inside the installed package."""
+    return Path(str(resources.files("voxreg") / "models"))
+
+
+def shipped_models(folder: Path | None = None) -> list[ShippedModel]:
+    """Every shipped model (a ``.pt`` with its ``.json`` card), sorted by name."""
+    folder = models_dir() if folder is None else Path(folder)
+    out = []
+    for card_path in sorted(folder.glob("*.json")):
+        checkpoint = card_path.with_suffix(".pt")
+        if not checkpoint.is_file():
+            continue
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+        missing = [key for key in _CARD_KEYS if key not in card]
+        if missing:
+            raise VoxregError(f"{card_path}: model card misses {', '.join(missing)}")
+        out.append(ShippedModel(card["name"], checkpoint, card))
+    return out
+
+
+def find_shipped(name: str, folder: Path | None = None) -> ShippedModel:
+    """The shipped model called ``name`` (VoxregError listing the available ones otherwise)."""
+    models = shipped_models(folder)
+    for model in models:
+        if model.name == name:
+            return model
+    names = ", ".join(m.name for m in models) or "none"
+    raise VoxregError(f"no shipped model named {name!r} (shipped: {names})")
+
+
+def default_model(ndim: int, folder: Path | None = None) -> ShippedModel | None:
+    """The shipped model ``voxreg register`` uses by default for ``ndim``-D scans (its card
+    says ``"default": true``), or None when none ships."""
+    for model in shipped_models(folder):
+        if model.ndim == ndim and model.card.get("default", False):
+            return model
+    return None
+
+
+def export_shipped(checkpoint: str | Path, folder: Path, card: dict[str, Any], half: bool = True) -> Path:
+    """Write a training checkpoint as a shipped model: weights (float16 when ``half``), the
+    network config and its model space only — no optimiser state — plus its card."""
+    model, extra = load_checkpoint(checkpoint)
+    missing = [key for key in _CARD_KEYS if key not in card]
+    if missing:
+        raise ValueError(f"model card misses {', '.join(missing)}")
+    keep = {key: extra[key] for key in ("model_space", "train_config", "step", "seconds") if key in extra}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = save_checkpoint(folder / f"{card['name']}.pt", model.half() if half else model, keep)
+    (folder / f"{card['name']}.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    return path
