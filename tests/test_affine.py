@@ -136,6 +136,23 @@ def test_itk_affine_round_trip(tmp_path, rigid_case):
     np.testing.assert_allclose(io.read_itk_affine(path), result.world_matrix, atol=1e-9)
 
 
+def test_itk_affine_file_holds_lps_parameters(tmp_path):
+    """Not a self round trip: a RAS translation of (+10, +5, -3) mm is the LPS translation
+    (-10, -5, -3) in the file (x and y flip sign, z does not), and a RAS rotation about z
+    keeps its sign pattern. A symmetric RAS/LPS mix-up on write and read would pass a round
+    trip but fails here."""
+    t = np.radians(30.0)
+    matrix = np.eye(4)
+    matrix[:2, :2] = [[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]
+    matrix[:3, 3] = [10.0, 5.0, -3.0]
+    path = io.write_itk_affine(tmp_path / "affine.txt", matrix)
+    line = next(ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.startswith("Parameters:"))
+    params = np.array([float(v) for v in line.split(":")[1].split()])
+    # diag(-1,-1,1) R diag(-1,-1,1) == R for a rotation about z; translation -> (-10, -5, -3)
+    np.testing.assert_allclose(params[:9].reshape(3, 3), matrix[:3, :3], atol=1e-12)
+    np.testing.assert_allclose(params[9:], [-10.0, -5.0, -3.0], atol=1e-12)
+
+
 def test_reoriented_oblique_copy_registers_to_identity():
     """Same content in world space, stored with flipped/permuted axes (as_reoriented),
     an oblique affine and an origin far off: the answer is the identity."""

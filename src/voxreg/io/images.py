@@ -46,6 +46,7 @@ from voxreg.io.files import (
     atomic_write,
     extension,
     file_error,
+    stored_as_integer,
 )
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -82,6 +83,25 @@ def set_nifti_xform(img: nib.Nifti1Image, affine: np.ndarray) -> None:
 
 
 # --------------------------------------------------------------------------- loading
+
+
+#: a float image with integer values only and at most this many distinct values is a label map
+MAX_FLOAT_LABELS = 1024
+
+
+def looks_like_label_map(path: PathLike) -> bool:
+    """True when the file holds a label map: an integer voxel type on disk, or floats that are
+    all integers with at most :data:`MAX_FLOAT_LABELS` distinct values (label maps saved as
+    float32, as FreeSurfer and Mindboggle do). A scan with a few integer levels can be forced
+    to intensity with ``--linear``."""
+    if stored_as_integer(path):
+        return True
+    try:
+        image = load_image(path)
+    except VoxregError:
+        return False
+    values = np.unique(image.array)
+    return values.size <= MAX_FLOAT_LABELS and bool(np.all(np.abs(values - np.round(values)) <= _LABEL_TOLERANCE))
 
 
 def load_image(path: PathLike, label: bool = False) -> Image:

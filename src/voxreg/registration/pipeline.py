@@ -331,12 +331,13 @@ def apply_field(
     device: str | torch.device = "cpu",
 ) -> Image:
     """Apply a saved voxreg field (and optional ITK affine text) to ``image``; returns it
-    on the field's (fixed) grid. ``nearest`` defaults to True for integer label maps."""
+    on the field's (fixed) grid. ``nearest`` defaults to True for label maps
+    (:func:`voxreg.io.looks_like_label_map`)."""
     field, fixed_affine = io.load_field(field_path)
     if isinstance(image, Image):
         loaded = image
-    else:  # label maps (integer voxels on disk) load as such and default to nearest
-        loaded = io.load_image(image, label=bool(nearest) or (nearest is None and io.stored_as_integer(image)))
+    else:  # label maps (integer voxels, or integer-valued floats with few values) default to nearest
+        loaded = io.load_image(image, label=bool(nearest) or (nearest is None and io.looks_like_label_map(image)))
     grid = Image(np.zeros(field.shape[1:], dtype=np.float32), fixed_affine)
     if loaded.ndim != grid.ndim:
         raise VoxregError(f"{loaded.path}: image is {loaded.ndim}D but the field {field_path} is {grid.ndim}D")

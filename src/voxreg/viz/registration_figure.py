@@ -20,7 +20,6 @@ Matplotlib is used through its object API with the Agg canvas (no pyplot state).
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 from voxreg.core import spatial
 from voxreg.core.errors import VoxregError
 from voxreg.core.grid import voxel_spacing
+from voxreg.io.files import atomic_path
 
 _COLUMNS = ("fixed", "moving (fixed grid)", "warped", "warped - fixed", "deformation grid")
 
@@ -274,20 +274,13 @@ def _render(
 
 
 def _save_atomic(fig, path: Path, dpi: int) -> None:
-    """Render ``fig`` to a hidden temporary name next to ``path`` and rename it; the file
-    gets the usual permissions (0666 minus the umask, like every other output)."""
+    """Render ``fig`` through :func:`voxreg.io.atomic_path` (temporary name, then rename; the
+    file follows the umask like every other output)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as handle:
-            fig.savefig(handle, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "xb") as handle:
+        fig.savefig(handle, format="png", dpi=dpi)
 
 
 def registration_figure(
