@@ -3,7 +3,10 @@
 Uses the lapirn OASIS pair from ../shared/data when present, otherwise a synthetic MNI152
 pair resampled to the requested shape. Prints seconds per pyramid level and in total.
 
-Usage: python benchmarks/bench_align.py [--shape 160 192 224] [--device auto] [--similarity ncc]
+Usage: python benchmarks/bench_align.py [--shape 160 192 224] [--device auto] [--similarity ncc] [--threads 0]
+
+``--threads 0`` (default, ``AlignConfig.threads``) lets each level pick 1 or all torch threads
+by timing one step of each; N fixes the count.
 """
 
 from __future__ import annotations
@@ -43,10 +46,11 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--similarity", default="ncc")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--threads", type=int, default=0, help="AlignConfig.threads (0 = auto per level)")
     args = parser.parse_args()
     device = api.resolve_device(args.device)
     fixed, moving, source = load_pair(args.data, tuple(args.shape), device)
-    config = AlignConfig(similarity=args.similarity)
+    config = AlignConfig(similarity=args.similarity, threads=args.threads)
     print(
         f"{source} at {tuple(args.shape)} on {device} ({platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads), torch {torch.__version__}"

@@ -74,3 +74,10 @@ def test_models_command_lists_shipped_models(shipped_dir):
     assert out.exit_code == 0
     assert "tiny-brain (default): test [3D," in out.output
     assert json.loads((shipped_dir / "tiny-brain.json").read_text(encoding="utf-8"))["anatomy"] == "brain"
+
+
+def test_refine_without_a_network_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(shipped_module, "models_dir", lambda: tmp_path)
+    fixed, moving = _pair()
+    with pytest.raises(VoxregError, match="--refine N refines a network's field"):
+        voxreg.register(fixed, moving, refine=5, affine=False, metrics=False, device="cpu")

@@ -289,3 +289,116 @@ def test_field_and_shape_helpers_validate_their_arguments():
         random_smooth_field(2, SHAPE_2D, [1.0, 2.0, 3.0], 10.0, gen(0))
     with pytest.raises(ValueError, match="batch_size"):
         SynthGenerator(shapes_config(shape=SHAPE_2D)).sample(0, gen(0))
+
+
+# --------------------------------------------------------------------------- T1 images
+
+NO_AUGMENTATION = dict(blur_sigma=(0.0, 0.0), bias_strength=0.0, noise_std=0.0, gamma_std=0.0, lowres_prob=0.0)
+
+
+def t1_config(**kwargs) -> SynthConfig:
+    kwargs.setdefault("shape", (32, 40, 32))
+    kwargs.setdefault("sources", {"brain": 1.0})
+    kwargs.setdefault("t1_prob", 1.0)
+    return SynthConfig(**kwargs)
+
+
+def min_max(x: torch.Tensor) -> torch.Tensor:
+    flat = x.flatten(1)
+    lo, hi = flat.amin(1), flat.amax(1)
+    return (x - lo.view(-1, *[1] * (x.dim() - 1))) / (hi - lo).view(-1, *[1] * (x.dim() - 1))
+
+
+def test_t1_images_at_zero_difficulty_are_the_fitted_template():
+    from voxreg.training.synth import _brain_on_grid, _t1_on_grid
+
+    config = t1_config(difficulty=0.0, anatomy_displacement=(0.0, 0.0), scale_range=0.0, **NO_AUGMENTATION)
+    batch = SynthGenerator(config).sample(2, gen(20))
+    check_batch(batch, 2, config.shape)
+    assert batch.t1 == (True, True) and batch.base_images is not None
+    assert torch.equal(batch.fixed, batch.moving)
+    template = _t1_on_grid(config.shape)
+    assert torch.allclose(batch.fixed, min_max(template).expand(2, -1, -1, -1, -1), atol=1e-5)
+    # the T1 sits on the parcellation: background dark, and CSF < GM < WM on average
+    parcels = _brain_on_grid(config.shape, config.num_brain_labels, config.seed)
+    assert torch.equal(batch.base_labels, parcels.expand(2, -1, -1, -1, -1))
+    tissue_of = torch.from_numpy(brain_parcellation(config.num_brain_labels, config.seed)[1].astype(np.int64))
+    tissue = tissue_of[parcels]
+    means = [float(template[tissue == t].mean()) for t in range(4)]
+    assert means[0] < 0.05 and means[1] < means[2] < means[3]
+
+
+def test_t1_images_are_the_anatomy_warped_by_the_returned_fields():
+    try:
+        from voxreg.core import spatial
+    except ImportError:  # pragma: no cover
+        from voxreg import spatial  # type: ignore[attr-defined,no-redef,unused-ignore]
+    config = t1_config(difficulty=1.0, max_displacement=(4.0, 6.0), **NO_AUGMENTATION)
+    batch = SynthGenerator(config).sample(2, gen(21))
+    tissue_of = torch.from_numpy(brain_parcellation(config.num_brain_labels, config.seed)[1].astype(np.int64))
+    check_batch(batch, 2, config.shape)
+    assert batch.base_images is not None
+    assert float((batch.fixed - batch.moving).abs().mean()) > 0.01
+    for image, labels, field_ in (
+        (batch.fixed, batch.fixed_labels, batch.fixed_field),
+        (batch.moving, batch.moving_labels, batch.moving_field),
+    ):
+        assert torch.equal(labels, spatial.warp(batch.base_labels, field_, mode="nearest"))
+        expected = min_max(spatial.warp(batch.base_images, field_, mode="linear"))
+        assert torch.allclose(image, expected, atol=1e-5)
+        # the texture follows the labels: background dark, CSF < GM < WM on average
+        tissue = tissue_of[labels]
+        means = [float(image[tissue == t].mean()) for t in range(4)]
+        assert means[0] < 0.05 and means[1] < means[2] < means[3]
+
+
+def test_augmented_t1_images_correlate_with_the_warped_template_inside_the_brain():
+    try:
+        from voxreg.core import spatial
+    except ImportError:  # pragma: no cover
+        from voxreg import spatial  # type: ignore[attr-defined,no-redef,unused-ignore]
+    batch = SynthGenerator(t1_config()).sample(6, gen(24))  # default augmentation
+    assert batch.base_images is not None
+    own, swapped = [], []
+    for image, labels, field_, other in (
+        (batch.fixed, batch.fixed_labels, batch.fixed_field, batch.moving_field),
+        (batch.moving, batch.moving_labels, batch.moving_field, batch.fixed_field),
+    ):
+        right, wrong = spatial.warp(batch.base_images, field_), spatial.warp(batch.base_images, other)
+        for i in range(6):
+            inside = labels[i] > 0
+            own.append(np.corrcoef(image[i][inside].numpy(), right[i][inside].numpy())[0, 1])
+            swapped.append(np.corrcoef(image[i][inside].numpy(), wrong[i][inside].numpy())[0, 1])
+    assert min(own) > 0.8
+    assert np.mean(own) > np.mean(swapped) + 0.15  # the other image's field does not explain it
+
+
+def test_t1_pairs_mix_with_mixture_pairs_and_are_reproducible():
+    config = SynthConfig(shape=SHAPE_2D, sources={"brain": 1.0, "shapes": 1.0}, t1_prob=0.5, same_contrast=1.0)
+    generator = SynthGenerator(config)
+    a, b = generator.sample(12, gen(22)), generator.sample(12, gen(22))
+    check_batch(a, 12, SHAPE_2D)
+    for name in ("fixed", "moving", "fixed_labels", "moving_labels", "base_images"):
+        assert torch.equal(getattr(a, name), getattr(b, name))
+    assert a.t1 == b.t1 and any(a.t1) and not all(a.t1)
+    assert all(source == "brain" for source, t1 in zip(a.sources, a.t1) if t1)
+    assert a.base_images is not None
+    for i, t1 in enumerate(a.t1):  # the T1 anatomy is zero outside T1 pairs, and dark off-brain
+        assert (float(a.base_images[i].abs().max()) > 0.5) == t1
+        if t1:
+            assert float(a.base_images[i][a.base_labels[i] == 0].mean()) < 0.05
+    # t1_prob = 0 draws nothing extra: the mixture path is unchanged
+    plain = SynthGenerator(SynthConfig(shape=SHAPE_2D, sources={"brain": 1.0}, same_contrast=1.0))
+    zero = SynthGenerator(SynthConfig(shape=SHAPE_2D, sources={"brain": 1.0}, same_contrast=1.0, t1_prob=0.0))
+    p, z = plain.sample(2, gen(23)), zero.sample(2, gen(23))
+    assert torch.equal(p.fixed, z.fixed) and z.base_images is None and z.t1 == (False, False)
+
+
+def test_synth_config_of_uses_t1_pairs_with_an_image_similarity():
+    from voxreg.training.config import TrainConfig
+    from voxreg.training.synth_data import synth_config_of
+
+    with_ncc = synth_config_of(TrainConfig(synth="brain:1", similarity_weight=1.0))
+    dice_only = synth_config_of(TrainConfig(synth="brain:1", similarity_weight=0.0, dice_weight=1.0))
+    assert (with_ncc.t1_prob, with_ncc.same_contrast, with_ncc.tissue_contrast) == (0.5, 1.0, 0.5)
+    assert (dice_only.t1_prob, dice_only.same_contrast) == (0.0, 0.0)

@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from voxreg.cli.batch import register_batch
 from voxreg.cli.evaluate import evaluate, tune_lambda
 from voxreg.cli.preprocess import preprocess
 from voxreg.cli.progress import console, progress_bar, user_errors
@@ -201,3 +202,6 @@ def main() -> None:  # pragma: no cover - console entry
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+app.command("register-batch")(register_batch)

@@ -50,6 +50,7 @@ _OPTION_FIELDS = {
     "voxel_size": "voxel_size",
     "similarity_weight": "similarity_weight",
     "synth_curriculum": "synth_curriculum",
+    "init": "init",
 }
 if set(_OPTION_FIELDS.values()) != set(_DEFAULTS):  # pragma: no cover - caught by any test importing the CLI
     raise RuntimeError(
@@ -203,6 +204,11 @@ def train(
         _DEFAULTS["voxel_size"],
         "--voxel-size",
         help="Voxel size (mm) of the model's space, recorded in the checkpoint.",
+    ),
+    init: str | None = typer.Option(
+        _DEFAULTS["init"],
+        "--init",
+        help="Start from the weights of a checkpoint or a shipped model (fine-tuning on your own scans).",
     ),
     synth_curriculum: int = typer.Option(
         _DEFAULTS["synth_curriculum"],

@@ -17,6 +17,7 @@ Coordinate domains used throughout voxreg (see docs/conventions.md):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Literal
@@ -37,7 +38,12 @@ def spatial_ndim(tensor: Tensor) -> int:
     return ndim
 
 
+# Cached constants are built with inference mode off: a tensor made under torch.inference_mode
+# (e.g. the first call from VoxelMorph.register) must stay usable by later autograd code.
+
+
 @lru_cache(maxsize=16)
+@torch.inference_mode(False)
 def _cached_identity(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
     axes = [torch.arange(s, device=device, dtype=dtype) for s in shape]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
@@ -49,6 +55,44 @@ def identity_grid(
     """Voxel coordinates of every voxel, shape ``(1, ndim, *shape)`` (cached per shape)."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     return _cached_identity(tuple(int(s) for s in shape), device, dtype)
+
+
+@lru_cache(maxsize=16)
+@torch.inference_mode(False)
+def _cached_normalized_identity(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    return voxel_to_normalized(_cached_identity(shape, device, dtype), shape).contiguous()
+
+
+@lru_cache(maxsize=16)
+@torch.inference_mode(False)
+def _cached_to_normalized(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    ndim = len(shape)
+    matrix = torch.zeros(ndim, ndim, device=device, dtype=dtype)
+    for axis, size in enumerate(shape):
+        matrix[axis, ndim - 1 - axis] = 2.0 / max(size - 1, 1)
+    return matrix
+
+
+def field_to_grid(field: Tensor) -> Tensor:
+    """grid_sample grid ``(N, *S, ndim)`` of ``x + field(x)`` for a displacement ``field``
+    ``(N, ndim, *S)`` in voxels (same as ``voxel_to_normalized(identity + field, S)``).
+
+    One fused multiply-add against an identity cached in grid_sample's layout (normalised,
+    reversed axis order, channels last): no flip or permute copy of the field per warp.
+    """
+    batch, ndim = field.shape[:2]
+    shape = tuple(int(s) for s in field.shape[2:])
+    voxels = math.prod(shape)
+    identity = _cached_normalized_identity(shape, field.device, field.dtype).view(voxels, ndim)
+    matrix = _cached_to_normalized(shape, field.device, field.dtype)
+    flat = field.reshape(batch, ndim, voxels)
+    if batch == 1:
+        grid = torch.addmm(identity, flat[0].t(), matrix)
+    else:
+        grid = torch.baddbmm(
+            identity.expand(batch, voxels, ndim), flat.transpose(1, 2), matrix.expand(batch, ndim, ndim)
+        )
+    return grid.view(batch, *shape, ndim)
 
 
 def voxel_to_normalized(coords: Tensor, shape: Sequence[int]) -> Tensor:
@@ -119,8 +163,16 @@ def sample_nearest(image: Tensor, coords: Tensor, padding: Padding = "zeros") ->
 def warp(image: Tensor, field: Tensor, mode: Interpolation = "linear", padding: Padding = "border") -> Tensor:
     """Warp ``image`` ``(N, C, *S)`` by a displacement ``field`` ``(N, ndim, *S_fixed)`` in
     voxels: ``out(x) = image(x + field(x))``. The output lives on the field's grid."""
-    coords = identity_grid(field.shape[2:], field.device, field.dtype) + field
-    return sample(image, coords, mode, padding)
+    ndim = spatial_ndim(image)
+    if field.shape[1] != ndim:
+        raise ValueError(f"field has {field.shape[1]} channels for a {ndim}D image")
+    if mode == "nearest" or not torch.is_floating_point(image) or field.dtype != image.dtype:
+        coords = identity_grid(field.shape[2:], field.device, field.dtype) + field
+        return sample(image, coords, mode, padding)
+    if field.shape[0] != image.shape[0]:
+        field = field.expand(image.shape[0], *field.shape[1:])
+    grid = field_to_grid(field)
+    return F.grid_sample(image, grid, mode="bilinear", padding_mode=padding, align_corners=True)
 
 
 def compose(outer: Tensor, inner: Tensor) -> Tensor:

@@ -1,23 +1,15 @@
-"""Reading and writing images, resampling between grids in world space, ITK export.
+"""Reading and writing images and label maps; intensity normalisation.
 
 World coordinates are RAS millimetres (nibabel convention); ``Image.affine`` maps voxel
-indices to them. ITK/ANTs use LPS: ``LPS = diag(-1, -1, 1) @ RAS``.
-A 2D image is handled as a 3D grid with one slice (its affine is still 4x4).
+indices to them. A 2D image is handled as a 3D grid with one slice (its affine is still 4x4).
 
 Formats: NIfTI (``.nii``, ``.nii.gz``), MGH (``.mgz``, ``.mgh``), NRRD / MetaImage
 (``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``; ``.nhdr``/``.mhd`` are read only), a DICOM
 series folder (read only) and ``.npz`` (keys ``vol``/``seg`` plus optional ``affine``).
-Every user-caused failure raises :class:`~voxreg.errors.VoxregError` with one line
-``<file>: <problem>``. Every write goes to a temporary name in the target folder and is
-renamed at the end (:func:`atomic_path`).
-
-Displacement fields:
-
-- voxreg format (:func:`save_field`): NIfTI of shape ``(*S, ndim)``, float32, the fixed
-  affine, intent ``vector`` named ``voxreg_vox``; values in voxels of the fixed grid.
-- ITK/ANTs format (:func:`save_itk_field`): NIfTI of shape ``(X, Y, Z, 1, 3)`` (2D:
-  ``(X, Y, 1, 1, 2)``), intent ``vector``, float32, vectors in LPS millimetres on the
-  fixed grid. ITK maps a fixed LPS point ``p`` to the moving point ``p + D(p)``.
+Every user-caused failure raises :class:`~voxreg.core.errors.VoxregError` with one line
+``<file>: <problem>``; headers are checked before data is read (complex, RGB, sizes that
+the file cannot hold). Every write is atomic (:func:`voxreg.io.files.atomic_write`).
+Fields and transforms: :mod:`voxreg.io.transforms`; resampling: :mod:`voxreg.io.resample`.
 """
 
 from __future__ import annotations

@@ -20,7 +20,9 @@ from voxreg.losses.modules import (
 from voxreg.losses.overlap import dice
 from voxreg.losses.regularizers import bending_energy, gradient_penalty
 from voxreg.losses.similarity import (
+    FixedLocalNCC,
     box_filter,
+    box_sum,
     entropy,
     global_ncc,
     joint_entropy,
@@ -51,6 +53,8 @@ __all__ = [
     "joint_histogram",
     "local_ncc",
     "local_ncc_map",
+    "FixedLocalNCC",
+    "box_sum",
     "mattes_mi",
     "mse",
     "mutual_information",

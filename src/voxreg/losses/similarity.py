@@ -166,6 +166,143 @@ def local_ncc(
     return _weighted_mean(values, weights)
 
 
+def _box_sum_axis(image: Tensor, dim: int, radius: int) -> Tensor:
+    """Sum over ``2 * radius + 1`` neighbours along ``dim``, zero outside (shifted in-place adds)."""
+    out = image.clone()
+    size = image.shape[dim]
+    for shift in range(1, min(radius, size - 1) + 1):
+        out.narrow(dim, shift, size - shift).add_(image.narrow(dim, 0, size - shift))
+        out.narrow(dim, 0, size - shift).add_(image.narrow(dim, shift, size - shift))
+    return out
+
+
+def box_sum(image: Tensor, window: Sequence[int]) -> Tensor:
+    """Unnormalised separable box sum over odd per-axis ``window`` sizes, zero outside the
+    image. Symmetric (its own adjoint), so it also serves the backward of :func:`box_filter`."""
+    out = image
+    for axis, size in enumerate(window):
+        if size > 1:
+            out = _box_sum_axis(out, 2 + axis, size // 2)
+    return out
+
+
+def _box_counts(shape: Sequence[int], window: Sequence[int], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``1 / (number of voxels inside the image in each voxel's box)``, shape ``(1, 1, *shape)``."""
+    inverse = torch.ones((1, 1, *shape), device=device, dtype=dtype)
+    for axis, (n, size) in enumerate(zip(shape, window)):
+        index = torch.arange(n, device=device)
+        radius = size // 2
+        count = (index + radius).clamp_max(n - 1) - (index - radius).clamp_min(0) + 1
+        view = [1] * (len(shape) + 2)
+        view[2 + axis] = n
+        inverse = inverse / count.to(dtype).view(view)
+    return inverse
+
+
+class _FusedNCC(torch.autograd.Function):
+    """Weighted mean of local NCC with the fixed image's box moments given (constants) and
+    an analytic backward: 3 box-filtered channels forward (b, b², ab) and 3 backward."""
+
+    @staticmethod
+    def forward(ctx, warped, fixed_std, mu_a, var_a_eps, inv_count, weights, window, squared, eps):  # type: ignore[override]
+        # mu_a and var_a_eps: the fixed image's local mean and variance + eps (constants)
+        dims = tuple(range(2, warped.dim()))
+        mean = warped.mean(dim=dims, keepdim=True)
+        std = warped.std(dim=dims, keepdim=True, correction=0)
+        std = torch.where(std > 1e-12, std, torch.ones_like(std))
+        b = (warped - mean) / std
+        stats = torch.cat([b, b * b, fixed_std * b], dim=1)
+        stats = box_sum(stats, window).mul_(inv_count)
+        channels = b.shape[1]
+        mu_b, bb, ab = stats.split(channels, dim=1)
+        cov = ab.sub_(mu_a * mu_b)
+        var_b = bb.sub_(mu_b * mu_b)
+        inside = var_b >= 0
+        var_b_eps = var_b.clamp_min_(0.0).add_(eps)
+        inv_den = torch.rsqrt(var_a_eps * var_b_eps)
+        ncc = cov.add_(eps).mul_(inv_den)
+        values = ncc * ncc if squared else ncc
+        if weights is None:
+            total = values.numel()
+            result = values.sum() / total
+        else:
+            weights = weights.to(values.dtype).expand_as(values)
+            total = weights.sum().clamp_min(1e-12)
+            result = (values * weights).sum() / total
+        ctx.save_for_backward(b, fixed_std, mu_a, mu_b, ncc, inv_den, var_b_eps, inside, inv_count, weights, std)
+        ctx.window, ctx.squared, ctx.total = window, squared, total
+        return result
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        b, a, mu_a, mu_b, ncc, inv_den, var_b_eps, inside, inv_count, weights, std = ctx.saved_tensors
+        grad = (ncc * 2.0) if ctx.squared else torch.ones_like(ncc)
+        if weights is not None:
+            grad.mul_(weights)
+        grad.mul_(grad_output / ctx.total)
+        grad_cov = grad * inv_den
+        grad_var = grad.mul_(ncc).div_(var_b_eps).mul_(inside).mul_(-0.5)
+        grad_mu = (mu_a * grad_cov).addcmul_(mu_b, grad_var, value=2.0).neg_()
+        stats = torch.cat([grad_mu, grad_var, grad_cov], dim=1).mul_(inv_count)
+        channels = b.shape[1]
+        t_mu, t_bb, t_ab = box_sum(stats, ctx.window).split(channels, dim=1)
+        grad_b = t_mu.addcmul_(b, t_bb, value=2.0).addcmul_(a, t_ab)
+        return grad_b.div_(std), None, None, None, None, None, None, None, None
+
+
+class FixedLocalNCC:
+    """:func:`local_ncc` against one fixed image, for many warped images (an optimisation).
+
+    The box-filtered moments of the fixed image are computed once; each call filters only
+    the three warped-image terms (b, b², ab) with a shifted-add box sum, and the gradient
+    is analytic (no autograd graph of the elementwise ops). Same value and gradient as
+    ``local_ncc(fixed, warped, window, squared, eps, mask, structure)``.
+    """
+
+    def __init__(
+        self,
+        fixed: Tensor,
+        window: int | Sequence[int] = 9,
+        squared: bool = True,
+        eps: float = 1e-5,
+        structure: float = 0.0,
+    ) -> None:
+        ndim = spatial_ndim(fixed)
+        self.shape = tuple(fixed.shape)
+        self.window = clip_window(_window_sizes(window, ndim), fixed.shape[2:])
+        self.squared, self.eps = squared, float(eps)
+        with torch.no_grad():
+            self.fixed_std = _standardise(fixed.detach())
+            self.inv_count = _box_counts(fixed.shape[2:], self.window, fixed.device, fixed.dtype)
+            channels = fixed.shape[1]
+            a = self.fixed_std
+            stats = box_sum(torch.cat([a, a * a], dim=1), self.window).mul_(self.inv_count)
+            self.mu_a, aa = stats.split(channels, dim=1)
+            var_a = (aa - self.mu_a * self.mu_a).clamp_min(0.0)
+            self.var_a_eps = var_a + self.eps
+            self.detail = var_a / (var_a + structure) if structure > 0 else None
+
+    def __call__(self, warped: Tensor, mask: Tensor | None = None) -> Tensor:
+        if tuple(warped.shape) != self.shape:
+            raise ValueError(f"warped {tuple(warped.shape)} does not match fixed {self.shape}")
+        weights = _check_mask(mask, warped)
+        weights = None if weights is None else weights.detach().to(warped.dtype)
+        if self.detail is not None:
+            weights = self.detail if weights is None else self.detail * weights
+        result: Tensor = _FusedNCC.apply(
+            warped,
+            self.fixed_std,
+            self.mu_a,
+            self.var_a_eps,
+            self.inv_count,
+            weights,
+            self.window,
+            self.squared,
+            self.eps,
+        )
+        return result
+
+
 def global_ncc(fixed: Tensor, warped: Tensor, eps: float = 1e-8, mask: Tensor | None = None) -> Tensor:
     """Pearson correlation over all voxels per (sample, channel), averaged: in ``[-1, 1]``.
 

@@ -60,6 +60,11 @@ class AlignConfig:
     # gradient of each level, which damps gradients much weaker than the typical one
     # whatever the similarity's scale.
     adam_eps: float = 0.1
+    # torch CPU threads during the call (restored after). 0 = per pyramid level, time one
+    # step with the current thread count and one with a single thread and keep the faster:
+    # on a CPU shared with other work, OpenMP barriers make 2 threads up to 10x slower
+    # than 1 (measured on the 2-core development machine); on an idle one 2 are faster.
+    threads: int = 0
 
     def __post_init__(self) -> None:
         self.similarity = check_choice("similarity", str(self.similarity).lower(), sorted(losses.SIMILARITY_LOSSES))
@@ -69,6 +74,8 @@ class AlignConfig:
         if self.lam is None:
             self.lam = DEFAULT_LAMBDA[self.similarity]
         self.lam = check_number("lam", float(self.lam), low=0.0)
+        if int(self.threads) < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
 
     @property
     def total_iterations(self) -> int:
@@ -148,6 +155,25 @@ def _masked_similarity(similarity: torch.nn.Module, fixed: Tensor, warped: Tenso
     return similarity(fixed, warped, mask) * mask.mean()
 
 
+class _FixedNCCLoss(torch.nn.Module):
+    """``1 - local NCC`` against one pyramid level's fixed image, its box moments cached
+    (:class:`voxreg.losses.FixedLocalNCC`: same value and gradient as ``NCCLoss``)."""
+
+    def __init__(self, fixed: Tensor, window: int) -> None:
+        super().__init__()
+        self.ncc = losses.FixedLocalNCC(fixed, window)
+
+    def forward(self, fixed: Tensor, warped: Tensor, mask: Tensor | None = None) -> Tensor:
+        return 1.0 - self.ncc(warped, mask)
+
+
+def _level_similarity(similarity: torch.nn.Module, fixed: Tensor, config: AlignConfig) -> torch.nn.Module:
+    """The similarity for one pyramid level: local NCC with the fixed image's moments cached."""
+    if config.similarity == "ncc":
+        return _FixedNCCLoss(fixed, config.window)
+    return similarity
+
+
 def _set_relative_eps(optimizer: torch.optim.Optimizer, grad: Tensor, relative: float) -> None:
     """Adam eps of every group: ``relative`` times the RMS of ``grad``."""
     rms = float(grad.pow(2).mean().sqrt())
@@ -221,12 +247,50 @@ def align(
     source = moving if initial_field is None else spatial.warp(moving, initial_field)
     box = foreground_box(fixed, source, threshold=config.foreground_threshold or 0.01)
     region = (slice(None), slice(None)) + box
-    residual, history = _optimise(fixed[region], source[region], config, progress)
+    previous = torch.get_num_threads()
+    try:
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        residual, history = _optimise(fixed[region], source[region], config, progress)
+    finally:
+        torch.set_num_threads(previous)
     with torch.no_grad():
         field = _pad_to_grid(residual, box, fixed.shape[2:])
         if initial_field is not None:
             field = spatial.compose(initial_field, field)
     return AlignResult(field=field, history=history, seconds=time.perf_counter() - start)
+
+
+class _ThreadChooser:
+    """``AlignConfig.threads == 0`` on CPU: per level, step 1 runs with the current thread
+    count and step 2 with one thread; the faster setting runs the remaining steps."""
+
+    _PROBES = (1, 2)
+
+    def __init__(self, config: AlignConfig, device: torch.device) -> None:
+        self.most = torch.get_num_threads()
+        self.enabled = config.threads == 0 and device.type == "cpu" and self.most > 1
+        self.active = False
+        self.seconds: dict[int, float] = {}
+        self.started = 0.0
+
+    def start_level(self, iterations: int) -> None:
+        self.active = self.enabled and iterations > max(self._PROBES) + 1
+        self.seconds = {}
+        if self.active:
+            torch.set_num_threads(self.most)
+
+    def before(self, step: int) -> None:
+        if self.active and step in self._PROBES:
+            torch.set_num_threads(self.most if step == self._PROBES[0] else 1)
+            self.started = time.perf_counter()
+
+    def after(self, step: int) -> None:
+        if not (self.active and step in self._PROBES):
+            return
+        self.seconds[torch.get_num_threads()] = time.perf_counter() - self.started
+        if step == self._PROBES[-1]:
+            torch.set_num_threads(min(self.seconds, key=lambda n: self.seconds[n]))
 
 
 def _optimise(
@@ -237,6 +301,7 @@ def _optimise(
     regularizer = losses.regularizer(config.regularizer).to(fixed.device)
     param: Tensor | None = None
     history: list[float] = []
+    threads = _ThreadChooser(config, fixed.device)
     done = 0
     for level_scale, iterations in zip(config.scales, config.iterations):
         fixed_level = _downsample(fixed, level_scale)
@@ -249,18 +314,22 @@ def _optimise(
             param = spatial.resize_field(param.detach(), param_shape)
         param.requires_grad_(True)
         optimizer = torch.optim.Adam([param], lr=config.lr)
+        level_similarity = _level_similarity(similarity, fixed_level, config)
+        threads.start_level(iterations)
         for step in range(iterations):
+            threads.before(step)
             _set_learning_rate(optimizer, _cosine_lr(config.lr, step, iterations))
             optimizer.zero_grad(set_to_none=True)
             field = _field_from_parameter(param, level_shape, config)
             warped = spatial.warp(moving_level, field)
             mask = _foreground(fixed_level, warped.detach(), config.foreground_threshold)
-            loss = _masked_similarity(similarity, fixed_level, warped, mask) + config.lam * regularizer(field)
+            loss = _masked_similarity(level_similarity, fixed_level, warped, mask) + config.lam * regularizer(field)
             loss.backward()
             if step == 0 and param.grad is not None:
                 _set_relative_eps(optimizer, param.grad, config.adam_eps)
             optimizer.step()
             history.append(float(loss.detach()))
+            threads.after(step)
             done += 1
             if progress is not None:
                 progress(done, config.total_iterations)

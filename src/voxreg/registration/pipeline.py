@@ -81,14 +81,35 @@ def _predict_with_model(
 ) -> torch.Tensor:
     """Field (voxels of the fixed grid) predicted by the checkpoint at ``model_path`` for an
     affine-aligned pair, in the model's space when the checkpoint records one."""
-    from voxreg.nn import load_checkpoint
     from voxreg.registration.network import model_space_of, predict_field
 
-    model, extra = load_checkpoint(model_path, device=device)
+    model, extra = loaded_checkpoint(model_path, device)
     if model.config.ndim != fixed.ndim:
         raise VoxregError(f"{model_path}: model is {model.config.ndim}D but the images are {fixed.ndim}D")
     space = model_space_of(extra, str(model_path))
     return predict_field(model, space, fixed, moving_on_fixed, _model_lambda(model, extra, lam, model_path), device)
+
+
+_CHECKPOINTS: dict[tuple[str, int, int, str], tuple[Any, dict[str, Any]]] = {}
+
+
+def loaded_checkpoint(path: str | Path, device: torch.device) -> tuple[Any, dict[str, Any]]:
+    """The network and extras of a checkpoint, read once per process (keyed by path, size,
+    modification time and device), so many registrations with one model load it once.
+    Inference never changes the model (eval mode, inference_mode)."""
+    from voxreg.nn import load_checkpoint
+
+    resolved = Path(path).resolve()
+    try:
+        stat = resolved.stat()
+    except OSError:
+        return load_checkpoint(path, device=device)  # reports the missing file in one line
+    key = (str(resolved), stat.st_size, stat.st_mtime_ns, str(device))
+    if key not in _CHECKPOINTS:
+        if len(_CHECKPOINTS) >= 4:
+            _CHECKPOINTS.pop(next(iter(_CHECKPOINTS)))
+        _CHECKPOINTS[key] = load_checkpoint(path, device=device)
+    return _CHECKPOINTS[key]
 
 
 def resolve_model(model: str | Path | None, engine: str, ndim: int) -> str | Path | None:
@@ -193,6 +214,11 @@ def register(
         check_affine(world_matrix, "world_matrix")
     _check_pair(fixed_img, moving_img)
     model = resolve_model(model, engine, fixed_img.ndim)
+    if model is None and refine > 0 and not affine_only:
+        raise VoxregError(
+            "--refine N refines a network's field: give --model (or a shipped model); "
+            "instance optimisation runs its full schedule without it"
+        )
     label_maps = _label_maps(moving_labels)
     fixed_label_img = as_image(fixed_labels, label=True) if fixed_labels is not None else None
     for labels in [*label_maps.values(), *([fixed_label_img] if fixed_label_img is not None else [])]:

@@ -81,6 +81,7 @@ class TrainConfig:
     synth_shape: tuple[int, ...] | None = None
     voxel_size: float | None = None
     synth_curriculum: int = 0
+    init: str | None = None
     similarity_weight: float = 1.0
 
     def __post_init__(self) -> None:
@@ -113,6 +114,8 @@ class TrainConfig:
             self.voxel_size = check_positive("voxel_size", self.voxel_size)
         check_positive("similarity_weight", self.similarity_weight, allow_zero=True)
         check_int("synth_curriculum", self.synth_curriculum, 0)
+        if self.init is not None and (not isinstance(self.init, str) or not self.init.strip()):
+            raise ValueError(f"init must be a checkpoint path or a shipped model name, got {self.init!r}")
 
     @property
     def lambda_conditional(self) -> bool:

@@ -10,6 +10,12 @@ A registration network trained on these pairs never sees a real patient scan. On
          bias exp(B) -> additive noise -> optional low resolution along random axes (area
          down-, linear up-sampling) -> min-max to [0, 1] -> random gamma
 
+T1 pairs (``brain`` source, probability ``t1_prob``): the images are the MNI152 T1 instead
+of a Gaussian mixture, carried through exactly the geometry of the labels (fitted to the
+grid like the parcellation, the same anatomy warp, then each image = the anatomy's T1
+warped by the pair's field, all linear) and then augmented like a mixture image (blur,
+bias, noise, low resolution, min-max, gamma: :func:`augment_intensities`).
+
 Random smooth fields: a velocity of Gaussian noise on a coarse control grid (spacing
 ``smoothness`` voxels), linearly upsampled to an integration grid (1/``integration_downsample``
 of the output), smoothed, scaled so that its largest vector norm is the requested size,
@@ -23,7 +29,8 @@ Label sources (mixed per sample by ``SynthConfig.sources``):
 - ``brain``: the MNI152 tissue labels (background, CSF, GM, WM) split into parcels by k-means
   of voxel coordinates within each tissue (fixed by ``seed``, cached at the working
   resolution), each sample a new "anatomy" by a random per-axis scaling and a large random
-  smooth diffeomorphic warp; 2D configs take axial slices near the centre;
+  smooth diffeomorphic warp; 2D configs take axial slices near the centre; with
+  ``t1_prob`` the T1 template follows the same fit, warp and slice as a pair's images;
 - ``user``: integer label maps given to :class:`SynthGenerator`, relabelled jointly to
   ``0..K-1`` (sorted codes) and resampled (nearest) to the working shape.
 
@@ -54,15 +61,17 @@ from torch import Tensor
 from voxreg.core import spatial
 from voxreg.core.config import check_int as _core_check_int
 from voxreg.core.config import check_number as _core_check_number
-from voxreg.io.templates import mni152_tissue_labels
+from voxreg.io.templates import mni152_template, mni152_tissue_labels
 
 __all__ = [
     "SOURCES",
     "SynthConfig",
     "SynthBatch",
     "SynthGenerator",
+    "augment_intensities",
     "brain_parcellation",
     "gaussian_blur",
+    "mixture_images",
     "one_hot",
     "random_smooth_field",
     "random_shapes",
@@ -112,6 +121,8 @@ class SynthConfig:
     log bias field), ``noise_std`` (largest std of additive noise), ``gamma_std`` (std of
     log gamma), ``lowres_prob``/``lowres_factor`` (down- then up-sampling by up to this
     factor along random axes).
+    ``t1_prob``: probability that a ``brain`` pair's two images are the MNI152 T1 (carried
+    through the pair's geometry, then augmented) instead of a Gaussian mixture.
     """
 
     shape: tuple[int, ...] = (64, 80, 64)
@@ -142,6 +153,7 @@ class SynthConfig:
     same_contrast: float = 0.0
     tissue_contrast: float = 0.0
     tissue_jitter: float = 0.03
+    t1_prob: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -180,6 +192,7 @@ class SynthConfig:
             ("same_contrast", 0.0, 1.0),
             ("tissue_contrast", 0.0, 1.0),
             ("tissue_jitter", 0.0, 1.0),
+            ("t1_prob", 0.0, 1.0),
         ):
             setattr(self, name, _check_number(name, getattr(self, name), low, high))
         for name, low, high in (
@@ -369,6 +382,14 @@ def _warp_labels(labels: Tensor, field_: Tensor, padding: Literal["border", "zer
     return spatial.warp(labels, field_, mode="nearest", padding=padding)
 
 
+def _warp_images(images: Tensor, field_: Tensor) -> Tensor:
+    """Linear warp of float images (edges repeat), row by row with ``field_``; an all-zero
+    field returns a copy."""
+    if not bool(field_.any()):
+        return images.clone()
+    return spatial.warp(images, field_, mode="linear", padding="border")
+
+
 # --------------------------------------------------------------------------- label maps
 
 
@@ -519,12 +540,11 @@ def brain_parcellation(num_labels: int = 32, seed: int = 0) -> tuple[np.ndarray,
     return parcels, tissue_arr
 
 
-@lru_cache(maxsize=8)
-def _brain_on_grid(shape: tuple[int, ...], num_labels: int, seed: int) -> Tensor:
-    """The parcellation fitted (isotropic scale, centred, nearest) into ``shape``: 3D ->
-    ``(1, 1, *shape)``; 2D -> a volume ``(1, 1, H, W, D)`` whose axial slices fill ``(H, W)``."""
-    parcels, _ = brain_parcellation(num_labels, seed)
-    inside = np.nonzero(parcels)
+def _brain_fit_coords(shape: tuple[int, ...]) -> Tensor:
+    """Template voxel coordinates ``(1, 3, *out)`` that fit the brain (bounding box of the
+    tissue labels, isotropic scale, centred) into ``shape``; 2D: ``out = (H, W, D)``, a volume
+    whose axial slices fill ``(H, W)``."""
+    inside = np.nonzero(_mni_tissue_labels_2mm())  # == the parcellation's support
     lo = np.array([a.min() for a in inside], np.float64)
     hi = np.array([a.max() for a in inside], np.float64)
     extent = (hi - lo + 1) * _BRAIN_MARGIN
@@ -534,9 +554,24 @@ def _brain_on_grid(shape: tuple[int, ...], num_labels: int, seed: int) -> Tensor
     centre = (lo + hi) / 2
     ident = spatial.identity_grid(out_shape)
     out_centre = torch.tensor([(s - 1) / 2 for s in out_shape]).view(1, 3, 1, 1, 1)
-    coords = torch.tensor(centre, dtype=torch.float32).view(1, 3, 1, 1, 1) + (ident - out_centre) / scale
+    return torch.tensor(centre, dtype=torch.float32).view(1, 3, 1, 1, 1) + (ident - out_centre) / scale
+
+
+@lru_cache(maxsize=8)
+def _brain_on_grid(shape: tuple[int, ...], num_labels: int, seed: int) -> Tensor:
+    """The parcellation fitted (isotropic scale, centred, nearest) into ``shape``: 3D ->
+    ``(1, 1, *shape)``; 2D -> a volume ``(1, 1, H, W, D)`` whose axial slices fill ``(H, W)``."""
+    parcels, _ = brain_parcellation(num_labels, seed)
     src = torch.from_numpy(parcels.astype(np.int64))[None, None]
-    return spatial.sample(src, coords, "nearest", "zeros")
+    return spatial.sample(src, _brain_fit_coords(shape), "nearest", "zeros")
+
+
+@lru_cache(maxsize=8)
+def _t1_on_grid(shape: tuple[int, ...]) -> Tensor:
+    """The MNI152 T1 (2 mm, [0, 1]) with the fit of :func:`_brain_on_grid`, linear: float32
+    ``(1, 1, *shape)`` (3D) or ``(1, 1, H, W, D)`` (2D); voxel for voxel on the parcellation."""
+    t1 = torch.from_numpy(np.array(mni152_template(2).array, dtype=np.float32))[None, None]
+    return spatial.sample(t1, _brain_fit_coords(shape), "linear", "zeros").contiguous()
 
 
 # --------------------------------------------------------------------------- intensities
@@ -570,22 +605,22 @@ def random_mixture(
     return means, stds
 
 
-def synthesize_images(
-    labels: Tensor,
-    num_labels: int,
-    config: SynthConfig,
-    generator: torch.Generator,
-    mixture: tuple[Tensor, Tensor] | None = None,
-) -> Tensor:
-    """One random image per label map ``(M, 1, *S)``: float32 ``(M, 1, *S)`` in [0, 1]
-    (Gaussian mixture — drawn here unless ``mixture`` gives it —, blur, bias, noise, low
-    resolution, min-max, gamma; see module doc)."""
-    m, ndim, device = labels.shape[0], labels.dim() - 2, labels.device
-    size = labels.shape[2:]
-    means, stds = mixture if mixture is not None else random_mixture(m, num_labels, config, generator, device)
+def mixture_images(labels: Tensor, means: Tensor, stds: Tensor, generator: torch.Generator) -> Tensor:
+    """Gaussian-mixture images ``(M, 1, *S)`` of label maps ``(M, 1, *S)``: per voxel
+    ``means[m, label] + stds[m, label] * N(0, 1)`` (no augmentation)."""
+    m, size = labels.shape[0], labels.shape[2:]
     flat = labels.reshape(m, -1)
-    images = means.gather(1, flat) + stds.gather(1, flat) * _randn(flat.shape, generator, device)
-    images = gaussian_blur(images.view(m, 1, *size), _uniform(config.blur_sigma, m, generator, device))
+    images = means.gather(1, flat) + stds.gather(1, flat) * _randn(flat.shape, generator, labels.device)
+    return images.view(m, 1, *size)
+
+
+def augment_intensities(images: Tensor, config: SynthConfig, generator: torch.Generator) -> Tensor:
+    """Random per-image corruption of ``(M, 1, *S)`` images: Gaussian blur, multiplicative
+    bias, additive noise, optional low resolution, min-max to [0, 1], gamma (see module doc).
+    Returns float32 ``(M, 1, *S)`` in [0, 1]; all off (zero ranges) leaves only the min-max."""
+    m, ndim, device = images.shape[0], images.dim() - 2, images.device
+    size = images.shape[2:]
+    images = gaussian_blur(images, _uniform(config.blur_sigma, m, generator, device))
     bias_shape = _coarse_size(size, config.bias_smoothness)
     log_bias = _randn((m, 1, *bias_shape), generator, device) * _view(
         _uniform((0.0, config.bias_strength), m, generator, device), ndim
@@ -609,6 +644,21 @@ def synthesize_images(
     return images.clamp(0.0, 1.0).pow(_view(gamma, ndim)).contiguous()
 
 
+def synthesize_images(
+    labels: Tensor,
+    num_labels: int,
+    config: SynthConfig,
+    generator: torch.Generator,
+    mixture: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """One random image per label map ``(M, 1, *S)``: float32 ``(M, 1, *S)`` in [0, 1]
+    (Gaussian mixture — drawn here unless ``mixture`` gives it —, then
+    :func:`augment_intensities`; see module doc)."""
+    m, device = labels.shape[0], labels.device
+    means, stds = mixture if mixture is not None else random_mixture(m, num_labels, config, generator, device)
+    return augment_intensities(mixture_images(labels, means, stds, generator), config, generator)
+
+
 # --------------------------------------------------------------------------- generator
 
 
@@ -616,7 +666,10 @@ def synthesize_images(
 class SynthBatch:
     """A batch of synthetic pairs. Images ``(N, 1, *S)`` float32 in [0, 1]; labels
     ``(N, 1, *S)`` int64 in ``[0, num_labels)``; ``fixed_labels = warp(base_labels,
-    fixed_field, nearest)`` (same for moving); fields ``(N, ndim, *S)`` in voxels."""
+    fixed_field, nearest)`` (same for moving); fields ``(N, ndim, *S)`` in voxels.
+    ``t1[i]``: pair ``i`` has T1 images, made from ``base_images[i]`` (the anatomy's T1,
+    ``(N, 1, *S)`` float32, zero for the other pairs; None when no pair is T1) warped
+    (linear) by the pair's fields, then augmented."""
 
     fixed: Tensor
     moving: Tensor
@@ -627,6 +680,8 @@ class SynthBatch:
     fixed_field: Tensor
     moving_field: Tensor
     sources: tuple[str, ...]
+    base_images: Tensor | None = None
+    t1: tuple[bool, ...] = ()
 
     def __len__(self) -> int:
         return self.fixed.shape[0]
@@ -659,6 +714,7 @@ class SynthGenerator:
         if label_maps:
             self._user, self.user_codes = self._prepare_user(label_maps)
         self._brain: Tensor | None = None
+        self._t1: Tensor | None = None
         self._default_generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         counts = {
             "shapes": cfg.num_shape_labels,
@@ -686,16 +742,28 @@ class SynthGenerator:
             self._brain = _brain_on_grid(cfg.shape, cfg.num_brain_labels, cfg.seed).to(self.device)
         return self._brain
 
-    def _brain_labels(self, n: int, generator: torch.Generator) -> Tensor:
-        """New anatomies: the fitted parcellation under a random per-axis scaling and warp."""
+    def _t1_volume(self) -> Tensor:
+        if self._t1 is None:
+            self._t1 = _t1_on_grid(self.config.shape).to(self.device)
+        return self._t1
+
+    def _brain_labels(
+        self, n: int, generator: torch.Generator, t1: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """New anatomies: the fitted parcellation under a random per-axis scaling and warp;
+        with a ``(n,)`` bool ``t1``, also the T1 of those anatomies (same slice, scaling and
+        warp, linear; zero where ``t1`` is False), else None."""
         cfg, ndim, device = self.config, self.config.ndim, self.device
         volume = self._brain_volume()
+        t1_volume = self._t1_volume() if t1 is not None else None
         if ndim == 2:
             depth = volume.shape[-1]
             pick = _uniform(_SLICE_BAND, n, generator, device).mul(depth - 1).round().long()
             base = volume[0, 0].permute(2, 0, 1)[pick].unsqueeze(1)  # (n, 1, H, W)
+            t1_base = None if t1_volume is None else t1_volume[0, 0].permute(2, 0, 1)[pick].unsqueeze(1)
         else:
             base = volume.expand(n, -1, -1, -1, -1)
+            t1_base = None if t1_volume is None else t1_volume.expand(n, -1, -1, -1, -1)
         scales = _uniform((1 - cfg.scale_range, 1 + cfg.scale_range), n * ndim, generator, device).view(n, ndim)
         warp_ = random_smooth_field(
             n,
@@ -710,7 +778,14 @@ class SynthGenerator:
         ident = spatial.identity_grid(cfg.shape, device)
         centre = torch.tensor([(s - 1) / 2 for s in cfg.shape], device=device).view(1, ndim, *([1] * ndim))
         coords = centre + (ident - centre) / scales.view(n, ndim, *([1] * ndim)) + warp_
-        return spatial.sample(base, coords, "nearest", "zeros")
+        labels = spatial.sample(base, coords, "nearest", "zeros")
+        if t1 is None or t1_base is None:
+            return labels, None
+        images = torch.zeros(labels.shape, dtype=torch.float32, device=device)
+        rows = torch.nonzero(t1.to(device)).flatten()
+        if rows.numel():
+            images[rows] = spatial.sample(t1_base[rows].contiguous(), coords[rows], "linear", "zeros")
+        return labels, images
 
     def _user_labels(self, n: int, generator: torch.Generator) -> Tensor:
         assert self._user is not None
@@ -719,8 +794,16 @@ class SynthGenerator:
 
     def base_labels(self, sources: Sequence[str], generator: torch.Generator) -> Tensor:
         """One base label map per entry of ``sources``: ``(N, 1, *shape)`` int64."""
+        return self._base(sources, generator, None)[0]
+
+    def _base(
+        self, sources: Sequence[str], generator: torch.Generator, t1: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Base label maps, and with a ``(N,)`` bool ``t1`` (True only for brain samples) the
+        T1 anatomies ``(N, 1, *shape)`` float32 (zero elsewhere); else None."""
         cfg = self.config
         out = torch.empty((len(sources), 1, *cfg.shape), dtype=torch.int64, device=self.device)
+        images = None if t1 is None else torch.zeros(out.shape, dtype=torch.float32, device=self.device)
         for name in self.sources:
             idx = [i for i, s in enumerate(sources) if s == name]
             if not idx:
@@ -737,11 +820,13 @@ class SynthGenerator:
                     device=self.device,
                 )
             elif name == "brain":
-                labels = self._brain_labels(len(idx), generator)
+                labels, t1_images = self._brain_labels(len(idx), generator, None if t1 is None else t1[idx])
+                if images is not None and t1_images is not None:
+                    images[torch.tensor(idx, device=self.device)] = t1_images
             else:
                 labels = self._user_labels(len(idx), generator)
             out[torch.tensor(idx, device=self.device)] = labels
-        return out
+        return out, images
 
     def _choose_sources(self, n: int, generator: torch.Generator) -> tuple[str, ...]:
         """One source name per sample, drawn with the configured weights."""
@@ -751,6 +836,15 @@ class SynthGenerator:
         draws = torch.rand(n, generator=generator, device=generator.device).double().cpu()
         picks = torch.searchsorted(cdf, draws, right=True).clamp(max=len(self.sources) - 1)
         return tuple(self.sources[int(i)] for i in picks)
+
+    def _choose_t1(self, names: Sequence[str], generator: torch.Generator) -> Tensor | None:
+        """``(N,)`` bool on the CPU: which brain pairs get T1 images (probability ``t1_prob``);
+        None (and no random draw) when no pair does."""
+        if self.config.t1_prob <= 0 or "brain" not in names:
+            return None
+        draws = _uniform((0.0, 1.0), len(names), generator, torch.device("cpu"))
+        t1 = (draws < self.config.t1_prob) & torch.tensor([s == "brain" for s in names])
+        return t1 if bool(t1.any()) else None
 
     def _pair_mixture(self, names: Sequence[str], gen: torch.Generator) -> tuple[Tensor, Tensor] | None:
         """Gaussian mixtures of the 2N images (fixed first): brain parcels share their tissue's
@@ -789,7 +883,8 @@ class SynthGenerator:
         gen = generator if generator is not None else self._default_generator
         cfg, n = self.config, batch_size
         names = self._choose_sources(n, gen)
-        base = self.base_labels(names, gen)
+        t1 = self._choose_t1(names, gen)
+        base, base_images = self._base(names, gen, t1)
         mags = cfg.difficulty * _uniform(cfg.max_displacement, 2 * n, gen, self.device)
         fields_ = random_smooth_field(
             2 * n,
@@ -802,7 +897,21 @@ class SynthGenerator:
             downsample=cfg.integration_downsample,
         )
         labels = _warp_labels(base.repeat(2, *([1] * (base.dim() - 1))), fields_)
-        images = synthesize_images(labels, self.num_labels, cfg, gen, self._pair_mixture(names, gen))
+        mixture = self._pair_mixture(names, gen)
+        if t1 is None:
+            images = synthesize_images(labels, self.num_labels, cfg, gen, mixture)
+        else:  # T1 pairs: the anatomy's T1 warped (linear) by each field instead of the mixture
+            assert base_images is not None
+            means, stds = (
+                mixture if mixture is not None else random_mixture(2 * n, self.num_labels, cfg, gen, self.device)
+            )
+            images = torch.empty(labels.shape, dtype=torch.float32, device=self.device)
+            both = t1.repeat(2).to(self.device)
+            rows, other = torch.nonzero(both).flatten(), torch.nonzero(~both).flatten()
+            if other.numel():
+                images[other] = mixture_images(labels[other], means[other], stds[other], gen)
+            images[rows] = _warp_images(base_images.repeat(2, *([1] * (base.dim() - 1)))[rows], fields_[rows])
+            images = augment_intensities(images, cfg, gen)
         return SynthBatch(
             fixed=images[:n],
             moving=images[n:],
@@ -813,4 +922,6 @@ class SynthGenerator:
             fixed_field=fields_[:n],
             moving_field=fields_[n:],
             sources=names,
+            base_images=base_images,
+            t1=tuple(bool(v) for v in t1) if t1 is not None else (False,) * n,
         )

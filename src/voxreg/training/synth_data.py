@@ -2,8 +2,9 @@
 :class:`~voxreg.training.data.TrainingSet` for ``voxreg train --synth``).
 
 Pairs come from :class:`~voxreg.training.synth.SynthGenerator` (label maps deformed by
-random smooth diffeomorphisms, random Gaussian-mixture intensities per label, bias, noise,
-blur, resolution); the objective is the Dice of the warped moving label maps plus
+random smooth diffeomorphisms, random Gaussian-mixture intensities per label — or, for
+brain pairs trained with an image similarity, the MNI152 T1 carried through the same
+geometry —, bias, noise, blur, resolution); the objective is the Dice of the warped moving label maps plus
 λ smoothness (``--dice-weight``, usually with ``--similarity-weight 0``). Licence-clean:
 shapes from noise, the MNI152 tissue maps of the nilearn wheel, or the user's label maps.
 """
@@ -31,7 +32,8 @@ def synth_config_of(config: TrainConfig, ndim: int = 3) -> SynthConfig:
         raise ValueError("this TrainConfig trains on real scans (synth is None)")
     shape = config.synth_shape or _DEFAULT_SHAPE[ndim]
     # with an image similarity in the loss, a pair must share one contrast (NCC across two random
-    # contrasts is meaningless); brain parcels then take their tissue's intensity half of the time
+    # contrasts is meaningless); brain parcels then take their tissue's intensity half of the time,
+    # and half of the brain pairs are the MNI152 T1 itself (realistic texture for NCC)
     with_similarity = config.similarity_weight > 0
     return SynthConfig(
         shape=tuple(shape),
@@ -39,6 +41,7 @@ def synth_config_of(config: TrainConfig, ndim: int = 3) -> SynthConfig:
         seed=config.seed,
         same_contrast=1.0 if with_similarity else 0.0,
         tissue_contrast=0.5 if with_similarity else 0.0,
+        t1_prob=0.5 if with_similarity else 0.0,
     )
 
 

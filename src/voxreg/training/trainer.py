@@ -146,10 +146,31 @@ def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def _load_initial_weights(model: VoxelMorph, init: str) -> None:
+    """Start from the weights of a checkpoint or shipped model (fine-tuning); its network
+    must equal the one this config builds (a clear error lists the differences)."""
+    from pathlib import Path as _Path
+
+    from voxreg.nn.shipped import find_shipped
+
+    path = _Path(init) if _Path(init).exists() or init.endswith(".pt") else find_shipped(init).path
+    source, _ = load_checkpoint(path)
+    wanted, given = model.config.to_dict(), source.config.to_dict()
+    differences = [f"{key} {given[key]!r} vs {wanted[key]!r}" for key in wanted if wanted[key] != given.get(key)]
+    if differences:
+        raise VoxregError(
+            f"--init {init}: its network differs from this training's ({'; '.join(differences)}); "
+            "pass the same --network/--half-res/--int-steps/--lambda-range options"
+        )
+    model.load_state_dict(source.state_dict())
+
+
 def _new_session(config: TrainConfig, ndim: int, device: torch.device, ctx: Dist) -> _Session:
     """Seeded network (DDP-wrapped under torchrun), Adam, LR schedule, data RNG and scaler."""
     torch.manual_seed(config.seed)
     model = VoxelMorph(config.network_config(ndim)).to(device)
+    if config.init is not None:
+        _load_initial_weights(model, config.init)
     model.grad_checkpoint = config.grad_checkpoint
     net: torch.nn.Module = model
     if ctx.world > 1:

@@ -1,0 +1,58 @@
+"""``voxreg register-batch``: many pairs from a CSV, one model load, resumable, torchrun-ready."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from voxreg.cli.progress import console, progress_bar, user_errors
+
+
+@user_errors
+def register_batch(
+    pairs: Path = typer.Argument(
+        ..., help="CSV with columns fixed,moving[,fixed_labels,moving_labels][,id] (paths relative to the CSV)."
+    ),
+    output: Path = typer.Option(..., "-o", "--output", help="Output folder: one sub-folder per pair id, batch.csv."),
+    model: Path | None = typer.Option(
+        None, "--model", "-m", help="Network checkpoint, or the name of a shipped model (voxreg models)."
+    ),
+    engine: str = typer.Option("auto", "--engine", help="auto, network or instance (as voxreg register)."),
+    similarity: str = typer.Option("ncc", "--similarity", "-s", help="Similarity: ncc, mse or mi."),
+    lam: float | None = typer.Option(None, "--lambda", "-l", help="Regularisation weight."),
+    refine: int = typer.Option(0, "--refine", help="Instance-optimisation steps after the network."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N] (under torchrun: one GPU per rank)."),
+    workers: int = typer.Option(2, "--workers", help="IO threads reading ahead / writing behind (0: none)."),
+    no_affine: bool = typer.Option(False, "--no-affine", help="Skip the affine pre-alignment."),
+    affine_only: bool = typer.Option(False, "--affine-only", help="Stop after the affine pre-alignment."),
+    no_figure: bool = typer.Option(False, "--no-figure", help="Skip figure.png."),
+) -> None:
+    """Register every pair of PAIRS into OUTPUT/<id>/ (the outputs of voxreg register), loading
+    the model once. Finished pairs are skipped, so a rerun resumes; a failing pair is recorded
+    in OUTPUT/batch.csv and the others go on (exit 2 if any failed). Under torchrun each rank
+    takes every WORLD_SIZE-th pair."""
+    from voxreg.registration.batch import run_batch
+
+    with progress_bar("pairs") as update:
+        summary = run_batch(
+            pairs,
+            output,
+            model=model,
+            engine=engine,
+            device=device,
+            workers=workers,
+            figure=not no_figure,
+            progress=update,
+            similarity=similarity,
+            lam=lam,
+            refine=refine,
+            affine=not no_affine,
+            affine_only=affine_only,
+        )
+    console.print(summary.line())
+    for row in summary.rows:
+        if row["status"] == "failed":
+            console.print(f"  failed {row['id']}: {row['error']}")
+    if summary.failed:
+        raise typer.Exit(code=2)
