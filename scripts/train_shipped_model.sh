@@ -13,5 +13,5 @@ mkdir -p "$RUN"
 # 80x96x80 synthetic grid: the MNI brain fills it at ~2.07 mm per voxel (the model's space).
 exec "$(dirname "$VENV_PY")/voxreg" train --synth brain:0.8,shapes:0.2 --synth-shape 80x96x80 --voxel-size 2.07 \
     --dice-weight 1 --similarity ncc --similarity-weight 1 --network vm2 --half-res --int-steps 5 \
-    --lambda-range 0.1 10 --lr 3e-4 --steps 200000 --schedule 0.5:3000 \
+    --lambda 1 --lr 1e-4 --steps 200000 --schedule 0.5:3000 \
     --checkpoint-every 100 --seed 0 --device auto -o "$RUN" "${RESUME[@]}" "$@"
