@@ -22,6 +22,15 @@ __all__ = ["plot_losses", "summary_figure", "summary_plane", "summary_slice"]
 _COLUMNS = 6  # summary panels per row
 
 
+def _running_mean(values: Sequence[float], window: int) -> list[float]:
+    """Trailing mean over ``window`` values (NaN values skipped; NaN where none)."""
+    out = []
+    for i in range(len(values)):
+        chunk = [v for v in values[max(0, i - window + 1) : i + 1] if not math.isnan(v)]
+        out.append(sum(chunk) / len(chunk) if chunk else math.nan)
+    return out
+
+
 def plot_losses(path: PathLike, history: Sequence[Mapping[str, float]]) -> Path:
     """Loss curves (total, similarity, regulariser) and validation Dice, written atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -31,8 +40,12 @@ def plot_losses(path: PathLike, history: Sequence[Mapping[str, float]]) -> Path:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     steps = [r["step"] for r in history]
+    window = max(1, len(history) // 50)  # per-step losses of random pairs are noisy: show a running mean too
     for key in ("loss", "similarity", "regularizer"):
-        ax.plot(steps, [r.get(key, math.nan) for r in history], label=key, lw=1)
+        values = [r.get(key, math.nan) for r in history]
+        (line,) = ax.plot(steps, values, lw=0.6, alpha=0.3 if window > 1 else 1.0)
+        label = key if window == 1 else f"{key} (mean of {window} steps)"
+        ax.plot(steps, _running_mean(values, window), color=line.get_color(), lw=1.5, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     val = [(r["step"], r["val_dice"]) for r in history if "val_dice" in r]
