@@ -151,3 +151,16 @@ def load_checkpoint(
             f"checkpoint {path} weights do not match its config: {one_line(str(exc) or type(exc).__name__, 160)}"
         ) from exc
     return model.to(device).eval(), payload["extra"]
+
+
+#: extras a weights-only checkpoint keeps (what inference and a continued training need to know)
+WEIGHTS_ONLY_EXTRAS = ("model_space", "train_config", "step", "seconds")
+
+
+def save_weights_only(checkpoint: str | os.PathLike[str], path: str | os.PathLike[str], half: bool = False) -> Path:
+    """Copy of a training checkpoint without optimiser, scheduler and RNG state: the network
+    (float16 weights when ``half``) and :data:`WEIGHTS_ONLY_EXTRAS` — a few MB less, small
+    enough to ship or commit; training continues from it with ``voxreg train --init``."""
+    model, extra = load_checkpoint(checkpoint)
+    keep = {key: extra[key] for key in WEIGHTS_ONLY_EXTRAS if key in extra}
+    return save_checkpoint(path, model.half() if half else model, keep)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from voxreg.core.errors import VoxregError
-from voxreg.nn.checkpoint import load_checkpoint, save_checkpoint
+from voxreg.nn.checkpoint import save_weights_only
 
 __all__ = ["ShippedModel", "default_model", "shipped_models", "find_shipped", "export_shipped"]
 
@@ -84,13 +84,11 @@ def default_model(ndim: int, folder: Path | None = None) -> ShippedModel | None:
 def export_shipped(checkpoint: str | Path, folder: Path, card: dict[str, Any], half: bool = True) -> Path:
     """Write a training checkpoint as a shipped model: weights (float16 when ``half``), the
     network config and its model space only — no optimiser state — plus its card."""
-    model, extra = load_checkpoint(checkpoint)
     missing = [key for key in _CARD_KEYS if key not in card]
     if missing:
         raise ValueError(f"model card misses {', '.join(missing)}")
-    keep = {key: extra[key] for key in ("model_space", "train_config", "step", "seconds") if key in extra}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    path = save_checkpoint(folder / f"{card['name']}.pt", model.half() if half else model, keep)
+    path = save_weights_only(checkpoint, folder / f"{card['name']}.pt", half=half)
     (folder / f"{card['name']}.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     return path
