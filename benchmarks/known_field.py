@@ -18,41 +18,11 @@ import torch
 
 from voxreg import io, metrics
 from voxreg.core import synthetic
+from voxreg.io.labels import ASEG30
 from voxreg.registration import pipeline as api
 from voxreg.registration.instance import AlignConfig
 
-VOXELMORPH_EVAL_LABELS = [
-    2,
-    3,
-    4,
-    7,
-    8,
-    10,
-    11,
-    12,
-    13,
-    14,
-    15,
-    16,
-    17,
-    18,
-    24,
-    28,
-    31,
-    41,
-    42,
-    43,
-    46,
-    47,
-    49,
-    50,
-    51,
-    52,
-    53,
-    54,
-    60,
-    63,
-]
+VOXELMORPH_EVAL_LABELS = list(ASEG30)  # VoxelMorph's 30 evaluation labels (voxreg.io.labels)
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
