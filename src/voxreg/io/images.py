@@ -92,7 +92,13 @@ def looks_like_label_map(path: PathLike) -> bool:
         image = load_image(path)
     except VoxregError:
         return False
-    values = np.unique(image.array)
+    return has_label_values(image.array)
+
+
+def has_label_values(array: np.ndarray) -> bool:
+    """True when every value is an integer and there are at most :data:`MAX_FLOAT_LABELS`
+    distinct values (a label map, whatever dtype it was stored in)."""
+    values = np.unique(array)
     return values.size <= MAX_FLOAT_LABELS and bool(np.all(np.abs(values - np.round(values)) <= _LABEL_TOLERANCE))
 
 

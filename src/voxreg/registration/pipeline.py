@@ -362,8 +362,12 @@ def apply_field(
     field, fixed_affine = io.load_field(field_path)
     if isinstance(image, Image):
         loaded = image
-    else:  # label maps (integer voxels, or integer-valued floats with few values) default to nearest
-        loaded = io.load_image(image, label=bool(nearest) or (nearest is None and io.looks_like_label_map(image)))
+    elif nearest is not None or io.stored_as_integer(image):
+        loaded = io.load_image(image, label=nearest is not False)
+    else:  # read once; integer-valued floats with few values (labels saved as float) are label maps
+        loaded = io.load_image(image)
+        if io.has_label_values(loaded.array):
+            loaded = io.as_label_image(loaded)
     grid = Image(np.zeros(field.shape[1:], dtype=np.float32), fixed_affine)
     if loaded.ndim != grid.ndim:
         raise VoxregError(f"{loaded.path}: image is {loaded.ndim}D but the field {field_path} is {grid.ndim}D")
