@@ -10,6 +10,11 @@ Sets (``--sets``, comma-separated):
   ct              simulated multi-phase liver CT (benchmarks/multiphase_ct.py output folder,
                   --multiphase DIR): affine, instance NCC, instance MI
   2d              ANTs slices r64->r16, r85->r27, OASIS 2D B->A, ITKElastix CT head (masks as labels)
+  cardiac         MyoPS T2 -> bSSFP of 4 patients with a known smooth in-plane perturbation (TRE of
+                  200 landmarks): affine, ANTs SyN, default (voxreg register with no options),
+                  instance with MI
+With a shipped default model, mindboggle adds `network` (the model alone) and `default`
+(voxreg register with no options: the model + its refinement); ct and 2d add `default`.
 
 Usage: python benchmarks/run_evaluation.py [--sets mindboggle,2d] [--out /tmp/voxreg_eval]
        [--model best.pt --preprocessed /tmp/mb_pre] [--multiphase /tmp/multiphase_ct] [--docs]
@@ -26,6 +31,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from voxreg.nn.shipped import default_model
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 MARK_BEGIN, MARK_END = "<!-- evaluation:begin -->", "<!-- evaluation:end -->"
@@ -34,7 +45,7 @@ MARK_BEGIN, MARK_END = "<!-- evaluation:begin -->", "<!-- evaluation:end -->"
 def write_pairs(path: Path, rows: list[dict[str, str]]) -> Path:
     """A pairs CSV for `voxreg evaluate`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    columns = ["id", "fixed", "moving", "fixed_labels", "moving_labels"]
+    columns = ["id", "fixed", "moving", "fixed_labels", "moving_labels", "fixed_landmarks", "moving_landmarks"]
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, restval="")
         writer.writeheader()
@@ -85,6 +96,60 @@ def two_d_rows(data: Path) -> list[dict[str, str]]:
             "moving_labels": ct / "CT_2D_head_moving_mask.nii.gz",
         },
     ]
+
+
+def _smooth_in_plane_field(shape: tuple[int, ...], spacing: np.ndarray, max_mm: float, seed: int) -> np.ndarray:
+    """A smooth random in-plane displacement ``(3, *shape)`` in voxels (axes 0 and 1 only,
+    varying smoothly across slices), at most ``max_mm`` long: a synthetic perturbation."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.standard_normal((2, 4, 4, 2))
+    field = np.zeros((3, *shape), np.float32)
+    for axis in range(2):
+        zoom = [n / c for n, c in zip(shape, coarse.shape[1:])]
+        field[axis] = ndimage.zoom(coarse[axis], zoom, order=3, mode="nearest")[: shape[0], : shape[1], : shape[2]]
+    length_mm = np.sqrt((field[0] * spacing[0]) ** 2 + (field[1] * spacing[1]) ** 2)
+    return field * (max_mm / length_mm.max())
+
+
+def cardiac_rows(data: Path, out: Path, max_mm: float = 6.0, landmarks: int = 200) -> list[dict[str, str]]:
+    """T2 -> bSSFP (C0) of the 4 MyoPS patients (already aligned by the organisers): the T2 scan
+    is warped by a known smooth in-plane perturbation (up to ``max_mm``), and landmarks are
+    drawn in the tissue of the perturbed scan, so that the target registration error (TRE) of
+    each method is known. Written under ``out`` (never into the repository)."""
+    base = data / "cardiac_mr" / "myops_multisequence"
+    rows = []
+    for patient in (101, 102, 103, 104):
+        t2 = nib.load(base / f"{patient}_T2.nii.gz")
+        array = np.asarray(t2.dataobj, dtype=np.float32)
+        spacing = np.asarray(t2.header.get_zooms()[:3], dtype=float)
+        field = _smooth_in_plane_field(array.shape, spacing, max_mm, seed=patient)
+        grid = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in array.shape], indexing="ij")
+        # moving(x) = T2(x + u(x)): the anatomy at fixed point x + u(x) sits at x in the moving scan
+        moved = ndimage.map_coordinates(array, [g + f for g, f in zip(grid, field)], order=1, mode="nearest")
+        moving_path = out / "inputs" / f"{patient}_T2_perturbed.nii.gz"
+        moving_path.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(moved.astype(np.float32), t2.affine), moving_path)
+        rng = np.random.default_rng(patient)
+        centre = np.zeros(array.shape, bool)
+        centre[array.shape[0] // 4 : 3 * array.shape[0] // 4, array.shape[1] // 4 : 3 * array.shape[1] // 4] = True
+        tissue = np.argwhere(centre & (moved > np.percentile(moved[centre], 60)))
+        points = tissue[rng.choice(len(tissue), size=landmarks, replace=False)].astype(float)
+        fixed_points = points + np.stack([ndimage.map_coordinates(f, points.T, order=1) for f in field], axis=1)
+        names = {}
+        for side, voxels in (("fixed", fixed_points), ("moving", points)):
+            world = nib.affines.apply_affine(t2.affine, voxels)
+            names[side] = out / "inputs" / f"{patient}_{side}_landmarks.csv"
+            np.savetxt(names[side], world, delimiter=",", header="x,y,z", comments="", fmt="%.4f")
+        rows.append(
+            {
+                "id": f"{patient} T2->C0",
+                "fixed": base / f"{patient}_C0.nii.gz",
+                "moving": moving_path,
+                "fixed_landmarks": names["fixed"],
+                "moving_landmarks": names["moving"],
+            }
+        )
+    return rows
 
 
 def write_organ_table(path: Path, labels_csv: Path) -> Path:
@@ -192,7 +257,12 @@ def main() -> None:
         if name == "mindboggle":
             pairs = write_pairs(out / "pairs.csv", mindboggle_rows(args.data))
             extra = ["--exclude-labels", "0,74"]
-            evaluate(pairs, out, "affine,ants-syn,instance", *extra)
+            methods = "affine,ants-syn,instance"
+            shipped = default_model(3)
+            if shipped is not None:  # the shipped model alone, and the default (model + refinement)
+                extra += ["--model", shipped.name]
+                methods += ",network,default"
+            evaluate(pairs, out, methods, *extra)
             title = "Mindboggle OASIS-TRT-20, 8 pairs, native space (98 DKT31/CMA labels)"
         elif name == "mindboggle-mni":
             if args.model is None or args.preprocessed is None:
@@ -206,12 +276,12 @@ def main() -> None:
             pairs = args.multiphase / "pairs.csv"
             table = args.data / "ct" / "totalsegmentator_example" / "labels.csv"
             organs = write_organ_table(out / "organs.csv", table)
-            evaluate(pairs, out / "ncc", "affine,instance", "--similarity", "ncc", "--structures", str(organs))
+            evaluate(pairs, out / "ncc", "affine,instance,default", "--similarity", "ncc", "--structures", str(organs))
             evaluate(pairs, out / "mi", "instance", "--similarity", "mi", "--structures", str(organs))
             sections.append(
                 (
                     "Simulated multi-phase liver CT, instance optimisation with NCC",
-                    f"voxreg evaluate {pairs} -o {out / 'ncc'} --methods affine,instance --structures {organs}",
+                    f"voxreg evaluate {pairs} -o {out / 'ncc'} --methods affine,instance,default --structures {organs}",
                     out / "ncc",
                 )
             )
@@ -225,8 +295,21 @@ def main() -> None:
             continue
         elif name == "2d":
             pairs, extra = write_pairs(out / "pairs.csv", two_d_rows(args.data)), []
-            evaluate(pairs, out, "affine,ants-syn,instance")
+            evaluate(pairs, out, "affine,ants-syn,instance,default")
             title = "2D pairs (ANTs slices, OASIS 2D, CT head with masks)"
+        elif name == "cardiac":
+            pairs = write_pairs(out / "pairs.csv", cardiac_rows(args.data, out))
+            evaluate(pairs, out / "ncc", "affine,ants-syn,default")
+            evaluate(pairs, out / "mi", "instance", "--similarity", "mi")
+            for kind, methods in (("ncc", "affine,ants-syn,default"), ("mi", "instance --similarity mi")):
+                sections.append(
+                    (
+                        f"Cardiac MR T2 -> bSSFP, known in-plane perturbation (4 MyoPS patients), {kind}",
+                        f"voxreg evaluate {pairs} -o {out / kind} --methods {methods}",
+                        out / kind,
+                    )
+                )
+            continue
         else:
             sys.exit(f"unknown set {name!r}")
         command = f"voxreg evaluate {pairs} -o {out} " + " ".join(extra)

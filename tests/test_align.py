@@ -8,7 +8,7 @@ import torch
 
 from conftest import smooth_volume
 from voxreg.core import spatial
-from voxreg.registration.instance import AlignConfig, align, foreground_box
+from voxreg.registration.instance import AlignConfig, _field_from_parameter, align, foreground_box
 
 FAST = dict(similarity="mse", scales=(2, 1), iterations=(60, 30), lr=0.1)
 
@@ -73,3 +73,33 @@ def test_config_validation():
     with pytest.raises(ValueError, match="same length"):
         AlignConfig(scales=(4, 2), iterations=(10,))
     assert AlignConfig(similarity="MI").lam == 2.0  # per-similarity default weight
+    with pytest.raises(ValueError, match="residual_int_steps must be >= 0"):
+        AlignConfig(residual_int_steps=-1)
+
+
+def test_the_finest_level_composes_a_residual_after_the_coarse_field():
+    config = AlignConfig(residual_int_steps=2)
+    base = torch.zeros(1, 3, 6, 7, 8)
+    base[:, 0] = 1.5  # a translation by 1.5 voxels of the parameter grid
+    zero = torch.zeros_like(base)
+    # a zero residual leaves the coarse field (resized to the level: values x (new-1)/(old-1))
+    torch.testing.assert_close(
+        _field_from_parameter(zero, (11, 7, 8), config, base)[:, 0], torch.full((1, 11, 7, 8), 3.0)
+    )
+    # translations compose by adding: 1.5 + 0.5 voxel; the residual velocity of a translation
+    # integrates to itself whatever the number of squarings
+    residual = torch.zeros_like(base)
+    residual[:, 0] = 0.5
+    torch.testing.assert_close(
+        _field_from_parameter(residual, (6, 7, 8), config, base)[:, 0], torch.full((1, 6, 7, 8), 2.0)
+    )
+    # without a base the parameter is the whole velocity, integrated with int_steps
+    torch.testing.assert_close(_field_from_parameter(residual, (6, 7, 8), config)[:, 0], torch.full((1, 6, 7, 8), 0.5))
+
+
+@pytest.mark.parametrize("fine_residual", [True, False])
+def test_known_shift_with_and_without_the_fine_residual(fine_residual):
+    fixed, moving = shifted_pair((24, 28, 22), 0, 1.5)
+    result = align(fixed, moving, AlignConfig(**FAST, fine_residual=fine_residual))
+    interior = (0, 0, slice(6, -6), slice(6, -6), slice(6, -6))
+    assert abs(float(result.field[interior].median()) - 1.5) < 0.2

@@ -437,6 +437,38 @@ def test_network_methods_with_a_tiny_checkpoint(tmp_path, pairs_csv):
         assert 0.0 <= row["folding_percent"] < 5.0
 
 
+def test_default_method_and_a_shipped_model_by_name(tmp_path, pairs_csv, monkeypatch):
+    import torch
+
+    from voxreg.nn import NetworkConfig, VoxelMorph, save_checkpoint
+    from voxreg.nn import shipped as shipped_module
+    from voxreg.nn.shipped import export_shipped
+
+    torch.manual_seed(0)
+    checkpoint = save_checkpoint(
+        tmp_path / "tiny.pt",
+        VoxelMorph(NetworkConfig(ndim=3, enc_features=(4, 4), dec_features=(4, 4, 4, 4), half_res=True)),
+    )
+    card = {"name": "tiny", "description": "t", "anatomy": "any", "ndim": 3, "default": True, "refine": 4}
+    export_shipped(checkpoint, tmp_path / "models", card)
+    monkeypatch.setattr(shipped_module, "models_dir", lambda: tmp_path / "models")
+    with pytest.raises(VoxregError, match="nope: model checkpoint not found|no shipped model named 'nope'"):
+        ev.resolve_methods("network", "nope")
+    result = ev.evaluate(
+        pairs_csv, tmp_path / "out", "default,instance,network,network-refine", model="tiny", device="cpu", examples=0
+    )
+    engines = {row["method"]: json.loads(row["settings"])["engine"] for row in result.rows}
+    assert all(row["status"] == "ok" for row in result.rows), [row["error"] for row in result.rows]
+    # default = register() with no options: the shipped default and its card's refinement;
+    # instance never uses the shipped model
+    assert engines == {
+        "default": "network+refine4",
+        "instance": "instance-optimisation",
+        "network": "network",
+        "network-refine": "network+refine4",
+    }
+
+
 # --------------------------------------------------------------------------- resume and failures
 
 

@@ -35,7 +35,17 @@ def shipped_dir(tmp_path, monkeypatch):
     )
     folder = tmp_path / "models"
     export_shipped(
-        ckpt, folder, {"name": "tiny-brain", "description": "test", "anatomy": "brain", "ndim": 3, "default": True}
+        ckpt,
+        folder,
+        {
+            "name": "tiny-brain",
+            "description": "test",
+            "anatomy": "brain",
+            "ndim": 3,
+            "default": True,
+            "refine": 3,
+            "covers": {"max_spacing_mm": 4.3, "max_extent_mm": 100.0},
+        },
     )
     monkeypatch.setattr(shipped_module, "models_dir", lambda: folder)
     return folder
@@ -59,11 +69,12 @@ def test_auto_uses_the_default_shipped_model_in_its_space(shipped_dir):
     fixed, moving = _pair()
     assert resolve_model(None, "auto", 3) == shipped_dir / "tiny-brain.pt"
     assert resolve_model(None, "auto", 2) is None  # 2D falls back to instance optimisation
-    result = voxreg.register(fixed, moving, affine=False, metrics=False, device="cpu")
+    result = voxreg.register(fixed, moving, refine=0, affine=False, metrics=False, device="cpu")
     assert result.metrics["engine"] == "network"
     assert result.metrics["model"] == str(shipped_dir / "tiny-brain.pt")
+    assert result.metrics["engine_reason"] == "shipped model tiny-brain"
     assert result.field.shape == (1, 3, 24, 24, 24) and torch.isfinite(result.field).all()
-    named = voxreg.register(fixed, moving, model="tiny-brain", affine=False, metrics=False, device="cpu")
+    named = voxreg.register(fixed, moving, model="tiny-brain", refine=0, affine=False, metrics=False, device="cpu")
     torch.testing.assert_close(named.field, result.field)
     instance = voxreg.register(fixed, moving, engine="instance", affine=False, metrics=False, device="cpu")
     assert instance.metrics["engine"] == "instance-optimisation" and instance.metrics["model"] is None
@@ -81,3 +92,58 @@ def test_refine_without_a_network_is_refused(tmp_path, monkeypatch):
     fixed, moving = _pair()
     with pytest.raises(VoxregError, match="--refine N refines a network's field"):
         voxreg.register(fixed, moving, refine=5, affine=False, metrics=False, device="cpu")
+
+
+def test_the_default_refines_the_shipped_model_by_its_card(shipped_dir, tmp_path):
+    fixed, moving = _pair()
+    default = voxreg.register(fixed, moving, affine=False, metrics=False, device="cpu")
+    assert default.metrics["engine"] == "network+refine3"  # the card's "refine": 3
+    by_name = voxreg.register(fixed, moving, model="tiny-brain", affine=False, metrics=False, device="cpu")
+    assert by_name.metrics["engine"] == "network+refine3"
+    # a checkpoint file given by path is not refined unless asked
+    by_path = voxreg.register(
+        fixed, moving, model=shipped_dir / "tiny-brain.pt", affine=False, metrics=False, device="cpu"
+    )
+    assert by_path.metrics["engine"] == "network"
+    asked = voxreg.register(
+        fixed, moving, model=shipped_dir / "tiny-brain.pt", refine=2, affine=False, metrics=False, device="cpu"
+    )
+    assert asked.metrics["engine"] == "network+refine2"
+
+
+def test_refinement_splits_steps_four_to_one_between_half_and_full_scale():
+    from voxreg.registration.instance import AlignConfig
+
+    assert AlignConfig().refinement(25).iterations == (20, 5)
+    assert AlignConfig().refinement(25).scales == (2, 1)
+    assert AlignConfig().refinement(3).iterations == (2, 1)
+    assert AlignConfig().refinement(1).iterations == (0, 1)
+
+
+@pytest.mark.parametrize(
+    "spacing, reason",
+    [
+        ((1.0, 1.0, 6.0), "voxels of 6 mm are coarser than the 4.3 mm it covers"),  # thick slices
+        ((1.0, 1.0, 4.5), "voxels of 4.5 mm are coarser than the 4.3 mm it covers"),
+        ((1.0, 1.0, 4.2), "a 101 mm field of view is wider than the 100 mm it covers"),  # 24 x 4.2 mm
+    ],
+)
+def test_auto_falls_back_to_instance_when_the_shipped_model_does_not_cover_the_scans(shipped_dir, spacing, reason):
+    fixed, moving = _pair()
+    affine = np.diag([*spacing, 1.0])
+    fixed, moving = Image(fixed.array, affine), Image(moving.array, affine)
+    result = voxreg.register(fixed, moving, affine=False, metrics=False, device="cpu")
+    assert result.metrics["engine"] == "instance-optimisation"
+    assert result.metrics["engine_reason"] == f"shipped model tiny-brain not used: {reason}"
+    # asked for by name, the model runs anyway (the user knows the scans)
+    named = voxreg.register(fixed, moving, model="tiny-brain", refine=0, affine=False, metrics=False, device="cpu")
+    assert named.metrics["engine"] == "network" and named.metrics["engine_reason"] == "shipped model tiny-brain"
+    with pytest.raises(VoxregError, match="no network runs \\(shipped model tiny-brain not used"):
+        voxreg.register(fixed, moving, refine=4, affine=False, metrics=False, device="cpu")
+
+
+def test_a_scan_at_the_covered_limits_uses_the_model(shipped_dir):
+    fixed, moving = _pair(spacing=4.0)  # 24 x 4 mm = 96 mm field of view, 4 mm voxels: covered
+    result = voxreg.register(fixed, moving, affine=False, metrics=False, device="cpu")
+    assert result.metrics["engine"] == "network+refine3"
+    assert result.metrics["engine_reason"] == "shipped model tiny-brain"

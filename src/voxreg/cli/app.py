@@ -40,7 +40,11 @@ def register(
     ),
     similarity: str = typer.Option("ncc", "--similarity", "-s", help="Similarity: ncc, mse or mi."),
     lam: float | None = typer.Option(None, "--lambda", "-l", help="Regularisation weight."),
-    refine: int = typer.Option(0, "--refine", help="Instance-optimisation steps after the network."),
+    refine: int | None = typer.Option(
+        None,
+        "--refine",
+        help="Instance-optimisation steps after the network (default: the shipped model's own; 0 after a checkpoint).",
+    ),
     device: Device = "auto",
     moving_labels: list[Path] = typer.Option(
         [], "--moving-labels", help="Label map(s) on the moving scan to carry along."

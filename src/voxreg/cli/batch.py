@@ -21,7 +21,11 @@ def register_batch(
     engine: str = typer.Option("auto", "--engine", help="auto, network or instance (as voxreg register)."),
     similarity: str = typer.Option("ncc", "--similarity", "-s", help="Similarity: ncc, mse or mi."),
     lam: float | None = typer.Option(None, "--lambda", "-l", help="Regularisation weight."),
-    refine: int = typer.Option(0, "--refine", help="Instance-optimisation steps after the network."),
+    refine: int | None = typer.Option(
+        None,
+        "--refine",
+        help="Instance-optimisation steps after the network (default: the shipped model's own; 0 after a checkpoint).",
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N] (under torchrun: one GPU per rank)."),
     workers: int = typer.Option(2, "--workers", help="IO threads reading ahead / writing behind (0: none)."),
     no_affine: bool = typer.Option(False, "--no-affine", help="Skip the affine pre-alignment."),

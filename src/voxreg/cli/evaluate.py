@@ -116,10 +116,16 @@ def evaluate(
     methods: str | None = typer.Option(
         None,
         "--methods",
-        help="Comma list of affine, instance, network, network-refine, ants-syn (default affine,ants-syn,instance, + network,network-refine with --model).",
+        help="Comma list of affine, default, instance, network, network-refine, ants-syn (default affine,ants-syn,instance, + network,network-refine with --model). default = voxreg register with no options.",
     ),
-    model: Path | None = typer.Option(None, "--model", "-m", help="Network checkpoint for network / network-refine."),
-    refine: int = typer.Option(50, "--refine", help="Refinement steps of network-refine."),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Network checkpoint, or a shipped model's name, for network / network-refine."
+    ),
+    refine: int | None = typer.Option(
+        None,
+        "--refine",
+        help="Refinement steps of network-refine (default: the shipped model's own; 50 after a checkpoint).",
+    ),
     lam: float | None = typer.Option(
         None, "--lambda", "-l", help="Regularisation weight (instance, refinement, lambda-conditional network)."
     ),

@@ -26,6 +26,7 @@ PathLike = str | os.PathLike
 DEFAULT_METHODS = ("affine", "ants-syn", "instance")
 MODEL_METHODS = ("network", "network-refine")
 CPU_METHODS = frozenset({"ants-syn"})  # run on CPU whatever --device says
+CHECKPOINT_REFINE = 50  # network-refine steps after a checkpoint file when --refine is not given
 
 
 def map_points(
@@ -73,12 +74,13 @@ def _run_voxreg(data: PairData, options: EvaluationOptions, **kwargs: Any) -> Me
     field = result.field[0].numpy()
     fixed_affine, world_matrix = data.fixed.affine, result.world_matrix
     settings = {
-        "engine": result.metrics["engine"],
         "affine": "voxreg.affine defaults",
         "seconds": "api.register pipeline_seconds (input normalisation, affine, deformable, "
         "warping the moving scan; not the metrics)",
         "torch": torch.__version__,
         **_jsonable_kwargs(kwargs),
+        "engine": result.metrics["engine"],
+        "model": result.metrics["model"],
     }
     return MethodOutput(
         warped=result.warped,
@@ -107,31 +109,38 @@ def run_affine(data: PairData, options: EvaluationOptions) -> MethodOutput:
     return _run_voxreg(data, options, affine_only=True)
 
 
+def run_default(data: PairData, options: EvaluationOptions) -> MethodOutput:
+    """What ``voxreg register FIXED MOVING`` does with no options: the shipped model for the
+    scans' dimension and its default refinement when one ships, else instance optimisation."""
+    return _run_voxreg(data, options)
+
+
 def run_instance(data: PairData, options: EvaluationOptions) -> MethodOutput:
     """Affine stage + instance optimisation (``--similarity``, ``--lambda``, ``--iterations``)."""
-    return _run_voxreg(data, options, config=align_config(options))
+    return _run_voxreg(data, options, engine="instance", config=align_config(options))
 
 
 def run_network(data: PairData, options: EvaluationOptions) -> MethodOutput:
-    """Affine stage + one forward pass of the checkpoint ``options.model``."""
-    return _run_voxreg(data, options, model=_require_model(options), lam=options.lam, config=align_config(options))
+    """Affine stage + one forward pass of the model ``options.model`` (no refinement)."""
+    model = _require_model(options)
+    return _run_voxreg(data, options, model=model, lam=options.lam, refine=0, config=align_config(options))
 
 
 def run_network_refine(data: PairData, options: EvaluationOptions) -> MethodOutput:
-    """Affine stage + the network + ``options.refine`` instance-optimisation steps."""
-    return _run_voxreg(
-        data,
-        options,
-        model=_require_model(options),
-        lam=options.lam,
-        refine=options.refine,
-        config=align_config(options),
-    )
+    """Affine stage + the network + ``options.refine`` instance-optimisation steps (None: a
+    shipped model's own default, :data:`CHECKPOINT_REFINE` after a checkpoint file)."""
+    from voxreg.registration.pipeline import default_refinement
+
+    model = _require_model(options)
+    refine = options.refine
+    if refine is None:
+        refine = default_refinement(model, "network", data.fixed.ndim) or CHECKPOINT_REFINE
+    return _run_voxreg(data, options, model=model, lam=options.lam, refine=refine, config=align_config(options))
 
 
-def _require_model(options: EvaluationOptions) -> Path:
+def _require_model(options: EvaluationOptions) -> str | Path:
     if options.model is None:
-        raise VoxregError("methods network and network-refine need --model CHECKPOINT")
+        raise VoxregError("methods network and network-refine need --model (a checkpoint or a shipped model's name)")
     return options.model
 
 
@@ -141,6 +150,7 @@ def _device_name(device: torch.device) -> str:
 
 METHODS: dict[str, MethodRunner] = {
     "affine": run_affine,
+    "default": run_default,
     "instance": run_instance,
     "network": run_network,
     "network-refine": run_network_refine,
@@ -160,7 +170,11 @@ def resolve_methods(methods: Sequence[str] | str | None, model: PathLike | None)
     if unknown:
         raise VoxregError(f"unknown method(s) {', '.join(unknown)} (choose from {', '.join(METHODS)})")
     if model is None and any(m in MODEL_METHODS for m in names):
-        raise VoxregError("methods network and network-refine need --model CHECKPOINT")
-    if model is not None and not Path(model).is_file():
-        raise VoxregError(f"{model}: model checkpoint not found")
+        raise VoxregError("methods network and network-refine need --model (a checkpoint or a shipped model's name)")
+    if model is not None:
+        from voxreg.registration.pipeline import resolve_model
+
+        checkpoint = resolve_model(model, "network", 3)
+        if checkpoint is None or not Path(checkpoint).is_file():
+            raise VoxregError(f"{model}: model checkpoint not found")
     return names

@@ -86,7 +86,7 @@ def evaluate(
     methods: Sequence[str] | str | None = None,
     *,
     model: PathLike | None = None,
-    refine: int = 50,
+    refine: int | None = None,
     lam: float | None = None,
     similarity: str = "ncc",
     device: str | torch.device = "auto",
@@ -109,8 +109,8 @@ def evaluate(
         import_ants()
     structure_table(structures)  # an unknown preset or table fails before any work
     options = EvaluationOptions(
-        model=Path(model) if model is not None else None,
-        refine=int(refine),
+        model=model,
+        refine=None if refine is None else int(refine),
         lam=lam,
         similarity=similarity,
         device=resolve_device(device),

@@ -24,8 +24,8 @@ Row = dict[str, Any]
 class EvaluationOptions:
     """Settings shared by the methods of one evaluation."""
 
-    model: Path | None = None
-    refine: int = 50
+    model: str | Path | None = None  # a checkpoint file or a shipped model's name
+    refine: int | None = None  # None: the shipped model's own, 50 after a checkpoint file
     lam: float | None = None
     similarity: str = "ncc"
     device: torch.device = dataclass_field(default_factory=lambda: torch.device("cpu"))

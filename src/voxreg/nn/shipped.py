@@ -9,6 +9,7 @@ accuracy). Nothing is ever downloaded. ``voxreg models`` lists them.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -39,6 +40,21 @@ class ShippedModel:
     def size_mb(self) -> float:
         """Size of the checkpoint file in MB."""
         return self.path.stat().st_size / 1e6
+
+    def unsuited(self, spacing: Sequence[float], extent_mm: Sequence[float]) -> str | None:
+        """Why the model does not cover a scan with voxel ``spacing`` and field of view
+        ``extent_mm`` (per axis, mm), or None when it does. The card's ``covers`` bounds the
+        voxel size (``max_spacing_mm``: thick slices carry too little through-plane detail for
+        the model's grid) and the field of view (``max_extent_mm``: e.g. an abdomen is not a
+        head); a card without ``covers`` covers every scan of its dimension."""
+        covers = self.card.get("covers", {})
+        largest = max(float(v) for v in spacing)
+        if "max_spacing_mm" in covers and largest > float(covers["max_spacing_mm"]):
+            return f"voxels of {largest:g} mm are coarser than the {float(covers['max_spacing_mm']):g} mm it covers"
+        widest = max(float(v) for v in extent_mm)
+        if "max_extent_mm" in covers and widest > float(covers["max_extent_mm"]):
+            return f"a {widest:.0f} mm field of view is wider than the {float(covers['max_extent_mm']):g} mm it covers"
+        return None
 
 
 def models_dir() -> Path:

@@ -50,6 +50,12 @@ class AlignConfig:
     lr: float = 0.25
     diffeomorphic: bool = True
     int_steps: int = 6
+    # the finest level (after a coarser one) optimises a residual velocity, integrated with
+    # ``residual_int_steps`` squarings and composed after the (fixed) integrated field of the
+    # coarser levels, instead of re-integrating the whole velocity with ``int_steps`` at
+    # every full-resolution step, where that cost a third of the step
+    fine_residual: bool = True
+    residual_int_steps: int = 2
     field_scale: int = 2
     mi_bins: int = 32
     # voxels below this intensity in both images (background, its noise) are left out of
@@ -76,6 +82,8 @@ class AlignConfig:
         self.lam = check_number("lam", float(self.lam), low=0.0)
         if int(self.threads) < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if int(self.residual_int_steps) < 0:
+            raise ValueError(f"residual_int_steps must be >= 0, got {self.residual_int_steps}")
 
     @property
     def total_iterations(self) -> int:
@@ -83,9 +91,11 @@ class AlignConfig:
         return int(sum(self.iterations))
 
     def refinement(self, steps: int) -> AlignConfig:
-        """A config for ``steps`` refinement iterations at full and half scale only."""
-        fine = max(1, steps // 3)
-        return AlignConfig(**{**self.__dict__, "scales": (2, 1), "iterations": (steps - fine, fine)})
+        """A config for ``steps`` refinement iterations after a network: four in five at half
+        scale, one in five (at least one) at full scale, where a step costs about 8x more
+        (``benchmarks/refine_schedule.py``: 20 + 5 steps after the shipped model)."""
+        fine = max(1, steps // 5)
+        return AlignConfig(**{**self.__dict__, "scales": (2, 1), "iterations": (max(steps - fine, 0), fine)})
 
 
 @dataclass
@@ -123,10 +133,27 @@ def _parameter_shape(level_shape: tuple[int, ...], field_scale: int) -> list[int
     return [max(4, s // field_scale) for s in level_shape]
 
 
-def _field_from_parameter(param: Tensor, shape: tuple[int, ...], config: AlignConfig) -> Tensor:
-    """Displacement on the image grid ``shape`` from the optimised parameter."""
+def _field_from_parameter(
+    param: Tensor, shape: tuple[int, ...], config: AlignConfig, base: Tensor | None = None
+) -> Tensor:
+    """Displacement on the image grid ``shape`` from the optimised parameter: the integrated
+    velocity, or with ``base`` (the fixed integrated field of the coarser levels) ``base``
+    composed after the residual velocity ``param`` integrated by ``residual_int_steps``."""
+    if base is not None:
+        residual = spatial.integrate_velocity(param, config.residual_int_steps)
+        return spatial.resize_field(spatial.compose(base, residual), shape)
     field = spatial.integrate_velocity(param, config.int_steps) if config.diffeomorphic else param
     return spatial.resize_field(field, shape)
+
+
+def _residual_base(param: Tensor, config: AlignConfig, level: int) -> Tensor | None:
+    """The integrated field of the coarser levels when ``level`` is the finest of several and
+    optimises a residual (:attr:`AlignConfig.fine_residual`); None otherwise."""
+    finest = level == len(config.scales) - 1 and level > 0
+    if not (finest and config.fine_residual and config.diffeomorphic):
+        return None
+    with torch.no_grad():
+        return spatial.integrate_velocity(param, config.int_steps)
 
 
 def _cosine_lr(base: float, step: int, total: int) -> float:
@@ -300,10 +327,11 @@ def _optimise(
     similarity = _similarity(config).to(fixed.device)
     regularizer = losses.regularizer(config.regularizer).to(fixed.device)
     param: Tensor | None = None
+    base: Tensor | None = None
     history: list[float] = []
     threads = _ThreadChooser(config, fixed.device)
     done = 0
-    for level_scale, iterations in zip(config.scales, config.iterations):
+    for level, (level_scale, iterations) in enumerate(zip(config.scales, config.iterations)):
         fixed_level = _downsample(fixed, level_scale)
         moving_level = _downsample(moving, level_scale)
         level_shape = tuple(fixed_level.shape[2:])
@@ -312,6 +340,9 @@ def _optimise(
             param = torch.zeros(1, fixed.dim() - 2, *param_shape, device=fixed.device)
         else:
             param = spatial.resize_field(param.detach(), param_shape)
+            base = _residual_base(param, config, level)
+            if base is not None:
+                param = torch.zeros_like(base)
         param.requires_grad_(True)
         optimizer = torch.optim.Adam([param], lr=config.lr)
         level_similarity = _level_similarity(similarity, fixed_level, config)
@@ -320,7 +351,7 @@ def _optimise(
             threads.before(step)
             _set_learning_rate(optimizer, _cosine_lr(config.lr, step, iterations))
             optimizer.zero_grad(set_to_none=True)
-            field = _field_from_parameter(param, level_shape, config)
+            field = _field_from_parameter(param, level_shape, config, base)
             warped = spatial.warp(moving_level, field)
             mask = _foreground(fixed_level, warped.detach(), config.foreground_threshold)
             loss = _masked_similarity(level_similarity, fixed_level, warped, mask) + config.lam * regularizer(field)
@@ -336,4 +367,4 @@ def _optimise(
     with torch.no_grad():
         if param is None:
             return torch.zeros(1, fixed.dim() - 2, *fixed.shape[2:], device=fixed.device), history
-        return _field_from_parameter(param.detach(), tuple(fixed.shape[2:]), config), history
+        return _field_from_parameter(param.detach(), tuple(fixed.shape[2:]), config, base), history

@@ -116,6 +116,15 @@ def resolve_model(model: str | Path | None, engine: str, ndim: int) -> str | Pat
     """The checkpoint to run: a path, a shipped model's name (``voxreg models``), or for
     ``engine='auto'`` without a model the shipped default for ``ndim``-D scans (None: none
     ships, instance optimisation runs). ``engine='instance'`` never uses a network."""
+    shipped = _shipped_choice(model, engine, ndim)
+    if shipped is not None:
+        return shipped.path
+    return None if engine == "instance" else model
+
+
+def _shipped_choice(model: str | Path | None, engine: str, ndim: int) -> Any:
+    """The :class:`~voxreg.nn.shipped.ShippedModel` that runs (named, or the default for
+    ``ndim``-D scans with ``engine='auto'``), or None (a checkpoint path, or no network)."""
     from voxreg.nn.shipped import default_model, find_shipped
 
     try:
@@ -128,12 +137,47 @@ def resolve_model(model: str | Path | None, engine: str, ndim: int) -> str | Pat
         return None
     if model is not None:
         if Path(model).exists() or any(sep in str(model) for sep in "/\\") or str(model).endswith(".pt"):
-            return model
-        return find_shipped(str(model)).path
+            return None
+        return find_shipped(str(model))
     shipped = default_model(ndim)
     if shipped is None and engine == "network":
         raise VoxregError(f"--engine network: no shipped model registers {ndim}D scans; give --model CHECKPOINT")
-    return None if shipped is None else shipped.path
+    return shipped
+
+
+def default_refinement(model: str | Path | None, engine: str, ndim: int) -> int:
+    """Refinement steps when ``refine`` is not given: the shipped model's own (its card's
+    ``refine``, measured on held-out pairs), 0 for a user checkpoint or no network."""
+    shipped = _shipped_choice(model, engine, ndim)
+    return 0 if shipped is None else int(shipped.card.get("refine", 0))
+
+
+def _extent_mm(image: Image) -> np.ndarray:
+    """Field of view of ``image`` per axis in mm (voxels x spacing)."""
+    return np.asarray(image.shape, dtype=float) * image.spacing
+
+
+def choose_model(
+    model: str | Path | None, engine: str, fixed: Image, moving: Image, refine: int | None
+) -> tuple[str | Path | None, int, str]:
+    """(checkpoint or None, refinement steps, why this engine) for one pair. With
+    ``engine='auto'`` and no ``model`` the shipped default runs only when its card covers
+    both scans (:meth:`~voxreg.nn.shipped.ShippedModel.unsuited`); otherwise instance
+    optimisation runs and the reason says why."""
+    shipped = _shipped_choice(model, engine, fixed.ndim)
+    if engine == "auto" and model is None and shipped is not None:
+        for image in (fixed, moving):
+            why = shipped.unsuited(image.spacing, _extent_mm(image))
+            if why is not None:
+                return None, 0 if refine is None else refine, f"shipped model {shipped.name} not used: {why}"
+    if refine is None:
+        refine = 0 if shipped is None else int(shipped.card.get("refine", 0))
+    path = shipped.path if shipped is not None else (None if engine == "instance" else model)
+    if path is None:
+        reason = "--engine instance" if engine == "instance" else f"no shipped model registers {fixed.ndim}D scans"
+    else:
+        reason = f"shipped model {shipped.name}" if shipped is not None else "--model checkpoint"
+    return path, refine, reason
 
 
 def _model_lambda(model: Any, extra: Mapping[str, Any], lam: float | None, path: str | Path) -> float | None:
@@ -179,7 +223,7 @@ def register(
     model: str | Path | None = None,
     similarity: str = "ncc",
     lam: float | None = None,
-    refine: int = 0,
+    refine: int | None = None,
     device: str | torch.device = "auto",
     moving_labels: Sequence[ImageLike] | Mapping[str, ImageLike] | None = None,
     fixed_labels: ImageLike | None = None,
@@ -195,8 +239,8 @@ def register(
     """Register ``moving`` to ``fixed`` and return a :class:`RegistrationResult`.
 
     Without ``model`` the field comes from instance optimisation (``config`` or defaults
-    with ``similarity``/``lam``); with a checkpoint the network predicts it, optionally
-    refined by ``refine`` optimisation steps. An affine pre-alignment in world space runs
+    with ``similarity``/``lam``); with a checkpoint the network predicts it, refined by
+    ``refine`` optimisation steps (None: a shipped model's own default, 0 for a checkpoint). An affine pre-alignment in world space runs
     first unless ``affine=False`` or an explicit ``world_matrix`` (fixed world -> moving world,
     RAS mm) is given; ``affine_only`` stops after it. Label maps are carried with nearest
     neighbour. ``metrics=True`` adds Jacobian statistics, similarity before/after and (with
@@ -213,11 +257,11 @@ def register(
     if world_matrix is not None:
         check_affine(world_matrix, "world_matrix")
     _check_pair(fixed_img, moving_img)
-    model = resolve_model(model, engine, fixed_img.ndim)
+    model, refine, engine_reason = choose_model(model, engine, fixed_img, moving_img, refine)
     if model is None and refine > 0 and not affine_only:
         raise VoxregError(
-            "--refine N refines a network's field: give --model (or a shipped model); "
-            "instance optimisation runs its full schedule without it"
+            f"--refine N refines a network's field, but no network runs ({engine_reason}): give --model "
+            "(or a shipped model's name); instance optimisation runs its full schedule without it"
         )
     label_maps = _label_maps(moving_labels)
     fixed_label_img = as_image(fixed_labels, label=True) if fixed_labels is not None else None
@@ -253,6 +297,7 @@ def register(
     values.update(
         {
             "engine": engine,
+            "engine_reason": engine_reason,
             "device": str(torch_device),
             "registration_seconds": seconds,
             "pipeline_seconds": pipeline_seconds,
@@ -286,7 +331,8 @@ def _check_options(
     try:
         if lam is not None:
             check_number("--lambda", lam, low=0.0, low_inclusive=model is None)
-        check_int("--refine", refine, 0)
+        if refine is not None:
+            check_int("--refine", refine, 0)
     except ValueError as exc:
         raise VoxregError(str(exc)) from None
     if affine_only and not affine:
