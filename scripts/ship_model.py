@@ -53,11 +53,12 @@ CARD = {
 }
 
 
-def run_summary(metrics_csv: Path) -> tuple[int, float]:
-    """(last step, total wall hours) of a run's metrics CSV; its ``seconds`` column restarts at
-    every resume, so the wall time is the sum of each segment's last value."""
+def run_summary(metrics_csv: Path, step: int) -> tuple[int, float]:
+    """(last step, total wall hours) of a run's metrics CSV up to ``step`` (the checkpoint's);
+    its ``seconds`` column carries on across resumes, and if it ever restarts the wall time
+    is the sum of each segment's last value."""
     with open(metrics_csv, newline="") as handle:
-        rows = list(csv.DictReader(handle))
+        rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= step]
     total, previous = 0.0, 0.0
     for row in rows:
         seconds = float(row["seconds"])
@@ -83,7 +84,7 @@ def main() -> int:
     extra = load_checkpoint(args.checkpoint)[1]
     if "model_space" not in extra:
         sys.exit(f"{args.checkpoint}: no model space recorded; a shipped model must carry one")
-    steps, hours = run_summary(args.metrics)
+    steps, hours = run_summary(args.metrics, int(extra["step"]))
     card = {
         **CARD,
         "training_steps": steps,

@@ -8,6 +8,7 @@ import json
 from typer.testing import CliRunner
 
 from voxreg.cli import app
+from voxreg.nn.shipped import default_model
 
 
 def test_demo_recovers_the_known_deformation(tmp_path):
@@ -19,6 +20,9 @@ def test_demo_recovers_the_known_deformation(tmp_path):
     assert demo["endpoint_error_after_voxels"] < 0.5 * demo["endpoint_error_before_voxels"]
     assert values["dice_mean_after"] > values["dice_mean_before"] + 0.1
     assert values["folding_percent"] < 0.5
+    shipped = default_model(3)  # the demo runs what voxreg register runs by default
+    expected = "instance-optimisation" if shipped is None else f"network+refine{shipped.card['refine']}"
+    assert values["engine"] == expected and expected in result.output
     for name in (
         "warped.nii.gz",
         "warped_tissues.nii.gz",

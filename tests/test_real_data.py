@@ -65,3 +65,29 @@ def test_real_pair_itk_field_matches_voxreg_warp(tmp_path):
     difference = np.abs(io.sitk_to_array(by_itk)[0] - result.warped.array)
     assert difference.max() < 1e-3
     assert torch.isfinite(result.field).all()
+
+
+def test_shipped_brain_model_alone_improves_a_held_out_mindboggle_pair():
+    """The shipped model (synthetic training only) on real held-out subjects 2 -> 1, native
+    1 mm, affine first: Dice 0.417 (affine) -> 0.489 (network alone), measured 2026-11-30."""
+    folder = shared_path("brain_mri", "mindboggle_oasis_trt20")
+    fixed = folder / "OASIS-TRT-20-1" / "t1weighted_brain.nii.gz"
+    moving = folder / "OASIS-TRT-20-2" / "t1weighted_brain.nii.gz"
+    labels = {"labels": folder / "OASIS-TRT-20-2" / "labels_DKT31_CMA.nii.gz"}
+    truth = io.load_image(folder / "OASIS-TRT-20-1" / "labels_DKT31_CMA.nii.gz", label=True).array
+    affine = api.register(fixed, moving, affine_only=True, moving_labels=labels, metrics=False, device="cpu")
+    network = api.register(
+        fixed,
+        moving,
+        model="brain",
+        refine=0,
+        world_matrix=affine.world_matrix,
+        moving_labels=labels,
+        metrics=False,
+        device="cpu",
+    )
+    before = mean_dice(truth, affine.warped_labels["labels"].array)
+    after = mean_dice(truth, network.warped_labels["labels"].array)
+    assert 0.40 < before < 0.43
+    assert after > before + 0.05
+    assert metrics.jacobian_stats(network.field)["folding_percent"] < 0.1

@@ -96,7 +96,8 @@ def _print_demo_summary(console: Console, values: dict, written: dict[str, Path]
     )
     console.print(
         f"mean Dice of CSF/GM/WM maps: {values['dice_mean_before']:.3f} -> {values['dice_mean_after']:.3f}; "
-        f"folding {values['folding_percent']:.3f}%; {values['registration_seconds']:.1f} s on {values['device']}"
+        f"folding {values['folding_percent']:.3f}%; {values['engine']} ({values['engine_reason']}), "
+        f"{values['registration_seconds']:.1f} s on {values['device']}"
     )
     for name, path in written.items():
         console.print(f"  {name:14s} {path}")
