@@ -11,8 +11,8 @@ Sets (``--sets``, comma-separated):
                   --multiphase DIR): affine, instance NCC, instance MI
   2d              ANTs slices r64->r16, r85->r27, OASIS 2D B->A, ITKElastix CT head (masks as labels)
   cardiac         MyoPS T2 -> bSSFP of 4 patients with a known smooth in-plane perturbation (TRE of
-                  200 landmarks): affine, ANTs SyN, default (voxreg register with no options),
-                  instance with MI
+                  200 landmarks), and T2 -> its unperturbed self as control: affine, ANTs SyN,
+                  default (voxreg register with no options), instance with MI
 With a shipped default model, mindboggle adds `network` (the model alone) and `default`
 (voxreg register with no options: the model + its refinement); ct and 2d add `default`.
 
@@ -112,10 +112,11 @@ def _smooth_in_plane_field(shape: tuple[int, ...], spacing: np.ndarray, max_mm: 
 
 
 def cardiac_rows(data: Path, out: Path, max_mm: float = 6.0, landmarks: int = 200) -> list[dict[str, str]]:
-    """T2 -> bSSFP (C0) of the 4 MyoPS patients (already aligned by the organisers): the T2 scan
-    is warped by a known smooth in-plane perturbation (up to ``max_mm``), and landmarks are
-    drawn in the tissue of the perturbed scan, so that the target registration error (TRE) of
-    each method is known. Written under ``out`` (never into the repository)."""
+    """T2 -> bSSFP (C0) of the 4 MyoPS patients (aligned by the organisers): the T2 scan is
+    warped by a known smooth in-plane perturbation (up to ``max_mm``), and landmarks are drawn
+    in the tissue of the perturbed scan, so that the target registration error (TRE) is known
+    if C0 and T2 coincide; the same perturbed T2 -> the original T2 is the control where the
+    perturbation is the only motion. Written under ``out`` (never into the repository)."""
     base = data / "cardiac_mr" / "myops_multisequence"
     rows = []
     for patient in (101, 102, 103, 104):
@@ -140,15 +141,16 @@ def cardiac_rows(data: Path, out: Path, max_mm: float = 6.0, landmarks: int = 20
             world = nib.affines.apply_affine(t2.affine, voxels)
             names[side] = out / "inputs" / f"{patient}_{side}_landmarks.csv"
             np.savetxt(names[side], world, delimiter=",", header="x,y,z", comments="", fmt="%.4f")
-        rows.append(
-            {
-                "id": f"{patient} T2->C0",
-                "fixed": base / f"{patient}_C0.nii.gz",
-                "moving": moving_path,
-                "fixed_landmarks": names["fixed"],
-                "moving_landmarks": names["moving"],
-            }
-        )
+        for fixed in ("C0", "T2"):  # T2 -> T2: the same contrast, where the perturbation is the only motion
+            rows.append(
+                {
+                    "id": f"{patient} T2->{fixed}",
+                    "fixed": base / f"{patient}_{fixed}.nii.gz",
+                    "moving": moving_path,
+                    "fixed_landmarks": names["fixed"],
+                    "moving_landmarks": names["moving"],
+                }
+            )
     return rows
 
 

@@ -309,6 +309,25 @@ def test_huge_learning_rate_does_not_leave_the_best_state(fixed, rigid_case):
     assert result.similarity_after >= result.similarity_before
 
 
+def test_a_transform_less_similar_than_the_headers_is_not_returned(fixed, monkeypatch):
+    """Same scan twice (headers already align it): a start candidate 30 mm off that the
+    optimisation (0 steps) cannot bring back is refused in favour of the identity."""
+    from voxreg.registration import affine
+
+    original = affine._pick_candidate
+
+    def far_off(problem, config, tick):
+        name, state = original(problem, config, tick)
+        state.shift = state.shift + 30.0
+        return "far off", state
+
+    monkeypatch.setattr(affine, "_pick_candidate", far_off)
+    result = affine_register(fixed, fixed, AffineConfig(iterations=(0, 0, 0)))
+    np.testing.assert_allclose(result.world_matrix, np.eye(4), atol=1e-12)
+    assert result.init == "identity (the optimised transform was less similar)"
+    assert result.similarity_after == result.similarity_before
+
+
 def test_nan_similarity_raises_voxreg_error(fixed, rigid_case, monkeypatch):
     from voxreg.registration import affine
 

@@ -467,6 +467,8 @@ def test_default_method_and_a_shipped_model_by_name(tmp_path, pairs_csv, monkeyp
         "network": "network",
         "network-refine": "network+refine4",
     }
+    reasons = {row["method"]: json.loads(row["settings"])["engine_reason"] for row in result.rows}
+    assert reasons["default"] == "shipped model tiny" and reasons["instance"] == "--engine instance"
 
 
 # --------------------------------------------------------------------------- resume and failures

@@ -43,3 +43,55 @@ def test_init_with_another_network_is_refused(tmp_path):
     other = _config(network="vm2", init=str(tmp_path / "a" / "last.pt"))
     with pytest.raises(VoxregError, match="its network differs from this training's .*dec_features"):
         train(other, SynthSource(synth_config_of(other)), tmp_path / "b")
+
+
+def test_cli_fine_tunes_the_shipped_model_in_its_own_network_and_space(tmp_path):
+    """`voxreg train SCANS --init brain`: no network options needed; the scans (1.5 mm) are
+    resampled to the model's 2.07 mm space, and the result registers with --model."""
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from voxreg.cli import app
+    from voxreg.core.image import Image
+    from voxreg.io import save_image
+    from voxreg.nn.shipped import find_shipped
+
+    brain = find_shipped("brain")
+    rng = np.random.default_rng(0)
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    paths = []
+    for i in range(2):
+        volume = np.zeros((40, 44, 36), np.float32)
+        volume[8 + i : 30 + i, 10:34, 6:30] = 1.0
+        volume += 0.05 * rng.random(volume.shape).astype(np.float32)
+        paths.append(str(save_image(Image(volume, affine), tmp_path / f"s{i}.nii.gz")))
+    out = CliRunner().invoke(
+        app, ["train", *paths, "--init", "brain", "--steps", "2", "--device", "cpu", "-o", str(tmp_path / "run")]
+    )
+    assert out.exit_code == 0, out.output
+    said = " ".join(out.output.split())  # rich wraps long lines
+    assert "--init brain: network vm2, half-res True, int-steps 5, model space 2.07 mm voxels" in said
+    model, extra = load_checkpoint(tmp_path / "run" / "last.pt")
+    shipped, _ = load_checkpoint(brain.path)
+    assert model.config.to_dict() == shipped.config.to_dict()
+    assert extra["model_space"]["voxel_size"] == [2.07] * 3
+    # 40 x 1.5 mm = 60 mm -> 29 voxels of 2.07 mm; 44 -> 32; 36 -> 26
+    assert extra["train_config"]["voxel_size"] == 2.07
+    registered = CliRunner().invoke(
+        app, ["register", paths[0], paths[1], "--model", str(tmp_path / "run" / "last.pt"), "-o", str(tmp_path / "reg")]
+    )
+    assert registered.exit_code == 0, registered.output
+
+
+def test_training_set_at_a_voxel_size_covers_the_same_extent():
+    import numpy as np
+
+    from voxreg.core.image import Image
+    from voxreg.training import TrainingSet
+
+    scans = [
+        Image(np.random.default_rng(i).random((40, 44, 36)).astype(np.float32), np.diag([1.5, 1.5, 1.5, 1]))
+        for i in range(2)
+    ]
+    data = TrainingSet.from_images(scans, voxel_size=2.07)
+    assert data.shape == (29, 32, 26)  # round(60 / 2.07), round(66 / 2.07), round(54 / 2.07)

@@ -9,17 +9,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
 
 import typer
 
 from voxreg.cli.batch import register_batch
 from voxreg.cli.evaluate import evaluate, tune_lambda
+from voxreg.cli.options import Device, Engine, Lambda, Model, Refine, Similarity
 from voxreg.cli.preprocess import preprocess
 from voxreg.cli.progress import console, progress_bar, user_errors
 from voxreg.cli.train import train
-
-Device = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda[:N].")]
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="voxreg: deformable registration of 3D/2D medical images."
@@ -32,19 +30,11 @@ def register(
     fixed: Path = typer.Argument(..., help="Fixed (reference) scan."),
     moving: Path = typer.Argument(..., help="Moving scan, warped onto the fixed one."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder."),
-    model: Path | None = typer.Option(
-        None, "--model", "-m", help="Network checkpoint, or the name of a shipped model (voxreg models)."
-    ),
-    engine: str = typer.Option(
-        "auto", "--engine", help="auto (a shipped model when one suits the scans, else instance), network or instance."
-    ),
-    similarity: str = typer.Option("ncc", "--similarity", "-s", help="Similarity: ncc, mse or mi."),
-    lam: float | None = typer.Option(None, "--lambda", "-l", help="Regularisation weight."),
-    refine: int | None = typer.Option(
-        None,
-        "--refine",
-        help="Instance-optimisation steps after the network (default: the shipped model's own; 0 after a checkpoint).",
-    ),
+    model: Model = None,
+    engine: Engine = "auto",
+    similarity: Similarity = "ncc",
+    lam: Lambda = None,
+    refine: Refine = None,
     device: Device = "auto",
     moving_labels: list[Path] = typer.Option(
         [], "--moving-labels", help="Label map(s) on the moving scan to carry along."
@@ -198,6 +188,16 @@ def models() -> None:
     for model in shipped:
         default = " (default)" if model.card.get("default") else ""
         typer.echo(f"{model.name}{default}: {model.card['description']} [{model.ndim}D, {model.size_mb:.1f} MB]")
+        details = [f"refinement {model.card['refine']} steps" if "refine" in model.card else ""]
+        covers = model.card.get("covers", {})
+        if covers:
+            details.append(
+                f"used by default for voxels up to {covers['max_spacing_mm']:g} mm and fields of view up to "
+                f"{covers['max_extent_mm']:g} mm"
+            )
+        if "training_steps" in model.card:
+            details.append(f"{model.card['training_steps']} training steps")
+        typer.echo("  " + "; ".join(d for d in details if d))
 
 
 def main() -> None:  # pragma: no cover - console entry

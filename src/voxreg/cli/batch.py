@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from voxreg.cli.options import Engine, Lambda, Model, Refine, Similarity
 from voxreg.cli.progress import console, progress_bar, user_errors
 
 
@@ -15,17 +16,11 @@ def register_batch(
         ..., help="CSV with columns fixed,moving[,fixed_labels,moving_labels][,id] (paths relative to the CSV)."
     ),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder: one sub-folder per pair id, batch.csv."),
-    model: Path | None = typer.Option(
-        None, "--model", "-m", help="Network checkpoint, or the name of a shipped model (voxreg models)."
-    ),
-    engine: str = typer.Option("auto", "--engine", help="auto, network or instance (as voxreg register)."),
-    similarity: str = typer.Option("ncc", "--similarity", "-s", help="Similarity: ncc, mse or mi."),
-    lam: float | None = typer.Option(None, "--lambda", "-l", help="Regularisation weight."),
-    refine: int | None = typer.Option(
-        None,
-        "--refine",
-        help="Instance-optimisation steps after the network (default: the shipped model's own; 0 after a checkpoint).",
-    ),
+    model: Model = None,
+    engine: Engine = "auto",
+    similarity: Similarity = "ncc",
+    lam: Lambda = None,
+    refine: Refine = None,
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N] (under torchrun: one GPU per rank)."),
     workers: int = typer.Option(2, "--workers", help="IO threads reading ahead / writing behind (0: none)."),
     no_affine: bool = typer.Option(False, "--no-affine", help="Skip the affine pre-alignment."),

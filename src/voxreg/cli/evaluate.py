@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated
 
 import typer
 
+from voxreg.cli.options import Device
 from voxreg.cli.progress import console, progress_bar, user_errors
 from voxreg.core.errors import VoxregError
 
 __all__ = ["evaluate", "tune_lambda"]
-
-Device = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda[:N].")]
 
 
 def _float_list(option: str, text: str) -> list[float]:

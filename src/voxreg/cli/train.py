@@ -203,12 +203,12 @@ def train(
     voxel_size: float | None = typer.Option(
         _DEFAULTS["voxel_size"],
         "--voxel-size",
-        help="Voxel size (mm) of the model's space, recorded in the checkpoint.",
+        help="Voxel size (mm) of the model's space, recorded in the checkpoint; real scans are resampled to it (default with --init: the initial model's).",
     ),
     init: str | None = typer.Option(
         _DEFAULTS["init"],
         "--init",
-        help="Start from the weights of a checkpoint or a shipped model (fine-tuning on your own scans).",
+        help="Start from the weights of a checkpoint or a shipped model (fine-tuning on your own scans); its network options and voxel size are taken.",
     ),
     synth_curriculum: int = typer.Option(
         _DEFAULTS["synth_curriculum"],
@@ -223,15 +223,22 @@ def train(
 ) -> None:
     """Train a VoxelMorph network without labels (scan-to-scan pairs), on CPU or GPU."""
     from voxreg import training
+    from voxreg.training.trainer import adopt_initial_network
 
-    config = config_from_options(locals())
+    config, adopted = adopt_initial_network(config_from_options(locals()))
+    if adopted:
+        console.print(adopted)
     grid = parse_shape(shape)
     data = _training_data(config, scans or [], grid, cache, atlas, atlas_labels)
     validation = None
     if val:
         val_scans, val_labels = training.scan_list(val)
         validation = training.TrainingSet.from_paths(
-            val_scans, val_labels, shape=grid or data.shape, atlas=atlas, atlas_labels=atlas_labels
+            val_scans,
+            val_labels,
+            shape=grid or data.shape,
+            atlas=atlas,
+            atlas_labels=atlas_labels,
         )
     with progress_bar("training") as update:
         try:
@@ -271,7 +278,13 @@ def _training_data(
             has = [label is not None for label in train_labels]
             check_dice_labels(has + [atlas_labels is not None] if atlas else has, atlas is not None)
         return training.TrainingSet.from_paths(
-            train_scans, train_labels, shape=grid, cache=cache, atlas=atlas, atlas_labels=atlas_labels
+            train_scans,
+            train_labels,
+            shape=grid,
+            cache=cache,
+            atlas=atlas,
+            atlas_labels=atlas_labels,
+            voxel_size=config.voxel_size,
         )
     ndim = len(config.synth_shape) if config.synth_shape else 3
     maps = [io.load_image(path, label=True).array for path in training.scan_list(scans)[0]] if scans else None

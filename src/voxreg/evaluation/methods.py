@@ -80,6 +80,7 @@ def _run_voxreg(data: PairData, options: EvaluationOptions, **kwargs: Any) -> Me
         "torch": torch.__version__,
         **_jsonable_kwargs(kwargs),
         "engine": result.metrics["engine"],
+        "engine_reason": result.metrics["engine_reason"],
         "model": result.metrics["model"],
     }
     return MethodOutput(

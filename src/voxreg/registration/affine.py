@@ -664,6 +664,8 @@ def _register(
     identity = _State(np.eye(fixed.ndim), np.zeros(fixed.ndim), problem.centre)
     before = _evaluate(problem.levels[-1], identity, config)[0]
     after = _evaluate(problem.levels[-1], state, config)[0]
+    if after < before:  # never leave the scans less similar than their headers left them
+        state, after, init = identity, before, "identity (the optimised transform was less similar)"
     world = embed_world(state.world(), fixed.ndim)
     if not np.all(np.isfinite(world)) or not math.isfinite(after):
         raise VoxregError(f"{names[1]}: affine registration to {names[0]} gave a degenerate (NaN) result")

@@ -100,10 +100,12 @@ class TrainingSet:
         shape: Sequence[int] | None = None,
         atlas: Image | None = None,
         atlas_labels: Image | None = None,
+        voxel_size: float | None = None,
     ) -> TrainingSet:
         """Normalise each scan to [0, 1] and resample scans (linear) and labels (nearest)
         onto the first scan's grid (the atlas grid when ``atlas`` is given) in world space,
-        then onto ``shape`` when given."""
+        then onto ``shape`` when given, else with ``voxel_size`` onto the same extent at
+        about that voxel size (a model's space)."""
         if labels is not None and len(labels) != len(scans):
             raise VoxregError(f"got {len(labels)} label maps for {len(scans)} scans")
         if atlas is not None:
@@ -114,6 +116,8 @@ class TrainingSet:
         if len(scans) < 2:
             raise VoxregError(f"training needs at least 2 scans (or 1 scan and an atlas), got {len(scans)}")
         ref = scans[-1] if atlas is not None else scans[0]
+        if shape is None and voxel_size is not None:
+            shape = tuple(max(2, round(n * v / voxel_size)) for n, v in zip(ref.shape, ref.spacing))
         target = tuple(int(s) for s in shape) if shape is not None else ref.shape
         if len(target) != ref.ndim or min(target) < 2:
             raise VoxregError(f"shape {target} does not fit {ref.ndim}D scans")
@@ -146,14 +150,15 @@ class TrainingSet:
         cache: str | os.PathLike[str] | None = None,
         atlas: str | os.PathLike[str] | None = None,
         atlas_labels: str | os.PathLike[str] | None = None,
+        voxel_size: float | None = None,
     ) -> TrainingSet:
         """Load every scan (and label map, atlas) once; reuse/write the ``.pt`` ``cache`` when
-        given (it is rebuilt when the file list or shape differ)."""
+        given (it is rebuilt when the file list, shape or voxel size differ)."""
         key = _cache_key(
             [*scans, *([atlas] if atlas else [])],
             [*labels, atlas_labels] if labels is not None and atlas else labels,
             shape,
-        )
+        ) + (f"|voxel:{voxel_size}" if shape is None and voxel_size is not None else "")
         if cache is not None and Path(cache).is_file():
             found = cls.load(cache)
             if found[1] == key:
@@ -164,7 +169,7 @@ class TrainingSet:
         )
         atlas_image = io.load_image(atlas) if atlas is not None else None
         atlas_label_image = io.load_image(atlas_labels, label=True) if atlas_labels is not None else None
-        out = cls.from_images(images, label_images, shape, atlas_image, atlas_label_image)
+        out = cls.from_images(images, label_images, shape, atlas_image, atlas_label_image, voxel_size)
         if cache is not None:
             out.save(cache, key)
         return out

@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from voxreg.io.tables import append_row, read_table, write_table
 from voxreg.nn import VoxelMorph, load_checkpoint, save_checkpoint
 from voxreg.registration.model_space import ModelSpace
 from voxreg.training.augmentation import augment
-from voxreg.training.config import RESUMABLE_CHANGES, TrainConfig
+from voxreg.training.config import PRESETS, RESUMABLE_CHANGES, TrainConfig
 from voxreg.training.data import TrainingSet, scan_list
 from voxreg.training.distributed import Dist, any_rank, barrier, gather_rng, init_distributed, teardown
 from voxreg.training.objective import Objective, label_dice, sample_lambda
@@ -146,15 +146,48 @@ def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def _load_initial_weights(model: VoxelMorph, init: str) -> None:
-    """Start from the weights of a checkpoint or shipped model (fine-tuning); its network
-    must equal the one this config builds (a clear error lists the differences)."""
-    from pathlib import Path as _Path
-
+def _initial_checkpoint(init: str) -> Path:
+    """The file of ``--init``: a checkpoint path or a shipped model's name."""
     from voxreg.nn.shipped import find_shipped
 
-    path = _Path(init) if _Path(init).exists() or init.endswith(".pt") else find_shipped(init).path
-    source, _ = load_checkpoint(path)
+    return Path(init) if Path(init).exists() or init.endswith(".pt") else find_shipped(init).path
+
+
+def adopt_initial_network(config: TrainConfig) -> tuple[TrainConfig, str | None]:
+    """With ``config.init``: the config with the network of the initial model (preset, field
+    resolution, squaring steps) and, unless ``voxel_size`` is given, its model space's voxel
+    size, so that ``voxreg train SCANS --init brain`` fine-tunes the shipped model as it was
+    built and in the space it works in; returns the config and a line saying what was taken."""
+    if config.init is None:
+        return config, None
+    source, extra = load_checkpoint(_initial_checkpoint(config.init))
+    net = source.config
+    names = [name for name, preset in PRESETS.items() if _same_layers(preset(ndim=net.ndim), net)]
+    if not names:
+        raise VoxregError(f"--init {config.init}: its network is neither vm1 nor vm2; fine-tune it from Python")
+    if net.lambda_conditional and config.lam_range is None:
+        raise VoxregError(f"--init {config.init}: a lambda-conditional model; give --lambda-range LO HI")
+    if not net.lambda_conditional and config.lam_range is not None:
+        raise VoxregError(f"--init {config.init}: not lambda-conditional; drop --lambda-range")
+    space = extra.get("model_space") or {}
+    voxel_size = config.voxel_size
+    if voxel_size is None and space.get("voxel_size"):
+        voxel_size = float(space["voxel_size"][0])
+    adopted = replace(config, network=names[0], half_res=net.half_res, int_steps=net.int_steps, voxel_size=voxel_size)
+    note = f"--init {config.init}: network {names[0]}, half-res {net.half_res}, int-steps {net.int_steps}"
+    return adopted, note + (f", model space {voxel_size:g} mm voxels" if voxel_size else "")
+
+
+def _same_layers(a: Any, b: Any) -> bool:
+    """Whether two NetworkConfigs have the same encoder and decoder widths."""
+    return tuple(a.enc_features) == tuple(b.enc_features) and tuple(a.dec_features) == tuple(b.dec_features)
+
+
+def _load_initial_weights(model: VoxelMorph, init: str) -> None:
+    """Start from the weights of a checkpoint or shipped model (fine-tuning); its network
+    must equal the one this config builds (a clear error lists the differences;
+    :func:`adopt_initial_network` makes them equal for ``voxreg train --init``)."""
+    source, _ = load_checkpoint(_initial_checkpoint(init))
     wanted, given = model.config.to_dict(), source.config.to_dict()
     differences = [f"{key} {given[key]!r} vs {wanted[key]!r}" for key in wanted if wanted[key] != given.get(key)]
     if differences:

@@ -1,0 +1,29 @@
+"""Command-line options shared by several commands (one definition each)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+Device = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda[:N].")]
+Model = Annotated[
+    Path | None,
+    typer.Option("--model", "-m", help="Network checkpoint, or the name of a shipped model (voxreg models)."),
+]
+Engine = Annotated[
+    str,
+    typer.Option(
+        "--engine", help="auto (the shipped model when its card covers the scans, else instance), network or instance."
+    ),
+]
+Similarity = Annotated[str, typer.Option("--similarity", "-s", help="Similarity: ncc, mse or mi.")]
+Lambda = Annotated[float | None, typer.Option("--lambda", "-l", help="Regularisation weight.")]
+Refine = Annotated[
+    int | None,
+    typer.Option(
+        "--refine",
+        help="Instance-optimisation steps after the network (default: the shipped model's own; 0 after a checkpoint).",
+    ),
+]
