@@ -16,7 +16,7 @@ mkdir -p "$WORK"
 if [ "${1:-}" = "--handover" ]; then
   "$VENV_PY" -c "import sys; from voxreg.nn.checkpoint import save_weights_only; save_weights_only(sys.argv[1], sys.argv[2])" \
     "$WORK/last.pt" "$RUN/weights.pt"
-  cp "$WORK/metrics.csv" "$RUN/metrics-$(date +%Y%m%d-%H%M).csv"
+  cp "$WORK/metrics.csv" "$RUN/metrics.csv"   # all steps so far (the run's CSV carries on across resumes)
   exit 0
 fi
 START=(--schedule 0.5:3000)
