@@ -16,28 +16,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 import voxreg
+from synth_learning import DATA, _mean_dice, _subject  # the same held-out pairs and scoring
 from voxreg import io, metrics
 from voxreg.registration.instance import AlignConfig, align
 from voxreg.registration.pipeline import _predict_with_model, resolve_model, warp_image
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain_mri" / "mindboggle_oasis_trt20"
-EXCLUDED = {0, 74}
-
-
-def _subject(number: int) -> tuple[Path, Path]:
-    folder = DATA / f"OASIS-TRT-20-{number}"
-    return folder / "t1weighted_brain.nii.gz", folder / "labels_DKT31_CMA.nii.gz"
-
-
-def _mean_dice(fixed: np.ndarray, warped: np.ndarray) -> float:
-    labels = sorted((set(np.unique(fixed)) & set(np.unique(warped))) - EXCLUDED)
-    return float(np.nanmean(list(metrics.dice_per_label(fixed, warped, labels).values())))
 
 
 def _config(schedule: str) -> AlignConfig:

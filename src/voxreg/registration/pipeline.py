@@ -148,7 +148,11 @@ def _shipped_choice(model: str | Path | None, engine: str, ndim: int) -> Any:
 def default_refinement(model: str | Path | None, engine: str, ndim: int) -> int:
     """Refinement steps when ``refine`` is not given: the shipped model's own (its card's
     ``refine``, measured on held-out pairs), 0 for a user checkpoint or no network."""
-    shipped = _shipped_choice(model, engine, ndim)
+    return _card_refinement(_shipped_choice(model, engine, ndim))
+
+
+def _card_refinement(shipped: Any) -> int:
+    """A shipped model's default refinement steps (its card's ``refine``); 0 for none."""
     return 0 if shipped is None else int(shipped.card.get("refine", 0))
 
 
@@ -171,7 +175,7 @@ def choose_model(
             if why is not None:
                 return None, 0 if refine is None else refine, f"shipped model {shipped.name} not used: {why}"
     if refine is None:
-        refine = 0 if shipped is None else int(shipped.card.get("refine", 0))
+        refine = _card_refinement(shipped)
     path = shipped.path if shipped is not None else (None if engine == "instance" else model)
     if path is None:
         reason = "--engine instance" if engine == "instance" else f"no shipped model registers {fixed.ndim}D scans"
