@@ -29,11 +29,11 @@ from voxreg.registration.pipeline import _predict_with_model, resolve_model, war
 
 def _config(schedule: str) -> AlignConfig:
     """``"2:20,1:5"`` -> scales (2, 1), iterations (20, 5); suffixes: ``/i4`` int_steps 4,
-    ``/v`` the finest level optimises the velocity (``fine_residual=False``);
+    ``/v`` every level optimises the velocity (``residual_levels=0``);
     ``"instance"`` = the default AlignConfig (with the same suffixes)."""
     velocity = schedule.endswith("/v")
     schedule, _, int_steps = schedule.removesuffix("/v").partition("/i")
-    extra = {"fine_residual": not velocity, "int_steps": int(int_steps or AlignConfig.int_steps)}
+    extra = {"int_steps": int(int_steps or AlignConfig.int_steps), **({"residual_levels": 0} if velocity else {})}
     if schedule == "instance":
         return AlignConfig(**extra)  # type: ignore[arg-type]
     levels = [level.split(":") for level in schedule.split(",")]

@@ -8,7 +8,15 @@ import torch
 
 from conftest import smooth_volume
 from voxreg.core import spatial
-from voxreg.registration.instance import AlignConfig, _field_from_parameter, align, foreground_box
+from voxreg.registration.instance import (
+    AlignConfig,
+    _active_voxels,
+    _field_from_parameter,
+    _next_level,
+    _warp_level,
+    align,
+    foreground_box,
+)
 
 FAST = dict(similarity="mse", scales=(2, 1), iterations=(60, 30), lr=0.1)
 
@@ -75,6 +83,8 @@ def test_config_validation():
     assert AlignConfig(similarity="MI").lam == 2.0  # per-similarity default weight
     with pytest.raises(ValueError, match="residual_int_steps must be >= 0"):
         AlignConfig(residual_int_steps=-1)
+    with pytest.raises(ValueError, match="residual_levels must be >= 0"):
+        AlignConfig(residual_levels=-1)
 
 
 def test_the_finest_level_composes_a_residual_after_the_coarse_field():
@@ -97,9 +107,81 @@ def test_the_finest_level_composes_a_residual_after_the_coarse_field():
     torch.testing.assert_close(_field_from_parameter(residual, (6, 7, 8), config)[:, 0], torch.full((1, 6, 7, 8), 0.5))
 
 
-@pytest.mark.parametrize("fine_residual", [True, False])
-def test_known_shift_with_and_without_the_fine_residual(fine_residual):
+@pytest.mark.parametrize("residual_levels", [0, 1, 2])
+def test_known_shift_whatever_the_levels_optimising_a_residual(residual_levels):
     fixed, moving = shifted_pair((24, 28, 22), 0, 1.5)
-    result = align(fixed, moving, AlignConfig(**FAST, fine_residual=fine_residual))
+    config = dict(FAST, scales=(4, 2, 1), iterations=(40, 30, 20))
+    result = align(fixed, moving, AlignConfig(**config, residual_levels=residual_levels))
     interior = (0, 0, slice(6, -6), slice(6, -6), slice(6, -6))
     assert abs(float(result.field[interior].median()) - 1.5) < 0.2
+
+
+def test_next_level_starts_a_residual_after_the_field_so_far_or_continues_the_velocity():
+    velocity = torch.zeros(1, 3, 4, 5, 6)
+    velocity[:, 1] = 0.75  # a translation: integrates to itself
+    config = AlignConfig(scales=(4, 2, 1), iterations=(1, 1, 1), residual_levels=1)
+    param, base = _next_level(velocity, None, config, 1, [7, 9, 11])  # level 1 of 3: velocity
+    assert base is None
+    torch.testing.assert_close(param[:, 1], torch.full((1, 7, 9, 11), 0.75 * 8 / 4))  # resized: x (9-1)/(5-1)
+    param, base = _next_level(velocity, None, config, 2, [7, 9, 11])  # the finest: a residual
+    assert float(param.abs().max()) == 0.0
+    torch.testing.assert_close(base[:, 1], torch.full((1, 7, 9, 11), 1.5))
+    # with two residual levels the middle one starts from zero too, and the finest composes
+    # the middle level's residual after its base: 1.5 + 0.25 voxel of the middle grid
+    config = AlignConfig(scales=(4, 2, 1), iterations=(1, 1, 1), residual_levels=2)
+    _, base = _next_level(velocity, None, config, 1, [7, 9, 11])
+    residual = torch.zeros(1, 3, 7, 9, 11)
+    residual[:, 1] = 0.25
+    param, base = _next_level(residual, base, config, 2, [13, 17, 21])
+    torch.testing.assert_close(base[:, 1], torch.full((1, 13, 17, 21), (1.5 + 0.25) * 16 / 8))
+
+
+def test_active_voxels_cover_the_grown_foreground_and_the_sparse_warp_matches_the_dense_one():
+    fixed = torch.zeros(1, 1, 40, 36, 30)
+    fixed[:, :, 15:25, 12:22, 10:18] = torch.rand(1, 1, 10, 10, 8) * 0.5 + 0.5
+    moving = torch.roll(fixed, 2, dims=2)
+    config = AlignConfig()  # window 5 -> radius 2, plus the margin of 4 voxels
+    active = _active_voxels(fixed, moving, config)
+    mask = torch.zeros(40 * 36 * 30, dtype=torch.bool)
+    mask[active] = True
+    mask = mask.view(40, 36, 30)
+    # foreground of either image (x 15..26, y 12..21, z 10..17) grown by 6 voxels, nothing else
+    expected = torch.zeros(40, 36, 30, dtype=torch.bool)
+    expected[15 - 6 : 27 + 6, 12 - 6 : 22 + 6, 10 - 6 : 18 + 6] = True
+    assert torch.equal(mask, expected)
+    field = torch.randn(1, 3, 40, 36, 30) * 0.7
+    field.requires_grad_(True)
+    sparse = _warp_level(moving, field, active)
+    dense = spatial.warp(moving, field)
+    torch.testing.assert_close(sparse.view(-1)[active], dense.view(-1)[active])
+    assert float(sparse.detach().view(-1)[~mask.view(-1)].abs().max()) == 0.0
+    # the gradient reaches the field at the active voxels only, equal to the dense warp's there
+    (grad_sparse,) = torch.autograd.grad((sparse * dense.detach()).sum(), field)
+    (grad_dense,) = torch.autograd.grad((dense * mask * dense.detach()).sum(), field)
+    torch.testing.assert_close(grad_sparse, grad_dense)
+    # a grid mostly foreground, or no foreground threshold: warp every voxel
+    assert _active_voxels(torch.ones(1, 1, 20, 20, 20), moving[..., :20, :20, :20], config) is None
+    assert _active_voxels(fixed, moving, AlignConfig(foreground_threshold=0.0)) is None
+
+
+def test_thread_chooser_probes_until_all_threads_win(monkeypatch):
+    from voxreg.registration import instance
+
+    readings = [0.0, 1.0, 0.0, 2.0]  # level 1: step 1 (2 threads) 1 s, step 2 (1 thread) 2 s
+    calls = []
+    monkeypatch.setattr(instance.time, "perf_counter", lambda: calls.append(1) or readings[len(calls) - 1])
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        chooser = instance._ThreadChooser(AlignConfig(), torch.device("cpu"))
+        threads_per_step = []
+        for _level in range(2):
+            chooser.start_level(10)
+            for step in range(4):
+                chooser.before(step)
+                threads_per_step.append(torch.get_num_threads())
+                chooser.after(step)
+        assert threads_per_step == [2, 2, 1, 2, 2, 2, 2, 2]  # probed on level 1 only
+        assert chooser.all_won and len(calls) == 4
+    finally:
+        torch.set_num_threads(previous)

@@ -153,3 +153,36 @@ def test_matrix_to_field_of_translation():
     matrix[:3, 3] = torch.tensor([1.0, -2.0, 0.5])
     field = spatial.matrix_to_field(matrix, (4, 5, 6))
     assert torch.allclose(field[0, :, 2, 3, 1], torch.tensor([1.0, -2.0, 0.5]))
+
+
+@pytest.mark.parametrize("shape", [(33, 40, 27), (64, 64, 64), (301, 257)])
+@pytest.mark.parametrize("padding", ["border", "zeros"])
+def test_grid_sample_split_over_threads_equals_one_call(shape, padding):
+    # the split runs one batch entry per thread along the grid's first axis (odd sizes padded)
+    torch.manual_seed(0)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        image = torch.rand(1, 2, *shape, requires_grad=True)
+        grid = (torch.rand(1, *shape, len(shape)) * 2.2 - 1.1).requires_grad_(True)
+        assert grid[0, ..., 0].numel() >= spatial._SPLIT_MIN_POINTS  # the split path runs
+        expected = F.grid_sample(image, grid, mode="bilinear", padding_mode=padding, align_corners=True)
+        got = spatial.grid_sample(image, grid, padding)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        weights = torch.randn_like(expected)
+        for a, b in zip(
+            torch.autograd.grad(expected, (image, grid), weights), torch.autograd.grad(got, (image, grid), weights)
+        ):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("shape", [(12, 14, 9), (30, 26)])
+def test_warp_at_equals_the_dense_warp_at_those_voxels(shape):
+    torch.manual_seed(1)
+    image = torch.rand(1, 2, *shape)
+    field = torch.randn(1, len(shape), *shape) * 2.0  # some samples fall outside: border padding
+    index = torch.randperm(image[0, 0].numel())[:50]
+    expected = spatial.warp(image, field).reshape(1, 2, -1)[:, :, index]
+    torch.testing.assert_close(spatial.warp_at(image, field, index), expected)

@@ -413,9 +413,9 @@ def _similarity(level: _Level, grid: Tensor, config: AffineConfig) -> tuple[Tens
         inside = ((grid >= -1.0) & (grid <= level.high)).all(1).float()
         overlap = torch.dot(inside, level.foreground) / level.foreground.sum().clamp_min(1)
     view = grid.view(1, count, *([1] * (ndim - 1)), ndim)
-    sampled = F.grid_sample(level.moving, view, mode="bilinear", padding_mode="border", align_corners=True)
+    sampled = spatial.grid_sample(level.moving, view)
     if level.moving_mask is not None:
-        mask = F.grid_sample(level.moving_mask, view, mode="bilinear", padding_mode="zeros", align_corners=True)
+        mask = spatial.grid_sample(level.moving_mask, view, padding="zeros")
         inside = inside * mask.reshape(-1)
     if config.similarity == "mi":
         value = mattes_mi(level.values, sampled.reshape(-1), inside, config.mi_bins)

@@ -11,6 +11,7 @@ Used alone (the default engine with no trained model) or as refinement after a n
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ ProgressCallback = Callable[[int, int], None]
 # Default regularisation weight per similarity: the losses have different scales
 # (1 - squared local NCC, MSE of [0, 1] intensities, -MI in nats).
 DEFAULT_LAMBDA = {"ncc": 1.0, "mse": 0.02, "mi": 2.0}
+# step size of the refinement after a network (the shipped model's refinement was measured with it)
+REFINEMENT_LR = 0.25
 
 
 @dataclass
@@ -46,15 +49,15 @@ class AlignConfig:
     lam: float | None = None  # None -> DEFAULT_LAMBDA[similarity]
     regularizer: str = "l2"
     scales: tuple[int, ...] = (4, 2, 1)
-    iterations: tuple[int, ...] = (100, 60, 10)
-    lr: float = 0.25
+    iterations: tuple[int, ...] = (60, 30, 8)
+    lr: float = 0.35
     diffeomorphic: bool = True
     int_steps: int = 6
-    # the finest level (after a coarser one) optimises a residual velocity, integrated with
-    # ``residual_int_steps`` squarings and composed after the (fixed) integrated field of the
-    # coarser levels, instead of re-integrating the whole velocity with ``int_steps`` at
-    # every full-resolution step, where that cost a third of the step
-    fine_residual: bool = True
+    # the ``residual_levels`` finest levels (after the first) each optimise a residual
+    # velocity, integrated with ``residual_int_steps`` squarings and composed after the
+    # (fixed) field of the coarser levels, instead of re-integrating the whole velocity with
+    # ``int_steps`` at every step, where that cost a third to a half of the step; 0 = never
+    residual_levels: int = 2
     residual_int_steps: int = 2
     field_scale: int = 2
     mi_bins: int = 32
@@ -82,6 +85,8 @@ class AlignConfig:
         self.lam = check_number("lam", float(self.lam), low=0.0)
         if int(self.threads) < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if int(self.residual_levels) < 0:
+            raise ValueError(f"residual_levels must be >= 0, got {self.residual_levels}")
         if int(self.residual_int_steps) < 0:
             raise ValueError(f"residual_int_steps must be >= 0, got {self.residual_int_steps}")
 
@@ -95,7 +100,8 @@ class AlignConfig:
         scale, one in five (at least one) at full scale, where a step costs about 8x more
         (``benchmarks/refine_schedule.py``: 20 + 5 steps after the shipped model)."""
         fine = max(1, steps // 5)
-        return AlignConfig(**{**self.__dict__, "scales": (2, 1), "iterations": (max(steps - fine, 0), fine)})
+        iterations = (max(steps - fine, 0), fine)
+        return AlignConfig(**{**self.__dict__, "scales": (2, 1), "iterations": iterations, "lr": REFINEMENT_LR})
 
 
 @dataclass
@@ -153,26 +159,63 @@ def _field_from_parameter(
 def _level_fields(
     param: Tensor, shape: tuple[int, ...], config: AlignConfig, base: Tensor | None, initial: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """(regularised field, field that warps the moving image on the level grid ``shape``):
-    the same field without ``initial``; with it (the initial field on the parameter grid) the
-    residual on the parameter grid (its squared gradient is the resized field's, to the
-    borders) and ``compose(initial, residual)`` composed on the parameter grid and resized (a
+    """(regularised field, field that warps the moving image on the level grid ``shape``).
+    The regularised field stays on the parameter grid (its squared gradient is the resized
+    field's, up to the borders, at an eighth of the cost): the field itself, or with
+    ``initial`` (the initial field on the parameter grid) the residual, whose
+    ``compose(initial, residual)`` is composed on the parameter grid and resized (a
     full-resolution composition per step would cost 13 -> 21 s per 1 mm pair)."""
     coarse = _parameter_field(param, config, base)
     if initial is None:
-        field = spatial.resize_field(coarse, shape)
-        return field, field
+        return coarse, spatial.resize_field(coarse, shape)
     return coarse, spatial.resize_field(spatial.compose(initial, coarse), shape)
 
 
-def _residual_base(param: Tensor, config: AlignConfig, level: int) -> Tensor | None:
-    """The integrated field of the coarser levels when ``level`` is the finest of several and
-    optimises a residual (:attr:`AlignConfig.fine_residual`); None otherwise."""
-    finest = level == len(config.scales) - 1 and level > 0
-    if not (finest and config.fine_residual and config.diffeomorphic):
-        return None
+def _next_level(
+    param: Tensor, base: Tensor | None, config: AlignConfig, level: int, shape: list[int]
+) -> tuple[Tensor, Tensor | None]:
+    """(parameter, base) of ``level`` on its parameter grid ``shape`` from the previous level's:
+    a level optimising a residual (:attr:`AlignConfig.residual_levels`) starts from zero after
+    the fixed field so far; any other continues the velocity, resized."""
+    residual = config.diffeomorphic and level >= max(len(config.scales) - config.residual_levels, 1)
     with torch.no_grad():
-        return spatial.integrate_velocity(param, config.int_steps)
+        if not residual:
+            return spatial.resize_field(param.detach(), shape), None
+        so_far = spatial.resize_field(_parameter_field(param.detach(), config, base), shape)
+    return torch.zeros_like(so_far), so_far
+
+
+# voxels (of a level) the foreground may move during the level and still be sampled
+_ACTIVE_MARGIN = 4
+# warp the whole grid when the active voxels are more than this fraction of it
+_SPARSE_BELOW = 0.6
+
+
+def _active_voxels(fixed: Tensor, warped: Tensor, config: AlignConfig) -> Tensor | None:
+    """Flat indices of the voxels whose warped value the masked similarity can use during one
+    level: the foreground of either image (``warped`` = the moving image at the level's start)
+    grown by the NCC window radius and :data:`_ACTIVE_MARGIN`. None (warp every voxel) without
+    a foreground threshold or when they fill most of the grid."""
+    threshold = config.foreground_threshold
+    if threshold <= 0:
+        return None
+    radius = (config.window // 2 if config.similarity == "ncc" else 0) + _ACTIVE_MARGIN
+    core = ((fixed > threshold) | (warped > threshold)).to(fixed.dtype)
+    active = losses.box_sum(core, [2 * radius + 1] * (fixed.dim() - 2)).flatten() > 0.5
+    if float(active.float().mean()) > _SPARSE_BELOW:
+        return None
+    return torch.nonzero(active).flatten()
+
+
+def _warp_level(moving: Tensor, field: Tensor, active: Tensor | None) -> Tensor:
+    """``warp(moving, field)`` on the level grid, computed at the ``active`` voxels only (zero,
+    i.e. background, elsewhere; the foreground mask leaves those out of the similarity)."""
+    if active is None:
+        return spatial.warp(moving, field)
+    values = spatial.warp_at(moving, field, active)[0]
+    channels, shape = moving.shape[1], field.shape[2:]
+    dense = values.new_zeros(channels, math.prod(shape))
+    return dense.index_copy(1, active, values).view(1, channels, *shape)
 
 
 def _cosine_lr(base: float, step: int, total: int) -> float:
@@ -313,7 +356,9 @@ def align(
 
 class _ThreadChooser:
     """``AlignConfig.threads == 0`` on CPU: per level, step 1 runs with the current thread
-    count and step 2 with one thread; the faster setting runs the remaining steps."""
+    count and step 2 with one thread; the faster setting runs the remaining steps. Once all
+    threads won a level, the larger levels after it keep them without probing (a probe step
+    with one thread costs ~0.4 s at full resolution on a 1 mm brain)."""
 
     _PROBES = (1, 2)
 
@@ -321,13 +366,14 @@ class _ThreadChooser:
         self.most = torch.get_num_threads()
         self.enabled = config.threads == 0 and device.type == "cpu" and self.most > 1
         self.active = False
+        self.all_won = False
         self.seconds: dict[int, float] = {}
         self.started = 0.0
 
     def start_level(self, iterations: int) -> None:
-        self.active = self.enabled and iterations > max(self._PROBES) + 1
+        self.active = self.enabled and not self.all_won and iterations > max(self._PROBES) + 1
         self.seconds = {}
-        if self.active:
+        if self.enabled:
             torch.set_num_threads(self.most)
 
     def before(self, step: int) -> None:
@@ -340,7 +386,9 @@ class _ThreadChooser:
             return
         self.seconds[torch.get_num_threads()] = time.perf_counter() - self.started
         if step == self._PROBES[-1]:
-            torch.set_num_threads(min(self.seconds, key=lambda n: self.seconds[n]))
+            fastest = min(self.seconds, key=lambda n: self.seconds[n])
+            self.all_won = fastest == self.most
+            torch.set_num_threads(fastest)
 
 
 def _optimise(
@@ -367,21 +415,21 @@ def _optimise(
         if param is None:
             param = torch.zeros(1, fixed.dim() - 2, *param_shape, device=fixed.device)
         else:
-            param = spatial.resize_field(param.detach(), param_shape)
-            base = _residual_base(param, config, level)
-            if base is not None:
-                param = torch.zeros_like(base)
+            param, base = _next_level(param, base, config, level, param_shape)
         param.requires_grad_(True)
         optimizer = torch.optim.Adam([param], lr=config.lr)
         level_similarity = _level_similarity(similarity, fixed_level, config)
         initial_coarse = None if initial is None else spatial.resize_field(initial, param_shape)
+        with torch.no_grad():
+            start = _level_fields(param, level_shape, config, base, initial_coarse)[1]
+            active = _active_voxels(fixed_level, spatial.warp(moving_level, start), config)
         threads.start_level(iterations)
         for step in range(iterations):
             threads.before(step)
             _set_learning_rate(optimizer, _cosine_lr(config.lr, step, iterations))
             optimizer.zero_grad(set_to_none=True)
             field, total = _level_fields(param, level_shape, config, base, initial_coarse)
-            warped = spatial.warp(moving_level, total)
+            warped = _warp_level(moving_level, total, active)
             mask = _foreground(fixed_level, warped.detach(), config.foreground_threshold)
             loss = _masked_similarity(level_similarity, fixed_level, warped, mask) + config.lam * regularizer(field)
             loss.backward()
