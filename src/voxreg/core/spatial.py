@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -246,6 +247,30 @@ def resize_field(field: Tensor, shape: Sequence[int]) -> Tensor:
     factors = [(new - 1) / max(old - 1, 1) for new, old in zip(shape, field.shape[2:])]
     scale = torch.tensor(factors, device=field.device, dtype=field.dtype)
     return resized * scale.view(1, ndim, *([1] * ndim))
+
+
+def gaussian_blur(image: Tensor, sigmas: Sequence[float]) -> Tensor:
+    """Separable Gaussian blur of ``(N, C, *S)`` with per-axis sigmas in voxels (truncated at
+    2.5 sigma, edges replicated; axes with sigma < 0.2 untouched). Each pass is a weighted sum
+    of a few shifted views: several times faster than ``conv3d`` on CPU."""
+    ndim = image.dim() - 2
+    out = image
+    for axis, sigma in enumerate(sigmas):
+        if sigma < 0.2:
+            continue
+        radius = int(math.ceil(2.5 * sigma))
+        taps = np.arange(-radius, radius + 1, dtype=np.float64)
+        kernel = np.exp(-0.5 * (taps / sigma) ** 2)
+        kernel /= kernel.sum()
+        pad = [0] * (2 * ndim)
+        pad[2 * (ndim - 1 - axis)] = pad[2 * (ndim - 1 - axis) + 1] = radius
+        padded = F.pad(out, pad, mode="replicate")
+        size = out.shape[2 + axis]
+        blurred = padded.narrow(2 + axis, 0, size) * float(kernel[0])
+        for index in range(1, kernel.size):
+            blurred.add_(padded.narrow(2 + axis, index, size), alpha=float(kernel[index]))
+        out = blurred
+    return out
 
 
 def resize_image(image: Tensor, shape: Sequence[int]) -> Tensor:

@@ -181,30 +181,6 @@ def _skew(params: Tensor, ndim: int) -> Tensor:
 # --------------------------------------------------------------------------- pyramid
 
 
-def _gaussian_blur(image: Tensor, sigmas: Sequence[float]) -> Tensor:
-    """Separable Gaussian blur of ``(1, 1, *S)`` with per-axis sigmas in voxels (edges
-    replicated). Each pass is a weighted sum of a few shifted views: with the handful of
-    taps needed here that is several times faster than ``conv3d`` on one CPU thread."""
-    ndim = image.dim() - 2
-    out = image
-    for axis, sigma in enumerate(sigmas):
-        if sigma < 0.2:
-            continue
-        radius = int(math.ceil(2.5 * sigma))
-        taps = np.arange(-radius, radius + 1, dtype=np.float64)
-        kernel = np.exp(-0.5 * (taps / sigma) ** 2)
-        kernel /= kernel.sum()
-        pad = [0] * (2 * ndim)
-        pad[2 * (ndim - 1 - axis)] = pad[2 * (ndim - 1 - axis) + 1] = radius
-        padded = F.pad(out, pad, mode="replicate")
-        size = out.shape[2 + axis]
-        blurred = padded.narrow(2 + axis, 0, size) * float(kernel[0])
-        for index in range(1, kernel.size):
-            blurred.add_(padded.narrow(2 + axis, index, size), alpha=float(kernel[index]))
-        out = blurred
-    return out
-
-
 def _block_average(tensor: Tensor, affine: np.ndarray, factors: Sequence[int]) -> tuple[Tensor, np.ndarray]:
     """Block average of ``(1, 1, *S)`` by integer ``factors`` and its reduced affine."""
     if all(k == 1 for k in factors):
@@ -260,7 +236,7 @@ class _Pyramid:
         variance = self.variance + _box_variance(factors, base_voxel)
         voxel = voxel_spacing(source_affine)
         sigmas = np.sqrt(np.clip((_SMOOTH * spacing) ** 2 - variance, 0.0, None)) / voxel
-        blurred = _gaussian_blur(source, sigmas)
+        blurred = spatial.gaussian_blur(source, sigmas)
         matrix = np.linalg.inv(source_affine) @ grid_affine
         if tuple(blurred.shape[2:]) == shape and np.allclose(matrix, np.eye(len(shape) + 1), atol=1e-4):
             return blurred, grid_affine

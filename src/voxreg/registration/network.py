@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
 from torch import Tensor
 
 from voxreg import io
+from voxreg.core import spatial
 from voxreg.core.errors import VoxregError
 from voxreg.core.grid import Grid
 from voxreg.core.image import Image
@@ -45,34 +45,47 @@ def _tensor(array: np.ndarray, device: torch.device) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None].to(device)
 
 
-def to_model_grid(image: Image, grid: Grid) -> np.ndarray:
-    """``image`` resampled onto ``grid`` (linear), Gaussian-smoothed first along each axis
-    whose voxels are finer than the grid's (anti-aliasing, sigma = 0.4 x the size ratio)."""
+def to_model_grid(image: Image, grid: Grid, world_matrix: np.ndarray | None = None) -> np.ndarray:
+    """``image`` resampled onto ``grid`` (linear; through ``world_matrix``, fixed world ->
+    image world, when given), Gaussian-smoothed first along each axis whose voxels are finer
+    than the grid's (anti-aliasing, sigma = 0.4 x the size ratio)."""
     ratio = np.asarray(grid.spacing) / np.asarray(image.spacing)
     sigma = np.where(ratio > 1.0, 0.4 * ratio, 0.0)
     array = image.array.astype(np.float32, copy=False)
     if np.any(sigma > 0):
-        array = ndimage.gaussian_filter(array, sigma, mode="nearest")
+        blurred = spatial.gaussian_blur(torch.from_numpy(np.ascontiguousarray(array))[None, None], sigma.tolist())
+        array = blurred[0, 0].numpy()
     target = Image(np.zeros(grid.shape, np.float32), grid.affine)
-    return io.resample_to(Image(array, image.affine), target).array
+    return io.resample_to(Image(array, image.affine), target, world_matrix=world_matrix).array
+
+
+def _foreground(image: Image) -> np.ndarray:
+    """Voxels above 5 % of the robust intensity range (percentiles of every 8th voxel per
+    2 x 2 x 2 block: the same range, 8x cheaper than over a whole 1 mm scan)."""
+    array = image.array
+    low, high = io.robust_range(np.asarray(array[(slice(None, None, 2),) * array.ndim], np.float32), 0.5, 99.5)
+    return array > low + _FOREGROUND * (high - low)
 
 
 def predict_field(
     model: torch.nn.Module,
     space: ModelSpace | None,
     fixed: Image,
-    moving_on_fixed: Image,
+    moving: Image,
     lam: float | None,
     device: torch.device,
+    world_matrix: np.ndarray | None = None,
 ) -> Tensor:
     """Displacement ``(1, ndim, *fixed.shape)`` in voxels of the fixed grid predicted by
-    ``model`` for an affine-aligned pair (``moving_on_fixed`` on the fixed grid)."""
-    fixed_n = io.normalize_intensity(fixed.array)
+    ``model`` for an affine-aligned pair: ``moving`` on the fixed grid, or any moving scan
+    with ``world_matrix`` (fixed world -> moving world), resampled once onto the model grid."""
     if space is None:
-        return _forward(model, fixed_n, io.normalize_intensity(moving_on_fixed.array), lam, device)
-    grid = model_grid(fixed.grid, space, foreground=fixed_n > _FOREGROUND)
+        on_fixed = io.resample_to(moving, fixed, world_matrix)  # a copy when already there
+        fixed_n, moving_n = (io.normalize_intensity(image.array) for image in (fixed, on_fixed))
+        return _forward(model, fixed_n, moving_n, lam, device)
+    grid = model_grid(fixed.grid, space, foreground=_foreground(fixed))
     fixed_m = io.normalize_intensity(to_model_grid(fixed, grid))
-    moving_m = io.normalize_intensity(to_model_grid(moving_on_fixed, grid))
+    moving_m = io.normalize_intensity(to_model_grid(moving, grid, world_matrix))
     field = _forward(model, fixed_m, moving_m, lam, device)
     return field_to_fixed(field, grid, fixed.grid)
 

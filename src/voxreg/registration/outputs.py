@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
@@ -35,12 +35,20 @@ class RegistrationResult:
     fixed world points to moving world points (RAS mm) or is None."""
 
     fixed: Image
-    moving: Image
+    moving_source: Image | Callable[[], Image]
     warped: Image
     field: torch.Tensor
     warped_labels: dict[str, Image] = dataclass_field(default_factory=dict)
     world_matrix: np.ndarray | None = None
     metrics: dict[str, Any] = dataclass_field(default_factory=dict)
+
+    @property
+    def moving(self) -> Image:
+        """The moving scan on the fixed grid after the affine stage (made on first use when
+        the registration did not need it, e.g. a network alone)."""
+        if callable(self.moving_source):
+            self.moving_source = self.moving_source()
+        return self.moving_source
 
     def save(self, outdir: str | Path, figure: bool = True) -> dict[str, Path]:
         """Write the standard outputs into ``outdir`` (see :func:`save_outputs`)."""

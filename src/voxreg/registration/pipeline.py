@@ -11,9 +11,11 @@ The field is in voxels of the fixed grid, ``(1, ndim, *fixed.shape)``.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,17 +79,24 @@ def warp_image(
 
 
 def _predict_with_model(
-    model_path: str | Path, fixed: Image, moving_on_fixed: Image, lam: float | None, device: torch.device
+    model_path: str | Path,
+    fixed: Image,
+    moving: Image,
+    lam: float | None,
+    device: torch.device,
+    world_matrix: np.ndarray | None = None,
 ) -> torch.Tensor:
     """Field (voxels of the fixed grid) predicted by the checkpoint at ``model_path`` for an
-    affine-aligned pair, in the model's space when the checkpoint records one."""
+    affine-aligned pair (``moving`` on the fixed grid, or through ``world_matrix``), in the
+    model's space when the checkpoint records one."""
     from voxreg.registration.network import model_space_of, predict_field
 
     model, extra = loaded_checkpoint(model_path, device)
     if model.config.ndim != fixed.ndim:
         raise VoxregError(f"{model_path}: model is {model.config.ndim}D but the images are {fixed.ndim}D")
     space = model_space_of(extra, str(model_path))
-    return predict_field(model, space, fixed, moving_on_fixed, _model_lambda(model, extra, lam, model_path), device)
+    lam = _model_lambda(model, extra, lam, model_path)
+    return predict_field(model, space, fixed, moving, lam, device, world_matrix=world_matrix)
 
 
 _CHECKPOINTS: dict[tuple[str, int, int, str], tuple[Any, dict[str, Any]]] = {}
@@ -275,17 +284,18 @@ def register(
     values: dict[str, Any] = {}
     if world_matrix is None and (affine or affine_only):
         world_matrix, values["affine"] = _affine_stage(fixed_img, moving_img, _affine_config(affine_config, similarity))
-    moving_on_fixed = warp_image(moving_img, fixed_img, world_matrix=world_matrix, device=torch_device)
-    fixed_t = _to_tensor(io.normalize_intensity(fixed_img.array), torch_device)
-    moving_t = _to_tensor(io.normalize_intensity(moving_on_fixed.array), torch_device)
+    # the moving scan on the fixed grid after the affine stage: computed when something needs it
+    # (instance optimisation, refinement, metrics, figures), not for a network alone
+    moving_on_fixed = functools.cache(
+        lambda: warp_image(moving_img, fixed_img, world_matrix=world_matrix, device=torch_device)
+    )
     config = _align_config(config, similarity, lam)
     start = time.perf_counter()
     if affine_only:
         engine, field = "affine", torch.zeros(1, fixed_img.ndim, *fixed_img.shape, device=torch_device)
     else:
-        engine, field = _estimate_field(
-            fixed_t, moving_t, (fixed_img, moving_on_fixed), model, config, lam, refine, torch_device, progress
-        )
+        pair = _Pair(fixed_img, moving_img, world_matrix, moving_on_fixed, torch_device)
+        engine, field = _estimate_field(pair, model, config, lam, refine, progress)
     if torch_device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -314,7 +324,7 @@ def register(
     )
     result = RegistrationResult(
         fixed_img, moving_on_fixed, warped, field.detach().cpu(), warped_labels, world_matrix, values
-    )
+    )  # the result's ``moving`` is made on first use
     if metrics:
         source = moving_img if "affine" in values else None  # raw similarity only after an affine stage
         values.update(measure_registration(result, source, fixed_label_img, label_maps, torch_device))
@@ -377,25 +387,40 @@ def _align_config(config: AlignConfig | None, similarity: str, lam: float | None
         raise VoxregError(str(exc)) from None
 
 
+@dataclass(frozen=True)
+class _Pair:
+    """The pair a deformable engine works on: the scans, the affine stage's ``world_matrix``
+    and the moving scan on the fixed grid (``moving_on_fixed()``, made on first use)."""
+
+    fixed: Image
+    moving: Image
+    world_matrix: np.ndarray | None
+    moving_on_fixed: Callable[[], Image]
+    device: torch.device
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised fixed and affine-aligned moving ``(1, 1, *S)`` for instance optimisation."""
+        fixed = _to_tensor(io.normalize_intensity(self.fixed.array), self.device)
+        return fixed, _to_tensor(io.normalize_intensity(self.moving_on_fixed().array), self.device)
+
+
 def _estimate_field(
-    fixed: torch.Tensor,
-    moving: torch.Tensor,
-    images: tuple[Image, Image],
+    pair: _Pair,
     model: str | Path | None,
     config: AlignConfig,
     lam: float | None,
     refine: int,
-    device: torch.device,
     progress: ProgressCallback | None,
 ) -> tuple[str, torch.Tensor]:
-    """(engine name, field) from instance optimisation or the network (+ refinement);
-    ``images`` = (fixed, moving on the fixed grid) for the network's model space."""
+    """(engine name, field) from instance optimisation or the network (+ refinement); the
+    network resamples the moving scan once, from its own grid to the model's."""
     if model is None:
-        return "instance-optimisation", align(fixed, moving, config, progress=progress).field
-    field = _predict_with_model(model, images[0], images[1], lam, device).to(fixed.device)
+        return "instance-optimisation", align(*pair.tensors(), config, progress=progress).field
+    field = _predict_with_model(model, pair.fixed, pair.moving, lam, pair.device, pair.world_matrix)
     if refine <= 0:
         return "network", field
-    refined = align(fixed, moving, config.refinement(refine), initial_field=field, progress=progress)
+    fixed, moving = pair.tensors()
+    refined = align(fixed, moving, config.refinement(refine), initial_field=field.to(fixed.device), progress=progress)
     return f"network+refine{refine}", refined.field
 
 
