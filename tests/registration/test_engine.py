@@ -147,3 +147,19 @@ def test_a_scan_at_the_covered_limits_uses_the_model(shipped_dir):
     result = voxreg.register(fixed, moving, affine=False, metrics=False, device="cpu")
     assert result.metrics["engine"] == "network+refine3"
     assert result.metrics["engine_reason"] == "shipped model tiny-brain"
+
+
+def test_a_network_alone_makes_the_affine_aligned_moving_scan_only_when_asked(shipped_dir):
+    from voxreg import io
+
+    fixed, moving = _pair()
+    world_matrix = np.eye(4)
+    world_matrix[:3, 3] = [1.0, -2.0, 0.5]
+    result = voxreg.register(fixed, moving, refine=0, world_matrix=world_matrix, metrics=False, device="cpu")
+    assert result.metrics["engine"] == "network"
+    assert result.moving_source.cache_info().currsize == 0  # not made: nothing needed it
+    expected = io.resample_to(moving, fixed, world_matrix)
+    np.testing.assert_allclose(result.moving.array, expected.array, atol=1e-6)
+    assert result.moving is result.moving  # made once, then kept
+    instance = voxreg.register(fixed, moving, engine="instance", world_matrix=world_matrix, metrics=False)
+    assert instance.moving_source.cache_info().currsize == 1  # instance optimisation needed it

@@ -58,3 +58,23 @@ def test_checkpoint_without_space_predicts_on_the_fixed_grid():
     np.testing.assert_allclose(field[0, :, 24, 24, 24].numpy(), [2.0, 0.0, 0.0], atol=0.05)
     assert model_space_of({}) is None
     assert model_space_of({"model_space": {"voxel_size": [2, 2, 2], "ndim": 3}}).voxel_size == (2.0, 2.0, 2.0)
+
+
+@pytest.mark.parametrize("space", [ModelSpace(voxel_size=(2.0, 2.0, 2.0), multiple=8), None])
+def test_moving_scan_through_a_world_matrix_gives_the_field_of_the_resampled_scan(space):
+    # the network resamples the moving scan once, from its own grid (here 1.5 mm, shifted
+    # by 9 mm) to the model grid through the affine stage's world matrix; the result matches
+    # resampling it onto the fixed grid first
+    from voxreg import io
+
+    fixed = _blob((1.0, 1.0, 1.0), (48.0, 48.0, 48.0))
+    moving = _blob((1.5, 1.5, 1.5), (48.0 + 6.0, 48.0, 48.0 - 9.0))
+    world_matrix = np.eye(4)
+    world_matrix[2, 3] = -9.0  # fixed world -> moving world: the moving blob sits 9 mm lower
+    direct = predict_field(CentroidShift(), space, fixed, moving, None, torch.device("cpu"), world_matrix=world_matrix)
+    on_fixed = io.resample_to(moving, fixed, world_matrix)
+    expected = predict_field(CentroidShift(), space, fixed, on_fixed, None, torch.device("cpu"))
+    centre = tuple(s // 2 for s in fixed.shape)
+    got, want = direct[0, :, centre[0], centre[1], centre[2]], expected[0, :, centre[0], centre[1], centre[2]]
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=0.15)
+    np.testing.assert_allclose(got.numpy(), [6.0, 0.0, 0.0], atol=0.35)  # the remaining 6 mm along x

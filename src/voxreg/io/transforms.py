@@ -107,7 +107,7 @@ def field_to_itk_image(field: np.ndarray | torch.Tensor, fixed: Image) -> nib.Ni
     data = _field_array(field, fixed)
     affine = fixed.affine
     if fixed.ndim == 3:
-        linear = RAS_TO_LPS[:3, :3] @ affine[:3, :3]
+        linear = (RAS_TO_LPS[:3, :3] @ affine[:3, :3]).astype(np.float32)  # no float64 copy of the field
         vectors = np.einsum("ij,j...->...i", linear, data)[..., None, :]
     else:
         if not itk_field_supported(fixed):
@@ -115,7 +115,7 @@ def field_to_itk_image(field: np.ndarray | torch.Tensor, fixed: Image) -> nib.Ni
                 f"{fixed.name}: ITK export of a 2D field needs an image plane parallel "
                 "to the x-y plane; this 2D image is tilted out of it"
             )
-        linear = (RAS_TO_LPS[:3, :3] @ affine[:3, :2])[:2]
+        linear = (RAS_TO_LPS[:3, :3] @ affine[:3, :2])[:2].astype(np.float32)
         vectors = np.einsum("ij,j...->...i", linear, data)[:, :, None, None, :]
     img = nib.Nifti1Image(np.ascontiguousarray(vectors, dtype=np.float32), affine)
     set_nifti_xform(img, affine)
