@@ -162,6 +162,9 @@ def test_active_voxels_cover_the_grown_foreground_and_the_sparse_warp_matches_th
     # a grid mostly foreground, or no foreground threshold: warp every voxel
     assert _active_voxels(torch.ones(1, 1, 20, 20, 20), moving[..., :20, :20, :20], config) is None
     assert _active_voxels(fixed, moving, AlignConfig(foreground_threshold=0.0)) is None
+    blank = torch.zeros(1, 1, 20, 20, 20)
+    assert _active_voxels(blank, blank, config) is None
+    assert torch.isfinite(align(blank, blank, AlignConfig(**FAST)).field).all()
 
 
 def test_thread_chooser_probes_until_all_threads_win(monkeypatch):

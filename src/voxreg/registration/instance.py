@@ -195,14 +195,15 @@ def _active_voxels(fixed: Tensor, warped: Tensor, config: AlignConfig) -> Tensor
     """Flat indices of the voxels whose warped value the masked similarity can use during one
     level: the foreground of either image (``warped`` = the moving image at the level's start)
     grown by the NCC window radius and :data:`_ACTIVE_MARGIN`. None (warp every voxel) without
-    a foreground threshold or when they fill most of the grid."""
+    a foreground threshold, when they fill most of the grid or when there are none."""
     threshold = config.foreground_threshold
     if threshold <= 0:
         return None
     radius = (config.window // 2 if config.similarity == "ncc" else 0) + _ACTIVE_MARGIN
     core = ((fixed > threshold) | (warped > threshold)).to(fixed.dtype)
     active = losses.box_sum(core, [2 * radius + 1] * (fixed.dim() - 2)).flatten() > 0.5
-    if float(active.float().mean()) > _SPARSE_BELOW:
+    fraction = float(active.float().mean())
+    if fraction > _SPARSE_BELOW or fraction == 0.0:  # mostly foreground, or none at all
         return None
     return torch.nonzero(active).flatten()
 
