@@ -186,3 +186,14 @@ def test_warp_at_equals_the_dense_warp_at_those_voxels(shape):
     index = torch.randperm(image[0, 0].numel())[:50]
     expected = spatial.warp(image, field).reshape(1, 2, -1)[:, :, index]
     torch.testing.assert_close(spatial.warp_at(image, field, index), expected)
+
+
+@pytest.mark.parametrize("shape,out", [((7, 9, 6), (15, 4, 13)), ((11, 8), (5, 23))])
+def test_sample_axes_equals_sampling_the_axis_aligned_grid(shape, out):
+    # per-axis coordinates beyond both ends (zero padding) and inside, scaled and offset
+    torch.manual_seed(2)
+    image = torch.rand(1, 3, *shape)
+    axes = [torch.linspace(-1.7, s + 0.6, n) for s, n in zip(shape, out)]
+    coords = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
+    expected = spatial.sample(image, coords, "linear", padding="zeros")
+    torch.testing.assert_close(spatial.sample_axes(image, axes), expected, atol=1e-5, rtol=1e-5)

@@ -68,3 +68,23 @@ def test_two_d_and_validation():
     with pytest.raises(ValueError, match="3D scans; this scan is 2D"):
         model_grid(fixed, ModelSpace(voxel_size=(2.0,) * 3))
     assert ModelSpace.from_dict(ModelSpace(voxel_size=(2.0, 2.0, 3.0)).to_dict()).voxel_size == (2.0, 2.0, 3.0)
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.7, 1.3, 3.0)])
+def test_axis_aligned_mapping_equals_the_general_resampling(spacing):
+    # model_grid builds grids along the fixed axes, so field_to_fixed samples per axis; the
+    # result equals sampling the model field at every fixed voxel's model coordinates
+    from voxreg.core import spatial
+    from voxreg.registration.model_space import _fixed_in_model_coords, _linear
+
+    fixed = Grid((37, 30, 14), _affine(spacing, 20.0))
+    mask = np.zeros(fixed.shape, bool)
+    mask[5:30, 4:20, 2:12] = True  # the model grid covers part of the scan: zero outside it
+    grid = model_grid(fixed, ModelSpace(voxel_size=(2.0, 2.0, 2.0), multiple=8, margin_mm=2.0), foreground=mask)
+    torch.manual_seed(0)
+    field = torch.randn(1, 3, *grid.shape)
+    sampled = spatial.sample(field, _fixed_in_model_coords(grid, fixed, field.device), "linear", padding="zeros")
+    matrix = torch.as_tensor(np.linalg.inv(_linear(fixed)) @ _linear(grid), dtype=torch.float32)
+    expected = (matrix @ sampled.reshape(3, -1)).reshape(1, 3, *fixed.shape)
+    torch.testing.assert_close(field_to_fixed(field, grid, fixed), expected, atol=1e-4, rtol=1e-4)
+    assert float(expected.abs().amax()) > 1.0 and float(expected[0, :, 0, 0, 0].abs().max()) < 1e-5

@@ -115,13 +115,20 @@ def field_to_fixed(field: Tensor, model: Grid, fixed: Grid) -> Tensor:
     zero displacement outside the model grid). Both grids must share their axes' directions
     up to scale, as :func:`model_grid` builds them."""
     ndim = fixed.ndim
-    coords = _fixed_in_model_coords(model, fixed, field.device)
-    sampled = spatial.sample(field, coords, "linear", padding="zeros")
+    index_map = fixed.voxel_matrix_to(model)
+    if np.allclose(index_map[:ndim, :ndim], np.diag(np.diag(index_map[:ndim, :ndim])), atol=1e-9):
+        # axis-aligned (as model_grid builds it): separable, a third of the time at 1 mm
+        axes = [
+            torch.arange(n, device=field.device, dtype=torch.float64) * index_map[axis, axis] + index_map[axis, ndim]
+            for axis, n in enumerate(fixed.shape)
+        ]
+        sampled = spatial.sample_axes(field, axes)
+    else:
+        sampled = spatial.sample(field, _fixed_in_model_coords(model, fixed, field.device), "linear", padding="zeros")
     to_world = torch.as_tensor(_linear(model), dtype=field.dtype, device=field.device)
     to_fixed = torch.as_tensor(np.linalg.inv(_linear(fixed)), dtype=field.dtype, device=field.device)
-    matrix = to_fixed @ to_world
     flat = sampled.reshape(ndim, -1)
-    return (matrix @ flat).reshape(1, ndim, *fixed.shape)
+    return ((to_fixed @ to_world) @ flat).reshape(1, ndim, *fixed.shape)
 
 
 def _fixed_in_model_coords(model: Grid, fixed: Grid, device: torch.device) -> Tensor:
