@@ -426,3 +426,25 @@ def test_disk_full_leaves_nothing_half_written(tmp_path, fast):
         if unmounted.returncode != 0:
             unmounted = subprocess.run(["umount", "-l", str(small)], capture_output=True)
         assert unmounted.returncode == 0, unmounted.stderr.decode()
+
+
+def test_a_failing_concurrent_write_leaves_nothing_and_says_why(tmp_path, fast, monkeypatch):
+    # the NIfTI outputs are written side by side; one failing (after the others ran) still
+    # leaves the output folder as it was and gives one line naming the file
+    from voxreg.core.errors import VoxregError
+    from voxreg.registration import outputs
+
+    written = []
+
+    def failing_itk_field(path, field, fixed):
+        written.append(path.name)
+        raise VoxregError(f"{path.name}: cannot write (disk quota exceeded)")
+
+    monkeypatch.setattr(outputs.io, "save_itk_field", failing_itk_field)
+    p = pair(tmp_path / "in", (24, 24, 24))
+    out = tmp_path / "out"
+    result = runner.invoke(app, [*map(str, reg(p, out))])
+    assert result.exit_code == 2, result.output
+    assert "field_itk.nii.gz: cannot write (disk quota exceeded)" in result.output
+    assert "Traceback" not in result.output and written == ["field_itk.nii.gz"]
+    assert not out.exists() or [f.name for f in out.iterdir() if not f.name.startswith(".")] == []
