@@ -30,10 +30,11 @@ Method:
    foreground does, so sliding out of the field of view is never rewarded); the best
    state seen is kept. ``transform='affine'`` runs the rigid pyramid, then the affine one.
 
-Cost: about 160 steps over at most ``max_points`` samples each; under 1 s for a
-256x256x160 1 mm pair on one CPU core (``AffineConfig.threads``), independent of the full
-resolution (half the steps of the earlier (60, 30, 15) / 20 schedule left the Dice after
-affine of Mindboggle pairs unchanged; halving the samples did not: see docs/benchmarks.md).
+Cost: about 100 steps over at most ``max_points`` samples each; ~0.7 s for a 256x256x160
+1 mm pair on one CPU core (``AffineConfig.threads``), independent of the full resolution
+(the (20, 10, 6) / 6 schedule kept the Dice after affine of the 8 Mindboggle pairs, 0.4169 ->
+0.4172, and every case of benchmarks/affine_cases.py; halving the samples did not: see
+docs/benchmarks.md).
 Adam is torch.optim.Adam (its first construction in a process imports torch._dynamo: about 1.3 s once, measured with torch 2.13).
 """
 
@@ -106,10 +107,10 @@ class AffineConfig:
     similarity: str = "ncc"
     scales: tuple[float, ...] = (8.0, 4.0, 2.0)
     scale_unit: str = "mm"
-    iterations: tuple[int, ...] = (30, 15, 8)
+    iterations: tuple[int, ...] = (20, 10, 6)
     lr: float = 0.02
     init: str = "moments"
-    init_iterations: int = 10
+    init_iterations: int = 6
     max_points: int = 1 << 16
     mi_bins: int = 32
     threads: int = 1
