@@ -32,10 +32,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from synth_learning import DATA  # the Mindboggle folder the held-out pairs come from
+
 HERE = Path(__file__).resolve().parent
-DATA = HERE.parents[1] / "shared" / "data" / "brain_mri" / "mindboggle_oasis_trt20"
+
 PAIRS = [(2, 1), (4, 3), (6, 5), (8, 7), (10, 9), (12, 11), (14, 13), (16, 15)]
-EXCLUDED = {0, 74}
 
 # --------------------------------------------------------------------------- child code
 CHILD = r"""
@@ -45,17 +46,10 @@ import numpy as np
 args = json.loads(sys.argv[1])
 import torch
 import voxreg
-from voxreg import io, metrics
+from voxreg import io
+sys.path.insert(0, args["benchmarks"])
+from synth_learning import _mean_dice as mean_dice, _subject as subject  # the held-out pairs and their Dice
 torch.set_num_threads(args["threads"])
-data = Path(args["data"])
-
-def subject(n):
-    folder = data / f"OASIS-TRT-20-{n}"
-    return folder / "t1weighted_brain.nii.gz", folder / "labels_DKT31_CMA.nii.gz"
-
-def mean_dice(fixed, warped):
-    labels = sorted((set(np.unique(fixed)) & set(np.unique(warped))) - {0, 74})
-    return float(np.nanmean(list(metrics.dice_per_label(fixed, warped, labels).values())))
 
 def brain_pairs(kind, pairs, **options):
     rows = []
@@ -126,7 +120,7 @@ print("RESULT " + json.dumps(out))
 def child(src: Path, threads: int, **kind) -> dict:
     """Run one measurement in a fresh process with ``src`` first on the path."""
     env = dict(os.environ, PYTHONPATH=str(src), ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(threads))
-    payload = json.dumps({"threads": threads, "data": str(DATA), **kind})
+    payload = json.dumps({"threads": threads, "benchmarks": str(HERE), **kind})
     done = subprocess.run([sys.executable, "-c", CHILD, payload], env=env, capture_output=True, text=True)
     for line in done.stdout.splitlines():
         if line.startswith("RESULT "):

@@ -141,7 +141,7 @@ def test_active_voxels_cover_the_grown_foreground_and_the_sparse_warp_matches_th
     fixed[:, :, 15:25, 12:22, 10:18] = torch.rand(1, 1, 10, 10, 8) * 0.5 + 0.5
     moving = torch.roll(fixed, 2, dims=2)
     config = AlignConfig()  # window 5 -> radius 2, plus the margin of 4 voxels
-    active = _active_voxels(fixed, moving, config)
+    active = _active_voxels(fixed, moving, torch.zeros(1, 3, 40, 36, 30), config)
     mask = torch.zeros(40 * 36 * 30, dtype=torch.bool)
     mask[active] = True
     mask = mask.view(40, 36, 30)
@@ -160,10 +160,11 @@ def test_active_voxels_cover_the_grown_foreground_and_the_sparse_warp_matches_th
     (grad_dense,) = torch.autograd.grad((dense * mask * dense.detach()).sum(), field)
     torch.testing.assert_close(grad_sparse, grad_dense)
     # a grid mostly foreground, or no foreground threshold: warp every voxel
-    assert _active_voxels(torch.ones(1, 1, 20, 20, 20), moving[..., :20, :20, :20], config) is None
-    assert _active_voxels(fixed, moving, AlignConfig(foreground_threshold=0.0)) is None
+    zero = torch.zeros(1, 3, 20, 20, 20)
+    assert _active_voxels(torch.ones(1, 1, 20, 20, 20), moving[..., :20, :20, :20], zero, config) is None
+    assert _active_voxels(fixed, moving, torch.zeros(1, 3, 40, 36, 30), AlignConfig(foreground_threshold=0.0)) is None
     blank = torch.zeros(1, 1, 20, 20, 20)
-    assert _active_voxels(blank, blank, config) is None
+    assert _active_voxels(blank, blank, zero, config) is None
     assert torch.isfinite(align(blank, blank, AlignConfig(**FAST)).field).all()
 
 

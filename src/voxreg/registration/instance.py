@@ -191,14 +191,16 @@ _ACTIVE_MARGIN = 4
 _SPARSE_BELOW = 0.6
 
 
-def _active_voxels(fixed: Tensor, warped: Tensor, config: AlignConfig) -> Tensor | None:
+def _active_voxels(fixed: Tensor, moving: Tensor, start: Tensor, config: AlignConfig) -> Tensor | None:
     """Flat indices of the voxels whose warped value the masked similarity can use during one
-    level: the foreground of either image (``warped`` = the moving image at the level's start)
-    grown by the NCC window radius and :data:`_ACTIVE_MARGIN`. None (warp every voxel) without
-    a foreground threshold, when they fill most of the grid or when there are none."""
+    level: the foreground of either image (the moving one warped by ``start``, the field at
+    the level's start) grown by the NCC window radius and :data:`_ACTIVE_MARGIN`. None (warp
+    every voxel) without a foreground threshold, when they fill most of the grid or when
+    there are none."""
     threshold = config.foreground_threshold
     if threshold <= 0:
         return None
+    warped = spatial.warp(moving, start)
     radius = (config.window // 2 if config.similarity == "ncc" else 0) + _ACTIVE_MARGIN
     core = ((fixed > threshold) | (warped > threshold)).to(fixed.dtype)
     active = losses.box_sum(core, [2 * radius + 1] * (fixed.dim() - 2)).flatten() > 0.5
@@ -423,7 +425,7 @@ def _optimise(
         initial_coarse = None if initial is None else spatial.resize_field(initial, param_shape)
         with torch.no_grad():
             start = _level_fields(param, level_shape, config, base, initial_coarse)[1]
-            active = _active_voxels(fixed_level, spatial.warp(moving_level, start), config)
+            active = _active_voxels(fixed_level, moving_level, start, config)
         threads.start_level(iterations)
         for step in range(iterations):
             threads.before(step)

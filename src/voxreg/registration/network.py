@@ -60,8 +60,8 @@ def to_model_grid(image: Image, grid: Grid, world_matrix: np.ndarray | None = No
 
 
 def _foreground(image: Image) -> np.ndarray:
-    """Voxels above 5 % of the robust intensity range (percentiles of every 8th voxel per
-    2 x 2 x 2 block: the same range, 8x cheaper than over a whole 1 mm scan)."""
+    """Voxels above 5 % of the robust intensity range, its percentiles taken over every
+    second voxel along each axis (the same range at an eighth of the cost)."""
     array = image.array
     low, high = io.robust_range(np.asarray(array[(slice(None, None, 2),) * array.ndim], np.float32), 0.5, 99.5)
     return array > low + _FOREGROUND * (high - low)
