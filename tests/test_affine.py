@@ -280,12 +280,16 @@ def test_masks_exclude_distractors(fixed, rigid_case):
     assert corner_error(result.world_matrix, truth, fixed) < 1.0
 
 
-def test_progress_reports_every_step(fixed, rigid_case):
+@pytest.mark.parametrize(
+    ("rigid_levels", "rigid_steps"), [(1, 5), (2, 5 + 3), (3, 5 + 3 + 2)]
+)  # the rigid stage runs on the coarsest rigid_levels levels, then the affine stage on all
+def test_progress_reports_every_step(fixed, rigid_case, rigid_levels, rigid_steps):
     calls = []
-    config = AffineConfig(transform="affine", iterations=(5, 3, 2), init_iterations=4)
+    config = AffineConfig(transform="affine", iterations=(5, 3, 2), init_iterations=4, rigid_levels=rigid_levels)
     affine_register(fixed, rigid_case[1], config, progress=lambda done, total: calls.append((done, total)))
-    total = 5 * 4 + 2 * (5 + 3 + 2)  # 5 start candidates, then rigid and affine stages
+    total = 5 * 4 + rigid_steps + (5 + 3 + 2)  # 5 start candidates, then rigid and affine stages
     assert calls == [(i, total) for i in range(1, total + 1)]
+    assert len(affine_register(fixed, rigid_case[1], config).history) == rigid_steps + 5 + 3 + 2
 
 
 def test_mask_of_wrong_shape_is_rejected(fixed):
@@ -331,9 +335,29 @@ def test_a_transform_less_similar_than_the_headers_is_not_returned(fixed, monkey
 def test_nan_similarity_raises_voxreg_error(fixed, rigid_case, monkeypatch):
     from voxreg.registration import affine
 
-    monkeypatch.setattr(affine.losses, "global_ncc", lambda *args, **kwargs: torch.tensor(float("nan")))
+    monkeypatch.setattr(affine, "_sample_ncc", lambda *args, **kwargs: torch.tensor(float("nan")))
     with pytest.raises(VoxregError, match="NaN"):
         affine_register(fixed, rigid_case[1])
+
+
+def test_sample_ncc_equals_masked_global_ncc_with_its_gradient():
+    from voxreg import losses
+    from voxreg.registration.affine import _sample_ncc
+
+    torch.manual_seed(0)
+    fixed = torch.rand(5000, dtype=torch.float64)
+    moving = (0.4 * fixed + torch.rand(5000, dtype=torch.float64)).requires_grad_(True)
+    weights = (torch.rand(5000) > 0.3).double()
+    shape = (1, 1, 5000, 1)
+    fast = _sample_ncc(fixed, moving, weights)
+    (fast_grad,) = torch.autograd.grad(fast, moving)
+    reference = losses.global_ncc(fixed.view(shape), moving.view(shape), mask=weights.view(shape))
+    (reference_grad,) = torch.autograd.grad(reference, moving)
+    # equal up to where the 1e-8 guard sits (global_ncc adds it to standardised variances)
+    torch.testing.assert_close(fast, reference, rtol=2e-6, atol=0.0)
+    torch.testing.assert_close(fast_grad, reference_grad, rtol=0.0, atol=2e-5 * float(reference_grad.abs().max()))
+    assert float(_sample_ncc(fixed, -2.0 * fixed + 3.0, weights)) == pytest.approx(-1.0)
+    assert float(_sample_ncc(fixed, torch.full_like(fixed, 7.0), weights)) == 0.0  # constant: 0
 
 
 def test_mattes_mi_properties():

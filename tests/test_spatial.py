@@ -197,3 +197,61 @@ def test_sample_axes_equals_sampling_the_axis_aligned_grid(shape, out):
     coords = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
     expected = spatial.sample(image, coords, "linear", padding="zeros")
     torch.testing.assert_close(spatial.sample_axes(image, axes), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape,out", [((7, 9, 6), (8, 5, 7)), ((11, 8), (9, 13))])
+def test_sample_displaced_equals_sampling_the_mapped_displaced_coordinates(shape, out):
+    # an oblique, scaling voxel map after a displacement: some samples land outside
+    import numpy as np
+
+    torch.manual_seed(3)
+    ndim = len(shape)
+    image = torch.rand(1, 2, *shape)
+    field = torch.randn(1, ndim, *out) * 1.5
+    rng = np.random.default_rng(0)
+    matrix = np.eye(ndim + 1)
+    matrix[:ndim, :ndim] = np.eye(ndim) * 0.9 + rng.normal(0, 0.15, (ndim, ndim))
+    matrix[:ndim, ndim] = rng.normal(0, 1.0, ndim)
+    points = spatial.identity_grid(out) + field
+    linear = torch.as_tensor(matrix[:ndim, :ndim], dtype=torch.float32)
+    coords = (linear @ points.reshape(ndim, -1)).reshape(1, ndim, *out)
+    coords = coords + torch.as_tensor(matrix[:ndim, ndim], dtype=torch.float32).view(1, ndim, *[1] * ndim)
+    for padding in ("zeros", "border"):
+        expected = spatial.sample(image, coords, "linear", padding=padding)
+        actual = spatial.sample_displaced(image, matrix, field, padding=padding)
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_nearest_sampling_puts_non_finite_coordinates_outside():
+    image = torch.arange(1, 25, dtype=torch.int64).reshape(1, 1, 4, 6)
+    coords = torch.tensor([[[[1.2, float("nan"), 2.0, float("inf")]], [[4.6, 0.0, float("-inf"), 3.0]]]])
+    zeros = spatial.sample_nearest(image, coords, padding="zeros")
+    assert zeros.flatten().tolist() == [image[0, 0, 1, 5].item(), 0, 0, 0]
+    border = spatial.sample_nearest(image, coords, padding="border")  # non-finite -> the first voxel row/col
+    assert border.flatten().tolist() == [
+        image[0, 0, 1, 5].item(),
+        image[0, 0, 0, 0].item(),
+        image[0, 0, 2, 0].item(),
+        image[0, 0, 0, 3].item(),
+    ]
+
+
+@pytest.mark.parametrize("shape", [(6, 7, 5), (9, 4)])
+def test_block_average_means_each_block_and_moves_the_affine_to_its_centre(shape):
+    import numpy as np
+
+    image = torch.rand(1, 1, *shape, dtype=torch.float64)
+    ndim = len(shape)
+    factors = [2, 3, 1][:ndim]
+    affine = np.diag([1.5, 2.0, 0.5, 1.0])
+    affine[:3, 3] = [10.0, -4.0, 3.0]
+    pooled, pooled_affine = spatial.block_average(image, affine, factors)
+    first = image[(0, 0, *[slice(0, k) for k in factors])].mean()
+    assert float(pooled[(0, 0, *[0] * ndim)]) == pytest.approx(float(first))
+    last = image[(0, 0, *[slice((s - 1) // k * k, s) for s, k in zip(shape, factors)])].mean()  # partial block
+    assert float(pooled[(0, 0, *[-1] * ndim)]) == pytest.approx(float(last))
+    centre = (np.asarray(factors) - 1) / 2.0  # block 0's centre in original voxels
+    expected = affine[:ndim, :ndim] @ centre + affine[:ndim, 3]
+    np.testing.assert_allclose(pooled_affine[:ndim, 3], expected)
+    np.testing.assert_allclose(np.diag(pooled_affine)[:ndim], np.diag(affine)[:ndim] * factors)
+    assert spatial.box_variance([2, 3], [1.0, 2.0]).tolist() == pytest.approx([3 / 12, 8 / 12 * 4])

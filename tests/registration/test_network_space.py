@@ -78,3 +78,28 @@ def test_moving_scan_through_a_world_matrix_gives_the_field_of_the_resampled_sca
     got, want = direct[0, :, centre[0], centre[1], centre[2]], expected[0, :, centre[0], centre[1], centre[2]]
     np.testing.assert_allclose(got.numpy(), want.numpy(), atol=0.15)
     np.testing.assert_allclose(got.numpy(), [6.0, 0.0, 0.0], atol=0.35)  # the remaining 6 mm along x
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_smoothing_only_the_reachable_part_gives_the_values_of_smoothing_it_all(rotate, monkeypatch):
+    from scipy.spatial.transform import Rotation
+
+    from voxreg.core.grid import Grid
+    from voxreg.registration import network
+
+    rng = np.random.default_rng(4)
+    image = Image(rng.random((60, 52, 40)).astype(np.float32), np.diag([1.0, 1.2, 1.5, 1.0]))
+    affine = np.diag([2.1, 2.1, 2.1, 1.0])
+    affine[:3, 3] = [12.0, 15.0, 9.0]
+    grid = Grid((16, 14, 12), affine)  # well inside the image: the crop is a small part of it
+    world = None
+    if rotate:
+        world = np.eye(4)
+        world[:3, :3] = Rotation.from_euler("xyz", [9, -6, 14], degrees=True).as_matrix()
+        world[:3, 3] = [3.0, -2.0, 4.0]
+    part = network._reachable_part(image, grid, world, margin=5)
+    assert part.array.size < 0.6 * image.array.size
+    cropped = network.to_model_grid(image, grid, world)
+    monkeypatch.setattr(network, "_reachable_part", lambda image, *args, **kwargs: image)
+    np.testing.assert_allclose(cropped, network.to_model_grid(image, grid, world), rtol=1e-5, atol=1e-6)
+    assert abs(float(cropped.mean()) - 0.5) < 0.05  # smoothed noise keeps its mean

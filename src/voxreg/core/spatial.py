@@ -156,14 +156,37 @@ def sample(image: Tensor, coords: Tensor, mode: Interpolation = "linear", paddin
     return grid_sample(image, grid, padding)
 
 
+def sample_displaced(image: Tensor, matrix: np.ndarray, field: Tensor, padding: Padding = "border") -> Tensor:
+    """Linear samples of ``image`` ``(1, C, *S_in)`` at the voxels ``matrix @ [x + field(x), 1]``
+    for every voxel ``x`` of the displacement ``field`` ``(1, ndim, *S)``, e.g. an affine
+    voxel map after a deformable field: :func:`sample` of those coordinates, with grid_sample's
+    normalisation folded into ``matrix``, so the grid is made by one matrix product straight
+    into grid_sample's layout (no coordinate, flip or permute copies of a full-size grid)."""
+    ndim = spatial_ndim(field)
+    shape = tuple(int(s) for s in field.shape[2:])
+    to_grid = np.eye(ndim + 1)
+    sizes = np.asarray(image.shape[2:], dtype=np.float64)
+    to_grid[:ndim, :ndim] = np.diag(2.0 / np.maximum(sizes - 1.0, 1.0))
+    to_grid[:ndim, ndim] = -1.0
+    full = (to_grid @ np.asarray(matrix, dtype=np.float64))[:ndim][::-1]  # grid_sample: reversed axes
+    linear = torch.as_tensor(full[:, :ndim].copy(), dtype=field.dtype, device=field.device)
+    offset = torch.as_tensor(full[:, ndim:].copy(), dtype=field.dtype, device=field.device)
+    points = identity_grid(shape, field.device, field.dtype).reshape(ndim, -1) + field.reshape(ndim, -1)
+    grid = torch.addmm(offset, linear, points)  # (ndim, voxels); its transpose is the grid, as a view
+    return grid_sample(image, grid.t().reshape(1, *shape, ndim), padding)
+
+
 def sample_axes(image: Tensor, axis_coords: Sequence[Tensor]) -> Tensor:
     """Linear samples of ``image`` ``(N, C, *S_in)`` at the grid of per-axis voxel
     coordinates ``axis_coords`` (one 1D tensor per spatial axis), zero outside the image, as
     :func:`sample` with ``padding='zeros'`` gives for an axis-aligned grid: one separable
-    pass per axis (two gathers and a lerp) instead of a gather of every corner per voxel."""
+    pass per axis (two gathers and a lerp) instead of a gather of every corner per voxel.
+    The passes go from the last axis to the first, so the largest gathers copy whole
+    contiguous slabs (measured 2x faster than first-to-last for a 1 mm brain's field)."""
     out = image
     ndim = spatial_ndim(image)
-    for axis, coords in enumerate(axis_coords):
+    for axis in reversed(range(ndim)):
+        coords = axis_coords[axis]
         dim, size = 2 + axis, out.shape[2 + axis]
         pad = [0] * (2 * ndim)
         pad[2 * (ndim - 1 - axis)] = pad[2 * (ndim - 1 - axis) + 1] = 1
@@ -189,16 +212,16 @@ def sample_nearest(image: Tensor, coords: Tensor, padding: Padding = "zeros") ->
         coords = coords.expand(batch, *coords.shape[1:])
     out_shape = coords.shape[2:]
     sizes = image.shape[2:]
-    finite = torch.isfinite(coords).all(dim=1)
-    # rounding in the coordinates' own dtype: float32 -> float64 is exact, so the same integers
-    # (a float64 copy of a 1 mm brain's coordinates would add 250 MB to the peak)
-    rounded = torch.round(torch.nan_to_num(coords, nan=-1.0, posinf=-1.0, neginf=-1.0))
-    valid = finite.clone()
+    # one axis at a time, rounding in the coordinates' own dtype: float32 -> float64 is exact,
+    # so the same integers, and no full-size float copy of the coordinates (peak memory);
+    # a non-finite coordinate becomes -1, outside the grid
+    valid = torch.ones((batch, *out_shape), dtype=torch.bool, device=image.device)
     flat = torch.zeros((batch, *out_shape), dtype=torch.long, device=image.device)
     for axis, size in enumerate(sizes):
-        index = rounded[:, axis].clamp(-1, size).long()
+        index = torch.round(torch.nan_to_num(coords[:, axis], nan=-1.0, posinf=-1.0, neginf=-1.0))
+        index = index.clamp_(-1, size).long()
         valid &= (index >= 0) & (index < size)
-        flat = flat * size + index.clamp(0, size - 1)
+        flat.mul_(size).add_(index.clamp_(0, size - 1))
     values = torch.gather(
         image.reshape(batch, channels, -1), 2, flat.reshape(batch, 1, -1).expand(batch, channels, -1)
     ).reshape(batch, channels, *out_shape)
@@ -293,6 +316,27 @@ def gaussian_blur(image: Tensor, sigmas: Sequence[float]) -> Tensor:
             blurred.add_(padded.narrow(2 + axis, index, size), alpha=float(kernel[index]))
         out = blurred
     return out
+
+
+def block_average(tensor: Tensor, affine: np.ndarray, factors: Sequence[int]) -> tuple[Tensor, np.ndarray]:
+    """Block average of ``(N, C, *S)`` by integer ``factors`` per spatial axis (partial blocks
+    at the far edges averaged over what they hold) and the voxel -> world ``affine`` (square,
+    reduced or 4x4) of the result: each block's centre."""
+    if all(k == 1 for k in factors):
+        return tensor, affine
+    pool = F.avg_pool2d if tensor.dim() == 4 else F.avg_pool3d
+    pooled = pool(tensor, tuple(int(k) for k in factors), stride=tuple(int(k) for k in factors), ceil_mode=True)
+    ndim = len(factors)
+    scale = np.eye(np.asarray(affine).shape[0])
+    scale[range(ndim), range(ndim)] = np.asarray(factors, dtype=np.float64)
+    scale[:ndim, -1] = (np.asarray(factors, dtype=np.float64) - 1.0) / 2.0
+    return pooled, np.asarray(affine, dtype=np.float64) @ scale
+
+
+def box_variance(factors: Sequence[int], spacing: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Variance per axis (in units of ``spacing`` squared) of a block average by ``factors``
+    of voxels of size ``spacing``: what :func:`block_average` adds to a Gaussian's sigma^2."""
+    return (np.asarray(factors, dtype=np.float64) ** 2 - 1.0) / 12.0 * np.asarray(spacing, dtype=np.float64) ** 2
 
 
 def resize_image(image: Tensor, shape: Sequence[int]) -> Tensor:

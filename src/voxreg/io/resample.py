@@ -44,19 +44,42 @@ def resample_to(
     if field is None and np.allclose(matrix, np.eye(ndim + 1), atol=1e-6) and moving.shape == fixed.shape:
         return Image(moving.array.copy(), fixed.affine.copy(), moving.path, moving.kind)
     use_nearest = moving.is_label if nearest is None else nearest
-    coords = (
-        mapped_coords(matrix, fixed.shape, device)
-        if field is None
-        else _displaced_coords(matrix, field, fixed.shape, device)
-    )
     if use_nearest:
+        coords = (
+            mapped_coords(matrix, fixed.shape, device)
+            if field is None
+            else _displaced_coords(matrix, field, fixed.shape, device)
+        )
         out = _nearest(moving.array, coords, device)
-    else:  # pad with min(image min, 0): sample (image - low) with zero padding, add low back
-        tensor = torch.from_numpy(np.ascontiguousarray(moving.array, dtype=np.float32))[None, None].to(device)
-        low = min(float(tensor.min()), 0.0) if tensor.numel() else 0.0
-        out = (spatial.sample(tensor - low, coords, "linear", padding="zeros") + low)[0, 0].cpu().numpy()
+    else:
+        out = _linear(moving.array, matrix, fixed.shape, device, field)
     kind = "label" if use_nearest and moving.is_label else None
     return Image(out, fixed.affine.copy(), moving.path, kind)
+
+
+def _linear(
+    array: np.ndarray,
+    matrix: np.ndarray,
+    shape: Sequence[int],
+    device: str | torch.device,
+    field: np.ndarray | torch.Tensor | None,
+) -> np.ndarray:
+    """Linear samples of ``array`` at ``matrix @ (x + field(x))`` for the voxels ``x`` of a
+    grid of ``shape``, ``min(array minimum, 0)`` outside: the array shifted by that value is
+    sampled with zero padding and shifted back (skipped when it is 0, as for most MRI)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None].to(device)
+    low = min(float(tensor.min()), 0.0) if tensor.numel() else 0.0
+    if low != 0.0:
+        tensor = tensor - low
+    if field is None:
+        sampled = spatial.sample(tensor, mapped_coords(matrix, shape, device), "linear", padding="zeros")
+    else:
+        displacement = torch.as_tensor(field, dtype=torch.float32, device=device)
+        displacement = displacement if displacement.dim() == len(shape) + 2 else displacement[None]
+        sampled = spatial.sample_displaced(tensor, matrix, displacement, padding="zeros")
+    if low != 0.0:
+        sampled += low
+    return sampled[0, 0].cpu().numpy()
 
 
 # dtypes torch cannot gather in: sampled as int64 and cast back (exact)

@@ -50,10 +50,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from voxreg import io, losses
+from voxreg import io
 from voxreg.core import runtime, spatial
 from voxreg.core.config import check_choice
 from voxreg.core.errors import VoxregError
@@ -97,6 +96,9 @@ class AffineConfig:
     ``lr`` is the Adam step at the coarsest level (radians / log-scale, translations in
     units of the fixed radius of gyration); it halves at each finer level.
     ``init_iterations`` rigid steps at the coarsest level rank the start candidates.
+    ``rigid_levels``: for ``transform='affine'``, the rigid stage runs on the first (coarsest)
+    ``rigid_levels`` levels only and the affine stage on all of them (1 kept the Dice after
+    affine and of the network path on the 8 Mindboggle pairs at 0.2 s less than all levels).
     ``max_points`` caps the fixed samples per level; ``mi_bins`` is the MI histogram size.
     ``threads``: torch CPU threads during the call (restored after; 0 leaves the setting
     alone). One is fastest: the work is many small operations, and on a busy 2-core
@@ -114,6 +116,7 @@ class AffineConfig:
     max_points: int = 1 << 16
     mi_bins: int = 32
     threads: int = 1
+    rigid_levels: int = 1
 
     def __post_init__(self) -> None:
         self.transform = _choice("transform", self.transform, TRANSFORMS)
@@ -131,6 +134,8 @@ class AffineConfig:
             raise ValueError(f"scales must be > 0 and iterations >= 0; got {self.scales}, {self.iterations}")
         if self.lr <= 0 or self.max_points < 64 or self.init_iterations < 0 or self.mi_bins < 4 or self.threads < 0:
             raise ValueError("need lr > 0, max_points >= 64, init_iterations >= 0, mi_bins >= 4 and threads >= 0")
+        if self.rigid_levels < 0:
+            raise ValueError(f"rigid_levels must be >= 0; got {self.rigid_levels}")
 
 
 @dataclass
@@ -182,22 +187,6 @@ def _skew(params: Tensor, ndim: int) -> Tensor:
 # --------------------------------------------------------------------------- pyramid
 
 
-def _block_average(tensor: Tensor, affine: np.ndarray, factors: Sequence[int]) -> tuple[Tensor, np.ndarray]:
-    """Block average of ``(1, 1, *S)`` by integer ``factors`` and its reduced affine."""
-    if all(k == 1 for k in factors):
-        return tensor, affine
-    pool = F.avg_pool2d if tensor.dim() == 4 else F.avg_pool3d
-    pooled = pool(tensor, tuple(factors), stride=tuple(factors), ceil_mode=True)
-    scale = np.diag([*map(float, factors), 1.0])
-    scale[:-1, -1] = (np.asarray(factors, dtype=np.float64) - 1.0) / 2.0
-    return pooled, affine @ scale
-
-
-def _box_variance(factors: Sequence[int], spacing: Sequence[float] | np.ndarray) -> np.ndarray:
-    """Variance (mm^2) per axis of a block average by ``factors`` of voxels of ``spacing``."""
-    return (np.asarray(factors, dtype=np.float64) ** 2 - 1.0) / 12.0 * np.asarray(spacing) ** 2
-
-
 def _as_tensor(array: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
 
@@ -210,12 +199,12 @@ class _Pyramid:
         affine = reduced_affine(image.affine, image.ndim)
         self.affine, self.shape, self.name = affine, image.shape, name
         factors = [max(1, int(math.floor(finest / v + 1e-6))) for v in voxel_spacing(affine)]
-        base, self.base_affine = _block_average(_as_tensor(image.array), affine, factors)
+        base, self.base_affine = spatial.block_average(_as_tensor(image.array), affine, factors)
         self.base = _as_tensor(io.normalize_intensity(base[0, 0].numpy()))
         self.mask = None
         if mask is not None:
-            self.mask = _block_average(_as_tensor(_mask_array(mask, image, name)), affine, factors)[0]
-        self.variance = _box_variance(factors, voxel_spacing(affine))
+            self.mask = spatial.block_average(_as_tensor(_mask_array(mask, image, name)), affine, factors)[0]
+        self.variance = spatial.box_variance(factors, voxel_spacing(affine))
         self._cache: dict[tuple[float, bool], tuple[Tensor, np.ndarray]] = {}
 
     def level(self, spacing: float, mask: bool = False) -> tuple[Tensor, np.ndarray]:
@@ -233,8 +222,8 @@ class _Pyramid:
         base_voxel = voxel_spacing(self.base_affine)
         factors = [max(1, int(math.floor(spacing / (2.0 * v) + 1e-6))) for v in base_voxel]
         image = self.mask if mask and self.mask is not None else self.base
-        source, source_affine = _block_average(image, self.base_affine, factors)
-        variance = self.variance + _box_variance(factors, base_voxel)
+        source, source_affine = spatial.block_average(image, self.base_affine, factors)
+        variance = self.variance + spatial.box_variance(factors, base_voxel)
         voxel = voxel_spacing(source_affine)
         sigmas = np.sqrt(np.clip((_SMOOTH * spacing) ** 2 - variance, 0.0, None)) / voxel
         blurred = spatial.gaussian_blur(source, sigmas)
@@ -306,7 +295,7 @@ def _candidates(init: str, fixed_axes: np.ndarray, moving_axes: np.ndarray) -> l
 class _Level:
     """Fixed sample points and the moving image of one pyramid level."""
 
-    points: Tensor  # (P, ndim + 1) homogeneous fixed world points minus the centre c, float32
+    points: Tensor  # (ndim + 1, P) homogeneous fixed world points minus the centre c, float32
     values: Tensor  # (P,) fixed intensities
     moving: Tensor  # (1, 1, *S) moving level image
     to_moving: np.ndarray  # world -> moving level voxel
@@ -345,7 +334,7 @@ class _State:
 
 
 def _fixed_samples(fixed: _Pyramid, spacing: float, centre: np.ndarray, max_points: int) -> tuple[Tensor, Tensor]:
-    """Sample points ``(P, ndim + 1)`` (homogeneous: world minus ``centre``, then 1) and
+    """Sample points ``(ndim + 1, P)`` (homogeneous: world minus ``centre``, then 1) and
     values ``(P,)`` of the fixed image at one level."""
     image, affine = fixed.level(spacing)
     ndim = image.dim() - 2
@@ -370,7 +359,7 @@ def _fixed_samples(fixed: _Pyramid, spacing: float, centre: np.ndarray, max_poin
         flat = flat[torch.randperm(flat.numel(), generator=generator)[:max_points]].sort().values
     voxels = np.stack(np.unravel_index(flat.numpy(), image.shape[2:])).astype(np.float64)
     world = affine[:ndim, :ndim] @ voxels + affine[:ndim, ndim:] - centre[:, None]
-    homogeneous = np.vstack([world, np.ones((1, world.shape[1]))]).T
+    homogeneous = np.vstack([world, np.ones((1, world.shape[1]))])
     return torch.as_tensor(homogeneous, dtype=torch.float32).contiguous(), image.flatten()[flat].contiguous()
 
 
@@ -397,19 +386,31 @@ def _similarity(level: _Level, grid: Tensor, config: AffineConfig) -> tuple[Tens
     if config.similarity == "mi":
         value = mattes_mi(level.values, sampled.reshape(-1), inside, config.mi_bins)
     else:
-        shape = (1, 1, count, 1)
-        value = losses.global_ncc(level.values.view(shape), sampled.view(shape), mask=inside.view(shape))
+        value = _sample_ncc(level.values, sampled.reshape(-1), inside)
     return value, overlap
+
+
+def _sample_ncc(fixed: Tensor, moving: Tensor, weights: Tensor, eps: float = 1e-8) -> Tensor:
+    """Pearson correlation of two sample vectors over the samples of weight 1 (0 for a
+    constant vector): the global NCC of :func:`voxreg.losses.global_ncc` without its
+    image-shaped bookkeeping (measured 3x faster per affine step at 65536 samples)."""
+    count = weights.sum().clamp_min(1.0)
+    fixed_centred = (fixed - torch.dot(weights, fixed) / count) * weights
+    moving_centred = moving - torch.dot(weights, moving) / count
+    covariance = torch.dot(fixed_centred, moving_centred)
+    variances = torch.dot(fixed_centred, fixed_centred) * torch.dot(weights, moving_centred * moving_centred)
+    return covariance / torch.sqrt(variances + eps * count * count)
 
 
 def _grid(level: _Level, state: _State, linear: Tensor, shift: Tensor) -> Tensor:
     """grid_sample coordinates ``(P, ndim)`` in the moving level image of the fixed samples
-    mapped by ``W(p) = linear (p - c) + c + shift``: one small float64 matrix, one matmul."""
+    mapped by ``W(p) = linear (p - c) + c + shift``: one small float64 matrix, one matmul
+    (as ``(ndim, ndim + 1) @ (ndim + 1, P)``, transposed: 15x faster than ``(P, ndim + 1) @ ...``)."""
     ndim = linear.shape[0]
     to_grid = level.to_grid
     offset = to_grid[:ndim, :ndim] @ (torch.as_tensor(state.centre) + shift) + to_grid[:ndim, ndim]
     matrix = torch.cat([to_grid[:ndim, :ndim] @ linear, offset[:, None]], 1)
-    return level.points @ matrix.float().t()
+    return (matrix.float() @ level.points).t()
 
 
 def _loss(similarity: Tensor, overlap: Tensor, config: AffineConfig) -> Tensor:
@@ -443,7 +444,7 @@ def _sort_samples(level: _Level, state: _State) -> None:
             coord = (grid[:, len(sizes) - 1 - axis] + 1.0) * (max(size - 1, 1) / 2.0)
             key = key * (size + 2) + (coord.floor().clamp(-1, size).long() + 1)
         order = torch.argsort(key)
-    level.points = level.points[order].contiguous()
+    level.points = level.points[:, order].contiguous()
     level.values = level.values[order].contiguous()
     level.foreground = level.foreground[order].contiguous()
 
@@ -623,8 +624,8 @@ def _register(
         raise VoxregError(f"{names[1]} is {moving.ndim}D but {names[0]} is {fixed.ndim}D")
     with torch.no_grad():
         problem = _prepare(fixed, moving, names, config, (fixed_mask, moving_mask))
-    stages = ["rigid"] if config.transform == "rigid" else ["rigid", "affine"]
-    total = len(problem.candidates) * config.init_iterations + len(stages) * sum(config.iterations)
+    plan = _stage_plan(config)
+    total = len(problem.candidates) * config.init_iterations + sum(config.iterations[index] for _, index in plan)
     done = [0]
 
     def tick() -> None:
@@ -634,10 +635,10 @@ def _register(
 
     history: list[float] = []
     init, state = _pick_candidate(problem, config, tick)
-    for kind in stages:
-        for index, (level, steps) in enumerate(zip(problem.levels, config.iterations)):
-            lr = config.lr * 0.5**index
-            state = _optimise(level, state, kind, steps, lr, problem.radius, config, history, tick)
+    for kind, index in plan:
+        lr = config.lr * 0.5**index
+        steps = config.iterations[index]
+        state = _optimise(problem.levels[index], state, kind, steps, lr, problem.radius, config, history, tick)
     identity = _State(np.eye(fixed.ndim), np.zeros(fixed.ndim), problem.centre)
     before = _evaluate(problem.levels[-1], identity, config)[0]
     after = _evaluate(problem.levels[-1], state, config)[0]
@@ -647,6 +648,16 @@ def _register(
     if not np.all(np.isfinite(world)) or not math.isfinite(after):
         raise VoxregError(f"{names[1]}: affine registration to {names[0]} gave a degenerate (NaN) result")
     return AffineResult(world, before, after, time.perf_counter() - start, init, history)
+
+
+def _stage_plan(config: AffineConfig) -> list[tuple[str, int]]:
+    """(transform kind, level index) of every optimisation run, in order: the rigid stage
+    on all levels for ``transform='rigid'``, else on the first ``rigid_levels`` levels
+    followed by the affine stage on all levels."""
+    levels = range(len(config.scales))
+    if config.transform == "rigid":
+        return [("rigid", index) for index in levels]
+    return [("rigid", index) for index in levels[: config.rigid_levels]] + [("affine", index) for index in levels]
 
 
 def _pick_candidate(problem: _Problem, config: AffineConfig, tick: Callable[[], None]) -> tuple[str, _State]:
