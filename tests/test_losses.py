@@ -69,6 +69,20 @@ def test_local_ncc_matches_brute_force_with_borders():
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)
 
 
+def test_box_filter_gives_border_clipped_means_with_and_without_gradient_tracking():
+    # no gradient tracked: shifted-add sums over counts; tracked: average pools (faster backward)
+    image = torch.rand(1, 2, 5, 6, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    window = (3, 5, 9)  # 9 > 7: clipped to 7 along the last axis
+    plain = L.box_filter(image, window)
+    tracked = L.box_filter(image.clone().requires_grad_(True), window)
+    assert tracked.requires_grad and not plain.requires_grad
+    torch.testing.assert_close(plain, tracked.detach(), rtol=1e-12, atol=1e-12)
+    a = image.numpy()
+    for i, j, k in [(0, 0, 0), (2, 3, 3), (4, 5, 6), (1, 0, 5)]:
+        box = a[:, :, max(i - 1, 0) : i + 2, max(j - 2, 0) : j + 3, max(k - 3, 0) : k + 4]
+        np.testing.assert_allclose(plain[0, :, i, j, k].numpy(), box.mean(axis=(2, 3, 4))[0], rtol=1e-12)
+
+
 def test_local_ncc_anisotropic_window_and_bad_window():
     img = _smooth_image((10, 12, 14))
     assert L.local_ncc(img, img, window=(3, 5, 1)).item() == pytest.approx(1.0, abs=1e-4)
