@@ -163,3 +163,18 @@ def test_a_network_alone_makes_the_affine_aligned_moving_scan_only_when_asked(sh
     assert result.moving is result.moving  # made once, then kept
     instance = voxreg.register(fixed, moving, engine="instance", world_matrix=world_matrix, metrics=False)
     assert instance.moving_source.cache_info().currsize == 1  # instance optimisation needed it
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_field_with_one_non_finite_value_fails_in_one_line(bad, monkeypatch):
+    from voxreg.registration import pipeline
+
+    def broken_field(pair, *args, **kwargs):
+        field = torch.zeros(1, 3, *pair.fixed.shape)
+        field[0, 1, 3, 4, 5] = bad
+        return "network", field
+
+    monkeypatch.setattr(pipeline, "_estimate_field", broken_field)
+    fixed, moving = _pair()
+    with pytest.raises(VoxregError, match="the network field contains NaN/Inf"):
+        voxreg.register(fixed, moving, affine=False, metrics=False, engine="instance")

@@ -88,3 +88,14 @@ def test_axis_aligned_mapping_equals_the_general_resampling(spacing):
     expected = (matrix @ sampled.reshape(3, -1)).reshape(1, 3, *fixed.shape)
     torch.testing.assert_close(field_to_fixed(field, grid, fixed), expected, atol=1e-4, rtol=1e-4)
     assert float(expected.abs().amax()) > 1.0 and float(expected[0, :, 0, 0, 0].abs().max()) < 1e-5
+
+
+def test_foreground_bounds_are_the_first_and_last_slice_holding_a_voxel_per_axis():
+    from voxreg.registration.model_space import _foreground_bounds
+
+    mask = np.zeros((9, 10, 11), bool)
+    mask[2, 7, 3] = mask[5, 1, 9] = mask[6, 4, 4] = True
+    low, high = _foreground_bounds(mask, mask.shape)
+    assert low.tolist() == [2, 1, 3] and high.tolist() == [6, 7, 9]
+    low, high = _foreground_bounds(np.zeros((4, 5), bool), (4, 5))  # empty: the whole grid
+    assert low.tolist() == [0, 0] and high.tolist() == [3, 4]

@@ -78,8 +78,12 @@ def _foreground_bounds(mask: np.ndarray | None, shape: Sequence[int]) -> tuple[n
     grid when the mask is None or empty."""
     if mask is None or not np.any(mask):
         return np.zeros(len(shape)), np.asarray(shape, dtype=np.float64) - 1
-    hits = np.nonzero(mask)
-    return (np.array([h.min() for h in hits], dtype=np.float64), np.array([h.max() for h in hits], dtype=np.float64))
+    low, high = [], []
+    for axis in range(mask.ndim):  # per axis: which slices hold any voxel (no index arrays)
+        hits = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        low.append(hits[0])
+        high.append(hits[-1])
+    return np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
 
 
 def model_grid(fixed: Grid, space: ModelSpace, foreground: np.ndarray | None = None) -> Grid:
