@@ -35,7 +35,8 @@ Cost: about 100 steps over at most ``max_points`` samples each; ~0.7 s for a 256
 (the (20, 10, 6) / 6 schedule kept the Dice after affine of the 8 Mindboggle pairs, 0.4169 ->
 0.4172, and every case of benchmarks/affine_cases.py; halving the samples did not: see
 docs/benchmarks.md).
-Adam is torch.optim.Adam (its first construction in a process imports torch._dynamo: about 1.3 s once, measured with torch 2.13).
+Adam is :class:`voxreg.core.optim.Adam`: torch's update without the ``torch.optim`` class, whose first
+construction in a process imports ``torch._dynamo`` (about 1.3 s once with torch 2.13).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ import torch
 from torch import Tensor
 
 from voxreg import io
-from voxreg.core import runtime, spatial
+from voxreg.core import optim, runtime, spatial
 from voxreg.core.config import check_choice
 from voxreg.core.errors import VoxregError
 from voxreg.core.grid import embed_world, level_grid, mapped_coords, reduced_affine, voxel_spacing, world_points
@@ -465,7 +466,7 @@ def _optimise(
     ndim = state.centre.size
     n_linear = ndim * (ndim - 1) // 2 if kind == "rigid" else ndim * ndim
     params = torch.zeros(n_linear + ndim, dtype=torch.float64, requires_grad=True)
-    adam = torch.optim.Adam([params], lr=lr)
+    adam = optim.Adam([params], lr=lr)
     _sort_samples(level, state)
     best = (math.inf, state)
     for step in range(steps + 1):
@@ -482,18 +483,10 @@ def _optimise(
         if step == steps:
             break
         history.append(value)
-        _adam_step(adam, params, loss, lr * cosine_factor(step / max(steps, 1), floor=0.1))
+        adam.lr = lr * cosine_factor(step / max(steps, 1), floor=0.1)
+        adam.step(torch.autograd.grad(loss, params))
         tick()
     return best[1]
-
-
-def _adam_step(adam: torch.optim.Adam, params: Tensor, loss: Tensor, lr: float) -> None:
-    """One torch.optim.Adam step on ``params`` with learning rate ``lr`` (the cosine schedule)."""
-    for group in adam.param_groups:
-        group["lr"] = lr
-    adam.zero_grad(set_to_none=True)
-    (params.grad,) = torch.autograd.grad(loss, params)
-    adam.step()
 
 
 def _evaluate(level: _Level, state: _State, config: AffineConfig) -> tuple[float, float]:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from voxreg import losses
-from voxreg.core import runtime, spatial
+from voxreg.core import optim, runtime, spatial
 from voxreg.core.config import check_choice, check_number
 from voxreg.core.schedule import cosine_factor
 
@@ -226,12 +226,6 @@ def _cosine_lr(base: float, step: int, total: int) -> float:
     return base * cosine_factor(step / max(total - 1, 1), floor=0.1)
 
 
-def _set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the learning rate of every parameter group."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
 def _foreground(fixed: Tensor, warped: Tensor, threshold: float) -> Tensor | None:
     """Voxels above ``threshold`` in either image (None when the threshold is 0)."""
     if threshold <= 0:
@@ -266,11 +260,9 @@ def _level_similarity(similarity: torch.nn.Module, fixed: Tensor, config: AlignC
     return similarity
 
 
-def _set_relative_eps(optimizer: torch.optim.Optimizer, grad: Tensor, relative: float) -> None:
-    """Adam eps of every group: ``relative`` times the RMS of ``grad``."""
-    rms = float(grad.pow(2).mean().sqrt())
-    for group in optimizer.param_groups:
-        group["eps"] = max(relative * rms, 1e-12)
+def _set_relative_eps(optimizer: optim.Adam, grad: Tensor, relative: float) -> None:
+    """Adam eps: ``relative`` times the RMS of ``grad``."""
+    optimizer.eps = max(relative * float(grad.pow(2).mean().sqrt()), 1e-12)
 
 
 def _similarity(config: AlignConfig) -> torch.nn.Module:
@@ -420,7 +412,7 @@ def _optimise(
         else:
             param, base = _next_level(param, base, config, level, param_shape)
         param.requires_grad_(True)
-        optimizer = torch.optim.Adam([param], lr=config.lr)
+        optimizer = optim.Adam([param], lr=config.lr)
         level_similarity = _level_similarity(similarity, fixed_level, config)
         initial_coarse = None if initial is None else spatial.resize_field(initial, param_shape)
         with torch.no_grad():
@@ -429,8 +421,8 @@ def _optimise(
         threads.start_level(iterations)
         for step in range(iterations):
             threads.before(step)
-            _set_learning_rate(optimizer, _cosine_lr(config.lr, step, iterations))
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.lr = _cosine_lr(config.lr, step, iterations)
+            optimizer.zero_grad()
             field, total = _level_fields(param, level_shape, config, base, initial_coarse)
             warped = _warp_level(moving_level, total, active)
             mask = _foreground(fixed_level, warped.detach(), config.foreground_threshold)
