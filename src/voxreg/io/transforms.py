@@ -53,7 +53,7 @@ def save_field(path: PathLike, field: np.ndarray | torch.Tensor, fixed: Image) -
     format: NIfTI ``(*S, ndim)`` float32, fixed affine, intent vector 'voxreg_vox'."""
     path = Path(path)
     _require_nifti(path, "a displacement field")
-    data = np.ascontiguousarray(np.moveaxis(_field_array(field, fixed), 0, -1))
+    data = np.asfortranarray(np.moveaxis(_field_array(field, fixed), 0, -1))  # NIfTI's order: one copy
     img = nib.Nifti1Image(data, fixed.affine)
     set_nifti_xform(img, fixed.affine)
     img.header.set_intent("vector", (), name=FIELD_INTENT_NAME)
@@ -108,7 +108,7 @@ def field_to_itk_image(field: np.ndarray | torch.Tensor, fixed: Image) -> nib.Ni
     affine = fixed.affine
     if fixed.ndim == 3:
         linear = (RAS_TO_LPS[:3, :3] @ affine[:3, :3]).astype(np.float32)  # no float64 copy of the field
-        vectors = np.einsum("ij,j...->...i", linear, data)[..., None, :]
+        vectors = np.einsum("ij,j...->...i", linear, data, order="F")[..., None, :]  # NIfTI's order
     else:
         if not itk_field_supported(fixed):
             raise VoxregError(
@@ -116,8 +116,8 @@ def field_to_itk_image(field: np.ndarray | torch.Tensor, fixed: Image) -> nib.Ni
                 "to the x-y plane; this 2D image is tilted out of it"
             )
         linear = (RAS_TO_LPS[:3, :3] @ affine[:3, :2])[:2].astype(np.float32)
-        vectors = np.einsum("ij,j...->...i", linear, data)[:, :, None, None, :]
-    img = nib.Nifti1Image(np.ascontiguousarray(vectors, dtype=np.float32), affine)
+        vectors = np.einsum("ij,j...->...i", linear, data, order="F")[:, :, None, None, :]
+    img = nib.Nifti1Image(np.asfortranarray(vectors, dtype=np.float32), affine)  # written without a copy
     set_nifti_xform(img, affine)
     img.header.set_intent("vector", ())
     return img
