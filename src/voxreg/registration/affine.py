@@ -28,13 +28,14 @@ Method:
    and the moving level image sampled at ``W`` of them, counting only samples that land
    inside the moving image (and scaling the similarity down when under 75% of the fixed
    foreground does, so sliding out of the field of view is never rewarded); the best
-   state seen is kept. ``transform='affine'`` runs the rigid pyramid, then the affine one.
+   state seen is kept. ``transform='affine'`` runs the rigid stage on the first
+   ``rigid_levels`` (coarsest) levels, then the affine stage on all of them.
 
-Cost: about 100 steps over at most ``max_points`` samples each; ~0.7 s for a 256x256x160
-1 mm pair on one CPU core (``AffineConfig.threads``), independent of the full resolution
-(the (20, 10, 6) / 6 schedule kept the Dice after affine of the 8 Mindboggle pairs, 0.4169 ->
-0.4172, and every case of benchmarks/affine_cases.py; halving the samples did not: see
-docs/benchmarks.md).
+Cost: 30 candidate steps and about 70 more (the rigid stage on the coarsest level only, then
+the affine stage on every level) over at most ``max_points`` samples each: ~0.4 s for a
+256x256x160 1 mm pair on one CPU core (``AffineConfig.threads``), independent of the full
+resolution (Dice after affine of the 8 Mindboggle pairs 0.4163, every case of
+benchmarks/affine_cases.py kept; halving the samples did not keep them: see docs/benchmarks.md).
 Adam is :class:`voxreg.core.optim.Adam`: torch's update without the ``torch.optim`` class, whose first
 construction in a process imports ``torch._dynamo`` (about 1.3 s once with torch 2.13).
 """
