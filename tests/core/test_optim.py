@@ -9,9 +9,13 @@ import torch
 from voxreg.core.optim import Adam
 
 
-def test_same_updates_as_torch_optim_adam_with_changing_lr_and_eps():
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+)
+def test_same_updates_as_torch_optim_adam_with_changing_lr_and_eps(device):
     torch.manual_seed(0)
-    start = [torch.randn(3, 4, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
+    start = [torch.randn(3, 4, dtype=torch.float64, device=device), torch.randn(5, dtype=torch.float64, device=device)]
     ours = [p.clone().requires_grad_(True) for p in start]
     theirs = [p.clone().requires_grad_(True) for p in start]
     mine, reference = Adam(ours, lr=0.1), torch.optim.Adam(theirs, lr=0.1, foreach=False)
