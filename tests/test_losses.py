@@ -83,6 +83,17 @@ def test_box_filter_gives_border_clipped_means_with_and_without_gradient_trackin
         np.testing.assert_allclose(plain[0, :, i, j, k].numpy(), box.mean(axis=(2, 3, 4))[0], rtol=1e-12)
 
 
+def test_local_ncc_same_with_and_without_gradient_tracking():
+    gen = torch.Generator().manual_seed(6)
+    fixed = torch.rand(1, 1, 10, 9, 8, dtype=torch.float64, generator=gen)
+    warped = (0.5 * fixed + torch.rand(1, 1, 10, 9, 8, dtype=torch.float64, generator=gen)).requires_grad_(True)
+    tracked = L.local_ncc(fixed, warped, 5)
+    with torch.no_grad():
+        plain = L.local_ncc(fixed, warped, 5)
+    torch.testing.assert_close(plain, tracked.detach(), rtol=1e-12, atol=1e-12)
+    assert 0.1 < float(plain) < 0.9  # partly correlated
+
+
 def test_local_ncc_anisotropic_window_and_bad_window():
     img = _smooth_image((10, 12, 14))
     assert L.local_ncc(img, img, window=(3, 5, 1)).item() == pytest.approx(1.0, abs=1e-4)

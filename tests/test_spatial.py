@@ -255,3 +255,28 @@ def test_block_average_means_each_block_and_moves_the_affine_to_its_centre(shape
     np.testing.assert_allclose(pooled_affine[:ndim, 3], expected)
     np.testing.assert_allclose(np.diag(pooled_affine)[:ndim], np.diag(affine)[:ndim] * factors)
     assert spatial.box_variance([2, 3], [1.0, 2.0]).tolist() == pytest.approx([3 / 12, 8 / 12 * 4])
+
+
+@pytest.mark.parametrize("shape", [(9, 6, 5), (11, 7)])
+def test_jacobian_by_slabs_equals_the_whole_field(shape, monkeypatch):
+    torch.manual_seed(4)
+    field = smooth_field(shape, 3.0)
+    whole = spatial.jacobian_determinant(field)
+    monkeypatch.setattr(spatial, "_JACOBIAN_SLAB_VOXELS", 2 * field.numel() // field.shape[2] // 3)  # 1-row slabs
+    torch.testing.assert_close(spatial.jacobian_determinant(field), whole, rtol=0, atol=0)
+    tracked = field.clone().requires_grad_(True)  # with autograd: one pass, gradients flow
+    spatial.jacobian_determinant(tracked).sum().backward()
+    assert tracked.grad is not None and torch.isfinite(tracked.grad).all()
+
+
+def test_sample_displaced_without_a_field_samples_the_mapped_grid():
+    import numpy as np
+
+    from voxreg.core.grid import mapped_coords
+
+    torch.manual_seed(5)
+    image = torch.rand(1, 1, 8, 9, 7)
+    matrix = np.array([[0.9, 0.1, 0.0, 0.5], [-0.1, 1.1, 0.05, -0.7], [0.0, 0.0, 0.8, 1.2], [0, 0, 0, 1]])
+    expected = spatial.sample(image, mapped_coords(matrix, (6, 10, 5)), "linear", padding="zeros")
+    actual = spatial.sample_displaced(image, matrix, None, padding="zeros", shape=(6, 10, 5))
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)

@@ -71,12 +71,11 @@ def _linear(
     low = min(float(tensor.min()), 0.0) if tensor.numel() else 0.0
     if low != 0.0:
         tensor = tensor - low
-    if field is None:
-        sampled = spatial.sample(tensor, mapped_coords(matrix, shape, device), "linear", padding="zeros")
-    else:
+    displacement = None
+    if field is not None:
         displacement = torch.as_tensor(field, dtype=torch.float32, device=device)
         displacement = displacement if displacement.dim() == len(shape) + 2 else displacement[None]
-        sampled = spatial.sample_displaced(tensor, matrix, displacement, padding="zeros")
+    sampled = spatial.sample_displaced(tensor, matrix, displacement, padding="zeros", shape=shape)
     if low != 0.0:
         sampled += low
     return sampled[0, 0].cpu().numpy()

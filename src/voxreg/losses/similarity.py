@@ -94,7 +94,7 @@ def box_filter(image: Tensor, window: int | Sequence[int]) -> Tensor:
     ndim = spatial_ndim(image)
     sizes = clip_window(_window_sizes(window, ndim), image.shape[2:])
     if not (torch.is_grad_enabled() and image.requires_grad):
-        return box_sum(image, sizes) * _box_counts(image.shape[2:], sizes, image.device, image.dtype)
+        return _box_mean_per_channel(image, sizes)
     pool = F.avg_pool2d if ndim == 2 else F.avg_pool3d
     out = image
     for axis, size in enumerate(sizes):
@@ -116,9 +116,11 @@ def _local_moments(fixed: Tensor, warped: Tensor, window: int | Sequence[int]) -
     ndim = _check_pair(fixed, warped)
     _window_sizes(window, ndim)
     a, b = _standardise(fixed), _standardise(warped)
-    channels = a.shape[1]
-    stats = box_filter(torch.cat([a, b, a * a, b * b, a * b], dim=1), window)
-    mu_a, mu_b, aa, bb, ab = stats.split(channels, dim=1)
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        stats = box_filter(torch.cat([a, b, a * a, b * b, a * b], dim=1), window)
+        mu_a, mu_b, aa, bb, ab = stats.split(a.shape[1], dim=1)
+    else:  # one moment at a time: no 5-channel copy at the peak (metrics of large images)
+        mu_a, mu_b, aa, bb, ab = (box_filter(term, window) for term in (a, b, a * a, b * b, a * b))
     var_a = (aa - mu_a * mu_a).clamp_min(0.0)
     var_b = (bb - mu_b * mu_b).clamp_min(0.0)
     return ab - mu_a * mu_b, var_a, var_b
@@ -169,6 +171,17 @@ def local_ncc(
             detail = var_a / (var_a + structure)
         weights = detail if weights is None else detail * weights.to(detail.dtype)
     return _weighted_mean(values, weights)
+
+
+def _box_mean_per_channel(image: Tensor, sizes: Sequence[int]) -> Tensor:
+    """:func:`box_filter` without autograd: shifted-add sums over counts, one channel at a
+    time into one output (a few single-channel temporaries at the peak, not several copies
+    of all channels)."""
+    counts = _box_counts(image.shape[2:], sizes, image.device, image.dtype)
+    out = torch.empty_like(image)
+    for channel in range(image.shape[1]):
+        torch.mul(box_sum(image[:, channel : channel + 1], sizes), counts, out=out[:, channel : channel + 1])
+    return out
 
 
 def _box_sum_axis(image: Tensor, dim: int, radius: int) -> Tensor:
