@@ -534,10 +534,17 @@ def test_failed_save_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         Path(filename).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(nib, "save", failing_save)
-    with pytest.raises(VoxregError) as excinfo:
-        io.save_image(random_image(np.random.default_rng(10)), tmp_path / "warped.nii.gz")
-    assert_one_line_error(excinfo, "warped.nii.gz", "disk full")
+    monkeypatch.setattr(nib, "save", failing_save)  # .nii (and .nii.gz without isal)
+
+    def failing_stream(img, stream):
+        stream.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(nib.Nifti1Image, "to_stream", failing_stream)  # .nii.gz through isal
+    for name in ("warped.nii.gz", "warped.nii"):
+        with pytest.raises(VoxregError) as excinfo:
+            io.save_image(random_image(np.random.default_rng(10)), tmp_path / name)
+        assert_one_line_error(excinfo, name, "disk full")
     with pytest.raises(VoxregError) as excinfo:
         io.save_image(random_image(np.random.default_rng(10)), tmp_path / "warped.png")
     assert_one_line_error(excinfo, "warped.png", "cannot save")
@@ -582,3 +589,20 @@ def test_resample_pads_intensities_with_the_minimum_and_labels_with_zero():
     labels = Image(np.full((6, 6, 6), 7, np.int16), np.eye(4))
     out_labels = io.resample_to(labels, Image(np.zeros((6, 6, 6), np.float32), shifted))
     assert (out_labels.array[3:] == 0).all() and (out_labels.array[:3] == 7).all()
+
+
+def test_nifti_gz_written_through_isal_holds_the_bytes_nibabel_writes(tmp_path: Path, monkeypatch) -> None:
+    import gzip
+    import sys
+
+    from voxreg.io.files import write_nifti
+
+    image = nib.Nifti1Image(np.random.default_rng(11).random((9, 8, 7)).astype(np.float32), np.diag([1.0, 2, 3, 1]))
+    nib.save(image, str(tmp_path / "nibabel.nii.gz"))
+    write_nifti(image, tmp_path / "voxreg.nii.gz")
+    reference = gzip.decompress((tmp_path / "nibabel.nii.gz").read_bytes())
+    assert gzip.decompress((tmp_path / "voxreg.nii.gz").read_bytes()) == reference
+    assert (tmp_path / "voxreg.nii.gz").read_bytes()[4:8] == b"\0\0\0\0"  # mtime 0: same bytes every run
+    monkeypatch.setitem(sys.modules, "isal", None)  # not installed: nibabel's gzip
+    write_nifti(image, tmp_path / "fallback.nii.gz")
+    assert gzip.decompress((tmp_path / "fallback.nii.gz").read_bytes()) == reference

@@ -39,6 +39,7 @@ from voxreg.io.files import (
     extension,
     file_error,
     stored_as_integer,
+    write_nifti,
 )
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -442,7 +443,7 @@ def _write_nifti(tmp: Path, array: np.ndarray, affine: np.ndarray) -> None:
     """NIfTI-1 with sform (and qform when unsheared) code 'scanner'."""
     img = nib.Nifti1Image(array, affine)
     set_nifti_xform(img, affine)
-    nib.save(img, tmp)
+    write_nifti(img, tmp)
 
 
 def _write_mgh(tmp: Path, array: np.ndarray, affine: np.ndarray) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from voxreg.core.errors import VoxregError, short_reason
 from voxreg.core.image import Image
-from voxreg.io.files import NIFTI_EXTS, PathLike, atomic_write, extension, file_error
+from voxreg.io.files import NIFTI_EXTS, PathLike, atomic_write, extension, file_error, write_nifti
 from voxreg.io.images import FIELD_INTENT_NAME, RAS_TO_LPS, check_finite, set_nifti_xform
 
 _ITK_AFFINE_NAME = re.compile(r"^(AffineTransform|MatrixOffsetTransformBase)_(double|float)_([23])_\3$")
@@ -57,7 +57,7 @@ def save_field(path: PathLike, field: np.ndarray | torch.Tensor, fixed: Image) -
     img = nib.Nifti1Image(data, fixed.affine)
     set_nifti_xform(img, fixed.affine)
     img.header.set_intent("vector", (), name=FIELD_INTENT_NAME)
-    return atomic_write(path, lambda tmp: nib.save(img, tmp))
+    return atomic_write(path, lambda tmp: write_nifti(img, tmp))
 
 
 def load_field(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
@@ -129,7 +129,7 @@ def save_itk_field(path: PathLike, field: np.ndarray | torch.Tensor, fixed: Imag
     path = Path(path)
     _require_nifti(path, "an ITK displacement field")
     img = field_to_itk_image(field, fixed)
-    return atomic_write(path, lambda tmp: nib.save(img, tmp))
+    return atomic_write(path, lambda tmp: write_nifti(img, tmp))
 
 
 # --------------------------------------------------------------------------- ITK affine
