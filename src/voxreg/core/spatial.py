@@ -156,6 +156,24 @@ def sample(image: Tensor, coords: Tensor, mode: Interpolation = "linear", paddin
     return grid_sample(image, grid, padding)
 
 
+def mapped_points(
+    matrix: np.ndarray, shape: Sequence[int], field: Tensor | None = None, device: torch.device | str | None = None
+) -> Tensor:
+    """``matrix @ [x + field(x), 1]`` for every voxel ``x`` of a grid of ``shape`` (``field``
+    ``(1, ndim, *shape)`` in voxels, or None), as ``(rows, voxels)`` float32 for the first
+    ``rows <= ndim`` rows of ``matrix``: one ``addmm`` (no coordinate, flip or permute copies of
+    a full-size grid)."""
+    ndim = len(shape)
+    device = field.device if field is not None else torch.device(device or "cpu")
+    rows = np.asarray(matrix, dtype=np.float64)[:ndim]
+    linear = torch.as_tensor(rows[:, :ndim].copy(), dtype=torch.float32, device=device)
+    offset = torch.as_tensor(rows[:, ndim:].copy(), dtype=torch.float32, device=device)
+    points = identity_grid(shape, device).reshape(ndim, -1)
+    if field is not None:
+        points = points + field.reshape(ndim, -1)
+    return torch.addmm(offset, linear, points)
+
+
 def sample_displaced(
     image: Tensor,
     matrix: np.ndarray,
@@ -167,22 +185,17 @@ def sample_displaced(
     for every voxel ``x`` of the displacement ``field`` ``(1, ndim, *S)`` (or of a grid of
     ``shape`` at ``matrix @ [x, 1]`` when ``field`` is None), e.g. an affine voxel map after a
     deformable field: :func:`sample` of those coordinates, with grid_sample's normalisation
-    folded into ``matrix``, so the grid is made by one matrix product straight into
-    grid_sample's layout (no coordinate, flip or permute copies of a full-size grid)."""
+    folded into ``matrix``, so :func:`mapped_points` makes the grid straight in grid_sample's
+    layout (its transpose, a view)."""
     ndim = spatial_ndim(image)
     shape = tuple(int(s) for s in (field.shape[2:] if field is not None else shape or ()))
     to_grid = np.eye(ndim + 1)
     sizes = np.asarray(image.shape[2:], dtype=np.float64)
     to_grid[:ndim, :ndim] = np.diag(2.0 / np.maximum(sizes - 1.0, 1.0))
     to_grid[:ndim, ndim] = -1.0
-    full = (to_grid @ np.asarray(matrix, dtype=np.float64))[:ndim][::-1]  # grid_sample: reversed axes
-    linear = torch.as_tensor(full[:, :ndim].copy(), dtype=image.dtype, device=image.device)
-    offset = torch.as_tensor(full[:, ndim:].copy(), dtype=image.dtype, device=image.device)
-    points = identity_grid(shape, image.device, image.dtype).reshape(ndim, -1)
-    if field is not None:
-        points = points + field.reshape(ndim, -1)
-    grid = torch.addmm(offset, linear, points)  # (ndim, voxels); its transpose is the grid, as a view
-    return grid_sample(image, grid.t().reshape(1, *shape, ndim), padding)
+    reversed_rows = (to_grid @ np.asarray(matrix, dtype=np.float64))[:ndim][::-1]  # grid_sample's axis order
+    grid = mapped_points(reversed_rows, shape, field, image.device)
+    return grid_sample(image, grid.t().reshape(1, *shape, ndim).to(image.dtype), padding)
 
 
 def sample_axes(image: Tensor, axis_coords: Sequence[Tensor]) -> Tensor:

@@ -71,10 +71,7 @@ def _linear(
     low = min(float(tensor.min()), 0.0) if tensor.numel() else 0.0
     if low != 0.0:
         tensor = tensor - low
-    displacement = None
-    if field is not None:
-        displacement = torch.as_tensor(field, dtype=torch.float32, device=device)
-        displacement = displacement if displacement.dim() == len(shape) + 2 else displacement[None]
+    displacement = None if field is None else _displacement(field, len(shape), device)
     sampled = spatial.sample_displaced(tensor, matrix, displacement, padding="zeros", shape=shape)
     if low != 0.0:
         sampled += low
@@ -95,13 +92,15 @@ def _nearest(array: np.ndarray, coords: torch.Tensor, device: str | torch.device
     return out.astype(dtype, copy=False)
 
 
+def _displacement(field: np.ndarray | torch.Tensor, ndim: int, device: str | torch.device) -> torch.Tensor:
+    """``field`` as a float32 ``(1, ndim, *S)`` tensor on ``device`` (a batch axis added when missing)."""
+    tensor = torch.as_tensor(field, dtype=torch.float32, device=device)
+    return tensor if tensor.dim() == ndim + 2 else tensor[None]
+
+
 def _displaced_coords(
     matrix: np.ndarray, field: np.ndarray | torch.Tensor, shape: Sequence[int], device: str | torch.device
 ) -> torch.Tensor:
-    """Moving voxel coordinates of ``x + field(x)`` for every fixed voxel ``x``."""
-    ndim = len(shape)
-    field = torch.as_tensor(field, dtype=torch.float32, device=device)
-    points = spatial.identity_grid(shape, device) + (field if field.dim() == ndim + 2 else field[None])
-    m = torch.as_tensor(matrix, dtype=torch.float32, device=device)
-    mapped = m[:ndim, :ndim] @ points.reshape(ndim, -1) + m[:ndim, ndim:]
-    return mapped.reshape(1, ndim, *shape)
+    """Moving voxel coordinates ``(1, ndim, *shape)`` of ``x + field(x)`` for every fixed voxel ``x``."""
+    points = spatial.mapped_points(matrix, shape, _displacement(field, len(shape), device))
+    return points.reshape(1, len(shape), *shape)
