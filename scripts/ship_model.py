@@ -6,7 +6,7 @@ The card records what the run was (steps, wall time from the run's metrics CSV, 
 licences), what the model covers and its default refinement (both measured, see
 docs/models.md), and the headline measurements given with ``--measured KEY=VALUE``.
 
-Usage: python scripts/ship_model.py runs/brain-synth-v1/weights.pt --metrics runs/brain-synth-v1/work/metrics.csv
+Usage: python scripts/ship_model.py runs/brain-real-v2/work/step_N.pt --metrics runs/brain-real-v2/work/metrics.csv
        [--measured dice_model=0.52 ...]
 """
 
@@ -27,27 +27,37 @@ MAX_SHIPPED_MB = 25.0
 
 CARD = {
     "name": "brain",
-    "description": "brain MRI, inter-subject, after the affine stage (VoxelMorph VM-2, synthetic training data)",
+    "description": (
+        "brain MRI (brain-extracted T1w), inter-subject, after the affine stage "
+        "(VoxelMorph VM-2 with a full-resolution branch, trained on real scans)"
+    ),
     "anatomy": "brain",
-    "modality": "MRI (trained on T1-like and random-contrast synthetic pairs)",
+    "modality": "MRI T1-weighted, brain-extracted (synthetic random contrasts in its first stage)",
     "ndim": 3,
     "default": True,
-    # refinement steps after the network by default (4/5 at half, 1/5 at full resolution):
-    # the shortest refinement whose Dice matched instance optimisation on held-out pairs
-    # (benchmarks/refine_schedule.py, docs/models.md)
+    # refinement steps after the network by default: the shortest refinement whose Dice
+    # matched instance optimisation on held-out pairs (docs/models.md, "Default refinement")
     "refine": 40,
     # scans the default engine sends to this model: brain-sized fields of view at up to
     # about twice the model's 2.07 mm voxels; others fall back to instance optimisation
     "covers": {"max_spacing_mm": 4.0, "max_extent_mm": 300.0},
-    "architecture": "VoxelMorph VM-2 U-Net, half-resolution stationary velocity field, 5 squaring steps, fixed lambda 1",
+    "architecture": (
+        "VoxelMorph VM-2 U-Net: half-resolution stationary velocity plus a full-resolution correction "
+        "branch (16 channels), integrated on the 2.07 mm model grid by 5 squaring steps; fixed lambda 1"
+    ),
     "training_data": (
-        "synthetic pairs only (voxreg train --synth brain:0.8,shapes:0.2): MNI152 ICBM 2009a tissue maps and T1 "
-        "from the nilearn wheel, deformed into new anatomies, random Gaussian-mixture contrasts; random shapes"
+        "stage 1 (brain-synth-v1, 13,387 steps): synthetic pairs from the MNI152 ICBM 2009a tissue maps of the "
+        "nilearn wheel and random shapes; stage 2 (brain-real-v2): unsupervised random scan-to-scan pairs "
+        "(local NCC + lambda |grad v|^2) of 64 brain-extracted T1w scans of OpenNeuro ds002748 v1.0.5 "
+        "(sub-01..sub-64; sub-65..72 held out), copies from GitHub aaronsossin/DepressionMRI_AI "
+        "@baa0d5f0b80425a8d55f5210d609c7773f7570a4, affine-aligned to MNI152 by scripts/prepare_ds002748.py"
     ),
     "licences": (
-        "MNI152 ICBM 2009a: Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal "
-        "Neurological Institute, McGill University (use, copy and redistribution with this notice); nilearn: BSD-3; "
-        "random shapes: generated. Never trained on ../shared/data or any patient scan."
+        "OpenNeuro ds002748 (Bezmaternykh et al., Neural Plasticity 2021, doi:10.1155/2021/8846097; "
+        "doi:10.18112/openneuro.ds002748.v1.0.5): CC0. MNI152 ICBM 2009a: Copyright (C) 1993-2009 Louis Collins, "
+        "McConnell Brain Imaging Centre, Montreal Neurological Institute, McGill University (use, copy and "
+        "redistribution with this notice); nilearn: BSD-3; random shapes: generated. Never trained on "
+        "../shared/data (used for validation only)."
     ),
     "card": "docs/models.md",
 }
@@ -95,7 +105,9 @@ def main() -> int:
     }
     path = export_shipped(args.checkpoint, MODELS, card, half=True)
     total = sum(p.stat().st_size for p in MODELS.glob("*.pt")) / 1e6
-    print(f"{path}: {path.stat().st_size / 1e6:.2f} MB (all shipped models {total:.2f} MB), step {steps}, {hours:.2f} h")
+    print(
+        f"{path}: {path.stat().st_size / 1e6:.2f} MB (all shipped models {total:.2f} MB), step {steps}, {hours:.2f} h"
+    )
     if total > MAX_SHIPPED_MB:
         sys.exit(f"shipped models take {total:.1f} MB, over the {MAX_SHIPPED_MB} MB budget")
     return 0

@@ -56,6 +56,8 @@ def test_register_writes_all_outputs_and_improves(pair_3d, tmp_path):
             "warped_moving_labels.nii.gz",
             "field.nii.gz",
             "field_itk.nii.gz",
+            "field_inverse.nii.gz",
+            "field_itk_inverse.nii.gz",
             "metrics.json",
             "figure.png",
         ]

@@ -164,9 +164,6 @@ def test_bad_options_fail_before_any_work(pairs_csv, tmp_path):
         "unknown method(s) magic",
     )
     assert_one_line_error(
-        runner.invoke(app, ["evaluate", str(pairs_csv), "-o", str(out), "--methods", "network"]), "need --model"
-    )
-    assert_one_line_error(
         runner.invoke(
             app, ["evaluate", str(pairs_csv), "-o", str(out), "--methods", "affine", "--structures", "aseg99"]
         ),
@@ -179,6 +176,17 @@ def test_bad_options_fail_before_any_work(pairs_csv, tmp_path):
         "--exclude-labels must be a comma list",
     )
     assert not (out / "results.csv").exists()
+
+
+def test_network_method_without_model_uses_the_shipped_default(pairs_csv, tmp_path):
+    """`evaluate --methods network` without --model runs the shipped default model, as
+    `voxreg register` does (it used to refuse)."""
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["evaluate", str(pairs_csv), "-o", str(out), "--methods", "network"])
+    assert result.exit_code == 0, result.output
+    [row] = list(csv.DictReader((out / "results.csv").open()))
+    assert (row["method"], row["status"]) == ("network", "ok"), row
+    assert "brain" in row["settings"], row["settings"]
 
 
 # --------------------------------------------------------------------------- HD95

@@ -95,3 +95,31 @@ def test_training_set_at_a_voxel_size_covers_the_same_extent():
     ]
     data = TrainingSet.from_images(scans, voxel_size=2.07)
     assert data.shape == (29, 32, 26)  # round(60 / 2.07), round(66 / 2.07), round(54 / 2.07)
+
+
+def test_init_widens_a_half_res_model_with_a_fine_branch(tmp_path):
+    """--init of a half-res checkpoint with fine_features: every coarse weight is the source's,
+    the fine branch is new and the saved checkpoint records it; a fine checkpoint then
+    resumes as init with its branch (adopted)."""
+    from voxreg.training.trainer import adopt_initial_network
+
+    first = _config(half_res=True)
+    train(first, SynthSource(synth_config_of(first)), tmp_path / "a")
+    source, _ = load_checkpoint(tmp_path / "a" / "last.pt")
+    widened = _config(half_res=True, fine_features=(4,), init=str(tmp_path / "a" / "last.pt"), steps=1, lr=1e-12)
+    model = train(widened, SynthSource(synth_config_of(widened)), tmp_path / "b").model
+    state = model.state_dict()
+    for name, a in source.state_dict().items():
+        torch.testing.assert_close(state[name], a, rtol=0, atol=1e-6, msg=name)
+    assert {n for n in state if n not in source.state_dict()} == {
+        "fine.blocks.0.conv.weight",
+        "fine.blocks.0.conv.bias",
+        "fine.flow.weight",
+        "fine.flow.bias",
+    }
+    saved, _ = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert saved.config.fine_features == (4,)
+    adopted, note = adopt_initial_network(_config(init=str(tmp_path / "b" / "last.pt")))
+    assert adopted.half_res and adopted.fine_features == (4,) and "fine branch 4" in note
+    with pytest.raises(ValueError, match="fine_features refine a half-resolution field"):
+        _config(fine_features=(4,))

@@ -402,3 +402,19 @@ def test_synth_config_of_uses_t1_pairs_with_an_image_similarity():
     dice_only = synth_config_of(TrainConfig(synth="brain:1", similarity_weight=0.0, dice_weight=1.0))
     assert (with_ncc.t1_prob, with_ncc.same_contrast, with_ncc.tissue_contrast) == (0.5, 1.0, 0.5)
     assert (dice_only.t1_prob, dice_only.same_contrast) == (0.0, 0.0)
+
+
+def test_mni152_brain_mask_matches_the_template_brain():
+    """The brain mask: a brain's volume (1.2-2.0 litres), the template's bright voxels at
+    2 mm inside it, and the same mask at 1 and 2 mm within a few percent."""
+    import numpy as np
+
+    from voxreg.io import templates
+
+    two, one = templates.mni152_brain_mask(2), templates.mni152_brain_mask(1)
+    litres = [float(m.array.sum()) * float(np.prod(m.spacing)) / 1e6 for m in (two, one)]
+    assert 1.2 < litres[0] < 2.0 and abs(litres[0] - litres[1]) / litres[1] < 0.03
+    t1 = templates.mni152_template(2).array
+    assert two.kind == "label" and two.shape == t1.shape
+    outside = float(((t1 > 0.2 * t1.max()) & (two.array == 0)).sum()) / float(two.array.sum())
+    assert outside < 0.01  # only partial-volume voxels at the brain's edge

@@ -15,8 +15,10 @@ import typer
 from voxreg.cli.batch import register_batch
 from voxreg.cli.evaluate import evaluate, tune_lambda
 from voxreg.cli.options import Device, Engine, Lambda, Model, Refine, Similarity
+from voxreg.cli.points import transform_points
 from voxreg.cli.preprocess import preprocess
 from voxreg.cli.progress import console, progress_bar, user_errors
+from voxreg.cli.template import template
 from voxreg.cli.train import train
 
 app = typer.Typer(
@@ -119,27 +121,44 @@ def warp(
         None, "--affine", help="ITK affine text (default: affine.txt next to FIELD, if any)."
     ),
     no_affine: bool = typer.Option(False, "--no-affine", help="Ignore affine.txt next to FIELD."),
+    inverse: bool = typer.Option(
+        False, "--inverse", help="Apply the registration backwards: IMAGE in the fixed space onto --reference's grid."
+    ),
+    reference: Path | None = typer.Option(
+        None, "--reference", help="With --inverse: the moving scan, whose grid the output takes."
+    ),
     device: Device = "auto",
 ) -> None:
     """Apply a saved displacement FIELD (and the affine.txt beside it) to IMAGE. Integer
-    label maps are resampled with nearest neighbour in their own dtype unless --linear."""
+    label maps are resampled with nearest neighbour in their own dtype unless --linear.
+    With --inverse, map IMAGE from the fixed scan's space (e.g. atlas labels) onto the moving
+    scan (--reference) through the inverse affine and field_inverse.nii.gz beside FIELD."""
     from voxreg import io
     from voxreg.core.errors import VoxregError
     from voxreg.io.staging import staged_outputs
+    from voxreg.registration import outputs as writer
     from voxreg.registration import pipeline as api
 
     if nearest and linear:
         raise VoxregError("--nearest and --linear contradict each other: choose one")
+    if inverse and reference is None:
+        raise VoxregError("--inverse needs --reference MOVING: the moving scan whose grid the output takes")
+    if reference is not None and not inverse:
+        raise VoxregError("--reference is only used with --inverse (a forward warp takes the field's grid)")
     if affine is None and not no_affine and (field.parent / "affine.txt").exists():
         affine = field.parent / "affine.txt"
     folder = output.parent if str(output.parent) else Path(".")
-    inputs = [field, image, affine]
+    inputs = [field, image, affine, reference, writer.inverse_field_path(field) if inverse else None]
     with _interruptible(), staged_outputs(folder, inputs, outputs=(output.name,), lock=False) as stage:
         mode = True if nearest else (False if linear else None)
-        warped = api.apply_field(field, image, nearest=mode, affine_path=affine, device=device)
+        if inverse:
+            warped = writer.apply_inverse_field(field, image, reference, mode, affine, device)
+        else:
+            warped = api.apply_field(field, image, nearest=mode, affine_path=affine, device=device)
         io.save_image(warped, stage / output.name)
     if affine is not None:
-        console.print(f"applied {affine} then {field.name} (composite of voxreg register)")
+        order = f"the inverse of {affine} then of {field.name}" if inverse else f"{affine} then {field.name}"
+        console.print(f"applied {order} (composite of voxreg register)")
     console.print(f"wrote {output}")
 
 
@@ -209,3 +228,9 @@ if __name__ == "__main__":  # pragma: no cover
 
 
 app.command("register-batch")(register_batch)
+
+
+app.command("transform-points")(transform_points)
+
+
+app.command("template")(template)

@@ -26,11 +26,16 @@ def register_batch(
     no_affine: bool = typer.Option(False, "--no-affine", help="Skip the affine pre-alignment."),
     affine_only: bool = typer.Option(False, "--affine-only", help="Stop after the affine pre-alignment."),
     no_figure: bool = typer.Option(False, "--no-figure", help="Skip figure.png."),
+    no_report: bool = typer.Option(
+        False, "--no-report", help="Skip the cohort QC report (report.html, qc_flag/qc_reasons in batch.csv)."
+    ),
 ) -> None:
     """Register every pair of PAIRS into OUTPUT/<id>/ (the outputs of voxreg register), loading
     the model once. Finished pairs are skipped, so a rerun resumes; a failing pair is recorded
     in OUTPUT/batch.csv and the others go on (exit 2 if any failed). Under torchrun each rank
-    takes every WORLD_SIZE-th pair."""
+    takes every WORLD_SIZE-th pair. OUTPUT/report.html shows every pair (thumbnail, Dice, NCC,
+    folding, SD log J) and flags the ones that probably failed (also qc_flag/qc_reasons in batch.csv)."""
+    from voxreg.cohort.report import write_report_quietly
     from voxreg.registration.batch import run_batch
 
     with progress_bar("pairs") as update:
@@ -48,8 +53,11 @@ def register_batch(
             refine=refine,
             affine=not no_affine,
             affine_only=affine_only,
+            on_merged=None if no_report else write_report_quietly,
         )
     console.print(summary.line())
+    if summary.merged is not None:
+        console.print(summary.merged if isinstance(summary.merged, str) else summary.merged.line())
     for row in summary.rows:
         if row["status"] == "failed":
             console.print(f"  failed {row['id']}: {row['error']}")

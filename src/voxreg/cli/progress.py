@@ -8,7 +8,6 @@ from contextlib import contextmanager
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from voxreg.core.errors import VoxregError
 
@@ -36,6 +35,8 @@ def user_errors(command: Callable) -> Callable:
 def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
     """A rich progress bar shown from the first update on (so input errors print alone);
     yields a ``callback(done, total, info="")``; ``info`` is shown after the ETA."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
     columns = [
         TextColumn("{task.description}"),
         BarColumn(),

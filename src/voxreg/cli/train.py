@@ -51,6 +51,8 @@ _OPTION_FIELDS = {
     "similarity_weight": "similarity_weight",
     "synth_curriculum": "synth_curriculum",
     "init": "init",
+    "fine_features": "fine_features",
+    "pairs_within_folders": "pairs_within_folders",
 }
 if set(_OPTION_FIELDS.values()) != set(_DEFAULTS):  # pragma: no cover - caught by any test importing the CLI
     raise RuntimeError(
@@ -86,6 +88,16 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
     return shape
 
 
+def parse_features(text: str | None) -> tuple[int, ...]:
+    """``'16'`` or ``'16,8'`` -> (16,) / (16, 8); empty or None -> ()."""
+    if not text:
+        return ()
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"fine_features must be comma-separated channel counts, got {text!r}") from None
+
+
 def config_from_options(options: dict[str, Any]) -> TrainConfig:
     """The :class:`TrainConfig` of the command's options; a bad value is a VoxregError
     carrying the config's ValueError text (one line, exit 2)."""
@@ -93,13 +105,19 @@ def config_from_options(options: dict[str, Any]) -> TrainConfig:
     try:
         kwargs["schedule"] = parse_schedule(list(kwargs["schedule"]))
         kwargs["synth_shape"] = parse_shape(kwargs["synth_shape"])
+        kwargs["fine_features"] = parse_features(kwargs["fine_features"])
         return TrainConfig(**kwargs)
     except ValueError as exc:
         raise VoxregError(_option_message(str(exc))) from None
 
 
 #: TrainConfig field -> its command-line option, where the names differ
-_FIELD_OPTIONS = {"lam": "--lambda", "window": "--ncc-window", "lam_range": "--lambda-range"}
+_FIELD_OPTIONS = {
+    "fine_features": "--fine-features",
+    "lam": "--lambda",
+    "window": "--ncc-window",
+    "lam_range": "--lambda-range",
+}
 
 
 def _option_message(text: str) -> str:
@@ -215,6 +233,16 @@ def train(
         "--synth-curriculum",
         help="Steps over which synthetic deformations grow from 25 % to full strength (0: full from the start).",
     ),
+    fine_features: str | None = typer.Option(
+        ",".join(map(str, _DEFAULTS["fine_features"])) or None,
+        "--fine-features",
+        help="With --half-res: a full-resolution correction branch with these conv widths, e.g. 16 (coarse-to-fine field).",
+    ),
+    pairs_within_folders: bool = typer.Option(
+        False,
+        "--pairs-within-folders",
+        help="Draw training pairs only between scans of the same folder (e.g. brains/ with brains/, heads/ with heads/).",
+    ),
     similarity_weight: float = typer.Option(
         _DEFAULTS["similarity_weight"],
         "--similarity-weight",
@@ -277,7 +305,7 @@ def _training_data(
         if config.dice_weight > 0:  # before any scan is loaded or a cache written
             has = [label is not None for label in train_labels]
             check_dice_labels(has + [atlas_labels is not None] if atlas else has, atlas is not None)
-        return training.TrainingSet.from_paths(
+        data = training.TrainingSet.from_paths(
             train_scans,
             train_labels,
             shape=grid,
@@ -286,6 +314,7 @@ def _training_data(
             atlas_labels=atlas_labels,
             voxel_size=config.voxel_size,
         )
+        return data.grouped_by([path.parent for path in train_scans]) if config.pairs_within_folders else data
     ndim = len(config.synth_shape) if config.synth_shape else 3
     maps = [io.load_image(path, label=True).array for path in training.scan_list(scans)[0]] if scans else None
     try:

@@ -21,7 +21,7 @@ from voxreg.core.image import Image
 from voxreg.evaluation.types import EvaluationOptions, MethodOutput
 
 if TYPE_CHECKING:
-    from voxreg.evaluation.pairs import PairData
+    from voxreg.evaluation.types import PairData
 
 ANTS_MISSING = "ANTs SyN needs antspyx: pip install 'voxreg[ants]'"
 

@@ -11,7 +11,6 @@ import os
 import resource
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,35 +18,18 @@ import torch
 
 from voxreg import io, metrics
 from voxreg.core.errors import VoxregError, one_line
-from voxreg.core.image import Image
 from voxreg.evaluation.methods import CPU_METHODS, METHODS
-from voxreg.evaluation.pairs import PairData
-from voxreg.evaluation.types import EvaluationOptions, MethodOutput, MethodRunner, Row
+from voxreg.evaluation.types import (
+    Before,
+    EvaluationOptions,
+    IntensityScale,
+    MethodOutput,
+    MethodRunner,
+    PairData,
+    Row,
+)
 
 _MEMORY_POLL_S = 0.02
-
-
-class IntensityScale:
-    """[0, 1] scaling of the moving scan by its own robust range, the same before and after."""
-
-    def __init__(self, moving: Image) -> None:
-        self.window = io.robust_range(np.asarray(moving.array, np.float32), 0.5, 99.5)
-
-    def __call__(self, array: np.ndarray) -> np.ndarray:
-        low, high = self.window
-        if not high > low:
-            return np.zeros_like(array, dtype=np.float32)
-        return io.normalize_intensity(array, window=(low, high))
-
-
-@dataclass
-class Before:
-    """What every method of a pair is compared against: the intensity scaling, the
-    normalised fixed scan and the measures of the unregistered pair (identity mapping)."""
-
-    scale: IntensityScale
-    fixed_normalized: np.ndarray
-    row: Row
 
 
 class PeakMemory:

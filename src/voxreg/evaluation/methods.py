@@ -14,13 +14,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
 
+from voxreg.cohort.points import map_points as points_through
 from voxreg.core.errors import VoxregError
-from voxreg.core.grid import Grid, apply_matrix
 from voxreg.evaluation.ants import run_ants_syn
-from voxreg.evaluation.pairs import PairData
-from voxreg.evaluation.types import EvaluationOptions, MethodOutput, MethodRunner
+from voxreg.evaluation.types import EvaluationOptions, MethodOutput, MethodRunner, PairData
 
 PathLike = str | os.PathLike
 DEFAULT_METHODS = ("affine", "ants-syn", "instance")
@@ -33,21 +31,9 @@ def map_points(
     points: np.ndarray, fixed_affine: np.ndarray, field: np.ndarray, world_matrix: np.ndarray | None = None
 ) -> np.ndarray:
     """Map fixed world points ``(n, 3)`` (RAS mm) to moving world points through voxreg's
-    composite: the field (fixed voxels, linear interpolation, edge values outside) first,
-    then the world matrix (fixed world -> moving world). A 2D field moves points within
-    their plane; any offset from the plane is kept."""
-    grid = Grid(field.shape[1:], fixed_affine)
-    points = np.asarray(points, dtype=np.float64)
-    voxels = grid.world_to_voxel(points)
-    displacement = np.stack(
-        [
-            ndimage.map_coordinates(np.asarray(field[d], np.float64), voxels.T, order=1, mode="nearest")
-            for d in range(grid.ndim)
-        ],
-        axis=1,
-    )
-    world = points + grid.voxel_to_world(voxels + displacement) - grid.voxel_to_world(voxels)
-    return world if world_matrix is None else apply_matrix(world_matrix, world)
+    composite, the field first, then the world matrix: :func:`voxreg.cohort.points.map_points`,
+    the function ``voxreg transform-points`` uses (ANTs' rule at the grid's edges)."""
+    return points_through(points, fixed_affine, field, world_matrix)
 
 
 def align_config(options: EvaluationOptions) -> Any:
@@ -123,7 +109,7 @@ def run_instance(data: PairData, options: EvaluationOptions) -> MethodOutput:
 
 def run_network(data: PairData, options: EvaluationOptions) -> MethodOutput:
     """Affine stage + one forward pass of the model ``options.model`` (no refinement)."""
-    model = _require_model(options)
+    model = _require_model(options, data.fixed.ndim)
     return _run_voxreg(data, options, model=model, lam=options.lam, refine=0, config=align_config(options))
 
 
@@ -132,17 +118,23 @@ def run_network_refine(data: PairData, options: EvaluationOptions) -> MethodOutp
     shipped model's own default, :data:`CHECKPOINT_REFINE` after a checkpoint file)."""
     from voxreg.registration.pipeline import default_refinement
 
-    model = _require_model(options)
+    model = _require_model(options, data.fixed.ndim)
     refine = options.refine
     if refine is None:
         refine = default_refinement(model, "network", data.fixed.ndim) or CHECKPOINT_REFINE
     return _run_voxreg(data, options, model=model, lam=options.lam, refine=refine, config=align_config(options))
 
 
-def _require_model(options: EvaluationOptions) -> str | Path:
-    if options.model is None:
-        raise VoxregError("methods network and network-refine need --model (a checkpoint or a shipped model's name)")
-    return options.model
+def _require_model(options: EvaluationOptions, ndim: int) -> str | Path:
+    """``--model``, else the shipped default model for ``ndim``-D scans (as ``voxreg register``)."""
+    if options.model is not None:
+        return options.model
+    from voxreg.nn.shipped import default_model
+
+    shipped = default_model(ndim)
+    if shipped is None:
+        raise VoxregError(f"methods network and network-refine: no model ships for {ndim}D scans; give --model")
+    return shipped.name
 
 
 def _device_name(device: torch.device) -> str:
@@ -170,8 +162,6 @@ def resolve_methods(methods: Sequence[str] | str | None, model: PathLike | None)
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         raise VoxregError(f"unknown method(s) {', '.join(unknown)} (choose from {', '.join(METHODS)})")
-    if model is None and any(m in MODEL_METHODS for m in names):
-        raise VoxregError("methods network and network-refine need --model (a checkpoint or a shipped model's name)")
     if model is not None:
         from voxreg.registration.pipeline import resolve_model
 

@@ -1,5 +1,6 @@
 """Pair lists of ``voxreg evaluate``: the pairs CSV, landmark CSVs, the scored structures
-and a loaded pair (:class:`PairData`). CSVs are read through :func:`voxreg.io.tables.read_table`.
+and loading a pair (:func:`load_pair` -> :class:`~voxreg.evaluation.types.PairData`). CSVs
+are read through :func:`voxreg.io.tables.read_table`.
 
 Pairs CSV: a header row with ``fixed,moving`` (required) and optionally ``fixed_labels``,
 ``moving_labels``, ``fixed_landmarks``, ``moving_landmarks`` and ``id``; relative paths are
@@ -12,37 +13,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from voxreg import io, metrics
 from voxreg.core.errors import VoxregError
-from voxreg.core.image import Image
+from voxreg.evaluation.types import Pair, PairData
 from voxreg.io.tables import read_table
-
-if TYPE_CHECKING:
-    from voxreg.evaluation.measure import Before
 
 PathLike = str | os.PathLike
 #: label presets of ``--structures`` (:func:`voxreg.io.labels.preset`)
 STRUCTURE_PRESETS = ("aseg30", "dkt31")
 PAIR_COLUMNS = ("id", "fixed", "moving", "fixed_labels", "moving_labels", "fixed_landmarks", "moving_landmarks")
-
-
-@dataclass(frozen=True)
-class Pair:
-    """One row of the pairs CSV, with absolute paths (None when a column is empty)."""
-
-    id: str
-    fixed: Path
-    moving: Path
-    fixed_labels: Path | None = None
-    moving_labels: Path | None = None
-    fixed_landmarks: Path | None = None
-    moving_landmarks: Path | None = None
 
 
 def read_pairs(path: PathLike) -> list[Pair]:
@@ -172,23 +155,6 @@ def select_labels(
     ``structures`` unless it is ``"all"``."""
     table = structure_table(structures)
     return metrics.common_labels(fixed_labels, moving_labels, exclude, None if table is None else table.keys())
-
-
-# --------------------------------------------------------------------------- loaded pair
-
-
-@dataclass
-class PairData:
-    """A loaded pair: images, label maps (fixed labels on the fixed grid) and landmarks."""
-
-    pair: Pair
-    fixed: Image
-    moving: Image
-    fixed_labels: Image | None = None
-    moving_labels: Image | None = None
-    fixed_points: np.ndarray | None = None
-    moving_points: np.ndarray | None = None
-    before: Before | None = None  # the unregistered pair's measures, computed once
 
 
 def load_pair(pair: Pair) -> PairData:

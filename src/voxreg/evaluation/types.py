@@ -1,5 +1,7 @@
-"""Types shared by the evaluation modules: the options of one evaluation, what a method
-returns (:class:`MethodOutput`) and the signature every method runner has."""
+"""Types shared by the evaluation modules: a pair (:class:`Pair`) and a loaded pair
+(:class:`PairData`, with its unregistered measures :class:`Before`), the options of one
+evaluation, what a method returns (:class:`MethodOutput`) and the signature every method
+runner has. Imports no other evaluation module, so the evaluation modules stay acyclic."""
 
 from __future__ import annotations
 
@@ -7,17 +9,65 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from voxreg import io
 from voxreg.core.image import Image
 
-if TYPE_CHECKING:
-    from voxreg.evaluation.pairs import PairData
-
 Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One row of the pairs CSV, with absolute paths (None when a column is empty)."""
+
+    id: str
+    fixed: Path
+    moving: Path
+    fixed_labels: Path | None = None
+    moving_labels: Path | None = None
+    fixed_landmarks: Path | None = None
+    moving_landmarks: Path | None = None
+
+
+class IntensityScale:
+    """[0, 1] scaling of the moving scan by its own robust range, the same before and after."""
+
+    def __init__(self, moving: Image) -> None:
+        self.window = io.robust_range(np.asarray(moving.array, np.float32), 0.5, 99.5)
+
+    def __call__(self, array: np.ndarray) -> np.ndarray:
+        low, high = self.window
+        if not high > low:
+            return np.zeros_like(array, dtype=np.float32)
+        return io.normalize_intensity(array, window=(low, high))
+
+
+@dataclass
+class Before:
+    """What every method of a pair is compared against: the intensity scaling, the
+    normalised fixed scan and the measures of the unregistered pair (identity mapping)."""
+
+    scale: IntensityScale
+    fixed_normalized: np.ndarray
+    row: Row
+
+
+@dataclass
+class PairData:
+    """A loaded pair: images, label maps (fixed labels on the fixed grid) and landmarks."""
+
+    pair: Pair
+    fixed: Image
+    moving: Image
+    fixed_labels: Image | None = None
+    moving_labels: Image | None = None
+    fixed_points: np.ndarray | None = None
+    moving_points: np.ndarray | None = None
+    before: Before | None = None  # the unregistered pair's measures, computed once
 
 
 @dataclass
@@ -49,4 +99,4 @@ class MethodOutput:
     settings: dict[str, Any] = dataclass_field(default_factory=dict)
 
 
-MethodRunner = Callable[["PairData", EvaluationOptions], MethodOutput]
+MethodRunner = Callable[[PairData, EvaluationOptions], MethodOutput]

@@ -116,6 +116,26 @@ def write_nifti(image: Any, path: Path) -> None:
         image.to_stream(out)
 
 
+def read_nibabel_gzip(path: Path) -> Any | None:
+    """A gzip-compressed NIfTI-1/2 or MGH file decompressed by ISA-L (python-isal) in one call
+    and parsed by nibabel from memory (about 3x faster than nibabel's own zlib stream); None
+    when isal is missing or the file is neither, so the caller uses ``nib.load``."""
+    import nibabel as nib
+
+    try:
+        from isal import igzip
+    except ImportError:
+        return None
+    raw = igzip.decompress(path.read_bytes())
+    if path.name.lower().endswith(".mgz"):
+        return nib.MGHImage.from_bytes(raw)
+    size = int.from_bytes(raw[:4], "little") if len(raw) >= 4 else 0
+    if size not in (348, 540):
+        size = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else 0
+    klass = {348: nib.Nifti1Image, 540: nib.Nifti2Image}.get(size)
+    return klass.from_bytes(raw) if klass is not None else None
+
+
 def stored_as_integer(path: PathLike) -> bool:
     """True when the file at ``path`` stores an integer voxel type (a label map) according
     to its header (NIfTI/MGH via nibabel, NRRD/MetaImage via SimpleITK, npz by its array);

@@ -38,6 +38,7 @@ from voxreg.io.files import (
     atomic_write,
     extension,
     file_error,
+    read_nibabel_gzip,
     stored_as_integer,
     write_nifti,
 )
@@ -162,7 +163,7 @@ def _read_nibabel(path: Path, label: bool) -> tuple[np.ndarray, np.ndarray]:
                 raise file_error(
                     path, f"cannot read as {kind}: not a gzip-compressed file (corrupt, or wrong extension)"
                 )
-    img = nib.load(path, mmap=False)
+    img = _nibabel_image(path)
     dtype = img.get_data_dtype()
     _check_scalar_dtype(dtype, path)
     offset = img.header.get_data_offset() if hasattr(img.header, "get_data_offset") else 0
@@ -170,6 +171,20 @@ def _read_nibabel(path: Path, label: bool) -> tuple[np.ndarray, np.ndarray]:
     if label:
         return np.asanyarray(img.dataobj), img.affine
     return img.get_fdata(dtype=np.float32), img.affine
+
+
+def _nibabel_image(path: Path) -> nib.filebasedimages.FileBasedImage:
+    """The nibabel image of ``path``: gzip files decompressed by ISA-L when available
+    (:func:`voxreg.io.files.read_nibabel_gzip`), else ``nib.load``. Header problems of the
+    in-memory path fall back to ``nib.load``, which reports them as it always did."""
+    if _is_gzip_name(path):
+        try:
+            image = read_nibabel_gzip(path)
+        except Exception:  # noqa: BLE001 - truncated/corrupt data: nib.load gives the known errors
+            image = None
+        if image is not None:
+            return image
+    return nib.load(path, mmap=False)
 
 
 def _check_scalar_dtype(dtype: np.dtype, path: Path) -> None:

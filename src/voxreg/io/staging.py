@@ -42,6 +42,8 @@ REGISTER_OUTPUTS = (
     "warped_*.nii.gz",
     "field.nii.gz",
     "field_itk.nii.gz",
+    "field_inverse.nii.gz",
+    "field_itk_inverse.nii.gz",
     "affine.txt",
     "metrics.json",
     "figure.png",

@@ -99,6 +99,14 @@ def _brain_mask_1mm() -> np.ndarray:
     return ndimage.binary_fill_holes(t1 > 0)
 
 
+def mni152_brain_mask(resolution_mm: int = 2) -> Image:
+    """The template's brain mask (uint8, 1 inside) on the MNI152 grid at 1 or 2 mm."""
+    resolution_mm = _check_resolution(resolution_mm)
+    _, affine = _load_mni_1mm("t1")
+    small, small_affine = _downsample(_brain_mask_1mm().astype(np.float32), affine, resolution_mm)
+    return Image((small >= 0.5).astype(np.uint8), small_affine, kind="label")
+
+
 def mni152_tissue_maps(resolution_mm: int = 2) -> dict[str, Image]:
     """Tissue probability maps ``{'csf', 'gm', 'wm'}`` (float32 in [0, 1]) on the template grid.
 

@@ -10,6 +10,12 @@ predicts a displacement field in voxels of the input grid, ``(N, ndim, *S)``, ch
 - ``half_res``: the last decoder upsampling is skipped; the field (or velocity, which is
   integrated there) lives at half resolution and is upsampled with
   :func:`voxreg.core.spatial.resize_field`. The input stays at full resolution.
+- ``fine_features`` (with ``half_res``): a coarse-to-fine head in the spirit of LapIRN. The
+  half-resolution output stays the coarse velocity; a small full-resolution branch (the last
+  decoder features upsampled, concatenated with both input images, ``fine_features`` convs,
+  a flow conv that starts at ~0) adds a correction on the input grid, where the velocity is
+  integrated. A half-res checkpoint loads into it unchanged (:func:`load_coarse_weights`),
+  so the widened network starts as the coarse one and learns the fine field.
 - ``lambda_conditional``: a tiny MLP maps ``log(lambda)`` (one regularisation weight per
   sample) to a per-channel scale and shift (FiLM) of every conv block, so one network
   covers a range of regularisation weights (HyperMorph-lite).
@@ -26,8 +32,7 @@ U-Net only. ``benchmarks/bench_network.py`` times the variants.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +40,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from voxreg.core import spatial
+from voxreg.nn.config import NetworkConfig
 
 __all__ = [
     "NetworkConfig",
@@ -42,6 +48,7 @@ __all__ = [
     "VoxelMorph",
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
+    "load_coarse_weights",
 ]
 
 CHECKPOINT_FORMAT = "voxreg-checkpoint"
@@ -49,91 +56,6 @@ CHECKPOINT_VERSION = 1
 _LEAKY_SLOPE = 0.2
 _FILM_HIDDEN = 32
 _FLOW_INIT_STD = 1e-5
-
-
-# --------------------------------------------------------------------------- config
-
-
-def _as_feature_tuple(name: str, value: Any) -> tuple[int, ...]:
-    """Validate a feature list: a non-empty sequence of positive ints."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise ValueError(f"{name} must be a sequence of positive ints, got {value!r}")
-    items = tuple(value)
-    if not items or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in items):
-        raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {value!r}")
-    return items
-
-
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-
-
-@dataclass
-class NetworkConfig:
-    """Architecture of a :class:`VoxelMorph` network (defaults: VM-2, 3D, plain displacement).
-
-    ``dec_features`` needs at least ``len(enc_features) + 2`` entries: one conv per
-    upsampling level, two at half resolution, then the rest at full resolution (or still
-    at half resolution when ``half_res``), followed by the flow conv.
-    """
-
-    ndim: int = 3
-    enc_features: tuple[int, ...] = (16, 32, 32, 32)
-    dec_features: tuple[int, ...] = (32, 32, 32, 32, 32, 16, 16)
-    int_steps: int = 0
-    half_res: bool = False
-    lambda_conditional: bool = False
-    in_channels: int = 1
-
-    def __post_init__(self) -> None:
-        if self.ndim not in (2, 3) or isinstance(self.ndim, bool):
-            raise ValueError(f"ndim must be 2 or 3, got {self.ndim!r}")
-        self.enc_features = _as_feature_tuple("enc_features", self.enc_features)
-        self.dec_features = _as_feature_tuple("dec_features", self.dec_features)
-        need = len(self.enc_features) + 2
-        if len(self.dec_features) < need:
-            raise ValueError(
-                f"dec_features must have at least len(enc_features) + 2 = {need} entries, got {len(self.dec_features)}"
-            )
-        if not isinstance(self.int_steps, int) or isinstance(self.int_steps, bool) or not 0 <= self.int_steps <= 20:
-            raise ValueError(f"int_steps must be an int in [0, 20] (0 = plain displacement), got {self.int_steps!r}")
-        _check_bool("half_res", self.half_res)
-        _check_bool("lambda_conditional", self.lambda_conditional)
-        if not isinstance(self.in_channels, int) or isinstance(self.in_channels, bool) or self.in_channels < 1:
-            raise ValueError(f"in_channels must be a positive int, got {self.in_channels!r}")
-
-    @property
-    def levels(self) -> int:
-        """Number of stride-2 downsamplings; inputs are padded to a multiple of 2**levels."""
-        return len(self.enc_features)
-
-    @property
-    def diffeomorphic(self) -> bool:
-        """True when the network predicts a velocity integrated by scaling and squaring."""
-        return self.int_steps > 0
-
-    @classmethod
-    def vm1(cls, ndim: int = 3, **kwargs: Any) -> NetworkConfig:
-        """VoxelMorph-1 (CVPR 2018): enc (16, 32, 32, 32), dec (32, 32, 32, 32, 8, 8)."""
-        return cls(ndim=ndim, enc_features=(16, 32, 32, 32), dec_features=(32, 32, 32, 32, 8, 8), **kwargs)
-
-    @classmethod
-    def vm2(cls, ndim: int = 3, **kwargs: Any) -> NetworkConfig:
-        """VoxelMorph-2: enc (16, 32, 32, 32), dec (32, 32, 32, 32, 32, 16, 16)."""
-        return cls(ndim=ndim, enc_features=(16, 32, 32, 32), dec_features=(32, 32, 32, 32, 32, 16, 16), **kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-Python (JSON- and weights_only-safe) dict of the config."""
-        out = asdict(self)
-        out["enc_features"] = list(self.enc_features)
-        out["dec_features"] = list(self.dec_features)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> NetworkConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise ValueError, missing keys use defaults."""
-        return cls(**config_kwargs(cls, data, "network"))
 
 
 # --------------------------------------------------------------------------- modules
@@ -150,18 +72,6 @@ class NetworkOutput:
 
     field: Tensor
     velocity: Tensor | None = None
-
-
-def config_kwargs(cls: type, data: Any, what: str) -> dict[str, Any]:
-    """Check that ``data`` is a dict whose keys are fields of the dataclass ``cls``
-    (ValueError naming unknown keys and the allowed ones); returns a copy."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{what} config must be a dict, got {type(data).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown {what} config keys {unknown}; allowed: {sorted(known)}")
-    return dict(data)
 
 
 def _conv_cls(ndim: int) -> type[nn.Module]:
@@ -262,6 +172,7 @@ class VoxelMorph(nn.Module):
         self.flow = _conv_cls(cfg.ndim)(prev, cfg.ndim, kernel_size=3, padding=1)
         nn.init.normal_(self.flow.weight, std=_FLOW_INIT_STD)
         nn.init.zeros_(self.flow.bias)
+        self.fine = self._fine_branch(prev) if cfg.fine_features else None
         blocks = [*self.encoder, *self.decoder]
         self.film = _FiLM(cfg.ndim, [b.out_channels for b in blocks]) if cfg.lambda_conditional else None
         #: run 3D convs on CPU in channels_last_3d memory format (about 1.5x faster with
@@ -272,6 +183,28 @@ class VoxelMorph(nn.Module):
         self.grad_checkpoint = False
 
     # ---- architecture helpers
+
+    def _fine_branch(self, coarse_channels: int) -> nn.ModuleDict:
+        """Full-resolution correction: convs over [upsampled features, moving, fixed], then a
+        flow conv initialised near zero (the branch starts as a no-op)."""
+        cfg = self.config
+        blocks = nn.ModuleList()
+        prev = coarse_channels + 2 * cfg.in_channels
+        for f in cfg.fine_features:
+            blocks.append(_ConvBlock(cfg.ndim, prev, f))
+            prev = f
+        flow = _conv_cls(cfg.ndim)(prev, cfg.ndim, kernel_size=3, padding=1)
+        nn.init.normal_(flow.weight, std=_FLOW_INIT_STD)
+        nn.init.zeros_(flow.bias)
+        return nn.ModuleDict({"blocks": blocks, "flow": flow})
+
+    def _fine_flow(self, features: Tensor, inputs: Tensor, coarse: Tensor) -> Tensor:
+        """Coarse flow upsampled to the input grid plus the fine branch's correction."""
+        assert self.fine is not None
+        x = torch.cat([_upsample(features), inputs], dim=1)
+        for block in self.fine["blocks"]:
+            x = block(x)
+        return spatial.resize_field(coarse, tuple(inputs.shape[2:])) + self.fine["flow"](x)
 
     def _skip_index(self, i: int) -> int | None:
         """Index into ``[input, enc_0, enc_1, ...]`` of the skip concatenated (after a 2x
@@ -327,7 +260,8 @@ class VoxelMorph(nn.Module):
             )
 
     def _unet(self, x: Tensor, film: list[tuple[Tensor, Tensor]] | None) -> Tensor:
-        """Raw flow output on the padded grid (half resolution when ``half_res``)."""
+        """Raw flow output on the padded grid (half resolution when ``half_res`` without
+        ``fine_features``)."""
         levels = self.config.levels
         if self.channels_last and x.dim() == 5 and x.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last_3d)
@@ -343,7 +277,10 @@ class VoxelMorph(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(self._decode_step, i, x, skips, step_film, use_reentrant=False)
             else:
                 x = self._decode_step(i, x, skips, step_film)
-        return self.flow(x).contiguous()
+        flow = self.flow(x)
+        if self.fine is not None:
+            flow = self._fine_flow(x, skips[0], flow)
+        return flow.contiguous()
 
     def _decode_step(self, i: int, x: Tensor, skips: list[Tensor], film: tuple[Tensor, Tensor] | None) -> Tensor:
         """Decoder conv ``i``, then (where the architecture has one) 2x upsampling and the
@@ -414,3 +351,14 @@ class VoxelMorph(nn.Module):
         with torch.inference_mode():
             field = self.predict_field(moving, fixed, lam, bf16=bf16)
             return spatial.warp(moving, field), field
+
+
+def load_coarse_weights(model: VoxelMorph, state: dict[str, Tensor]) -> list[str]:
+    """Load a network's weights into ``model``, which may add a fine branch (``fine_features``)
+    the weights lack; returns the parameter names left at their initial values (only the fine
+    branch's). Any other mismatch raises ValueError."""
+    result = model.load_state_dict(state, strict=False)
+    other = [name for name in result.missing_keys if not name.startswith("fine.")]
+    if other or result.unexpected_keys:
+        raise ValueError(f"weights do not fit the network: missing {other}, unexpected {result.unexpected_keys}")
+    return list(result.missing_keys)

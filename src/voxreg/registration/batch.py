@@ -13,7 +13,9 @@ Under ``torchrun`` (env ``WORLD_SIZE``/``RANK``) rank ``r`` of ``W`` takes pairs
 and writes only their folders and ``OUTDIR/batch.rank<r>.csv``; every rank, when done, merges
 all rank tables into ``OUTDIR/batch.csv`` under a file lock, so the last one to finish leaves
 the complete table (pairs of ranks still running show as ``pending``). No process group is
-needed. With CUDA, rank ``r`` uses ``cuda:LOCAL_RANK``.
+needed. With CUDA, rank ``r`` uses ``cuda:LOCAL_RANK``. ``on_merged(outdir)``, when given, runs
+after each merge under the same lock (the CLI passes the cohort QC report, which adds columns
+to batch.csv and writes report.html: this layer does not import :mod:`voxreg.cohort`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ COLUMNS = ("id", "status", "seconds", "dice", "error", "fixed", "moving")
 PAIR_COLUMNS = ("fixed", "moving", "fixed_labels", "moving_labels", "id")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 ProgressCallback = Callable[[int, int], None]
+MergedCallback = Callable[[Path], Any]
 RegisterFn = Callable[..., outputs.RegistrationResult]
 
 
@@ -73,6 +76,7 @@ class BatchSummary:
     table: Path
     rank: int = 0
     world: int = 1
+    merged: Any = None  # what ``on_merged`` returned (e.g. the cohort report)
 
     def count(self, status: str) -> int:
         return sum(row["status"] == status for row in self.rows)
@@ -220,6 +224,7 @@ def run_batch(
     figure: bool = True,
     progress: ProgressCallback | None = None,
     register: RegisterFn | None = None,
+    on_merged: MergedCallback | None = None,
     **options: Any,
 ) -> BatchSummary:
     """Register this rank's share of ``pairs`` (a list or a pair-list CSV) into ``outdir/<id>/``.
@@ -228,7 +233,8 @@ def run_batch(
     ``refine``, ``affine``, ``affine_only``...); metrics are always measured (Dice with labels).
     ``workers`` io threads read ahead and write behind (0: everything in turn).
     ``progress(done, total)`` follows this rank's pairs; ``register`` replaces the pipeline
-    (tests). Returns this rank's :class:`BatchSummary`; ``outdir/batch.csv`` is merged at the end.
+    (tests). Returns this rank's :class:`BatchSummary`; ``outdir/batch.csv`` is merged at the end,
+    then ``on_merged(outdir)`` runs under the merge lock (its result in ``summary.merged``).
     """
     if workers < 0:
         raise VoxregError(f"--workers must be >= 0, got {workers}")
@@ -264,7 +270,7 @@ def run_batch(
         run = _Runner(pool, workers, outdir, figure, record, register_fn, model, engine, device, options)
         run.all(todo)
     summary = BatchSummary(rows, time.perf_counter() - start, outdir / "batch.csv", rank, world)
-    merge_tables(outdir, all_pairs, world)
+    summary.merged = merge_tables(outdir, all_pairs, world, on_merged)[1]
     return summary
 
 
@@ -383,10 +389,13 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def merge_tables(outdir: str | Path, pairs: Sequence[BatchPair], world: int) -> Path:
+def merge_tables(
+    outdir: str | Path, pairs: Sequence[BatchPair], world: int, on_merged: MergedCallback | None = None
+) -> tuple[Path, Any]:
     """Write ``outdir/batch.csv``: one row per pair of the list, in its order, from the rank
     tables ``batch.rank<r>.csv`` (r < ``world``); pairs no rank has finished yet are
-    ``pending``. Serialised by a file lock, so the last rank to merge sees every table."""
+    ``pending``. Serialised by a file lock, so the last rank to merge sees every table;
+    ``on_merged(outdir)`` runs under the lock too. Returns (batch.csv, what on_merged returned)."""
     outdir = Path(outdir)
     with _locked(outdir / ".voxreg-batch.lock"):
         found: dict[str, dict[str, Any]] = {}
@@ -397,6 +406,7 @@ def merge_tables(outdir: str | Path, pairs: Sequence[BatchPair], world: int) -> 
                     found[row.get("id", "")] = row
         rows = [found.get(pair.id) or _row(pair, "pending", None) for pair in pairs]
         columns = COLUMNS if any(pair.fixed_labels for pair in pairs) else tuple(c for c in COLUMNS if c != "dice")
-        return tables.write_table(
+        table = tables.write_table(
             outdir / "batch.csv", columns, [{k: v for k, v in row.items() if k in columns} for row in rows]
         )
+        return table, None if on_merged is None else on_merged(outdir)

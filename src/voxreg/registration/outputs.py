@@ -1,8 +1,10 @@
 """What one registration returns and what is made of it afterwards, kept apart from the
 pipeline: :class:`RegistrationResult` (transforms and warped images), :func:`measure_registration`
-(similarity before/after, Jacobian statistics, Dice: only when asked) and :func:`save_outputs`
-(warped image and labels, fields in voxreg and ITK/ANTs formats, affine.txt, metrics.json,
-figure.png; all or nothing through a staging folder, metrics.json strict JSON)."""
+(similarity before/after, Jacobian statistics, Dice: only when asked), :func:`save_outputs`
+(warped image and labels, fields and their inverses in voxreg and ITK/ANTs formats,
+affine.txt, metrics.json, figure.png; all or nothing through a staging folder, metrics.json
+strict JSON) and :func:`apply_inverse_field` (a saved registration applied backwards: a
+fixed-space image onto the moving scan's grid)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import functools
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,7 +26,9 @@ import torch
 from voxreg import io, metrics
 from voxreg.core import spatial
 from voxreg.core.errors import VoxregError
+from voxreg.core.grid import check_affine, voxel_matrix
 from voxreg.core.image import Image
+from voxreg.core.runtime import resolve_device
 from voxreg.io.staging import REGISTER_OUTPUTS, staged_outputs
 
 ITK_FIELD_SKIPPED = "not written: ITK 2D fields need an image plane parallel to x-y"
@@ -155,19 +160,28 @@ def write_outputs(result: RegistrationResult, folder: str | Path, figure: bool =
     check_finite_result(result)
     folder = Path(folder)
     field = result.field[0].detach().cpu().numpy()
+    inverse, payload_inverse = inverse_field(result)
     payload = dict(result.metrics)
-    names: dict[str, str] = {"warped": "warped.nii.gz", "field": "field.nii.gz"}
+    payload["inverse"] = payload_inverse
+    names: dict[str, str] = {
+        "warped": "warped.nii.gz",
+        "field": "field.nii.gz",
+        "field_inverse": "field_inverse.nii.gz",
+    }
     writes: list[Callable[[], Path]] = [
         functools.partial(io.save_image, result.warped, folder / "warped.nii.gz"),
         functools.partial(io.save_field, folder / "field.nii.gz", field, result.fixed),
+        functools.partial(io.save_field, folder / "field_inverse.nii.gz", inverse, result.fixed),
     ]
     for name, labels in result.warped_labels.items():
         names[f"warped_{name}"] = f"warped_{name}.nii.gz"
         writes.append(functools.partial(io.save_image, labels, folder / names[f"warped_{name}"]))
     if io.itk_field_supported(result.fixed):
         names["field_itk"] = "field_itk.nii.gz"
+        names["field_itk_inverse"] = "field_itk_inverse.nii.gz"
         writes.append(functools.partial(io.save_itk_field, folder / "field_itk.nii.gz", field, result.fixed))
-    else:  # a 2D slice tilted out of the x-y plane: the voxreg field (field.nii.gz) still holds it
+        writes.append(functools.partial(io.save_itk_field, folder / "field_itk_inverse.nii.gz", inverse, result.fixed))
+    else:  # a 2D slice tilted out of the x-y plane: the voxreg fields (field*.nii.gz) still hold it
         payload["field_itk"] = ITK_FIELD_SKIPPED
     _write_concurrently(writes)
     if result.world_matrix is not None:
@@ -180,6 +194,38 @@ def write_outputs(result: RegistrationResult, folder: str | Path, figure: bool =
     payload["outputs"] = sorted(names.values())
     write_json(folder / "metrics.json", payload)
     return names
+
+
+def inverse_field(result: RegistrationResult) -> tuple[np.ndarray, dict[str, Any]]:
+    """The inverse of ``result.field`` (:func:`voxreg.core.spatial.invert_displacement`) as a
+    float32 ``(ndim, *S)`` array in fixed voxels, and metrics.json's ``inverse`` entry: its
+    seconds and the residual ``|u(x) + u_inv(x + u(x))|`` (voxels) over the fixed scan's
+    foreground voxels (:func:`foreground_index`): mean, 99th percentile and maximum."""
+    field = result.field.detach().to("cpu", torch.float32)
+    start = time.perf_counter()
+    inverse = spatial.invert_displacement(field) if bool(field.any()) else torch.zeros_like(field)
+    seconds = time.perf_counter() - start
+    residual = spatial.inverse_residual(field, inverse, foreground_index(result.fixed)).numpy()
+    stats = {
+        "seconds": seconds,
+        "residual_mean_voxels": float(residual.mean()) if residual.size else 0.0,
+        "residual_p99_voxels": float(np.percentile(residual, 99)) if residual.size else 0.0,
+        "residual_max_voxels": float(residual.max()) if residual.size else 0.0,
+        "foreground_voxels": int(residual.size),
+    }
+    return inverse[0].numpy(), stats
+
+
+def foreground_index(image: Image, fraction: float = 0.05) -> torch.Tensor:
+    """Flat indices of ``image``'s foreground: voxels above ``fraction`` of its robust
+    intensity range (0.5-99.5th percentiles of a strided sample, over nonzero voxels for a
+    zero background: the brain of a skull-stripped scan, the body of a CT); every voxel of an
+    image without any (a constant one)."""
+    values = np.asarray(image.array).reshape(-1)
+    sample = values[:: max(1, values.size // 500_000)]
+    low, high = io.robust_range(sample.astype(np.float32, copy=False), 0.5, 99.5)
+    index = np.flatnonzero(values > low + fraction * (high - low))
+    return torch.from_numpy(index if index.size else np.arange(values.size))
 
 
 def _write_concurrently(writes: Sequence[Callable[[], Path]]) -> None:
@@ -256,3 +302,94 @@ def json_safe(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, str)):
         return value
     return str(value)
+
+
+# --------------------------------------------------------------------------- backwards
+
+
+def inverse_field_path(field_path: str | Path) -> Path:
+    """Where the inverse of a saved field lives: ``field.nii.gz`` -> ``field_inverse.nii.gz``
+    beside it (``<name>_inverse<ext>`` for any other name)."""
+    path = Path(field_path)
+    return path.with_name(f"{io.strip_extension(path)}_inverse{io.extension(path)}")
+
+
+def read_inverse_field(field_path: str | Path) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The inverse of the voxreg field at ``field_path``: the file of :func:`inverse_field_path`
+    (checked to share its grid) or, when absent (an older run), computed from it. Returns
+    ``(inverse (ndim, *S) in fixed voxels, fixed 4x4 affine, computed)``."""
+    field, fixed_affine = io.load_field(field_path)
+    sibling = inverse_field_path(field_path)
+    if sibling.exists():
+        inverse, affine = io.load_field(sibling)
+        if inverse.shape != field.shape or not np.allclose(affine, fixed_affine, atol=1e-4):
+            raise VoxregError(f"{sibling}: not on the grid of {field_path} (shape {inverse.shape} vs {field.shape})")
+        return inverse, fixed_affine, False
+    if not np.all(np.isfinite(field)):
+        raise VoxregError(f"{field_path}: the field contains NaN/Inf")
+    inverse_t = spatial.invert_displacement(torch.from_numpy(field)[None])
+    return inverse_t[0].numpy(), fixed_affine, True
+
+
+def inverse_resample(
+    image: Image,
+    reference: Image,
+    inverse: np.ndarray | torch.Tensor,
+    fixed_affine: np.ndarray,
+    world_matrix: np.ndarray | None = None,
+    nearest: bool | None = None,
+    device: torch.device | str = "cpu",
+) -> Image:
+    """``image`` (in the fixed scan's space, e.g. atlas labels) on ``reference``'s grid (the
+    moving scan): a reference voxel ``y`` at world point ``q`` takes the value of ``image`` at
+    ``phi^-1(A^-1 q)``, where ``A`` is ``world_matrix`` (fixed -> moving world, RAS mm) and
+    ``phi^-1(z) = z + inverse(z)`` (``inverse`` ``(ndim, *S)`` in voxels of the fixed grid of
+    ``fixed_affine``). The inverse is brought onto the reference grid as a displacement in
+    reference voxels, so :func:`voxreg.io.resample_to` samples ``image`` once (label maps
+    nearest neighbour in their own dtype)."""
+    ndim = reference.ndim
+    inverse_t = torch.as_tensor(inverse, dtype=torch.float32, device=device)
+    inverse_t = inverse_t if inverse_t.dim() == ndim + 2 else inverse_t[None]
+    if inverse_t.shape[1] != ndim:
+        raise VoxregError(f"{reference.path or 'reference'} is {ndim}D but the field is {inverse_t.shape[1]}D")
+    to_fixed = None if world_matrix is None else np.linalg.inv(check_affine(world_matrix, "the affine transform"))
+    matrix = voxel_matrix(reference.affine, fixed_affine, ndim, to_fixed)  # reference voxel -> fixed voxel
+    fixed_voxels = spatial.mapped_points(matrix, reference.shape, device=device).reshape(1, ndim, *reference.shape)
+    displacement = spatial.sample(inverse_t, fixed_voxels, padding="border")  # fixed voxels, at those points
+    back = torch.as_tensor(np.linalg.inv(matrix[:ndim, :ndim]), dtype=torch.float32, device=device)
+    in_reference = torch.einsum("ij,bj...->bi...", back, displacement)
+    return io.resample_to(image, reference, to_fixed, nearest, device, field=in_reference)
+
+
+def load_warp_input(image: Image | str | Path, nearest: bool | None) -> Image:
+    """An image to warp: integer files (and integer-valued float files with few values, i.e.
+    label maps saved as float) load as label maps unless ``nearest`` is False."""
+    if isinstance(image, Image):
+        return image
+    if nearest is not None or io.stored_as_integer(image):
+        return io.load_image(image, label=nearest is not False)
+    loaded = io.load_image(image)
+    return io.as_label_image(loaded) if io.has_label_values(loaded.array) else loaded
+
+
+def apply_inverse_field(
+    field_path: str | Path,
+    image: Image | str | Path,
+    reference: Image | str | Path,
+    nearest: bool | None = None,
+    affine_path: str | Path | None = None,
+    device: torch.device | str = "cpu",
+) -> Image:
+    """A saved registration applied backwards: ``image`` from the fixed scan's space onto the
+    grid of ``reference`` (the moving scan) through the inverse affine (``affine_path``, ITK
+    text, fixed -> moving) and the inverse field (:func:`read_inverse_field`)."""
+    inverse, fixed_affine, _ = read_inverse_field(field_path)
+    loaded = load_warp_input(image, nearest)
+    grid = reference if isinstance(reference, Image) else io.load_image(reference)
+    for item in (loaded, grid):
+        if item.ndim != inverse.shape[0]:
+            raise VoxregError(f"{item.path}: image is {item.ndim}D but the field {field_path} is {inverse.shape[0]}D")
+    world_matrix = io.read_itk_affine(affine_path) if affine_path is not None else None
+    if world_matrix is not None:
+        check_affine(world_matrix, str(affine_path))
+    return inverse_resample(loaded, grid, inverse, fixed_affine, world_matrix, nearest, resolve_device(device))

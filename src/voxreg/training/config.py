@@ -83,6 +83,8 @@ class TrainConfig:
     synth_curriculum: int = 0
     init: str | None = None
     similarity_weight: float = 1.0
+    fine_features: tuple[int, ...] = ()
+    pairs_within_folders: bool = False
 
     def __post_init__(self) -> None:
         check_choice("similarity", self.similarity, ("ncc", "mse", "mi"))
@@ -113,6 +115,10 @@ class TrainConfig:
         if self.voxel_size is not None:
             self.voxel_size = check_positive("voxel_size", self.voxel_size)
         check_positive("similarity_weight", self.similarity_weight, allow_zero=True)
+        self.fine_features = tuple(check_int("fine_features", int(v), 1) for v in self.fine_features)
+        if self.fine_features and not self.half_res:
+            raise ValueError("fine_features refine a half-resolution field: add half_res (--half-res)")
+        check_bool("pairs_within_folders", self.pairs_within_folders)
         check_int("synth_curriculum", self.synth_curriculum, 0)
         if self.init is not None and (not isinstance(self.init, str) or not self.init.strip()):
             raise ValueError(f"init must be a checkpoint path or a shipped model name, got {self.init!r}")
@@ -132,7 +138,11 @@ class TrainConfig:
     def network_config(self, ndim: int) -> NetworkConfig:
         """The :class:`NetworkConfig` this training config builds for ``ndim`` spatial dims."""
         return PRESETS[self.network](
-            ndim=ndim, int_steps=self.int_steps, half_res=self.half_res, lambda_conditional=self.lambda_conditional
+            ndim=ndim,
+            int_steps=self.int_steps,
+            half_res=self.half_res,
+            lambda_conditional=self.lambda_conditional,
+            fine_features=self.fine_features,
         )
 
     def to_dict(self) -> dict[str, Any]:

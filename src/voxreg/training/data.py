@@ -57,6 +57,9 @@ class TrainingSet:
     has_labels: Tensor | None = None
     affine: np.ndarray = field(default_factory=lambda: np.eye(4))
     atlas: bool = False
+    #: optional group of each scan ``(N,)``: pairs are drawn within one group (e.g. brain-extracted
+    #: scans with brain-extracted ones, heads with heads); None draws any two scans
+    groups: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.images.dim() not in (4, 5) or self.images.shape[1] != 1:
@@ -73,6 +76,15 @@ class TrainingSet:
         self.has_labels = (
             self.has_labels.bool() if self.has_labels is not None else torch.zeros(len(self), dtype=torch.bool)
         )
+        if self.groups is not None:
+            self.groups = torch.as_tensor(self.groups, dtype=torch.long)
+            if self.groups.shape != (len(self),):
+                raise ValueError(f"groups must have one entry per scan ({len(self)}), got {tuple(self.groups.shape)}")
+            if self.atlas:
+                raise VoxregError("pairs within groups need scan-to-scan training (no atlas)")
+            sizes = torch.bincount(self.groups)
+            if bool(((sizes > 0) & (sizes < 2)).any()):
+                raise VoxregError("every group of scans (folder) needs at least 2 scans to draw pairs from")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -221,8 +233,29 @@ class TrainingSet:
             moving = torch.randint(0, n - 1, (batch_size,), generator=generator)
             return moving, torch.full_like(moving, n - 1)
         moving = torch.randint(0, n, (batch_size,), generator=generator)
+        if self.groups is not None:
+            return moving, self._partners_in_group(moving, generator)
         offset = torch.randint(1, n, (batch_size,), generator=generator)
         return moving, (moving + offset) % n
+
+    def grouped_by(self, keys: Sequence[Any]) -> TrainingSet:
+        """A copy whose pairs are drawn within groups of equal ``keys`` (one key per scan,
+        e.g. its folder)."""
+        if len(keys) != len(self):
+            raise ValueError(f"got {len(keys)} group keys for {len(self)} scans")
+        names = sorted(set(map(str, keys)))
+        groups = torch.tensor([names.index(str(key)) for key in keys])
+        return TrainingSet(self.images, self.labels, self.has_labels, self.affine, self.atlas, groups)
+
+    def _partners_in_group(self, moving: Tensor, generator: torch.Generator) -> Tensor:
+        """For each moving index, a random other scan of the same group."""
+        assert self.groups is not None
+        partners = []
+        for index in moving.tolist():
+            members = torch.nonzero(self.groups == self.groups[index]).flatten()
+            others = members[members != index]
+            partners.append(others[torch.randint(0, len(others), (1,), generator=generator)])
+        return torch.cat(partners)
 
     def validation_pairs(self) -> list[tuple[int, int]]:
         """Deterministic pairs ``(i, i+1)`` (``(i, atlas)`` in atlas mode; at most 8) used
@@ -247,7 +280,7 @@ class TrainingSet:
         step[:3, :3] = np.diag(np.pad(ratio, (0, 3 - len(ratio)), constant_values=1.0))
         step[: len(ratio), 3] = 0.5 * ratio - 0.5
         affine = np.asarray(self.affine, dtype=np.float64) @ step
-        return TrainingSet(images, labels, self.has_labels, affine, self.atlas)
+        return TrainingSet(images, labels, self.has_labels, affine, self.atlas, self.groups)
 
 
 def _grid_tensor(image: Image, ref: Image) -> Tensor:

@@ -33,6 +33,7 @@ from voxreg.core.runtime import configure_allocator
 from voxreg.core.schedule import cosine_factor
 from voxreg.io.tables import append_row, read_table, write_table
 from voxreg.nn import VoxelMorph, load_checkpoint, save_checkpoint
+from voxreg.nn.unet import load_coarse_weights
 from voxreg.registration.model_space import ModelSpace
 from voxreg.training.augmentation import augment
 from voxreg.training.config import PRESETS, RESUMABLE_CHANGES, TrainConfig
@@ -173,8 +174,17 @@ def adopt_initial_network(config: TrainConfig) -> tuple[TrainConfig, str | None]
     voxel_size = config.voxel_size
     if voxel_size is None and space.get("voxel_size"):
         voxel_size = float(space["voxel_size"][0])
-    adopted = replace(config, network=names[0], half_res=net.half_res, int_steps=net.int_steps, voxel_size=voxel_size)
+    fine = tuple(net.fine_features) or config.fine_features  # a coarse model may be widened (fine branch)
+    adopted = replace(
+        config,
+        network=names[0],
+        half_res=net.half_res,
+        int_steps=net.int_steps,
+        voxel_size=voxel_size,
+        fine_features=fine if net.half_res else (),
+    )
     note = f"--init {config.init}: network {names[0]}, half-res {net.half_res}, int-steps {net.int_steps}"
+    note += f", fine branch {','.join(map(str, fine))}" if fine and net.half_res else ""
     return adopted, note + (f", model space {voxel_size:g} mm voxels" if voxel_size else "")
 
 
@@ -189,13 +199,22 @@ def _load_initial_weights(model: VoxelMorph, init: str) -> None:
     :func:`adopt_initial_network` makes them equal for ``voxreg train --init``)."""
     source, _ = load_checkpoint(_initial_checkpoint(init))
     wanted, given = model.config.to_dict(), source.config.to_dict()
-    differences = [f"{key} {given[key]!r} vs {wanted[key]!r}" for key in wanted if wanted[key] != given.get(key)]
+    widened = not given.get("fine_features") and bool(wanted["fine_features"])  # coarse -> coarse-to-fine
+    differences = [
+        f"{key} {given.get(key)!r} vs {wanted[key]!r}"
+        for key in wanted
+        if wanted[key] != given.get(key, wanted[key] if key == "fine_features" else None)
+        and not (widened and key == "fine_features")
+    ]
     if differences:
         raise VoxregError(
             f"--init {init}: its network differs from this training's ({'; '.join(differences)}); "
             "pass the same --network/--half-res/--int-steps/--lambda-range options"
         )
-    model.load_state_dict(source.state_dict())
+    if widened:
+        load_coarse_weights(model, source.state_dict())
+    else:
+        model.load_state_dict(source.state_dict())
 
 
 def _new_session(config: TrainConfig, ndim: int, device: torch.device, ctx: Dist) -> _Session:

@@ -1,0 +1,102 @@
+"""Learning curve of a training run on the 8 held-out Mindboggle pairs (validation only:
+../shared may never train weights that ship): mean Dice (labels present in both, 0 and 74
+excluded) and % folding of the network alone, and optionally network + refinement, for each
+checkpoint given. The affine stage is computed once per pair and reused for every checkpoint.
+
+Usage: python benchmarks/learning_curve.py CKPT.pt ... [--refine 20] [--csv OUT.csv] [--pairs 2:1 4:3]
+Appends one row per checkpoint to --csv (step, wall hours of training, Dice, folding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from voxreg import io, metrics
+from voxreg.registration import pipeline as api
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain_mri" / "mindboggle_oasis_trt20"
+PAIRS = ["2:1", "4:3", "6:5", "8:7", "10:9", "12:11", "14:13", "16:15"]
+EXCLUDED = {0, 74}
+
+
+def subject(number: int) -> tuple[Path, Path]:
+    """Brain scan and manual label map of OASIS-TRT-20-<number>."""
+    folder = DATA / f"OASIS-TRT-20-{number}"
+    return folder / "t1weighted_brain.nii.gz", folder / "labels_DKT31_CMA.nii.gz"
+
+
+def mean_dice(fixed: np.ndarray, warped: np.ndarray) -> float:
+    """Mean Dice over the labels present in both maps, without 0 and 74."""
+    labels = sorted((set(np.unique(fixed)) & set(np.unique(warped))) - EXCLUDED)
+    return float(np.nanmean(list(metrics.dice_per_label(fixed, warped, labels).values())))
+
+
+def checkpoint_info(path: Path) -> tuple[int, float]:
+    """(training step, training wall hours) stored in a training checkpoint (-1, nan if absent)."""
+    extra = torch.load(path, map_location="cpu", weights_only=True).get("extra", {})
+    seconds = float(extra.get("seconds", extra.get("elapsed", float("nan"))))
+    return int(extra.get("step", -1)), seconds / 3600.0
+
+
+def evaluate(model: Path, pairs: list[tuple[Path, Path, Path, Path, np.ndarray]], refine: int) -> dict[str, float]:
+    """Mean Dice, % folding and seconds per pair of ``model`` (+ ``refine`` steps)."""
+    dice, folding, seconds = [], [], []
+    for fixed, moving, fixed_labels, moving_labels, world in pairs:
+        start = time.perf_counter()
+        result = api.register(
+            fixed,
+            moving,
+            model=model,
+            refine=refine,
+            world_matrix=world,
+            moving_labels=[moving_labels],
+            metrics=True,
+            engine="network",
+            device="cpu",
+        )
+        seconds.append(time.perf_counter() - start)
+        warped = next(iter(result.warped_labels.values())).array
+        dice.append(mean_dice(io.load_image(fixed_labels, label=True).array, warped))
+        folding.append(float(result.metrics.get("folding_percent", float("nan"))))
+    return {"dice": float(np.mean(dice)), "folding": float(np.mean(folding)), "seconds": float(np.mean(seconds))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoints", type=Path, nargs="+")
+    parser.add_argument("--refine", type=int, default=0, help="also evaluate network + N steps (0: skip)")
+    parser.add_argument("--csv", type=Path)
+    parser.add_argument("--pairs", nargs="+", default=PAIRS)
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        raise SystemExit(f"{DATA}: not found (../shared/data is needed for this benchmark)")
+    pairs = []
+    for text in args.pairs:
+        moving_no, fixed_no = (int(v) for v in text.split(":"))
+        (fixed, fixed_labels), (moving, moving_labels) = subject(fixed_no), subject(moving_no)
+        world = api.register(fixed, moving, affine_only=True, metrics=False).world_matrix
+        pairs.append((fixed, moving, fixed_labels, moving_labels, world))
+    for path in args.checkpoints:
+        step, hours = checkpoint_info(path)
+        row: dict[str, object] = {"checkpoint": path.name, "step": step, "train_hours": round(hours, 3)}
+        for name, refine in [("model", 0)] + ([(f"refine{args.refine}", args.refine)] if args.refine else []):
+            scores = evaluate(path, pairs, refine)
+            row.update({f"{name}_{key}": round(value, 4) for key, value in scores.items()})
+        print(row, flush=True)
+        if args.csv:
+            new = not args.csv.exists()
+            with args.csv.open("a", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(row))
+                if new:
+                    writer.writeheader()
+                writer.writerow(row)
+
+
+if __name__ == "__main__":
+    main()

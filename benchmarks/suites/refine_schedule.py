@@ -1,0 +1,113 @@
+"""How long must the refinement after a network be? (port of the retired refine_schedule.py,
+the measurement behind the shipped model's default refinement). Mean Dice, folding and seconds
+of the network alone, network + instance-optimisation refinement with several schedules, and
+instance optimisation alone, on held-out Mindboggle pairs (native 1 mm, manual labels, voxreg's
+affine stage first, shared by every variant). One fresh process.
+
+A schedule is a comma list of pyramid-scale:steps, coarse to fine, optionally /iN for N
+scaling-and-squaring steps, /v for the velocity at every level; "instance" = the default
+instance optimisation from the affine alignment. ``--quick``: pair 2->1, schedule 2:2,1:1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from benchmarks import pairs, timing
+
+SUMMARY = "network + refinement schedules vs instance optimisation on Mindboggle pairs (Dice, folding, s)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the refine-schedule suite."""
+    parser.add_argument("--model", default="brain", help="checkpoint path or shipped model name")
+    parser.add_argument("--pairs", nargs="+", default=["2:1", "4:3"], help="Mindboggle moving:fixed numbers")
+    parser.add_argument("--schedules", nargs="+", default=["2:20,1:5", "2:40,1:10", "instance"])
+
+
+def align_config(schedule: str) -> Any:
+    """``"2:20,1:5"`` -> scales (2, 1), iterations (20, 5); ``/iN`` int_steps N, ``/v``
+    residual_levels 0; ``"instance"`` = the default AlignConfig (with the same suffixes)."""
+    from voxreg.registration.instance import AlignConfig
+
+    velocity = schedule.endswith("/v")
+    schedule, _, int_steps = schedule.removesuffix("/v").partition("/i")
+    extra = {"int_steps": int(int_steps or AlignConfig.int_steps), **({"residual_levels": 0} if velocity else {})}
+    if schedule == "instance":
+        return AlignConfig(**extra)  # type: ignore[arg-type]
+    levels = [level.split(":") for level in schedule.split(",")]
+    return AlignConfig(scales=tuple(int(s) for s, _ in levels), iterations=tuple(int(n) for _, n in levels), **extra)  # type: ignore[arg-type]
+
+
+def compare(model: str, pair_texts: list[str], schedules: list[str], data: str) -> list[dict[str, Any]]:
+    """Rows (pair, variant, Dice, folding %, deformable seconds): the child's entry point."""
+    import torch
+
+    import voxreg
+    from voxreg import io, metrics
+    from voxreg.registration.instance import align
+    from voxreg.registration.pipeline import _predict_with_model, resolve_model, warp_image
+
+    resolved = resolve_model(model, "network", 3)
+    rows = []
+    for pair in pairs.parse_pairs(pair_texts, data):
+        affine = voxreg.register(pair.fixed, pair.moving, affine_only=True, metrics=False, device="cpu")
+        fixed_img, moving_img = io.load_image(pair.fixed), io.load_image(pair.moving)
+        moving_on_fixed = warp_image(moving_img, fixed_img, world_matrix=affine.world_matrix)
+        labels, truth = (
+            io.load_image(pair.moving_labels, label=True),
+            io.load_image(pair.fixed_labels, label=True).array,
+        )
+        tensors = [
+            torch.from_numpy(io.normalize_intensity(i.array))[None, None].float() for i in (fixed_img, moving_on_fixed)
+        ]
+
+        context = (pair.id, labels, fixed_img, affine.world_matrix, truth)
+
+        def score(name: str, field: Any, seconds: float, context: tuple = context) -> None:
+            pair_id, moving_labels, fixed_grid, world, fixed_truth = context
+            warped = warp_image(moving_labels, fixed_grid, field, world)
+            folding = metrics.jacobian_stats(field)["folding_percent"]
+            rows.append({"pair": pair_id, "variant": name, "dice": pairs.mean_dice(fixed_truth, warped.array)})
+            rows[-1] |= {"folding_percent": folding, "seconds": seconds}
+
+        score("affine", torch.zeros(1, 3, *fixed_img.shape), 0.0)
+        start = time.perf_counter()
+        network = _predict_with_model(resolved, fixed_img, moving_on_fixed, None, torch.device("cpu"))
+        network_s = time.perf_counter() - start
+        score("network", network, network_s)
+        for schedule in schedules:
+            alone = schedule.startswith("instance")
+            start = time.perf_counter()
+            field = align(*tensors, align_config(schedule), initial_field=None if alone else network).field
+            seconds = time.perf_counter() - start + (0.0 if alone else network_s)
+            score(schedule if alone else f"network + {schedule}", field, seconds)
+    return rows
+
+
+def run(args: argparse.Namespace) -> dict[str, Any] | None:
+    """All pairs and schedules in one fresh process."""
+    if args.quick:
+        args.pairs, args.schedules = ["2:1"], ["2:2,1:1"]
+    if not all(p.exists() for p in pairs.parse_pairs(args.pairs, args.data)):
+        print(f"skipped: Mindboggle pairs not found under {args.data}")
+        return None
+    kwargs = {"model": args.model, "pair_texts": args.pairs, "schedules": args.schedules, "data": str(args.data)}
+    rows = timing.measure_call("benchmarks.suites.refine_schedule:compare", kwargs, repeats=1)["value"]
+    return {"model": args.model, "rows": rows}
+
+
+def render(document: dict[str, Any]) -> str:
+    """One line per pair and variant, then the mean Dice per variant."""
+    lines = [f"Model: `{document['model']}`.", "", "| pair | variant | Dice | folding % | deformable s |"]
+    lines.append("|---|---|---|---|---|")
+    means: dict[str, list[float]] = {}
+    for r in document["rows"]:
+        lines.append(
+            f"| {r['pair']} | {r['variant']} | {r['dice']:.4f} | {r['folding_percent']:.4f} | {r['seconds']:.1f} |"
+        )
+        means.setdefault(r["variant"], []).append(r["dice"])
+    lines += ["", "Mean Dice: " + ", ".join(f"{k} {sum(v) / len(v):.4f}" for k, v in means.items())]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,210 @@
+"""Inverse transforms: ``spatial.invert_displacement``, the inverse fields ``voxreg register``
+writes (voxreg and ITK/ANTs formats) and ``voxreg warp --inverse``, cross-checked with ANTs on
+a real 1 mm brain pair under a known affine and a smooth synthetic deformation."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from tests.conftest import shared_path, smooth_volume
+from typer.testing import CliRunner
+
+from voxreg import io
+from voxreg.cli import app
+from voxreg.core import spatial
+from voxreg.core.image import Image
+from voxreg.core.synthetic import smooth_random_field
+from voxreg.registration import outputs, pipeline
+
+runner = CliRunner()
+BRAINS = ("brain_mri", "mindboggle_oasis_trt20")
+
+
+def rotation_about(centre: np.ndarray, degrees: float, shift: tuple[float, float, float]) -> np.ndarray:
+    """4x4 world matrix: rotation by ``degrees`` about z through ``centre``, then ``shift`` (mm)."""
+    angle = np.deg2rad(degrees)
+    c, s = np.cos(angle), np.sin(angle)
+    matrix = np.eye(4)
+    matrix[:3, :3] = [[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]
+    matrix[:3, 3] = centre - matrix[:3, :3] @ centre + np.asarray(shift)
+    return matrix
+
+
+# --------------------------------------------------------------------------- the maths
+
+
+@pytest.mark.parametrize("shape", [(20, 24), (12, 14, 10)])
+def test_inverse_of_a_constant_shift_is_exact(shape):
+    field = torch.zeros(1, len(shape), *shape)
+    for axis in range(len(shape)):
+        field[:, axis] = 0.75 * (axis + 1)
+    inverse = spatial.invert_displacement(field)
+    assert torch.allclose(inverse, -field, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(64, 72), (40, 44, 36)])
+def test_inverse_of_a_smooth_field_undoes_it_both_ways(shape):
+    field = smooth_random_field(shape, max_displacement=4.0, smoothness=16.0, seed=2)
+    inverse = spatial.invert_displacement(field)
+    interior = (slice(None), slice(None), *(slice(6, -6),) * len(shape))
+    left = spatial.inverse_residual(field, inverse)  # |u(x) + v(x + u(x))|
+    right = torch.linalg.vector_norm(spatial.compose(field, inverse), dim=1)  # |v(y) + u(y + v(y))|
+    assert float(left[interior[1:]].mean()) < 0.02 and float(left[interior[1:]].max()) < 0.2
+    assert float(right[interior[1:]].max()) < 0.2
+    # warping by the field and then by its inverse gives the image back
+    image = torch.from_numpy(smooth_volume(shape, seed=3))[None, None]
+    back = spatial.warp(spatial.warp(image, inverse), field)
+    assert float((back - image)[interior].abs().max()) < 0.02
+
+
+def test_residual_at_indices_matches_the_whole_grid():
+    field = smooth_random_field((16, 18, 14), max_displacement=3.0, smoothness=8.0, seed=4)
+    inverse = spatial.invert_displacement(field, iterations=1, coarse_iterations=2)
+    index = torch.tensor([0, 17, 401, 2000, 16 * 18 * 14 - 1])
+    whole = spatial.inverse_residual(field, inverse)[0].reshape(-1)
+    assert torch.allclose(spatial.inverse_residual(field, inverse, index), whole[index], atol=1e-5)
+    assert float(whole.max()) > 0.01  # a few iterations leave a measurable residual
+
+
+def test_invert_displacement_rejects_negative_iterations():
+    with pytest.raises(ValueError, match="iterations must be >= 0"):
+        spatial.invert_displacement(torch.zeros(1, 2, 4, 4), iterations=-1)
+
+
+# --------------------------------------------------------------------------- a real 1 mm brain pair
+
+
+@pytest.fixture(scope="module")
+def brain(tmp_path_factory):
+    """OASIS-TRT-20-2 -> OASIS-TRT-20-1 (1 mm, 256x256x160): a known affine (4 degrees about
+    z, a few mm) and a smooth deformation of up to 6 voxels, saved as voxreg register saves."""
+    root = shared_path(*BRAINS)
+    fixed_path = root / "OASIS-TRT-20-1" / "t1weighted_brain.nii.gz"
+    moving_path = root / "OASIS-TRT-20-2" / "t1weighted_brain.nii.gz"
+    fixed, moving = io.load_image(fixed_path), io.load_image(moving_path)
+    centre = fixed.affine[:3, :3] @ (np.asarray(fixed.shape) / 2.0) + fixed.affine[:3, 3]
+    world = rotation_about(centre, 4.0, (3.0, -2.0, 1.5))
+    field = smooth_random_field(fixed.shape, max_displacement=6.0, smoothness=40.0, seed=5)
+    warped = pipeline.warp_image(moving, fixed, field, world)
+    result = outputs.RegistrationResult(fixed, moving, warped, field, {}, world, {"engine": "synthetic"})
+    out = tmp_path_factory.mktemp("brain") / "reg"
+    result.save(out, figure=False)
+    io.write_itk_affine(out.parent / "affine.mat", world)  # antspyx inverts only files named *.mat
+    return {"fixed": fixed_path, "moving": moving_path, "out": out, "field": field, "world": world}
+
+
+def test_brain_outputs_hold_the_inverse_and_its_residual(brain):
+    out = brain["out"]
+    values = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    for name in ("field_inverse.nii.gz", "field_itk_inverse.nii.gz"):
+        assert name in values["outputs"] and (out / name).stat().st_size > 0
+    inverse_stats = values["inverse"]
+    assert inverse_stats["residual_mean_voxels"] < 0.1 and inverse_stats["residual_p99_voxels"] < 0.5
+    assert 1_000_000 < inverse_stats["foreground_voxels"] < 2_000_000  # the brain, not the background
+    # recomputed from the files with scipy at 20 000 random brain voxels: x -> x + u(x) -> back
+    field, _ = io.load_field(out / "field.nii.gz")
+    inverse, _ = io.load_field(out / "field_inverse.nii.gz")
+    brain_voxels = np.argwhere(nib.load(brain["fixed"]).get_fdata(dtype=np.float32) > 0)
+    x = brain_voxels[np.random.default_rng(0).choice(len(brain_voxels), 20_000, replace=False)].T.astype(np.float64)
+    moved = x + np.stack([ndimage.map_coordinates(field[d], x, order=1) for d in range(3)])
+    back = moved + np.stack([ndimage.map_coordinates(inverse[d], moved, order=1) for d in range(3)])
+    error = np.linalg.norm(back - x, axis=0)
+    assert error.mean() < 0.1 and np.percentile(error, 99) < 0.5
+    # ITK inverse field = the voxreg inverse in LPS mm (1 mm voxels, axes LIA/ASL permuted)
+    itk = nib.load(out / "field_itk_inverse.nii.gz").get_fdata(dtype=np.float32)[..., 0, :]
+    linear = io.RAS_TO_LPS[:3, :3] @ nib.load(brain["fixed"]).affine[:3, :3]
+    probe = (100, 120, 80)
+    np.testing.assert_allclose(itk[probe], linear @ inverse[(slice(None), *probe)], atol=1e-4)
+
+
+def test_warp_inverse_matches_ants(brain, tmp_path):
+    ants = pytest.importorskip("ants")
+    out = brain["out"]
+    target = tmp_path / "fixed_on_moving.nii.gz"
+    result = runner.invoke(
+        app,
+        ["warp", str(out / "field.nii.gz"), str(brain["fixed"]), "--inverse", "--reference", str(brain["moving"])]
+        + ["-o", str(target), "--linear", "--device", "cpu"],  # the scan is stored as int16
+    )
+    assert result.exit_code == 0, result.output
+    assert "inverse of" in result.output
+    by_voxreg = nib.load(target)
+    moving_nifti = nib.load(brain["moving"])
+    assert by_voxreg.shape == moving_nifti.shape and np.allclose(by_voxreg.affine, moving_nifti.affine, atol=1e-4)
+    fixed_ants, moving_ants = ants.image_read(str(brain["fixed"])), ants.image_read(str(brain["moving"]))
+    # ANTs, fixed -> moving: -t [affine,1] -t field_itk_inverse (the inverse affine acts on points first)
+    by_ants = ants.apply_transforms(
+        fixed=moving_ants,
+        moving=fixed_ants,
+        transformlist=[str(out.parent / "affine.mat"), str(out / "field_itk_inverse.nii.gz")],
+        whichtoinvert=[True, False],
+    ).numpy()
+    voxreg_array = by_voxreg.get_fdata(dtype=np.float32)
+    assert np.corrcoef(by_ants.ravel(), voxreg_array.ravel())[0, 1] >= 0.999
+
+
+def test_warp_inverse_carries_labels_back_onto_the_moving_scan(brain, tmp_path):
+    labels = brain["fixed"].with_name("labels_DKT31_CMA.nii.gz")
+    target = tmp_path / "labels_on_moving.nii.gz"
+    field = brain["out"] / "field.nii.gz"
+    args = ["warp", str(field), str(labels), "--inverse", "--reference", str(brain["moving"]), "-o", str(target)]
+    result = runner.invoke(app, [*args, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    on_moving = nib.load(target)
+    codes = np.unique(on_moving.get_fdata(dtype=np.float32))
+    assert np.all(codes == np.round(codes)) and len(codes) > 60  # nearest neighbour: label codes only
+    # forward again onto the fixed grid: the labels come back where they were (a round trip)
+    back = pipeline.warp_image(
+        io.load_image(target, label=True), io.load_image(brain["fixed"]), brain["field"], brain["world"]
+    )
+    original = io.load_image(labels, label=True).array
+    inside = original > 0
+    assert (back.array[inside] == original[inside]).mean() > 0.95
+
+
+def test_inverse_resample_on_a_tiny_grid_is_hand_computable():
+    # fixed grid 1 mm at the origin; the registration shifts by +2 mm along x (affine) and the
+    # field by +1 voxel along axis 0: moving point q comes from fixed point q - 2 - 1
+    fixed = Image(np.arange(10, dtype=np.float32)[:, None].repeat(4, 1), np.eye(4))
+    inverse = np.zeros((2, 10, 4), np.float32)
+    inverse[0] = -1.0
+    world = np.eye(4)
+    world[0, 3] = 2.0
+    out = outputs.inverse_resample(fixed, fixed, inverse, fixed.affine, world)
+    np.testing.assert_allclose(out.array[3:, 0], np.arange(10, dtype=np.float32)[3:] - 3.0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- voxreg register
+
+
+def test_register_writes_the_inverse_fields(pair_3d, tmp_path):
+    out = tmp_path / "out"
+    args = ["register", str(pair_3d["fixed"]), str(pair_3d["moving"]), "-o", str(out), "--engine", "instance"]
+    result = runner.invoke(app, [*args, "--no-affine", "--no-figure", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    values = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert {"field_inverse.nii.gz", "field_itk_inverse.nii.gz"} <= set(values["outputs"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(values["outputs"])
+    assert values["inverse"]["residual_p99_voxels"] < 0.5 and values["inverse"]["seconds"] >= 0.0
+    field, _ = io.load_field(out / "field.nii.gz")
+    inverse, _ = io.load_field(out / "field_inverse.nii.gz")
+    assert abs(np.median(field[0]) - 2.0) < 0.5 and abs(np.median(inverse[0]) + 2.0) < 0.5  # a 2-voxel shift
+
+
+def test_a_tilted_2d_registration_writes_the_voxreg_inverse_only(tmp_path):
+    c, s = np.cos(0.4), np.sin(0.4)
+    affine = np.eye(4)
+    affine[:3, :3] = [[1, 0, 0], [0, c, -s], [0, s, c]]  # the plane is tilted out of world x-y
+    fixed = Image(smooth_volume((30, 26), seed=7), affine)
+    field = smooth_random_field(fixed.shape, max_displacement=2.0, smoothness=8.0, seed=1)
+    result = outputs.RegistrationResult(fixed, fixed, fixed, field, {}, None, {"engine": "synthetic"})
+    saved = result.save(tmp_path / "out", figure=False)
+    assert "field_inverse" in saved and "field_itk_inverse" not in saved
+    inverse, _ = io.load_field(saved["field_inverse"])
+    expected = spatial.invert_displacement(field)[0].numpy()
+    np.testing.assert_allclose(inverse, expected, atol=1e-5)

@@ -1,0 +1,93 @@
+"""Start-up cost: ``voxreg --help`` and ``import voxreg`` import no heavy library (issue 25).
+
+Each check runs in a fresh interpreter: the test process itself has torch loaded already.
+"""
+
+import importlib
+import json
+import subprocess
+import sys
+
+import pytest
+
+#: libraries that a command's help (or ``import voxreg``) must not import
+HEAVY = ("torch", "nibabel", "SimpleITK", "scipy", "matplotlib")
+
+#: what the ``voxreg`` console script does (``from voxreg.cli import app; app()``), then the
+#: exit code, the help's first lines and the heavy modules loaded, as one json line
+CONSOLE_DRIVER = (
+    "import contextlib, io, json, sys\n"
+    "from voxreg.cli import app\n"
+    "out = io.StringIO()\n"
+    "with contextlib.redirect_stdout(out):\n"
+    "    try:\n"
+    "        app(sys.argv[1:], prog_name='voxreg')\n"
+    "    except SystemExit as exc:\n"
+    "        code = exc.code\n"
+    f"heavy = [m for m in {HEAVY!r} if m in sys.modules]\n"
+    "print(json.dumps({'code': code, 'help': out.getvalue(), 'heavy': heavy}))\n"
+)
+
+
+def _python(*args: str) -> subprocess.CompletedProcess:
+    """Run ``python *args`` in a fresh interpreter; fail with its stderr if it fails."""
+    done = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--help"], "register-batch"),
+        (["register", "--help"], "--moving-labels"),
+        (["train", "--help"], "--batch-size"),
+    ],
+)
+def test_console_script_help_imports_no_heavy_library(argv, expected):
+    result = json.loads(_python("-c", CONSOLE_DRIVER, *argv).stdout.strip().splitlines()[-1])
+    assert result["code"] == 0
+    assert expected in result["help"]  # the help really ran
+    assert result["heavy"] == []
+
+
+def test_python_m_voxreg_cli_help_imports_no_heavy_library():
+    # -X importtime names every module imported on stderr: the real ``-m`` entry, unmodified
+    done = _python("-X", "importtime", "-m", "voxreg.cli", "--help")
+    assert "register" in done.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if "|" in line}
+    assert "voxreg.cli.app" in imported  # the parsing sees the imports
+    assert sorted(imported & set(HEAVY)) == []
+
+
+def test_import_voxreg_imports_no_torch_and_its_names_load_on_use():
+    code = (
+        "import sys, voxreg\n"
+        "print('torch' in sys.modules)\n"
+        "from voxreg import register\n"
+        "from voxreg.registration.pipeline import register as defined\n"
+        "print(register is defined, 'torch' in sys.modules)\n"
+    )
+    lines = _python("-c", code).stdout.strip().splitlines()
+    assert lines[-2:] == ["False", "True True"]
+
+
+@pytest.mark.parametrize(
+    "package",
+    ["voxreg", "voxreg.core", "voxreg.io", "voxreg.losses", "voxreg.metrics", "voxreg.nn", "voxreg.training"],
+)
+def test_every_lazy_export_resolves(package):
+    module = importlib.import_module(package)
+    missing = [name for name in module.__all__ if not hasattr(module, name)]  # a typo in the lazy map
+    assert missing == []
+    assert set(module.__all__) <= set(dir(module))
+
+
+def test_lazy_package_attributes_reach_submodules_and_reject_unknown_names():
+    import voxreg
+
+    assert voxreg.io.load_image is voxreg.load_image
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        voxreg.no_such_name  # noqa: B018
