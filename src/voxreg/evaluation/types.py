@@ -16,19 +16,16 @@ import torch
 
 from voxreg import io
 from voxreg.core.image import Image
+from voxreg.registration.batch import BatchPair
 
 Row = dict[str, Any]
 
 
 @dataclass(frozen=True)
-class Pair:
-    """One row of the pairs CSV, with absolute paths (None when a column is empty)."""
+class Pair(BatchPair):
+    """One row of the pairs CSV, with absolute paths (None when a column is empty): the
+    fields of :class:`~voxreg.registration.batch.BatchPair` and the landmark files."""
 
-    id: str
-    fixed: Path
-    moving: Path
-    fixed_labels: Path | None = None
-    moving_labels: Path | None = None
     fixed_landmarks: Path | None = None
     moving_landmarks: Path | None = None
 

@@ -26,7 +26,7 @@ Checkpoints are written by :func:`save_checkpoint` and read by :func:`load_check
 
 Speed (CPU): 3D convs run in ``channels_last_3d`` (``VoxelMorph.channels_last``, on by
 default, same results); ``register(..., bf16=True)`` adds bfloat16 autocast for the
-U-Net only. ``benchmarks/bench_network.py`` times the variants.
+U-Net only. docs/benchmarks.md has the timings (the retired ``bench_network.py``).
 """
 
 from __future__ import annotations

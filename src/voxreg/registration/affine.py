@@ -35,7 +35,7 @@ Cost: 30 candidate steps and about 70 more (the rigid stage on the coarsest leve
 the affine stage on every level) over at most ``max_points`` samples each: ~0.4 s for a
 256x256x160 1 mm pair on one CPU core (``AffineConfig.threads``), independent of the full
 resolution (Dice after affine of the 8 Mindboggle pairs 0.4163, every case of
-benchmarks/affine_cases.py kept; halving the samples did not keep them: see docs/benchmarks.md).
+``python -m benchmarks affine`` kept; halving the samples did not keep them: see docs/benchmarks.md).
 Adam is :class:`voxreg.core.optim.Adam`: torch's update without the ``torch.optim`` class, whose first
 construction in a process imports ``torch._dynamo`` (about 1.3 s once with torch 2.13).
 """

@@ -98,7 +98,7 @@ class AlignConfig:
     def refinement(self, steps: int) -> AlignConfig:
         """A config for ``steps`` refinement iterations after a network: four in five at half
         scale, one in five (at least one) at full scale, where a step costs about 8x more
-        (``benchmarks/refine_schedule.py``: 20 + 5 steps after the shipped model)."""
+        (``python -m benchmarks refine-schedule``: 20 + 5 steps after the shipped model)."""
         fine = max(1, steps // 5)
         iterations = (max(steps - fine, 0), fine)
         return AlignConfig(**{**self.__dict__, "scales": (2, 1), "iterations": iterations, "lr": REFINEMENT_LR})

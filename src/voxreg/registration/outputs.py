@@ -76,17 +76,14 @@ def _normalised(image: Image, device: torch.device | str) -> torch.Tensor:
     return _to_tensor(io.normalize_intensity(image.array), device)
 
 
-def similarity_metrics(fixed: torch.Tensor, moving: torch.Tensor, field: torch.Tensor) -> dict[str, float]:
-    """Similarities of normalised fixed/moving tensors before and after warping by ``field``."""
+def similarity_metrics(
+    fixed: torch.Tensor, moving: torch.Tensor, field: torch.Tensor, raw: torch.Tensor | None = None
+) -> dict[str, float]:
+    """Similarities of normalised fixed/moving tensors before and after warping by ``field``
+    (and of the ``raw`` moving scan before any alignment, keys ``*_raw``, when given)."""
     with torch.no_grad():
         warped = spatial.warp(moving, field.to(moving.device))
-        return metrics.similarity_report(fixed, moving, warped)
-
-
-def raw_similarity(fixed: Image, moving: Image, fixed_t: torch.Tensor, device: torch.device | str) -> dict[str, float]:
-    """NCC/MI of the raw moving scan on the fixed grid (before any alignment), keys ``*_raw``."""
-    raw_t = _normalised(io.resample_to(moving, fixed, device=device), device)
-    return {f"{key}_raw": value for key, value in metrics.similarities(fixed_t, raw_t).items()}
+        return metrics.similarity_report(fixed, moving, warped, raw=raw)
 
 
 def dice_metrics(
@@ -128,9 +125,8 @@ def measure_registration(
     stage ran), and Dice when ``fixed_labels`` and the original ``moving_labels`` are given."""
     fixed_t = _normalised(result.fixed, device)
     values: dict[str, Any] = dict(metrics.jacobian_stats(result.field))
-    values["similarity"] = similarity_metrics(fixed_t, _normalised(result.moving, device), result.field)
-    if source is not None:
-        values["similarity"].update(raw_similarity(result.fixed, source, fixed_t, device))
+    raw_t = None if source is None else _normalised(io.resample_to(source, result.fixed, device=device), device)
+    values["similarity"] = similarity_metrics(fixed_t, _normalised(result.moving, device), result.field, raw_t)
     if fixed_labels is not None and moving_labels:
         values.update(
             dice_metrics(fixed_labels, result.fixed, moving_labels, result.warped_labels, result.world_matrix, device)

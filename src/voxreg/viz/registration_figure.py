@@ -14,7 +14,10 @@ Display convention (one rule for every panel and every image):
   ``x + u(x)`` (in-plane components only), i.e. where each fixed voxel samples the moving
   image, over the Jacobian determinant of the full field (blue < 1 < red, <= 0 folding).
 
-Matplotlib is used through its object API with the Agg canvas (no pyplot state).
+The figure is drawn fast: all panels are composed into one RGB mosaic (numpy, colormap
+lookup tables, nearest-neighbour resampling to square millimetre pixels) shown on one
+matplotlib Figure without Axes; only grid lines and text are vector artists. Matplotlib is
+used through its object API with the Agg canvas (no pyplot state); Pillow encodes the PNG.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from voxreg.core import spatial
 from voxreg.core.errors import VoxregError
 from voxreg.core.grid import voxel_spacing
 from voxreg.io.files import atomic_path
@@ -111,10 +113,9 @@ def display_planes(shape: Sequence[int], affine: np.ndarray | None = None) -> li
 
 def _cut(array: np.ndarray, plane: DisplayPlane) -> np.ndarray:
     """2D slice indexed ``[h, v]`` (horizontal axis first)."""
-    if plane.axis < 0:
-        sl = array
-    else:
-        sl = np.take(array, plane.index, axis=plane.axis)
+    # basic indexing (a view): np.take would first copy a non-C-contiguous volume (nibabel's
+    # Fortran-ordered arrays) in full
+    sl = array if plane.axis < 0 else array[(slice(None),) * plane.axis + (plane.index,)]
     in_plane = [d for d in range(array.ndim) if d != plane.axis]
     return sl if in_plane.index(plane.horizontal) == 0 else sl.T
 
@@ -136,18 +137,42 @@ def grid_lines(disp_h: np.ndarray, disp_v: np.ndarray, step: int) -> tuple[np.nd
 
 
 def _jacobian_slice(field: np.ndarray, plane: DisplayPlane) -> np.ndarray:
-    """Jacobian determinant on the displayed slice, computed on a 3-slice slab only."""
+    """Jacobian determinant of ``x -> x + field(x)`` on the displayed slice, indexed ``[h, v]``:
+    the values of :func:`voxreg.core.spatial.jacobian_determinant` (central differences,
+    one-sided at the borders) from the slice and its two neighbours only."""
+    ndim = field.shape[0]
     if plane.axis < 0:
-        slab, centre = field, None
+        centre, across = field, None
     else:
         size = field.shape[1 + plane.axis]
-        lo, hi = max(plane.index - 1, 0), min(plane.index + 2, size)
-        slab = np.take(field, np.arange(lo, hi), axis=1 + plane.axis)
-        centre = plane.index - lo
-    det = spatial.jacobian_determinant(torch.from_numpy(np.ascontiguousarray(slab))[None])[0].numpy()
-    if centre is not None:
-        det = np.take(det, centre, axis=plane.axis)
-    in_plane = [d for d in range(field.shape[0]) if d != plane.axis]
+
+        def take(i: int) -> np.ndarray:
+            return field[(slice(None),) * (1 + plane.axis) + (i,)]
+
+        centre = take(plane.index)
+        if size < 2:
+            across = np.zeros_like(centre)
+        elif plane.index == 0:
+            across = take(1) - take(0)
+        elif plane.index == size - 1:
+            across = take(size - 1) - take(size - 2)
+        else:
+            across = 0.5 * (take(plane.index + 1) - take(plane.index - 1))
+    in_plane = [d for d in range(ndim) if d != plane.axis]
+    # jac[c][k] = d(x + u)_c / d x_k
+    jac = [[None] * ndim for _ in range(ndim)]
+    for c in range(ndim):
+        grads = np.gradient(centre[c])
+        for j, k in enumerate(in_plane):
+            jac[c][k] = grads[j]
+        if across is not None:
+            jac[c][plane.axis] = across[c]
+        jac[c][c] = jac[c][c] + 1.0
+    if ndim == 2:
+        det = jac[0][0] * jac[1][1] - jac[0][1] * jac[1][0]
+    else:
+        (a, b, c), (d, e, f), (g, h, i) = jac
+        det = a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
     return det if in_plane.index(plane.horizontal) == 0 else det.T
 
 
@@ -170,57 +195,152 @@ def show_slice(ax, image: np.ndarray | None, plane: DisplayPlane, aspect: float,
     return artist
 
 
-def _colorbar(fig, ax, artist) -> None:
-    from matplotlib.ticker import MaxNLocator
-
-    cax = ax.inset_axes((1.03, 0.05, 0.05, 0.9))
-    cbar = fig.colorbar(artist, cax=cax)
-    cbar.ax.tick_params(labelsize=6.5)
-    cbar.ax.yaxis.set_major_locator(MaxNLocator(5))
-
-
-def _draw_grid(ax, field: np.ndarray, plane: DisplayPlane, step: int) -> None:
-    disp_h = _cut(field[plane.horizontal], plane)
-    disp_v = _cut(field[plane.vertical], plane)
-    along_h, along_v = grid_lines(disp_h, disp_v, step)
-    from matplotlib.collections import LineCollection
-
-    lines = list(along_h) + list(along_v)
-    ax.add_collection(LineCollection(lines, colors="k", linewidths=0.5))
-
-
 def robust_range(arrays: Sequence[np.ndarray]) -> tuple[float, float]:
     values = np.concatenate([a.ravel() for a in arrays])
     lo, hi = np.percentile(values, [0.5, 99.5]) if values.size else (0.0, 1.0)
     return float(lo), float(hi if hi > lo else lo + 1.0)
 
 
-def _draw_row(fig, axes, planes_data: dict, plane: DisplayPlane, aspect: float, ranges: dict, step: int) -> None:
-    gray = dict(cmap="gray", vmin=ranges["image"][0], vmax=ranges["image"][1])
-    for ax, key in zip(axes[:3], ("fixed", "moving", "warped")):
-        show_slice(ax, planes_data[key], plane, aspect, **gray)
-    diff = planes_data["warped"] - planes_data["fixed"]
-    before = np.abs(planes_data["moving"] - planes_data["fixed"]).mean()
-    art = show_slice(axes[3], diff, plane, aspect, cmap="RdBu_r", vmin=-ranges["diff"], vmax=ranges["diff"])
-    axes[3].text(
-        0.02,
-        0.02,
-        f"MAE {np.abs(diff).mean():.3g} (before {before:.3g})",
-        fontsize=6.5,
-        transform=axes[3].transAxes,
-        color="k",
-        backgroundcolor=(1, 1, 1, 0.6),
-    )
-    _colorbar(fig, axes[3], art)
-    jac = _jacobian_slice(planes_data["field"], plane)
-    art = show_slice(axes[4], jac, plane, aspect, cmap="coolwarm", vmin=0.0, vmax=2.0)
-    folded = jac <= 0
-    if folded.any():
-        axes[4].contour(folded.T.astype(float), levels=[0.5], colors="lime", linewidths=0.8)
-    _colorbar(fig, axes[4], art)
-    _draw_grid(axes[4], planes_data["field"], plane, step)
-    axes[4].set_xlim(axes[0].get_xlim())
-    axes[4].set_ylim(axes[0].get_ylim())
+# --------------------------------------------------------------------------- mosaic
+#
+# The whole figure is one RGB raster (every panel resampled, nearest neighbour, to square
+# millimetre pixels and coloured through a colormap lookup table), placed unresampled on one
+# matplotlib Figure (``figimage``, no Axes); only the deformed grid lines (one LineCollection
+# per row, clipped to its panel) and the text are vector artists. Layout sizes are in inches
+# and scale with ``dpi``.
+
+_PANEL_IN = 2.3  # width of a panel cell
+_GAP_IN = 0.22  # between the fixed, moving, warped and difference cells
+_BAR_IN = 0.72  # colour-bar column after the difference and det(J) panels
+_LEFT_IN = 0.38  # row labels
+_RIGHT_IN = 0.05
+_ROW_GAP_IN = 0.16
+_HEAD_IN = 0.34  # column titles
+_TITLE_IN = 0.34
+_BOTTOM_IN = 0.08
+_FOLD_COLOUR = (0, 255, 0)
+
+
+def _lut(name: str) -> np.ndarray:
+    """``(256, 3)`` uint8 lookup table of the matplotlib colormap ``name``."""
+    lut = _LUTS.get(name)
+    if lut is None:
+        from matplotlib import colormaps
+
+        lut = _LUTS[name] = colormaps[name](np.linspace(0.0, 1.0, 256), bytes=True)[:, :3]
+    return lut
+
+
+_LUTS: dict[str, np.ndarray] = {}
+
+
+def _colour(image: np.ndarray, cmap: str, vmin: float, vmax: float) -> np.ndarray:
+    """``(..., 3)`` uint8: ``image`` mapped through ``cmap`` between ``vmin`` and ``vmax``."""
+    scaled = (np.nan_to_num(image, nan=vmin) - vmin) * (256.0 / (vmax - vmin))
+    return _lut(cmap)[np.clip(scaled, 0, 255).astype(np.uint8)]
+
+
+def _pixel_index(n_voxels: int, n_pixels: int, reverse: bool) -> np.ndarray:
+    """Nearest voxel of each of ``n_pixels`` pixels spanning ``n_voxels`` voxels, in display order."""
+    idx = np.minimum(((np.arange(n_pixels) + 0.5) * (n_voxels / n_pixels)).astype(np.intp), n_voxels - 1)
+    return n_voxels - 1 - idx if reverse else idx
+
+
+@dataclass(frozen=True)
+class _Panel:
+    """Where one row's slices are drawn in the mosaic (pixels, rows counted from the top)."""
+
+    plane: DisplayPlane
+    top: int  # image top row
+    height: int
+    lefts: tuple[int, ...]  # image left column of each of the five panels
+    width: int
+    size_h: int  # voxels along the horizontal / vertical display axes
+    size_v: int
+
+    def resample(self, image: np.ndarray) -> np.ndarray:
+        """``[h, v]`` slice -> ``(height, width)`` displayed pixels (top row first)."""
+        rows = _pixel_index(self.size_v, self.height, reverse=not self.plane.flip_v)
+        cols = _pixel_index(self.size_h, self.width, reverse=self.plane.flip_h)
+        return image[cols[None, :], rows[:, None]]
+
+    def to_pixels(self, points: np.ndarray, column: int) -> np.ndarray:
+        """``(..., 2)`` voxel ``(h, v)`` coordinates -> mosaic ``(x, y)`` pixel coordinates."""
+        scale_h, scale_v = self.width / self.size_h, self.height / self.size_v
+        h = self.size_h - 1 - points[..., 0] if self.plane.flip_h else points[..., 0]
+        v = points[..., 1] if self.plane.flip_v else self.size_v - 1 - points[..., 1]
+        return np.stack([self.lefts[column] + (h + 0.5) * scale_h, self.top + (v + 0.5) * scale_v], axis=-1)
+
+
+def _layout(
+    shape: Sequence[int], spacing: Sequence[float], planes: list[DisplayPlane], title: str, dpi: int
+) -> tuple[list[_Panel], tuple[int, int]]:
+    """Panels of every row (one per plane) and the mosaic size ``(height, width)``: each row
+    is a panel tall in proportion to its millimetre extent (clamped to 0.4..2 panel widths),
+    each image fitted into its cell at square millimetre pixels and centred."""
+    sizes = [(shape[p.horizontal], shape[p.vertical]) for p in planes]
+    extents = [(s_h * spacing[p.horizontal], s_v * spacing[p.vertical]) for p, (s_h, s_v) in zip(planes, sizes)]
+
+    def px(inches: float) -> int:
+        return int(round(inches * dpi))
+
+    panel = px(_PANEL_IN)
+    cells, x = [], px(_LEFT_IN)
+    for c in range(len(_COLUMNS)):
+        cells.append(x)
+        x += panel + (px(_BAR_IN) if c >= 3 else px(_GAP_IN))
+    width = x + px(_RIGHT_IN)  # x already includes the last colour-bar column
+    y = px(_HEAD_IN + (_TITLE_IN if title else 0.0))
+    panels = []
+    for (w_mm, h_mm), (size_h, size_v), plane in zip(extents, sizes, planes):
+        row = int(round(panel * min(max(h_mm / w_mm, 0.4), 2.0)))
+        scale = min(panel / w_mm, row / h_mm)
+        w_px, h_px = max(int(round(w_mm * scale)), 1), max(int(round(h_mm * scale)), 1)
+        lefts = tuple(c + (panel - w_px) // 2 for c in cells)
+        panels.append(_Panel(plane, y + (row - h_px) // 2, h_px, lefts, w_px, size_h, size_v))
+        y += row + px(_ROW_GAP_IN)
+    height = y - px(_ROW_GAP_IN) + px(_BOTTOM_IN)
+    return panels, (height, width)
+
+
+def _frame(mosaic: np.ndarray, top: int, left: int, height: int, width: int) -> None:
+    """1-pixel black frame just outside the image ``[top:top+height, left:left+width]``."""
+    y0, y1 = max(top - 1, 0), min(top + height, mosaic.shape[0] - 1)
+    x0, x1 = max(left - 1, 0), min(left + width, mosaic.shape[1] - 1)
+    mosaic[y0, x0 : x1 + 1] = mosaic[y1, x0 : x1 + 1] = 0
+    mosaic[y0 : y1 + 1, x0] = mosaic[y0 : y1 + 1, x1] = 0
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """Pixels of ``mask`` with a 4-neighbour outside it (its contour)."""
+    inner = np.zeros_like(mask)
+    inner[1:-1, 1:-1] = mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
+    return mask & ~inner
+
+
+def _colour_bar(fig, mosaic: np.ndarray, panel: _Panel, column: int, cmap: str, vmin: float, vmax: float, dpi: int):
+    """Vertical colour bar (5%..95% of the panel height) right of ``column`` with tick labels."""
+    from matplotlib.ticker import MaxNLocator
+
+    left = panel.lefts[column] + panel.width + int(round(0.08 * dpi))
+    bar_w = max(int(round(0.11 * dpi)), 3)
+    top = panel.top + int(round(0.05 * panel.height))
+    bar_h = max(int(round(0.9 * panel.height)), 2)
+    values = vmax - (np.arange(bar_h) + 0.5) * ((vmax - vmin) / bar_h)  # top = vmax
+    mosaic[top : top + bar_h, left : left + bar_w] = _colour(values, cmap, vmin, vmax)[:, None]
+    _frame(mosaic, top, left, bar_h, bar_w)
+    height, width = mosaic.shape[:2]
+    tick = max(int(round(0.03 * dpi)), 2)
+    ticks = MaxNLocator(5).tick_values(vmin, vmax)
+    ticks = ticks[(ticks >= vmin - 1e-9 * (vmax - vmin)) & (ticks <= vmax + 1e-9 * (vmax - vmin))]
+    # one number of decimals for all labels, as matplotlib's colour bars (0.0, 0.4, ..., 2.0)
+    decimals = next((d for d in range(7) if np.allclose(np.round(ticks, d), ticks, rtol=0, atol=1e-9)), 6)
+    for value in ticks:
+        y = top + (vmax - value) / (vmax - vmin) * bar_h
+        row = min(int(y), top + bar_h - 1)
+        mosaic[row, left + bar_w : left + bar_w + tick] = 0
+        label = f"{0.0 if abs(value) < 1e-12 * (vmax - vmin) else value:.{decimals}f}".replace("-", "\u2212")
+        fig.text((left + bar_w + tick + 2) / width, 1 - y / height, label, fontsize=6.5, va="center", ha="left")
 
 
 def _render(
@@ -232,55 +352,106 @@ def _render(
     spacing: np.ndarray,
     planes: list[DisplayPlane],
     grid_step: int | None,
-):
+    dpi: int,
+) -> np.ndarray:
+    """The figure's ``(H, W, 3)`` uint8 pixels: the mosaic of every panel with the grid lines
+    and text drawn over it."""
+    from matplotlib.collections import LineCollection
     from matplotlib.figure import Figure
+    from matplotlib.transforms import Bbox, IdentityTransform
 
     cuts = [{k: _cut(a, p) for k, a in (("fixed", fixed), ("moving", moving), ("warped", warped))} for p in planes]
-    ranges = {"image": robust_range([c["fixed"] for c in cuts])}
+    image_range = robust_range([c["fixed"] for c in cuts])
     before = [np.abs(c["moving"] - c["fixed"]) for c in cuts]
-    ranges["diff"] = max(robust_range(before)[1], 1e-6)
-    extents = [
-        (p_h * spacing[p.horizontal], p_v * spacing[p.vertical])
-        for p, (p_h, p_v) in zip(planes, (c["fixed"].shape for c in cuts))
-    ]
-    panel_w = 2.3
-    heights = [panel_w * min(max(v / h, 0.4), 2.0) for h, v in extents]
-    fig = Figure(figsize=(panel_w * len(_COLUMNS) * 1.25, sum(heights) + 0.6 + 0.3 * bool(title)))
-    grid = fig.add_gridspec(
-        len(planes),
-        len(_COLUMNS),
-        height_ratios=heights,
-        wspace=0.38,
-        hspace=0.08,
-        left=0.03,
-        right=0.96,
-        bottom=0.02,
-        top=1 - (0.45 + 0.3 * bool(title)) / fig.get_figheight(),
-    )
+    diff_range = max(robust_range(before)[1], 1e-6)
+    panels, (height, width) = _layout(fixed.shape, spacing, planes, title, dpi)
+    mosaic = np.full((height, width, 3), 255, dtype=np.uint8)
+    # + 0.01: the Agg canvas truncates figsize * dpi to whole pixels
+    fig = Figure(figsize=((width + 0.01) / dpi, (height + 0.01) / dpi), dpi=dpi)
+
+    def text(x: float, y: float, label: str, **kwargs) -> None:
+        fig.text(x / width, 1 - y / height, label, **kwargs)
+
     step = grid_step or max(int(round(max(fixed.shape) / 24)), 2)
-    for r, (plane, data) in enumerate(zip(planes, cuts)):
-        axes = [fig.add_subplot(grid[r, c]) for c in range(len(_COLUMNS))]
-        aspect = float(spacing[plane.vertical] / spacing[plane.horizontal])
-        _draw_row(fig, axes, {**data, "field": field}, plane, aspect, ranges, step)
+    collections = []
+    for r, (panel, data, before_abs) in enumerate(zip(panels, cuts, before)):
+        plane, top, h_px, w_px = panel.plane, panel.top, panel.height, panel.width
+        diff = data["warped"] - data["fixed"]
+        jac = _jacobian_slice(field, plane)
+        shown = [
+            _colour(panel.resample(data["fixed"]), "gray", *image_range),
+            _colour(panel.resample(data["moving"]), "gray", *image_range),
+            _colour(panel.resample(data["warped"]), "gray", *image_range),
+            _colour(panel.resample(diff), "RdBu_r", -diff_range, diff_range),
+        ]
+        jac_shown = panel.resample(jac)
+        jac_rgb = _colour(jac_shown, "coolwarm", 0.0, 2.0)
+        jac_rgb[_outline(jac_shown <= 0)] = _FOLD_COLOUR
+        shown.append(jac_rgb)
+        for left, rgb in zip(panel.lefts, shown):
+            mosaic[top : top + h_px, left : left + w_px] = rgb
+            _frame(mosaic, top, left, h_px, w_px)
+        _colour_bar(fig, mosaic, panel, 3, "RdBu_r", -diff_range, diff_range, dpi)
+        _colour_bar(fig, mosaic, panel, 4, "coolwarm", 0.0, 2.0, dpi)
+        # deformed grid over det(J), in figure pixels (y up), clipped to the panel
+        along_h, along_v = grid_lines(_cut(field[plane.horizontal], plane), _cut(field[plane.vertical], plane), step)
+        segments = [
+            np.column_stack([xy[:, 0], height - xy[:, 1]])
+            for group in (along_h, along_v)
+            for xy in panel.to_pixels(group, 4)
+        ]
+        grid = LineCollection(segments, colors="k", linewidths=0.5, transform=IdentityTransform())
+        left = panel.lefts[4]
+        grid.set_clip_box(Bbox.from_extents(left, height - top - h_px, left + w_px, height - top))
+        collections.append(grid)
+        text(
+            panel.lefts[3] + 0.02 * w_px + 2,
+            top + h_px - 0.02 * h_px - 2,
+            f"MAE {np.abs(diff).mean():.3g} (before {before_abs.mean():.3g})",
+            fontsize=6.5,
+            color="k",
+            backgroundcolor=(1, 1, 1, 0.6),
+            va="bottom",
+        )
         if plane.name:
-            axes[0].set_ylabel(plane.name, fontsize=8)
+            text(
+                panel.lefts[0] - 0.1 * dpi, top + h_px / 2, plane.name, fontsize=8, rotation=90, ha="right", va="center"
+            )
         if r == 0:
-            for ax, name in zip(axes, _COLUMNS):
-                ax.set_title(name, fontsize=9)
-            axes[4].set_title("grid x+u(x) on det(J)", fontsize=9)
+            names = (*_COLUMNS[:4], "grid x+u(x) on det(J)")
+            for left, name in zip(panel.lefts, names):
+                text(left + w_px / 2, top - 0.06 * dpi, name, fontsize=9, ha="center", va="bottom")
+    for grid in collections:
+        fig.add_artist(grid)
     if title:
-        fig.suptitle(title, fontsize=11, y=1 - 0.12 / fig.get_figheight(), va="top")
-    return fig
+        text(width / 2, 0.12 * dpi, title, fontsize=11, ha="center", va="top")
+    return _composite(mosaic, fig)
 
 
-def _save_atomic(fig, path: Path, dpi: int) -> None:
-    """Render ``fig`` through :func:`voxreg.io.atomic_path` (temporary name, then rename; the
-    file follows the umask like every other output)."""
+def _composite(mosaic: np.ndarray, fig) -> np.ndarray:
+    """The vector layer ``fig`` (text and lines on a transparent Agg canvas of the mosaic's
+    size) drawn over ``mosaic``; ``(H, W, 3)`` uint8."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image as PilImage
 
-    FigureCanvasAgg(fig)
+    fig.patch.set_alpha(0.0)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    overlay = PilImage.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba(), "raw", "RGBA", 0, 1)
+    base = PilImage.fromarray(mosaic).convert("RGBA")
+    return np.asarray(PilImage.alpha_composite(base, overlay).convert("RGB"))
+
+
+def _save_atomic(rgb: np.ndarray, path: Path, dpi: int) -> None:
+    """Write the ``(H, W, 3)`` uint8 pixels as PNG through :func:`voxreg.io.atomic_path`
+    (temporary name, then rename; the file follows the umask like every other output)."""
+    from PIL import Image as PilImage
+
     with atomic_path(path) as tmp, open(tmp, "xb") as handle:
-        fig.savefig(handle, format="png", dpi=dpi)
+        PilImage.fromarray(rgb).save(handle, format="png", dpi=(dpi, dpi), compress_level=_PNG_LEVEL)
+
+
+_PNG_LEVEL = 3
 
 
 def registration_figure(
@@ -313,9 +484,9 @@ def registration_figure(
     if spacing.shape != (fixed.ndim,) or np.any(spacing <= 0):
         raise VoxregError(f"figure: spacing must be {fixed.ndim} positive numbers, got {spacing}")
     planes = display_planes(fixed.shape, affine)
-    fig = _render(fixed, moving, warped, field, title, spacing, planes, grid_step)
+    rgb = _render(fixed, moving, warped, field, title, spacing, planes, grid_step, dpi)
     out = Path(path)
-    _save_atomic(fig, out, dpi)
+    _save_atomic(rgb, out, dpi)
     return out
 
 
