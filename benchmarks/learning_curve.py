@@ -4,6 +4,7 @@ excluded) and % folding of the network alone, and optionally network + refinemen
 checkpoint given. The affine stage is computed once per pair and reused for every checkpoint.
 
 Usage: python benchmarks/learning_curve.py CKPT.pt ... [--refine 10 20 40] [--csv OUT.csv] [--pairs 2:1 4:3]
+       python benchmarks/learning_curve.py --csv CURVE.csv --plot CURVE.png --reference 'ANTs SyN=0.568'   (plot only)
 Appends one row per checkpoint to --csv (step, wall hours of training, Dice, folding).
 """
 
@@ -68,13 +69,45 @@ def evaluate(model: Path, pairs: list[tuple[Path, Path, Path, Path, np.ndarray]]
     return {"dice": float(np.mean(dice)), "folding": float(np.mean(folding)), "seconds": float(np.mean(seconds))}
 
 
+def plot_curve(rows: list[dict[str, str]], path: Path, references: dict[str, float]) -> None:
+    """Dice of the model alone against training steps (and CPU hours on a second axis), with
+    horizontal reference lines (e.g. ANTs SyN, instance optimisation)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = sorted(rows, key=lambda row: int(row["step"]))
+    steps = [int(row["step"]) for row in rows]
+    fig = Figure(figsize=(7, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(steps, [float(row["model_dice"]) for row in rows], "o-", label="model alone")
+    for (name, value), style in zip(references.items(), ("--", ":", "-.")):
+        ax.axhline(value, linestyle=style, color="grey", label=f"{name} {value:.3f}")
+    ax.set_xlabel("training steps of this run (its start = the previous shipped weights)")
+    ax.set_ylabel("mean Dice, 8 Mindboggle pairs")
+    hours = [float(row["train_hours"]) for row in rows]
+    top = ax.secondary_xaxis(
+        "top", functions=(lambda s: np.interp(s, steps, hours), lambda h: np.interp(h, hours, steps))
+    )
+    top.set_xlabel("CPU hours of this run (2 cores, shared)")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoints", type=Path, nargs="+")
+    parser.add_argument("checkpoints", type=Path, nargs="*")
     parser.add_argument("--refine", type=int, nargs="*", default=[], help="also evaluate network + N steps, each N")
     parser.add_argument("--csv", type=Path)
     parser.add_argument("--pairs", nargs="+", default=PAIRS)
+    parser.add_argument("--plot", type=Path, help="only plot --csv's rows into this PNG")
+    parser.add_argument("--reference", nargs="*", default=[], help="NAME=DICE lines for --plot")
     args = parser.parse_args()
+    if args.plot:
+        refs = {k: float(v) for k, v in (item.split("=", 1) for item in args.reference)}
+        plot_curve(list(csv.DictReader(args.csv.open())), args.plot, refs)
+        return
     if not DATA.is_dir():
         raise SystemExit(f"{DATA}: not found (../shared/data is needed for this benchmark)")
     pairs = []
