@@ -123,3 +123,21 @@ def test_init_widens_a_half_res_model_with_a_fine_branch(tmp_path):
     assert adopted.half_res and adopted.fine_features == (4,) and "fine branch 4" in note
     with pytest.raises(ValueError, match="fine_features refine a half-resolution field"):
         _config(fine_features=(4,))
+
+
+def test_a_run_started_with_init_resumes_without_it(tmp_path):
+    """`voxreg train ... --init X` then `voxreg train ... --resume` (no --init): init and the
+    adopted voxel size come from last.pt, so the resume check passes and the run continues."""
+    from voxreg.training.trainer import adopt_resumed_run
+
+    first = _config()
+    train(first, SynthSource(synth_config_of(first)), tmp_path / "a")
+    started = _config(init=str(tmp_path / "a" / "last.pt"), voxel_size=2.0)
+    train(started, SynthSource(synth_config_of(started)), tmp_path / "b")
+    resumed = adopt_resumed_run(_config(steps=3), tmp_path / "b")
+    assert (resumed.init, resumed.voxel_size) == (started.init, 2.0)
+    result = train(resumed, SynthSource(synth_config_of(resumed)), tmp_path / "b", resume=True)
+    assert result.step == 3
+    with pytest.raises(VoxregError, match="cannot resume"):
+        train(_config(steps=4), SynthSource(synth_config_of(_config())), tmp_path / "b", resume=True)
+    assert adopt_resumed_run(_config(), tmp_path / "missing") == _config()

@@ -251,9 +251,12 @@ def train(
 ) -> None:
     """Train a VoxelMorph network without labels (scan-to-scan pairs), on CPU or GPU."""
     from voxreg import training
-    from voxreg.training.trainer import adopt_initial_network
+    from voxreg.training.trainer import adopt_initial_network, adopt_resumed_run
 
-    config, adopted = adopt_initial_network(config_from_options(locals()))
+    config = config_from_options(locals())
+    if resume:
+        config = adopt_resumed_run(config, output)
+    config, adopted = adopt_initial_network(config)
     if adopted:
         console.print(adopted)
     grid = parse_shape(shape)

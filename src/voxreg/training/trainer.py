@@ -188,6 +188,19 @@ def adopt_initial_network(config: TrainConfig) -> tuple[TrainConfig, str | None]
     return adopted, note + (f", model space {voxel_size:g} mm voxels" if voxel_size else "")
 
 
+def adopt_resumed_run(config: TrainConfig, output_dir: str | os.PathLike[str]) -> TrainConfig:
+    """For ``--resume``: ``init`` and ``voxel_size`` of the run in ``output_dir`` (its
+    ``last.pt``) where the command leaves them unset, so that a run started with ``--init``
+    resumes with the same command minus ``--init`` (the weights come from ``last.pt``)."""
+    path = Path(output_dir) / "last.pt"
+    if not path.is_file() or (config.init is not None and config.voxel_size is not None):
+        return config
+    saved = torch.load(path, map_location="cpu", weights_only=True).get("extra", {}).get("train_config", {})
+    init = config.init if config.init is not None else saved.get("init")
+    voxel_size = config.voxel_size if config.voxel_size is not None else saved.get("voxel_size")
+    return replace(config, init=init, voxel_size=voxel_size)
+
+
 def _same_layers(a: Any, b: Any) -> bool:
     """Whether two NetworkConfigs have the same encoder and decoder widths."""
     return tuple(a.enc_features) == tuple(b.enc_features) and tuple(a.dec_features) == tuple(b.dec_features)
