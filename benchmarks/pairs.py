@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from voxreg.registration.batch import BatchPair
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 MINDBOGGLE_PAIRS: tuple[tuple[int, int], ...] = tuple((2 * k, 2 * k - 1) for k in range(1, 9))
@@ -27,14 +29,9 @@ EXCLUDED_LABELS = frozenset({0, 74})
 
 
 @dataclass(frozen=True)
-class Pair:
-    """One registration pair: ``moving`` is registered onto ``fixed``; labels optional."""
-
-    id: str
-    fixed: Path
-    moving: Path
-    fixed_labels: Path | None = None
-    moving_labels: Path | None = None
+class Pair(BatchPair):
+    """One registration pair (register-batch's :class:`BatchPair`): ``moving`` is registered
+    onto ``fixed``; labels optional."""
 
     def exists(self) -> bool:
         """True when every file of the pair is present."""

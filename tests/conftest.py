@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -52,3 +54,18 @@ def pair_3d(tmp_path: Path) -> dict[str, Path]:
         "fixed_labels": write_nifti(tmp_path / "fixed_labels.nii.gz", fixed_labels),
         "moving_labels": write_nifti(tmp_path / "moving_labels.nii.gz", moving_labels),
     }
+
+
+#: a reliability case's command line: (input folder, output path) -> arguments
+Args = Callable[[Path, Path], list[str]]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row of a reliability matrix: ``args`` maps (input folder, output path) to a
+    command line; the run must exit with ``exit`` and print ``message``."""
+
+    id: str
+    args: Args
+    exit: int
+    message: str

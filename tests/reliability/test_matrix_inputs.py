@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -20,6 +18,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from tests.conftest import Args, Case
 from typer.testing import CliRunner
 
 from voxreg.cli import app
@@ -103,15 +102,7 @@ def inputs(tmp_path_factory) -> Path:
     return d
 
 
-Args = Callable[[Path, Path], list[str]]
-
-
-@dataclass(frozen=True)
-class Case:
-    id: str
-    args: Args  # (input folder, output folder) -> command line
-    exit: int
-    message: str
+# Case(id, args, exit, message): args maps (input folder, output folder) to a command line
 
 
 def train(*extra: str, scans: tuple[str, ...] = ("a.nii.gz", "b.nii.gz")) -> Args:

@@ -9,14 +9,13 @@ no output file left behind.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from tests.conftest import Args, Case
 from typer.testing import CliRunner
 
 from voxreg.cli import app
@@ -51,15 +50,7 @@ def inputs(tmp_path_factory) -> Path:
     return d
 
 
-Args = Callable[[Path, Path], list[str]]
-
-
-@dataclass(frozen=True)
-class Case:
-    id: str
-    args: Args  # (input folder, output file) -> command line
-    exit: int
-    message: str
+# Case(id, args, exit, message): args maps (input folder, output file) to a command line
 
 
 def points(csv_name: str, *extra: str, folder: str = "reg") -> Args:
