@@ -280,3 +280,14 @@ def test_sample_displaced_without_a_field_samples_the_mapped_grid():
     expected = spatial.sample(image, mapped_coords(matrix, (6, 10, 5)), "linear", padding="zeros")
     actual = spatial.sample_displaced(image, matrix, None, padding="zeros", shape=(6, 10, 5))
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_invert_displacement_from_an_initial_guess():
+    """``initial`` replaces the coarse stage: from the exact inverse of a constant shift the
+    fixed-point steps keep it; from zero, one step of a constant field lands on it."""
+    field = torch.full((1, 3, 6, 7, 5), 0.75)
+    field[:, 1] = -0.5
+    torch.testing.assert_close(spatial.invert_displacement(field, 1, initial=torch.zeros_like(field)), -field)
+    torch.testing.assert_close(spatial.invert_displacement(field, 3, initial=-field), -field)
+    with pytest.raises(ValueError, match="does not match"):
+        spatial.invert_displacement(field, 1, initial=torch.zeros(1, 3, 6, 7, 4))

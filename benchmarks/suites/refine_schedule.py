@@ -75,7 +75,7 @@ def compare(model: str, pair_texts: list[str], schedules: list[str], data: str) 
 
         score("affine", torch.zeros(1, 3, *fixed_img.shape), 0.0)
         start = time.perf_counter()
-        network = _predict_with_model(resolved, fixed_img, moving_on_fixed, None, torch.device("cpu"))
+        network, _ = _predict_with_model(resolved, fixed_img, moving_on_fixed, None, torch.device("cpu"))
         network_s = time.perf_counter() - start
         score("network", network, network_s)
         for schedule in schedules:

@@ -4,6 +4,7 @@ TrainingSet pairs drawn within groups."""
 import pytest
 import torch
 
+from voxreg.core import spatial
 from voxreg.core.errors import VoxregError
 from voxreg.nn import NetworkConfig, VoxelMorph, load_checkpoint, save_checkpoint
 from voxreg.nn.unet import load_coarse_weights
@@ -86,3 +87,39 @@ def test_pairs_are_drawn_within_groups():
     assert len(seen) == 12  # every ordered pair inside each group of 3: 2 * 3 * 2
     with pytest.raises(VoxregError, match="at least 2 scans"):
         TrainingSet(images).grouped_by(["a", "a", "a", "a", "a", "b"])
+
+
+@pytest.mark.parametrize("fine", [(), (4,)])
+def test_the_network_inverse_is_its_negated_velocity_integrated(fine):
+    """forward(inverse=True): a constant velocity v gives exactly -v (half-res and fine)."""
+    torch.manual_seed(0)
+    net = VoxelMorph(NetworkConfig.vm2(ndim=3, half_res=True, int_steps=5, fine_features=fine))
+    moving, fixed = _pair()
+    with torch.no_grad():
+        net.flow.weight.zero_()
+        net.flow.bias.copy_(torch.tensor([0.25, -0.5, 0.75]))
+        if fine:
+            net.fine["flow"].weight.zero_()
+        out = net(moving, fixed, inverse=True)
+    inside = (slice(None), slice(None), slice(2, -2), slice(2, -2), slice(2, -2))
+    torch.testing.assert_close(out.inverse[inside], -out.field[inside], atol=1e-4, rtol=0)
+    assert net(moving, fixed).inverse is None  # only when asked
+
+
+def test_the_network_inverse_undoes_a_rough_field():
+    """The shipped design (fine branch, velocity integrated on the input grid): a rough random
+    velocity of up to ~2.6 voxels; the round trip of field and inverse stays within 0.06 voxel
+    on average inside the grid (measured 0.033), where -field misses by 0.21."""
+    torch.manual_seed(0)
+    net = VoxelMorph(NetworkConfig.vm2(ndim=3, half_res=True, int_steps=5, fine_features=(4,)))
+    moving, fixed = _pair()
+    with torch.no_grad():
+        net.flow.weight.normal_(0, 1.5)
+        net.flow.bias.zero_()
+        net.fine["flow"].weight.zero_()
+        out = net(moving, fixed, inverse=True)
+    assert float(out.field.abs().max()) > 2.0
+    inside = (slice(None), slice(2, -2), slice(2, -2), slice(2, -2))
+    residual = spatial.inverse_residual(out.field, out.inverse)[inside]
+    naive = spatial.inverse_residual(out.field, -out.field)[inside]
+    assert float(residual.mean()) < 0.06 and float(naive.mean()) > 3 * float(residual.mean())

@@ -61,6 +61,16 @@ def test_the_network_alone_beats_the_affine_stage_on_the_demo_pair(demo_pair):
     # measured 2026-11-30 (step 6,183): affine 0.761, network 0.823
     assert _dice(demo_pair, network) > _dice(demo_pair, affine) + 0.04
     assert metrics.jacobian_stats(network.field)["folding_percent"] < 0.1
+    # the network's own inverse (negated velocity, polished on the model grid) undoes the field
+    # within issue 24's bounds, as the fixed-point inverse of the field does
+    assert network.inverse is not None and network.inverse.shape == network.field.shape
+    from voxreg.core import spatial
+    from voxreg.registration.outputs import foreground_index
+
+    index = foreground_index(demo_pair.fixed)
+    own = spatial.inverse_residual(network.field, network.inverse, index).numpy()
+    naive = spatial.inverse_residual(network.field, -network.field, index).numpy()
+    assert own.mean() < 0.1 and np.percentile(own, 99) < 0.5 and own.mean() < naive.mean() / 2
 
 
 def test_the_default_engine_is_the_model_and_its_refinement(demo_pair):

@@ -436,7 +436,9 @@ def invert_field(field: Tensor, iterations: int = 30) -> Tensor:
     return inverse
 
 
-def invert_displacement(field: Tensor, iterations: int = 2, coarse_iterations: int = 12) -> Tensor:
+def invert_displacement(
+    field: Tensor, iterations: int = 2, coarse_iterations: int = 12, initial: Tensor | None = None
+) -> Tensor:
     """Inverse ``v`` of the map ``x -> x + field(x)`` (``field`` ``(N, ndim, *S)`` in voxels),
     so that ``y + v(y)`` undoes it: the fixed point of ``v(y) = -field(y + v(y))``, iterated
     with grid_sample (exact for a constant shift).
@@ -446,10 +448,15 @@ def invert_displacement(field: Tensor, iterations: int = 2, coarse_iterations: i
     the map stretches or squeezes by more than 2x, where plain steps oscillate. Their result,
     resized back, starts ``iterations`` plain steps at full resolution, each of which shrinks
     the remaining error by about the field's local gradient. Cost: about ``iterations + 1 +
-    coarse_iterations / 8`` full-resolution warps of the field."""
+    coarse_iterations / 8`` full-resolution warps of the field. ``initial`` (an approximate
+    inverse, e.g. a negated velocity integrated) replaces the coarse stage."""
     if iterations < 0 or coarse_iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations} and {coarse_iterations}")
     spatial_ndim(field)
+    if initial is not None:
+        if initial.shape != field.shape:
+            raise ValueError(f"initial inverse {tuple(initial.shape)} does not match the field {tuple(field.shape)}")
+        return _fixed_point_inverse(field, initial, iterations)
     shape = tuple(int(s) for s in field.shape[2:])
     coarse_shape = tuple(max(2, (s + 1) // 2) for s in shape)
     if coarse_iterations and coarse_shape != shape:

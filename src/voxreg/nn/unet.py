@@ -67,11 +67,13 @@ class NetworkOutput:
 
     ``field``: displacement ``(N, ndim, *S)`` in voxels of the input grid (integrated
     when diffeomorphic). ``velocity``: the stationary velocity on the same grid, or None
-    for a plain displacement network.
+    for a plain displacement network. ``inverse``: the inverse displacement (the velocity
+    negated and integrated the same way), when asked for and the network is diffeomorphic.
     """
 
     field: Tensor
     velocity: Tensor | None = None
+    inverse: Tensor | None = None
 
 
 def _conv_cls(ndim: int) -> type[nn.Module]:
@@ -315,15 +317,21 @@ class VoxelMorph(nn.Module):
         """Upsample a (half-res) field to the padded grid, then crop to the input shape."""
         return _crop(spatial.resize_field(field, padded), shape)
 
-    def forward(self, moving: Tensor, fixed: Tensor, lam: float | Tensor | None = None) -> NetworkOutput:
-        """Predict the displacement that warps ``moving`` onto ``fixed``."""
+    def forward(
+        self, moving: Tensor, fixed: Tensor, lam: float | Tensor | None = None, *, inverse: bool = False
+    ) -> NetworkOutput:
+        """Predict the displacement that warps ``moving`` onto ``fixed``; with ``inverse`` (a
+        diffeomorphic network) also its exact inverse, ``exp(-v)`` integrated on the same grid."""
         shape = tuple(moving.shape[2:])
         flow, padded = self._raw_flow(moving, fixed, lam)
         if not self.config.diffeomorphic:
             return NetworkOutput(field=self._to_input_grid(flow, padded, shape))
         field = spatial.integrate_velocity(flow, self.config.int_steps)
+        backward = spatial.integrate_velocity(-flow, self.config.int_steps) if inverse else None
         return NetworkOutput(
-            field=self._to_input_grid(field, padded, shape), velocity=self._to_input_grid(flow, padded, shape)
+            field=self._to_input_grid(field, padded, shape),
+            velocity=self._to_input_grid(flow, padded, shape),
+            inverse=None if backward is None else self._to_input_grid(backward, padded, shape),
         )
 
     def predict_field(

@@ -26,9 +26,14 @@ from voxreg.core.grid import Grid, apply_matrix
 from voxreg.core.image import Image
 from voxreg.registration.model_space import ModelSpace, field_to_fixed, model_grid
 
-__all__ = ["model_space_of", "predict_field", "to_model_grid"]
+__all__ = ["model_space_of", "predict_field", "predict_fields", "to_model_grid"]
 
 _FOREGROUND = 0.05  # normalised intensity above which a fixed voxel is foreground
+# fixed-point steps that polish the integrated inverse on the model grid: on a 1 mm brain pair
+# (Mindboggle 2 -> 1) its round-trip residual on the fixed grid went 0.095 -> 0.041 voxel
+# (mean; p99 0.32 -> 0.15) in 2 steps and no further in 4 (the rest is the resampling to
+# the fixed grid); inverting the 1 mm field instead gives 0.017 but costs 2 s
+_INVERSE_STEPS = 2
 
 
 def model_space_of(extra: Mapping[str, Any], path: str = "checkpoint") -> ModelSpace | None:
@@ -108,21 +113,52 @@ def predict_field(
     """Displacement ``(1, ndim, *fixed.shape)`` in voxels of the fixed grid predicted by
     ``model`` for an affine-aligned pair: ``moving`` on the fixed grid, or any moving scan
     with ``world_matrix`` (fixed world -> moving world), resampled once onto the model grid."""
+    return predict_fields(model, space, fixed, moving, lam, device, world_matrix)[0]
+
+
+def predict_fields(
+    model: torch.nn.Module,
+    space: ModelSpace | None,
+    fixed: Image,
+    moving: Image,
+    lam: float | None,
+    device: torch.device,
+    world_matrix: np.ndarray | None = None,
+    inverse: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """(field, inverse) as :func:`predict_field`; with ``inverse`` and a diffeomorphic voxreg
+    network the inverse is ``exp(-v)``, integrated on the network's own grid like the field
+    and mapped onto the fixed grid the same way (exact up to the integration), else None."""
     if space is None:
         on_fixed = io.resample_to(moving, fixed, world_matrix)  # a copy when already there
         fixed_n, moving_n = (io.normalize_intensity(image.array) for image in (fixed, on_fixed))
-        return _forward(model, fixed_n, moving_n, lam, device)
+        return _forward(model, fixed_n, moving_n, lam, device, inverse)
     grid = model_grid(fixed.grid, space, foreground=_foreground(fixed))
     fixed_m = io.normalize_intensity(to_model_grid(fixed, grid))
     moving_m = io.normalize_intensity(to_model_grid(moving, grid, world_matrix))
-    field = _forward(model, fixed_m, moving_m, lam, device)
-    return field_to_fixed(field, grid, fixed.grid)
+    field, backward = _forward(model, fixed_m, moving_m, lam, device, inverse)
+    if backward is not None:  # the fixed-point steps remove the integration's error on the small grid
+        backward = spatial.invert_displacement(field, _INVERSE_STEPS, initial=backward)
+    return field_to_fixed(field, grid, fixed.grid), None if backward is None else field_to_fixed(
+        backward, grid, fixed.grid
+    )
 
 
 def _forward(
-    model: torch.nn.Module, fixed: np.ndarray, moving: np.ndarray, lam: float | None, device: torch.device
-) -> Tensor:
-    """One forward pass on normalised arrays; the field ``(1, ndim, *shape)``."""
+    model: torch.nn.Module,
+    fixed: np.ndarray,
+    moving: np.ndarray,
+    lam: float | None,
+    device: torch.device,
+    inverse: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """One forward pass on normalised arrays: the field ``(1, ndim, *shape)`` and, when
+    ``inverse`` and the network can give it (:class:`~voxreg.nn.VoxelMorph`, diffeomorphic),
+    its inverse."""
+    from voxreg.nn import VoxelMorph
+
+    options = {"inverse": True} if inverse and isinstance(model, VoxelMorph) else {}
     with torch.inference_mode():
-        output = model(_tensor(moving, device), _tensor(fixed, device), lam=lam)
-    return output.field.clone()
+        output = model(_tensor(moving, device), _tensor(fixed, device), lam=lam, **options)
+    backward = getattr(output, "inverse", None)
+    return output.field.clone(), None if backward is None else backward.clone()

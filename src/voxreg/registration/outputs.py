@@ -49,6 +49,7 @@ class RegistrationResult:
     warped_labels: dict[str, Image] = dataclass_field(default_factory=dict)
     world_matrix: np.ndarray | None = None
     metrics: dict[str, Any] = dataclass_field(default_factory=dict)
+    inverse: torch.Tensor | None = None
 
     @property
     def moving(self) -> Image:
@@ -193,16 +194,25 @@ def write_outputs(result: RegistrationResult, folder: str | Path, figure: bool =
 
 
 def inverse_field(result: RegistrationResult) -> tuple[np.ndarray, dict[str, Any]]:
-    """The inverse of ``result.field`` (:func:`voxreg.core.spatial.invert_displacement`) as a
-    float32 ``(ndim, *S)`` array in fixed voxels, and metrics.json's ``inverse`` entry: its
-    seconds and the residual ``|u(x) + u_inv(x + u(x))|`` (voxels) over the fixed scan's
-    foreground voxels (:func:`foreground_index`): mean, 99th percentile and maximum."""
+    """The inverse of ``result.field`` as a float32 ``(ndim, *S)`` array in fixed voxels: the
+    engine's own exact one when it gave one (``result.inverse``: a network alone integrates
+    its negated velocity), else :func:`voxreg.core.spatial.invert_displacement`; and
+    metrics.json's ``inverse`` entry: how it was made, its seconds and the residual
+    ``|u(x) + u_inv(x + u(x))|`` (voxels) over the fixed scan's foreground voxels
+    (:func:`foreground_index`): mean, 99th percentile and maximum."""
     field = result.field.detach().to("cpu", torch.float32)
     start = time.perf_counter()
-    inverse = spatial.invert_displacement(field) if bool(field.any()) else torch.zeros_like(field)
+    if result.inverse is not None:
+        method, inverse = "the network's: its velocity negated and integrated", result.inverse
+        inverse = inverse.detach().to("cpu", torch.float32)
+    elif bool(field.any()):
+        method, inverse = "fixed-point inversion", spatial.invert_displacement(field)
+    else:
+        method, inverse = "identity", torch.zeros_like(field)
     seconds = time.perf_counter() - start
     residual = spatial.inverse_residual(field, inverse, foreground_index(result.fixed)).numpy()
     stats = {
+        "method": method,
         "seconds": seconds,
         "residual_mean_voxels": float(residual.mean()) if residual.size else 0.0,
         "residual_p99_voxels": float(np.percentile(residual, 99)) if residual.size else 0.0,

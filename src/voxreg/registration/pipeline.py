@@ -85,18 +85,20 @@ def _predict_with_model(
     lam: float | None,
     device: torch.device,
     world_matrix: np.ndarray | None = None,
-) -> torch.Tensor:
-    """Field (voxels of the fixed grid) predicted by the checkpoint at ``model_path`` for an
-    affine-aligned pair (``moving`` on the fixed grid, or through ``world_matrix``), in the
-    model's space when the checkpoint records one."""
-    from voxreg.registration.network import model_space_of, predict_field
+    inverse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(field, inverse) in voxels of the fixed grid predicted by the checkpoint at
+    ``model_path`` for an affine-aligned pair (``moving`` on the fixed grid, or through
+    ``world_matrix``), in the model's space when the checkpoint records one. The inverse is
+    the network's exact one when ``inverse`` and it is diffeomorphic, else None."""
+    from voxreg.registration.network import model_space_of, predict_fields
 
     model, extra = loaded_checkpoint(model_path, device)
     if model.config.ndim != fixed.ndim:
         raise VoxregError(f"{model_path}: model is {model.config.ndim}D but the images are {fixed.ndim}D")
     space = model_space_of(extra, str(model_path))
     lam = _model_lambda(model, extra, lam, model_path)
-    return predict_field(model, space, fixed, moving, lam, device, world_matrix=world_matrix)
+    return predict_fields(model, space, fixed, moving, lam, device, world_matrix, inverse)
 
 
 _CHECKPOINTS: dict[tuple[str, int, int, str], tuple[Any, dict[str, Any]]] = {}
@@ -293,9 +295,10 @@ def register(
     start = time.perf_counter()
     if affine_only:
         engine, field = "affine", torch.zeros(1, fixed_img.ndim, *fixed_img.shape, device=torch_device)
+        inverse: torch.Tensor | None = None  # the identity: inverse_field's zero-field case
     else:
         pair = _Pair(fixed_img, moving_img, world_matrix, moving_on_fixed, torch_device)
-        engine, field = _estimate_field(pair, model, config, lam, refine, progress)
+        engine, field, inverse = _estimate_field(pair, model, config, lam, refine, progress)
     if torch_device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -323,7 +326,14 @@ def register(
         }
     )
     result = RegistrationResult(
-        fixed_img, moving_on_fixed, warped, field.detach().cpu(), warped_labels, world_matrix, values
+        fixed_img,
+        moving_on_fixed,
+        warped,
+        field.detach().cpu(),
+        warped_labels,
+        world_matrix,
+        values,
+        inverse=None if inverse is None else inverse.detach().cpu(),
     )  # the result's ``moving`` is made on first use
     if metrics:
         source = moving_img if "affine" in values else None  # raw similarity only after an affine stage
@@ -411,17 +421,19 @@ def _estimate_field(
     lam: float | None,
     refine: int,
     progress: ProgressCallback | None,
-) -> tuple[str, torch.Tensor]:
-    """(engine name, field) from instance optimisation or the network (+ refinement); the
-    network resamples the moving scan once, from its own grid to the model's."""
+) -> tuple[str, torch.Tensor, torch.Tensor | None]:
+    """(engine name, field, its exact inverse or None) from instance optimisation or the
+    network (+ refinement); the network resamples the moving scan once, from its own grid to
+    the model's, and a network alone gives its exact inverse (the negated velocity)."""
     if model is None:
-        return "instance-optimisation", align(*pair.tensors(), config, progress=progress).field
-    field = _predict_with_model(model, pair.fixed, pair.moving, lam, pair.device, pair.world_matrix)
-    if refine <= 0:
-        return "network", field
+        return "instance-optimisation", align(*pair.tensors(), config, progress=progress).field, None
+    alone = refine <= 0
+    field, inverse = _predict_with_model(model, pair.fixed, pair.moving, lam, pair.device, pair.world_matrix, alone)
+    if alone:
+        return "network", field, inverse
     fixed, moving = pair.tensors()
     refined = align(fixed, moving, config.refinement(refine), initial_field=field.to(fixed.device), progress=progress)
-    return f"network+refine{refine}", refined.field
+    return f"network+refine{refine}", refined.field, None
 
 
 def apply_field(
