@@ -3,9 +3,11 @@
 excluded) and % folding of the network alone, and optionally network + refinement, for each
 checkpoint given. The affine stage is computed once per pair and reused for every checkpoint.
 
-Usage: python benchmarks/learning_curve.py CKPT.pt ... [--refine 10 20 40] [--csv OUT.csv] [--pairs 2:1 4:3]
+Usage: python benchmarks/learning_curve.py CKPT.pt ... [--refine 10 20 40] [--instance] [--csv OUT.csv] [--pairs 2:1 4:3]
        python benchmarks/learning_curve.py --csv CURVE.csv --plot CURVE.png --reference 'ANTs SyN=0.568'   (plot only)
-Appends one row per checkpoint to --csv (step, wall hours of training, Dice, folding).
+Appends one row per checkpoint to --csv (step, wall hours of training, Dice, folding);
+``--instance`` also prints instance optimisation on the same affine-aligned pairs (the
+default's target), timed the same way.
 """
 
 from __future__ import annotations
@@ -45,9 +47,12 @@ def checkpoint_info(path: Path) -> tuple[int, float]:
     return int(extra.get("step", -1)), seconds / 3600.0
 
 
-def evaluate(model: Path, pairs: list[tuple[Path, Path, Path, Path, np.ndarray]], refine: int) -> dict[str, float]:
-    """Mean Dice, % folding and seconds per pair of ``model`` (+ ``refine`` steps); seconds =
-    loading, the network (+ refinement) and warping scan and labels, with the affine given."""
+def evaluate(
+    model: Path | None, pairs: list[tuple[Path, Path, Path, Path, np.ndarray]], refine: int
+) -> dict[str, float]:
+    """Mean Dice, % folding and seconds per pair of ``model`` (+ ``refine`` steps), or of
+    instance optimisation when ``model`` is None; seconds = loading, the network (+
+    refinement) or the optimisation, and warping scan and labels, with the affine given."""
     dice, folding, seconds = [], [], []
     for fixed, moving, fixed_labels, moving_labels, world in pairs:
         start = time.perf_counter()
@@ -55,11 +60,11 @@ def evaluate(model: Path, pairs: list[tuple[Path, Path, Path, Path, np.ndarray]]
             fixed,
             moving,
             model=model,
-            refine=refine,
+            refine=refine if model is not None else None,
             world_matrix=world,
             moving_labels=[moving_labels],
             metrics=False,
-            engine="network",
+            engine="network" if model is not None else "instance",
             device="cpu",
         )
         seconds.append(time.perf_counter() - start)  # network (+ refinement) + warps; affine given
@@ -99,6 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoints", type=Path, nargs="*")
     parser.add_argument("--refine", type=int, nargs="*", default=[], help="also evaluate network + N steps, each N")
+    parser.add_argument("--instance", action="store_true", help="also print instance optimisation's scores")
     parser.add_argument("--csv", type=Path)
     parser.add_argument("--pairs", nargs="+", default=PAIRS)
     parser.add_argument("--plot", type=Path, help="only plot --csv's rows into this PNG")
@@ -116,6 +122,11 @@ def main() -> None:
         (fixed, fixed_labels), (moving, moving_labels) = subject(fixed_no), subject(moving_no)
         world = api.register(fixed, moving, affine_only=True, metrics=False).world_matrix
         pairs.append((fixed, moving, fixed_labels, moving_labels, world))
+    if args.instance:
+        scores = evaluate(None, pairs, 0)
+        print(
+            {"method": "instance-optimisation", **{key: round(value, 4) for key, value in scores.items()}}, flush=True
+        )
     for path in args.checkpoints:
         step, hours = checkpoint_info(path)
         row: dict[str, object] = {"checkpoint": path.name, "step": step, "train_hours": round(hours, 3)}

@@ -11,8 +11,10 @@ signed) of the warped scans to the template inside the template's brain mask, an
 the mean pairwise Dice of the scans' warped label maps (labels 0 and 74 excluded).
 
     python benchmarks/template_vs_ants.py [--only voxreg|ants] [--iterations N] [--work DIR]
+                                          [--engine auto|network|instance] [--refine N]
 
-Each side's numbers are cached in ``WORK/<side>.json`` (delete to rerun); the table is printed.
+Each side's numbers are cached in ``WORK/<side>.json`` (voxreg: ``voxreg[-<engine>][-refine<N>].json``;
+delete to rerun); the table is printed.
 """
 
 from __future__ import annotations
@@ -83,13 +85,14 @@ def agreement(labels: list[np.ndarray]) -> float:
     return float(np.mean(scores))
 
 
-def run_voxreg(pairs: list[tuple[Path, Path]], work: Path, iterations: int) -> dict:
-    """Time ``voxreg template`` on a CSV of the scans; measure its outputs."""
+def run_voxreg(pairs: list[tuple[Path, Path]], work: Path, iterations: int, options: list[str], name: str) -> dict:
+    """Time ``voxreg template`` (with extra ``options``) on a CSV of the scans into
+    ``work/name``; measure its outputs."""
     import nibabel as nib
 
     csv = work / "scans.csv"
     csv.write_text("scan,labels,id\n" + "".join(f"{s},{lab},{s.name[:-10]}\n" for s, lab in pairs))
-    out = work / "voxreg"
+    out = work / name
     command = [
         sys.executable,
         "-m",
@@ -100,6 +103,7 @@ def run_voxreg(pairs: list[tuple[Path, Path]], work: Path, iterations: int) -> d
         str(out),
         "--iterations",
         str(iterations),
+        *options,
     ]
     start = time.perf_counter()
     subprocess.run(command, check=True)
@@ -134,19 +138,26 @@ def main() -> None:
     parser.add_argument("--only", choices=["voxreg", "ants"])
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/voxreg_template_bench"))
+    parser.add_argument("--engine", default=None, help="voxreg template --engine (default: its own, auto)")
+    parser.add_argument("--refine", type=int, default=None, help="voxreg template --refine")
     args = parser.parse_args()
     if not DATA.is_dir():
         print(f"skipped: {DATA} not found")
         return
     args.work.mkdir(parents=True, exist_ok=True)
     pairs = prepare(args.work)
+    options = (["--engine", args.engine] if args.engine else []) + (
+        ["--refine", str(args.refine)] if args.refine is not None else []
+    )
+    label = "voxreg" + (f"-{args.engine}" if args.engine else "")
+    label += f"-refine{args.refine}" if args.refine is not None else ""
     sides = {
-        "voxreg": lambda: run_voxreg(pairs, args.work, args.iterations),
+        label: lambda: run_voxreg(pairs, args.work, args.iterations, options, label),
         "ants": lambda: run_ants(pairs, args.work),
     }
     for name, run in sides.items():
         cache = args.work / f"{name}.json"
-        if args.only in (None, name) and not cache.exists():
+        if args.only in (None, name.split("-")[0]) and not cache.exists():
             cache.write_text(json.dumps(run(), indent=1))
     print("| method | seconds | sharpness (local NCC) | label agreement (pairwise Dice) |\n|---|---|---|---|")
     for name in sides:

@@ -4,6 +4,7 @@ than the plain average; ids, resume, majority-vote labels and bad input."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -12,6 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from voxreg import io
 from voxreg.cli.app import app
 from voxreg.cohort import template as tpl
 from voxreg.core import spatial
@@ -100,6 +102,20 @@ def test_rerun_resumes_and_continues(cohort: Path, built) -> None:
     assert (out / "iter_2" / "template.nii.gz").stat().st_mtime_ns == before
     assert [r["iteration"] for r in result.convergence] == [0, 1, 2, 3]
     assert (out / "scans" / "sub-00_T1" / "metrics.json").read_text().count("iter_3") == 1
+
+
+def test_affine_stages_are_reused_after_iteration_1(cohort: Path, built) -> None:
+    """Iteration 2 and the final registrations take iteration 1's affine stages (stats.json
+    records them; affine.txt of each final registration holds the same matrix); with
+    refresh_affines every iteration runs its own."""
+    out, _ = built
+    stats = [json.loads((out / f"iter_{k}" / "stats.json").read_text(encoding="utf-8")) for k in (1, 2)]
+    assert len(stats[0]["affines"]) == 4 and stats[1]["affines"] == stats[0]["affines"]
+    final = io.read_itk_affine(out / "scans" / "sub-01_T1" / "affine.txt")
+    np.testing.assert_allclose(final, np.asarray(stats[1]["affines"][1]), atol=1e-5)
+    assert tpl._previous_affines(out, 2, tpl.TemplateOptions(refresh_affines=True), 4) is None
+    assert tpl._previous_affines(out, 1, tpl.TemplateOptions(), 4) is None  # iteration 1 runs its own
+    assert tpl._previous_affines(out, 2, tpl.TemplateOptions(), 5) is None  # another cohort size
 
 
 def test_majority_vote_and_ids() -> None:

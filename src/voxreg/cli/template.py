@@ -32,6 +32,11 @@ def template(
     refine: Refine = None,
     device: Device = "auto",
     no_figure: bool = typer.Option(False, "--no-figure", help="Skip figure.png of each scan's registration."),
+    refresh_affines: bool = typer.Option(
+        False,
+        "--refresh-affines",
+        help="Rerun every scan's affine stage at every iteration (default: from iteration 2 reuse the last one).",
+    ),
 ) -> None:
     """Build an unbiased template of SCANS: affine average, then ITERATIONS rounds of
     registering every scan to the template, averaging, and moving the template by the inverse
@@ -52,6 +57,7 @@ def template(
         refine=refine,
         device=device,
         figure=not no_figure,
+        refresh_affines=refresh_affines,
     )
     with progress_bar("registrations") as update:
         result = build_template(scans, output, options, progress=update)

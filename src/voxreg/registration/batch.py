@@ -28,9 +28,11 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from voxreg.core.errors import VoxregError, short_reason
 from voxreg.core.image import Image
@@ -65,6 +67,8 @@ class BatchPair:
     moving: Path
     fixed_labels: Path | None = None
     moving_labels: Path | None = None
+    # a known affine stage (fixed world -> moving world, 4x4), e.g. a template build's last one
+    world_matrix: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -347,6 +351,7 @@ class _Runner:
                 loaded.moving,
                 moving_labels=None if loaded.moving_labels is None else [loaded.moving_labels],
                 fixed_labels=loaded.fixed_labels,
+                world_matrix=pair.world_matrix,
                 metrics=True,
                 **self.kwargs,
             )
