@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import tempfile
@@ -48,7 +49,7 @@ def run_suite(name: str, argv: list[str]) -> int:
     command = " ".join(["python -m benchmarks", name, *map(shlex.quote, argv)])
     path = results.save(name, payload, out, command)
     print(f"[benchmarks] {name}: results in {path}")
-    print(docs.render_document(results.load(name, path.parent) or {}, module.render))
+    print(docs.render_document(json.loads(path.read_text(encoding="utf-8")), module.render))
     if args.docs:
         if path.parent != results.RESULTS_DIR:
             print("[benchmarks] --docs reads benchmarks/results/: not updated from a --quick/--out run")

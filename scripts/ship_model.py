@@ -7,7 +7,7 @@ licences), what the model covers and its default refinement (both measured, see
 docs/models.md), and the headline measurements given with ``--measured KEY=VALUE``.
 
 Usage: python scripts/ship_model.py runs/brain-real-v2/work/step_N.pt --metrics runs/brain-real-v2/work/metrics.csv
-       [--measured dice_model=0.52 ...]
+       [--refine 40] [--measured dice_model=0.52 ...]
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ def main() -> int:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--metrics", type=Path, required=True, help="the run's metrics CSV (all steps)")
     parser.add_argument("--measured", nargs="*", default=[], help="KEY=VALUE measurements for the card")
+    parser.add_argument("--refine", type=int, default=CARD["refine"], help="default refinement steps (measured)")
     args = parser.parse_args()
     extra = load_checkpoint(args.checkpoint)[1]
     if "model_space" not in extra:
@@ -97,6 +98,7 @@ def main() -> int:
     steps, hours = run_summary(args.metrics, int(extra["step"]))
     card = {
         **CARD,
+        "refine": args.refine,
         "training_steps": steps,
         "training_wall_hours_cpu": round(hours, 2),
         "model_space": extra["model_space"],

@@ -9,7 +9,7 @@ import torch
 
 from voxreg.core.image import Image
 from voxreg.registration.model_space import ModelSpace
-from voxreg.registration.network import model_space_of, predict_field
+from voxreg.registration.network import model_space_of, predict_fields
 
 
 class CentroidShift(torch.nn.Module):
@@ -44,7 +44,7 @@ def test_known_shift_in_mm_recovered_at_any_voxel_size(spacing):
     fixed = _blob(spacing, (48.0, 48.0, 48.0))
     moving = _blob(spacing, tuple(48.0 + shift_mm))  # moving(x + shift) == fixed(x)
     space = ModelSpace(voxel_size=(2.0, 2.0, 2.0), multiple=8)
-    field = predict_field(CentroidShift(), space, fixed, moving, None, torch.device("cpu"))
+    field = predict_fields(CentroidShift(), space, fixed, moving, None, torch.device("cpu"))[0]
     assert field.shape == (1, 3, *fixed.shape)
     centre = tuple(s // 2 for s in fixed.shape)
     got_mm = field[0, :, centre[0], centre[1], centre[2]].numpy() * np.asarray(spacing)
@@ -54,7 +54,7 @@ def test_known_shift_in_mm_recovered_at_any_voxel_size(spacing):
 def test_checkpoint_without_space_predicts_on_the_fixed_grid():
     fixed = _blob((2.0, 2.0, 2.0), (48.0, 48.0, 48.0))
     moving = _blob((2.0, 2.0, 2.0), (52.0, 48.0, 48.0))
-    field = predict_field(CentroidShift(), None, fixed, moving, None, torch.device("cpu"))
+    field = predict_fields(CentroidShift(), None, fixed, moving, None, torch.device("cpu"))[0]
     np.testing.assert_allclose(field[0, :, 24, 24, 24].numpy(), [2.0, 0.0, 0.0], atol=0.05)
     assert model_space_of({}) is None
     assert model_space_of({"model_space": {"voxel_size": [2, 2, 2], "ndim": 3}}).voxel_size == (2.0, 2.0, 2.0)
@@ -71,9 +71,11 @@ def test_moving_scan_through_a_world_matrix_gives_the_field_of_the_resampled_sca
     moving = _blob((1.5, 1.5, 1.5), (48.0 + 6.0, 48.0, 48.0 - 9.0))
     world_matrix = np.eye(4)
     world_matrix[2, 3] = -9.0  # fixed world -> moving world: the moving blob sits 9 mm lower
-    direct = predict_field(CentroidShift(), space, fixed, moving, None, torch.device("cpu"), world_matrix=world_matrix)
+    direct = predict_fields(
+        CentroidShift(), space, fixed, moving, None, torch.device("cpu"), world_matrix=world_matrix
+    )[0]
     on_fixed = io.resample_to(moving, fixed, world_matrix)
-    expected = predict_field(CentroidShift(), space, fixed, on_fixed, None, torch.device("cpu"))
+    expected = predict_fields(CentroidShift(), space, fixed, on_fixed, None, torch.device("cpu"))[0]
     centre = tuple(s // 2 for s in fixed.shape)
     got, want = direct[0, :, centre[0], centre[1], centre[2]], expected[0, :, centre[0], centre[1], centre[2]]
     np.testing.assert_allclose(got.numpy(), want.numpy(), atol=0.15)

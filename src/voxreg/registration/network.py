@@ -26,7 +26,7 @@ from voxreg.core.grid import Grid, apply_matrix
 from voxreg.core.image import Image
 from voxreg.registration.model_space import ModelSpace, field_to_fixed, model_grid
 
-__all__ = ["model_space_of", "predict_field", "predict_fields", "to_model_grid"]
+__all__ = ["model_space_of", "predict_fields", "to_model_grid"]
 
 _FOREGROUND = 0.05  # normalised intensity above which a fixed voxel is foreground
 # fixed-point steps that polish the integrated inverse on the model grid: on a 1 mm brain pair
@@ -101,21 +101,6 @@ def _foreground(image: Image) -> np.ndarray:
     return array > low + _FOREGROUND * (high - low)
 
 
-def predict_field(
-    model: torch.nn.Module,
-    space: ModelSpace | None,
-    fixed: Image,
-    moving: Image,
-    lam: float | None,
-    device: torch.device,
-    world_matrix: np.ndarray | None = None,
-) -> Tensor:
-    """Displacement ``(1, ndim, *fixed.shape)`` in voxels of the fixed grid predicted by
-    ``model`` for an affine-aligned pair: ``moving`` on the fixed grid, or any moving scan
-    with ``world_matrix`` (fixed world -> moving world), resampled once onto the model grid."""
-    return predict_fields(model, space, fixed, moving, lam, device, world_matrix)[0]
-
-
 def predict_fields(
     model: torch.nn.Module,
     space: ModelSpace | None,
@@ -126,9 +111,12 @@ def predict_fields(
     world_matrix: np.ndarray | None = None,
     inverse: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """(field, inverse) as :func:`predict_field`; with ``inverse`` and a diffeomorphic voxreg
-    network the inverse is ``exp(-v)``, integrated on the network's own grid like the field
-    and mapped onto the fixed grid the same way (exact up to the integration), else None."""
+    """(field, inverse): the displacement ``(1, ndim, *fixed.shape)`` in voxels of the fixed
+    grid predicted by ``model`` for an affine-aligned pair (``moving`` on the fixed grid, or
+    any moving scan with ``world_matrix``, fixed world -> moving world, resampled once onto
+    the model grid); with ``inverse`` and a diffeomorphic voxreg network its inverse,
+    ``exp(-v)`` integrated on the network's own grid like the field, polished there and
+    mapped onto the fixed grid the same way; else None."""
     if space is None:
         on_fixed = io.resample_to(moving, fixed, world_matrix)  # a copy when already there
         fixed_n, moving_n = (io.normalize_intensity(image.array) for image in (fixed, on_fixed))
