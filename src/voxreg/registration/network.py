@@ -11,8 +11,9 @@ space predicts on the fixed grid itself, as networks trained on preprocessed sca
 
 from __future__ import annotations
 
+import functools
 import itertools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -110,26 +111,26 @@ def predict_fields(
     device: torch.device,
     world_matrix: np.ndarray | None = None,
     inverse: bool = False,
-) -> tuple[Tensor, Tensor | None]:
+) -> tuple[Tensor, Callable[[], Tensor] | None]:
     """(field, inverse): the displacement ``(1, ndim, *fixed.shape)`` in voxels of the fixed
     grid predicted by ``model`` for an affine-aligned pair (``moving`` on the fixed grid, or
     any moving scan with ``world_matrix``, fixed world -> moving world, resampled once onto
-    the model grid); with ``inverse`` and a diffeomorphic voxreg network its inverse,
-    ``exp(-v)`` integrated on the network's own grid like the field, polished there and
-    mapped onto the fixed grid the same way; else None."""
+    the model grid); with ``inverse`` and a diffeomorphic voxreg network, a function giving
+    its inverse on the fixed grid (``exp(-v)`` integrated on the network's own grid like the
+    field and polished there now, mapped onto the fixed grid only when called); else None."""
     if space is None:
         on_fixed = io.resample_to(moving, fixed, world_matrix)  # a copy when already there
         fixed_n, moving_n = (io.normalize_intensity(image.array) for image in (fixed, on_fixed))
-        return _forward(model, fixed_n, moving_n, lam, device, inverse)
+        field, backward = _forward(model, fixed_n, moving_n, lam, device, inverse)
+        return field, None if backward is None else functools.partial(torch.clone, backward)
     grid = model_grid(fixed.grid, space, foreground=_foreground(fixed))
     fixed_m = io.normalize_intensity(to_model_grid(fixed, grid))
     moving_m = io.normalize_intensity(to_model_grid(moving, grid, world_matrix))
     field, backward = _forward(model, fixed_m, moving_m, lam, device, inverse)
     if backward is not None:  # the fixed-point steps remove the integration's error on the small grid
         backward = spatial.invert_displacement(field, _INVERSE_STEPS, initial=backward)
-    return field_to_fixed(field, grid, fixed.grid), None if backward is None else field_to_fixed(
-        backward, grid, fixed.grid
-    )
+    mapped = None if backward is None else functools.partial(field_to_fixed, backward, grid, fixed.grid)
+    return field_to_fixed(field, grid, fixed.grid), mapped
 
 
 def _forward(

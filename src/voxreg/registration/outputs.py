@@ -49,7 +49,16 @@ class RegistrationResult:
     warped_labels: dict[str, Image] = dataclass_field(default_factory=dict)
     world_matrix: np.ndarray | None = None
     metrics: dict[str, Any] = dataclass_field(default_factory=dict)
-    inverse: torch.Tensor | None = None
+    # the engine's own inverse of ``field`` (same layout), or a function making it on first
+    # use (a network alone: its negated velocity); None: inverted from the field when saved
+    inverse_source: torch.Tensor | Callable[[], torch.Tensor] | None = None
+
+    @property
+    def inverse(self) -> torch.Tensor | None:
+        """The engine's own inverse of ``field`` on CPU (made on first use), or None."""
+        if callable(self.inverse_source):
+            self.inverse_source = self.inverse_source().detach().cpu()
+        return self.inverse_source
 
     @property
     def moving(self) -> Image:

@@ -86,11 +86,12 @@ def _predict_with_model(
     device: torch.device,
     world_matrix: np.ndarray | None = None,
     inverse: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, Callable[[], torch.Tensor] | None]:
     """(field, inverse) in voxels of the fixed grid predicted by the checkpoint at
     ``model_path`` for an affine-aligned pair (``moving`` on the fixed grid, or through
-    ``world_matrix``), in the model's space when the checkpoint records one. The inverse is
-    the network's exact one when ``inverse`` and it is diffeomorphic, else None."""
+    ``world_matrix``), in the model's space when the checkpoint records one. The inverse (a
+    function computing it on the fixed grid) is the network's own when ``inverse`` and it is
+    diffeomorphic, else None."""
     from voxreg.registration.network import model_space_of, predict_fields
 
     model, extra = loaded_checkpoint(model_path, device)
@@ -295,7 +296,7 @@ def register(
     start = time.perf_counter()
     if affine_only:
         engine, field = "affine", torch.zeros(1, fixed_img.ndim, *fixed_img.shape, device=torch_device)
-        inverse: torch.Tensor | None = None  # the identity: inverse_field's zero-field case
+        inverse: Callable[[], torch.Tensor] | None = None  # the identity: inverse_field's zero-field case
     else:
         pair = _Pair(fixed_img, moving_img, world_matrix, moving_on_fixed, torch_device)
         engine, field, inverse = _estimate_field(pair, model, config, lam, refine, progress)
@@ -333,7 +334,7 @@ def register(
         warped_labels,
         world_matrix,
         values,
-        inverse=None if inverse is None else inverse.detach().cpu(),
+        inverse_source=inverse,
     )  # the result's ``moving`` is made on first use
     if metrics:
         source = moving_img if "affine" in values else None  # raw similarity only after an affine stage
@@ -421,8 +422,8 @@ def _estimate_field(
     lam: float | None,
     refine: int,
     progress: ProgressCallback | None,
-) -> tuple[str, torch.Tensor, torch.Tensor | None]:
-    """(engine name, field, its exact inverse or None) from instance optimisation or the
+) -> tuple[str, torch.Tensor, Callable[[], torch.Tensor] | None]:
+    """(engine name, field, a function giving its inverse, or None) from instance optimisation or the
     network (+ refinement); the network resamples the moving scan once, from its own grid to
     the model's, and a network alone gives its exact inverse (the negated velocity)."""
     if model is None:
