@@ -15,6 +15,7 @@ from voxreg.registration.instance import (
     _next_level,
     _warp_level,
     align,
+    capped_scales,
     foreground_box,
 )
 
@@ -38,6 +39,25 @@ def test_recovers_a_known_shift(shape, axis):
     after = torch.mean((spatial.warp(moving, result.field) - fixed) ** 2)
     assert after < 0.1 * before
     assert result.history[-1] < result.history[0]
+
+
+def test_capped_scales_double_until_the_finest_level_fits():
+    assert capped_scales((4, 2, 1), (512, 512, 300), 32_000_000) == (8, 4, 2)  # 78.6 M -> 9.8 M voxels
+    assert capped_scales((4, 2, 1), (256, 256, 160), 32_000_000) == (4, 2, 1)  # a 1 mm brain keeps its level
+    assert capped_scales((2, 1), (100, 100, 100), 1000) == (32, 16)  # 12^3 = 1728 > 1000; 8^3 (the floor) fits
+    assert capped_scales((4, 2, 1), (512, 512, 300), 0) == (4, 2, 1)  # no limit
+    assert capped_scales((2, 1), (8, 8), 10) == (2, 1)  # nothing can shrink: unchanged
+
+
+def test_a_large_image_is_optimised_on_coarser_levels_and_its_field_covers_the_grid():
+    """Over ``max_level_voxels`` the pyramid is coarser (and says so) but the field is still
+    on the full grid and still recovers the shift."""
+    fixed, moving = shifted_pair((24, 28, 22), 0, 1.5)
+    result = align(fixed, moving, AlignConfig(**FAST, max_level_voxels=24 * 28 * 22 // 4))
+    assert result.scales == (4, 2)
+    assert result.field.shape == (1, 3, 24, 28, 22)
+    assert abs(float(result.field[0, 0, 6:-6, 6:-6, 6:-6].median()) - 1.5) < 0.25
+    assert align(fixed, moving, AlignConfig(**FAST)).scales == (2, 1)
 
 
 def test_foreground_box_and_full_grid_field():

@@ -172,7 +172,7 @@ def test_a_field_with_one_non_finite_value_fails_in_one_line(bad, monkeypatch):
     def broken_field(pair, *args, **kwargs):
         field = torch.zeros(1, 3, *pair.fixed.shape)
         field[0, 1, 3, 4, 5] = bad
-        return "network", field, None
+        return "network", field, None, {}
 
     monkeypatch.setattr(pipeline, "_estimate_field", broken_field)
     fixed, moving = _pair()

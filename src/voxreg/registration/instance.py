@@ -74,6 +74,12 @@ class AlignConfig:
     # on a CPU shared with other work, OpenMP barriers make 2 threads up to 10x slower
     # than 1 (measured on the 2-core development machine); on an idle one 2 are faster.
     threads: int = 0
+    # the largest pyramid level optimised, in voxels (of the foreground box): a larger image
+    # has every scale doubled until its finest level fits (a 0.7 mm 512x512x300 CT is then
+    # optimised on its 1.4 mm level, as a 1.4 mm scan is, and the field resized to 0.7 mm):
+    # 3 GB instead of 20 GB (python -m benchmarks large-scan). A 1 mm brain (10.5 M voxels)
+    # or a 1 mm CT (27 M) keeps its full-resolution level. 0 = no limit.
+    max_level_voxels: int = 32_000_000
 
     def __post_init__(self) -> None:
         self.similarity = check_choice("similarity", str(self.similarity).lower(), sorted(losses.SIMILARITY_LOSSES))
@@ -89,6 +95,8 @@ class AlignConfig:
             raise ValueError(f"residual_levels must be >= 0, got {self.residual_levels}")
         if int(self.residual_int_steps) < 0:
             raise ValueError(f"residual_int_steps must be >= 0, got {self.residual_int_steps}")
+        if int(self.max_level_voxels) < 0:
+            raise ValueError(f"max_level_voxels must be >= 0, got {self.max_level_voxels}")
 
     @property
     def total_iterations(self) -> int:
@@ -106,11 +114,13 @@ class AlignConfig:
 
 @dataclass
 class AlignResult:
-    """Field found by :func:`align` with the loss history and runtime."""
+    """Field found by :func:`align` with the loss history, runtime and the pyramid scales it
+    optimised (``config.scales``, or coarser for a very large image: :func:`capped_scales`)."""
 
     field: Tensor
     history: list[float] = dataclass_field(default_factory=list)
     seconds: float = 0.0
+    scales: tuple[int, ...] = ()
 
 
 _MIN_LEVEL_SIZE = 8  # an axis is only downsampled while it keeps at least this many voxels
@@ -121,6 +131,18 @@ def level_shape(shape: Sequence[int], factor: int) -> tuple[int, ...]:
     ``_MIN_LEVEL_SIZE`` voxels (an axis that cannot afford the level keeps its size), so
     thin, small and anisotropic scans skip the levels they cannot afford axis by axis."""
     return tuple(int(s) if factor == 1 else max(int(s) // factor, min(int(s), _MIN_LEVEL_SIZE)) for s in shape)
+
+
+def capped_scales(scales: Sequence[int], shape: Sequence[int], max_voxels: int) -> tuple[int, ...]:
+    """``scales`` doubled as often as needed for the finest level of an image of ``shape`` to
+    hold at most ``max_voxels`` voxels (0: unchanged)."""
+    factor = 1
+    finest = min(scales)
+    while max_voxels and math.prod(level_shape(shape, finest * factor)) > max_voxels:
+        if level_shape(shape, finest * factor * 2) == level_shape(shape, finest * factor):
+            break  # no axis can shrink any further
+        factor *= 2
+    return tuple(int(s) * factor for s in scales)
 
 
 def _downsample(image: Tensor, factor: int) -> Tensor:
@@ -339,6 +361,9 @@ def align(
         if config.threads:
             torch.set_num_threads(config.threads)
         initial = None if initial_field is None else initial_field[region]
+        scales = capped_scales(config.scales, fixed[region].shape[2:], int(config.max_level_voxels))
+        if scales != tuple(config.scales):
+            config = AlignConfig(**{**config.__dict__, "scales": scales})
         residual, history = _optimise(fixed[region], moving[region], config, progress, initial)
     finally:
         torch.set_num_threads(previous)
@@ -346,7 +371,7 @@ def align(
         field = _pad_to_grid(residual, box, fixed.shape[2:])
         if initial_field is not None:
             field = spatial.compose(initial_field, field)
-    return AlignResult(field=field, history=history, seconds=time.perf_counter() - start)
+    return AlignResult(field=field, history=history, seconds=time.perf_counter() - start, scales=tuple(config.scales))
 
 
 class _ThreadChooser:

@@ -299,7 +299,8 @@ def register(
         inverse: Callable[[], torch.Tensor] | None = None  # the identity: inverse_field's zero-field case
     else:
         pair = _Pair(fixed_img, moving_img, world_matrix, moving_on_fixed, torch_device)
-        engine, field, inverse = _estimate_field(pair, model, config, lam, refine, progress)
+        engine, field, inverse, notes = _estimate_field(pair, model, config, lam, refine, progress)
+        values.update(notes)
     if torch_device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -422,19 +423,31 @@ def _estimate_field(
     lam: float | None,
     refine: int,
     progress: ProgressCallback | None,
-) -> tuple[str, torch.Tensor, Callable[[], torch.Tensor] | None]:
-    """(engine name, field, a function giving its inverse, or None) from instance optimisation or the
-    network (+ refinement); the network resamples the moving scan once, from its own grid to
-    the model's, and a network alone gives its exact inverse (the negated velocity)."""
+) -> tuple[str, torch.Tensor, Callable[[], torch.Tensor] | None, dict[str, Any]]:
+    """(engine name, field, a function giving its inverse or None, notes for metrics.json)
+    from instance optimisation or the network (+ refinement); the network resamples the
+    moving scan once, from its own grid to the model's, and a network alone gives its exact
+    inverse (the negated velocity). Notes: ``optimisation_scales`` when the image was too
+    large for the configured pyramid (:func:`voxreg.registration.instance.capped_scales`)."""
     if model is None:
-        return "instance-optimisation", align(*pair.tensors(), config, progress=progress).field, None
+        found = align(*pair.tensors(), config, progress=progress)
+        return "instance-optimisation", found.field, None, _scale_note(found, config)
     alone = refine <= 0
     field, inverse = _predict_with_model(model, pair.fixed, pair.moving, lam, pair.device, pair.world_matrix, alone)
     if alone:
-        return "network", field, inverse
+        return "network", field, inverse, {}
     fixed, moving = pair.tensors()
-    refined = align(fixed, moving, config.refinement(refine), initial_field=field.to(fixed.device), progress=progress)
-    return f"network+refine{refine}", refined.field, None
+    schedule = config.refinement(refine)
+    refined = align(fixed, moving, schedule, initial_field=field.to(fixed.device), progress=progress)
+    return f"network+refine{refine}", refined.field, None, _scale_note(refined, schedule)
+
+
+def _scale_note(found: Any, config: AlignConfig) -> dict[str, Any]:
+    """``{"optimisation_scales": [...]}`` when ``align`` optimised coarser levels than
+    ``config`` asked for (a very large image), else ``{}``."""
+    if not found.scales or tuple(found.scales) == tuple(config.scales):
+        return {}
+    return {"optimisation_scales": list(found.scales), "optimisation_scales_asked": list(config.scales)}
 
 
 def apply_field(
