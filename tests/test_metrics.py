@@ -113,6 +113,28 @@ def test_similarity_report():
         M.similarity_report(fixed, moving[:-1], fixed)
 
 
+@pytest.mark.parametrize("shape", [(40, 36, 30), (50, 44), (7, 9, 8)])
+def test_slab_local_ncc_is_the_whole_image_local_ncc(shape):
+    """Slab by slab (down to one row per slab, halo = the window's radius) gives
+    ``losses.local_ncc`` to float32 rounding, with flat regions, a window wider than an axis
+    (7 voxels for a window of 9) and several images at once."""
+    from voxreg import losses
+    from voxreg.metrics.similarity import slab_local_ncc
+
+    g = torch.Generator().manual_seed(1)
+    fixed = torch.rand(1, 1, *shape, generator=g)
+    fixed[..., :4] = 0.0
+    moving = fixed + 0.3 * torch.rand(1, 1, *shape, generator=g)
+    moving[..., :3] = 0.2
+    other = torch.rand(1, 1, *shape, generator=g)
+    expected = [float(losses.local_ncc(fixed, image, 9)) for image in (moving, other)]
+    for slab_voxels in (1, 100, 2000, 10**9):
+        got = slab_local_ncc(fixed, {"moving": moving, "other": other}, 9, slab_voxels=slab_voxels)
+        assert got["moving"] == pytest.approx(expected[0], abs=1e-6)
+        assert got["other"] == pytest.approx(expected[1], abs=1e-6)
+    assert expected[0] > expected[1] + 0.2  # the two images differ: the comparison is not trivial
+
+
 def test_similarities_of_an_image_with_itself_and_a_flat_one():
     image = torch.rand(1, 1, 12, 13, 14, generator=torch.Generator().manual_seed(3))
     same = M.similarities(image, image.clone())
