@@ -28,7 +28,7 @@ from voxreg.core import spatial
 from voxreg.core.errors import VoxregError
 from voxreg.core.grid import check_affine, voxel_matrix
 from voxreg.core.image import Image
-from voxreg.core.runtime import resolve_device
+from voxreg.core.runtime import release_memory_above, resolve_device
 from voxreg.io.staging import REGISTER_OUTPUTS, staged_outputs
 
 ITK_FIELD_SKIPPED = "not written: ITK 2D fields need an image plane parallel to x-y"
@@ -167,6 +167,7 @@ def write_outputs(result: RegistrationResult, folder: str | Path, figure: bool =
     folder = Path(folder)
     field = result.field[0].detach().cpu().numpy()
     inverse, payload_inverse = inverse_field(result)
+    release_memory_above(result.fixed.array.size)
     payload = dict(result.metrics)
     payload["inverse"] = payload_inverse
     names: dict[str, str] = {

@@ -27,7 +27,7 @@ from voxreg.core.config import check_choice, check_int, check_number
 from voxreg.core.errors import VoxregError
 from voxreg.core.grid import check_affine
 from voxreg.core.image import Image
-from voxreg.core.runtime import resolve_device
+from voxreg.core.runtime import release_memory_above, resolve_device
 from voxreg.registration.instance import AlignConfig, align
 from voxreg.registration.outputs import RegistrationResult, measure_registration
 
@@ -287,6 +287,7 @@ def register(
     values: dict[str, Any] = {}
     if world_matrix is None and (affine or affine_only):
         world_matrix, values["affine"] = _affine_stage(fixed_img, moving_img, _affine_config(affine_config, similarity))
+        release_memory_above(fixed_img.array.size)
     # the moving scan on the fixed grid after the affine stage: computed when something needs it
     # (instance optimisation, refinement, metrics, figures), not for a network alone
     moving_on_fixed = functools.cache(
@@ -301,6 +302,7 @@ def register(
         pair = _Pair(fixed_img, moving_img, world_matrix, moving_on_fixed, torch_device)
         engine, field, inverse, notes = _estimate_field(pair, model, config, lam, refine, progress)
         values.update(notes)
+        release_memory_above(fixed_img.array.size)
     if torch_device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -340,6 +342,7 @@ def register(
     if metrics:
         source = moving_img if "affine" in values else None  # raw similarity only after an affine stage
         values.update(measure_registration(result, source, fixed_label_img, label_maps, torch_device))
+        release_memory_above(fixed_img.array.size)
     values["total_seconds"] = time.perf_counter() - total_start
     return result
 
