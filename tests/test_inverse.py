@@ -223,3 +223,15 @@ def test_a_field_on_a_large_grid_is_inverted_at_half_resolution(monkeypatch, tmp
     assert half["residual_mean_voxels"] < 0.1 and half["residual_p99_voxels"] < 0.5
     assert half["residual_mean_voxels"] > full["residual_mean_voxels"]  # a cheaper, coarser inverse
     assert np.abs(half_inverse - full_inverse).max() < 0.5
+
+
+def test_the_residual_of_a_large_foreground_is_measured_on_every_kth_voxel(monkeypatch):
+    fixed = Image(smooth_volume((30, 28, 26), seed=4), np.eye(4))
+    field = smooth_random_field(fixed.shape, max_displacement=2.0, smoothness=8.0, seed=1)
+    result = outputs.RegistrationResult(fixed, fixed, fixed, field, {}, None, {"engine": "synthetic"})
+    every = outputs.inverse_field(result)[1]
+    monkeypatch.setattr(outputs, "RESIDUAL_VOXELS", 1000)
+    sampled = outputs.inverse_field(result)[1]
+    assert every["residual_voxels"] == every["foreground_voxels"] == sampled["foreground_voxels"] > 5000
+    assert 800 < sampled["residual_voxels"] <= 1000
+    assert sampled["residual_mean_voxels"] == pytest.approx(every["residual_mean_voxels"], rel=0.2)

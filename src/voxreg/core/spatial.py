@@ -268,17 +268,27 @@ def warp(image: Tensor, field: Tensor, mode: Interpolation = "linear", padding: 
 
 def warp_at(image: Tensor, field: Tensor, index: Tensor) -> Tensor:
     """:func:`warp` (linear, border padding) evaluated only at the voxels ``index`` (flat
-    indices into the field's grid, batch 1): values ``(1, C, len(index))``. The cost scales
-    with ``len(index)``, not with the grid."""
+    indices into the field's grid, batch 1): values ``(1, C, len(index))``. The cost (and
+    memory) scales with ``len(index)``, not with the grid: the indexed voxels' coordinates are
+    unravelled from ``index``, no identity grid of the whole field is built."""
     ndim = spatial_ndim(field)
     shape = tuple(int(s) for s in field.shape[2:])
     voxels = math.prod(shape)
-    identity = _cached_normalized_identity(shape, field.device, field.dtype).view(voxels, ndim)
     matrix = _cached_to_normalized(shape, field.device, field.dtype)
     displacement = field.reshape(ndim, voxels).index_select(1, index)
-    grid = torch.addmm(identity.index_select(0, index), displacement.t(), matrix)
+    grid = torch.addmm(_normalized_coords(index, shape, field.dtype), displacement.t(), matrix)
     grid = grid.view(1, -1, *([1] * (ndim - 1)), ndim)
     return grid_sample(image, grid).reshape(1, image.shape[1], -1)
+
+
+def _normalized_coords(index: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """grid_sample coordinates ``(len(index), ndim)`` (normalised, reversed axis order) of the
+    voxels at flat ``index`` of a grid of ``shape``: the rows of the normalised identity."""
+    columns, rest = [], index
+    for size in reversed(shape):
+        columns.append((rest % size).to(dtype) * (2.0 / max(size - 1, 1)) - 1.0)
+        rest = torch.div(rest, size, rounding_mode="floor")
+    return torch.stack(columns, dim=1)
 
 
 def compose(outer: Tensor, inner: Tensor) -> Tensor:
