@@ -291,3 +291,19 @@ def test_invert_displacement_from_an_initial_guess():
     torch.testing.assert_close(spatial.invert_displacement(field, 3, initial=-field), -field)
     with pytest.raises(ValueError, match="does not match"):
         spatial.invert_displacement(field, 1, initial=torch.zeros(1, 3, 6, 7, 4))
+
+
+def test_a_large_grid_gets_the_same_identity_without_caching_it(monkeypatch):
+    shape = (7, 9, 8)
+    cached = spatial._cached_normalized_identity(shape, torch.device("cpu"), torch.float32)[0]
+    monkeypatch.setattr(spatial, "CACHE_MAX_VOXELS", 100)
+    before = spatial._cached_normalized_identity.cache_info().currsize
+    built = spatial._normalized_identity((9, 8, 7), torch.device("cpu"), torch.float32)
+    assert spatial._cached_normalized_identity.cache_info().currsize == before  # not cached
+    assert torch.equal(spatial._normalized_identity(shape, torch.device("cpu"), torch.float32), cached)
+    field = torch.randn(1, 3, *shape) * 0.5
+    image = torch.rand(1, 1, *shape)
+    monkeypatch.setattr(spatial, "CACHE_MAX_VOXELS", 16_000_000)
+    expected = spatial.warp(image, field)
+    monkeypatch.setattr(spatial, "CACHE_MAX_VOXELS", 100)
+    assert torch.equal(spatial.warp(image, field), expected) and built.shape == (9, 8, 7, 3)
