@@ -141,3 +141,24 @@ def test_similarities_of_an_image_with_itself_and_a_flat_one():
     assert abs(same["ncc"] - 1.0) < 1e-5 and same["mse"] == 0.0 and abs(same["local_ncc"] - 1.0) < 1e-4
     other = M.similarities(image, torch.rand(1, 1, 12, 13, 14, generator=torch.Generator().manual_seed(4)))
     assert other["ncc"] < 0.1 and other["mi"] < same["mi"]
+
+
+def test_jacobian_stats_by_chunks_equal_the_whole_array(monkeypatch):
+    """Chunked float64 statistics (Chan's update for the std) give numpy's whole-array values
+    on a folding field, with and without a mask."""
+    from voxreg.core.spatial import jacobian_determinant
+    from voxreg.core.synthetic import smooth_random_field
+    from voxreg.metrics import jacobian
+
+    field = torch.as_tensor(smooth_random_field((40, 44, 36), max_displacement=6.0, smoothness=4.0, seed=3))
+    det = jacobian_determinant(field)[0].numpy().astype(np.float64)
+    mask = np.zeros(det.shape, bool)
+    mask[5:30] = True
+    monkeypatch.setattr(jacobian, "_STATS_CHUNK", 1000)
+    for chosen, values in ((None, det.ravel()), (mask, det[mask])):
+        got = M.jacobian_stats(field, mask=chosen)
+        assert got["folding_percent"] == pytest.approx(100 * np.mean(values <= 0), abs=1e-12)
+        assert got["folding_percent"] > 0
+        assert got["log_jacobian_std"] == pytest.approx(np.std(np.log(np.clip(values, 1e-9, 1e9))), rel=1e-12)
+        assert got["jacobian_min"] == values.min() and got["jacobian_max"] == values.max()
+        assert got["jacobian_mean"] == pytest.approx(values.mean(), rel=1e-12)
