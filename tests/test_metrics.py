@@ -158,7 +158,7 @@ def test_jacobian_stats_by_chunks_equal_the_whole_array(monkeypatch):
     for chosen, values in ((None, det.ravel()), (mask, det[mask])):
         got = M.jacobian_stats(field, mask=chosen)
         assert got["folding_percent"] == pytest.approx(100 * np.mean(values <= 0), abs=1e-12)
-        assert got["folding_percent"] > 0
+        assert got["folding_percent"] > 0 or chosen is not None  # the field folds somewhere
         assert got["log_jacobian_std"] == pytest.approx(np.std(np.log(np.clip(values, 1e-9, 1e9))), rel=1e-12)
         assert got["jacobian_min"] == values.min() and got["jacobian_max"] == values.max()
         assert got["jacobian_mean"] == pytest.approx(values.mean(), rel=1e-12)
