@@ -378,9 +378,9 @@ def _intensity_array(array: np.ndarray, path: Path) -> np.ndarray:
     """float32 copy of an intensity array, checked for NaN/Inf."""
     if np.iscomplexobj(array):
         raise file_error(path, "complex-valued image; pass a magnitude (real-valued) image")
-    out = np.asarray(array, dtype=np.float32)
+    out = np.asarray(array, dtype=np.float32, order="C")  # one pass: cast and reorder together
     check_finite(out, path)
-    return np.ascontiguousarray(out)
+    return out
 
 
 def _label_array(array: np.ndarray, path: Path) -> np.ndarray:
@@ -395,8 +395,8 @@ def _label_array(array: np.ndarray, path: Path) -> np.ndarray:
         check_finite(array, path)
         rounded = np.round(array)
         deviation = np.abs(array - rounded)
-        worst = int(np.argmax(deviation))
-        if deviation.flat[worst] > _LABEL_TOLERANCE:
+        if float(deviation.max()) > _LABEL_TOLERANCE:
+            worst = int(np.argmax(deviation))
             raise file_error(
                 path,
                 f"label map has non-integer values (e.g. {array.flat[worst]:g}); "
@@ -406,7 +406,7 @@ def _label_array(array: np.ndarray, path: Path) -> np.ndarray:
     info = np.iinfo(np.int32)
     if array.min() < info.min or array.max() > info.max:
         raise file_error(path, "label values do not fit in int32")
-    return np.ascontiguousarray(array.astype(np.int32))
+    return array.astype(np.int32, order="C")  # one pass: cast and reorder together
 
 
 def as_label_image(image: Image) -> Image:
