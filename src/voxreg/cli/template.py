@@ -43,7 +43,9 @@ def template(
     of the mean displacement. Writes OUTPUT/template.nii.gz, template_labels.nii.gz (majority
     vote, when labels are given), convergence.csv/.png, montage.png, and OUTPUT/scans/<id>/ with
     each scan's registration to the template (the files of voxreg register). A rerun continues
-    after the last complete iteration (OUTPUT/iter_<k>/)."""
+    after the last complete iteration (OUTPUT/iter_<k>/). --engine network --refine 0 is the
+    fast path (8 brains at 2 mm: 37 s, ANTs build_template 195 s, same label agreement); the
+    default engine is slower and sharper."""
     from voxreg.cohort.template import TemplateOptions, build_template
 
     options = TemplateOptions(
