@@ -22,6 +22,7 @@ if [ "${1:-}" = "--handover" ]; then
   "$VENV_PY" -c "import sys; from voxreg.nn.checkpoint import save_weights_only; save_weights_only(sys.argv[1], sys.argv[2])" \
     "$WORK/last.pt" "$RUN/weights.pt"
   cp "$WORK/metrics.csv" "$RUN/metrics.csv"
+  [ -f "$WORK/loss_curve.png" ] && cp "$WORK/loss_curve.png" "$RUN/loss_curve.png"
   exit 0
 fi
 if [ -f "$WORK/last.pt" ]; then
