@@ -69,7 +69,7 @@ def _standardise(image: Tensor) -> Tensor:
     return (image - mean) / std
 
 
-def _window_sizes(window: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+def window_sizes(window: int | Sequence[int], ndim: int) -> tuple[int, ...]:
     """Per-axis odd window sizes from an int or a sequence of ``ndim`` ints."""
     sizes = (int(window),) * ndim if isinstance(window, int) else tuple(int(w) for w in window)
     if len(sizes) != ndim or any(w < 1 or w % 2 == 0 for w in sizes):
@@ -92,7 +92,7 @@ def box_filter(image: Tensor, window: int | Sequence[int]) -> Tensor:
     average pools is the faster one).
     """
     ndim = spatial_ndim(image)
-    sizes = clip_window(_window_sizes(window, ndim), image.shape[2:])
+    sizes = clip_window(window_sizes(window, ndim), image.shape[2:])
     if not (torch.is_grad_enabled() and image.requires_grad):
         return _box_mean_per_channel(image, sizes)
     pool = F.avg_pool2d if ndim == 2 else F.avg_pool3d
@@ -114,7 +114,7 @@ def box_filter(image: Tensor, window: int | Sequence[int]) -> Tensor:
 def _local_moments(fixed: Tensor, warped: Tensor, window: int | Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
     """Local covariance and the two local variances over a box ``window`` (standardised images)."""
     ndim = _check_pair(fixed, warped)
-    _window_sizes(window, ndim)
+    window_sizes(window, ndim)
     a, b = _standardise(fixed), _standardise(warped)
     if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
         stats = box_filter(torch.cat([a, b, a * a, b * b, a * b], dim=1), window)
@@ -177,7 +177,7 @@ def _box_mean_per_channel(image: Tensor, sizes: Sequence[int]) -> Tensor:
     """:func:`box_filter` without autograd: shifted-add sums over counts, one channel at a
     time into one output (a few single-channel temporaries at the peak, not several copies
     of all channels)."""
-    counts = _box_counts(image.shape[2:], sizes, image.device, image.dtype)
+    counts = inverse_box_counts(image.shape[2:], sizes, image.device, image.dtype)
     out = torch.empty_like(image)
     for channel in range(image.shape[1]):
         torch.mul(box_sum(image[:, channel : channel + 1], sizes), counts, out=out[:, channel : channel + 1])
@@ -204,15 +204,24 @@ def box_sum(image: Tensor, window: Sequence[int]) -> Tensor:
     return out
 
 
-def _box_counts(shape: Sequence[int], window: Sequence[int], device: torch.device, dtype: torch.dtype) -> Tensor:
-    """``1 / (number of voxels inside the image in each voxel's box)``, shape ``(1, 1, *shape)``."""
-    inverse = torch.ones((1, 1, *shape), device=device, dtype=dtype)
+def inverse_box_counts(
+    shape: Sequence[int],
+    window: Sequence[int],
+    device: torch.device,
+    dtype: torch.dtype,
+    rows: slice | None = None,
+) -> Tensor:
+    """``1 / (number of voxels inside the image in each voxel's box)``, shape ``(1, 1, *shape)``,
+    or only for the voxels of ``rows`` along the first spatial axis (a slab of the image)."""
+    first = range(int(shape[0]))[rows] if rows is not None else range(int(shape[0]))
+    inverse = torch.ones((1, 1, len(first), *shape[1:]), device=device, dtype=dtype)
     for axis, (n, size) in enumerate(zip(shape, window)):
         index = torch.arange(n, device=device)
         radius = size // 2
         count = (index + radius).clamp_max(n - 1) - (index - radius).clamp_min(0) + 1
+        count = count[rows] if axis == 0 and rows is not None else count
         view = [1] * (len(shape) + 2)
-        view[2 + axis] = n
+        view[2 + axis] = count.numel()
         inverse = inverse / count.to(dtype).view(view)
     return inverse
 
@@ -287,11 +296,11 @@ class FixedLocalNCC:
     ) -> None:
         ndim = spatial_ndim(fixed)
         self.shape = tuple(fixed.shape)
-        self.window = clip_window(_window_sizes(window, ndim), fixed.shape[2:])
+        self.window = clip_window(window_sizes(window, ndim), fixed.shape[2:])
         self.squared, self.eps = squared, float(eps)
         with torch.no_grad():
             self.fixed_std = _standardise(fixed.detach())
-            self.inv_count = _box_counts(fixed.shape[2:], self.window, fixed.device, fixed.dtype)
+            self.inv_count = inverse_box_counts(fixed.shape[2:], self.window, fixed.device, fixed.dtype)
             channels = fixed.shape[1]
             a = self.fixed_std
             stats = box_sum(torch.cat([a, a * a], dim=1), self.window).mul_(self.inv_count)

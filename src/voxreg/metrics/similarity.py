@@ -8,7 +8,7 @@ from torch import Tensor
 
 from voxreg import losses
 from voxreg.core.spatial import spatial_ndim
-from voxreg.losses.similarity import _window_sizes, box_sum, clip_window
+from voxreg.losses.similarity import box_sum, clip_window, inverse_box_counts, window_sizes
 from voxreg.metrics._arrays import ArrayLike, as_image
 
 #: voxels (a fixed-seed random subset) the reported MI is estimated from: at 2^18 its value
@@ -54,20 +54,6 @@ def _moments(image: Tensor) -> tuple[Tensor, Tensor]:
     return mean, torch.where(std > 1e-12, std, torch.ones_like(std))
 
 
-def _inverse_counts(shape: tuple[int, ...], sizes: tuple[int, ...], rows: slice, like: Tensor) -> Tensor:
-    """``1 / (voxels of each box inside the whole image)`` for the voxels of ``rows`` (first
-    spatial axis) of an image of ``shape``: ``(1, 1, len(rows), *shape[1:])``."""
-    inverse = torch.ones((1, 1, rows.stop - rows.start, *shape[1:]), device=like.device, dtype=like.dtype)
-    for axis, (n, size) in enumerate(zip(shape, sizes)):
-        index = torch.arange(n, device=like.device)
-        count = (index + size // 2).clamp_max(n - 1) - (index - size // 2).clamp_min(0) + 1
-        count = count[rows] if axis == 0 else count
-        view = [1] * (len(shape) + 2)
-        view[2 + axis] = count.numel()
-        inverse = inverse / count.to(like.dtype).view(view)
-    return inverse
-
-
 def slab_local_ncc(
     fixed: Tensor, others: dict[str, Tensor], window: int = 9, eps: float = 1e-5, slab_voxels: int = REPORT_SLAB_VOXELS
 ) -> dict[str, float]:
@@ -78,7 +64,7 @@ def slab_local_ncc(
     computed once per slab for all of ``others``. Same values as the whole-image computation
     up to float32 rounding (the sum is accumulated in float64)."""
     shape = tuple(int(n) for n in fixed.shape[2:])
-    sizes = clip_window(_window_sizes(window, spatial_ndim(fixed)), shape)
+    sizes = clip_window(window_sizes(window, spatial_ndim(fixed)), shape)
     radius = sizes[0] // 2
     plane = max(1, int(fixed[0, 0, 0].numel()))
     step = max(1, slab_voxels // plane)
@@ -89,7 +75,7 @@ def slab_local_ncc(
         stop = min(shape[0], start + step)
         low, high = max(0, start - radius), min(shape[0], stop + radius)
         keep = slice(start - low, stop - low)
-        inv_count = _inverse_counts(shape, sizes, slice(low, high), fixed)
+        inv_count = inverse_box_counts(shape, sizes, fixed.device, fixed.dtype, rows=slice(low, high))
         a = (fixed[:, :, low:high] - fixed_mean) / fixed_std
         mu_a, aa = box_sum(torch.cat([a, a * a]), sizes).mul_(inv_count).unbind(0)
         var_a_eps = (aa - mu_a * mu_a).clamp_min_(0.0).add_(eps)
