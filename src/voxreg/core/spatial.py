@@ -65,7 +65,7 @@ def identity_grid(
 @lru_cache(maxsize=16)
 @torch.inference_mode(False)
 def _cached_normalized_identity(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
-    return voxel_to_normalized(_cached_identity(shape, device, dtype), shape).contiguous()
+    return voxel_to_normalized(identity_grid(shape, device, dtype), shape).contiguous()
 
 
 @lru_cache(maxsize=16)
@@ -87,9 +87,8 @@ def _normalized_identity(shape: tuple[int, ...], device: torch.device, dtype: to
     """The normalised identity grid ``(*shape, ndim)`` in grid_sample's layout: cached for
     grids up to :data:`CACHE_MAX_VOXELS` voxels, built afresh (same values) above."""
     if math.prod(shape) <= CACHE_MAX_VOXELS:
-        return _cached_normalized_identity(shape, device, dtype)
-    axes = [torch.arange(s, device=device, dtype=dtype) * (2.0 / max(s - 1, 1)) - 1.0 for s in reversed(shape)]
-    return torch.stack(torch.meshgrid(*reversed(axes), indexing="ij")[::-1], dim=-1)
+        return _cached_normalized_identity(shape, device, dtype)[0]
+    return _cached_normalized_identity.__wrapped__(shape, device, dtype)[0]  # same builder, not kept
 
 
 def field_to_grid(field: Tensor) -> Tensor:

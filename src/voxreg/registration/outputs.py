@@ -227,10 +227,10 @@ def inverse_field(result: RegistrationResult) -> tuple[np.ndarray, dict[str, Any
     if result.inverse is not None:
         method, inverse = "the network's: its velocity negated and integrated", result.inverse
         inverse = inverse.detach().to("cpu", torch.float32)
-    elif bool(field.any()) and field[0, 0].numel() > HALF_RES_INVERSE_ABOVE:
-        method, inverse = "fixed-point inversion at half resolution", spatial.invert_displacement(field, 0)
     elif bool(field.any()):
-        method, inverse = "fixed-point inversion", spatial.invert_displacement(field)
+        large = field[0, 0].numel() > HALF_RES_INVERSE_ABOVE  # the half-resolution stage only
+        method = "fixed-point inversion" + (" at half resolution" if large else "")
+        inverse = spatial.invert_displacement(field, 0 if large else 2)
     else:
         method, inverse = "identity", torch.zeros_like(field)
     seconds = time.perf_counter() - start
