@@ -378,7 +378,9 @@ def test_concurrent_run_refused_then_sigterm_leaves_nothing(tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("earlier file")
     before = snapshot(tmp_path)
-    args = ["register", p["fixed"], p["moving"], "-o", out, "--device", "cpu"]
+    # 20,000 refinement steps keep the run busy for minutes: SIGTERM always arrives mid-run
+    # (with the default 40 steps a 24^3 pair could finish before the signal on a fast machine).
+    args = ["register", p["fixed"], p["moving"], "-o", out, "--device", "cpu", "--refine", "20000"]
     proc = subprocess.Popen(_cli(*args), stderr=subprocess.PIPE)
     deadline = time.time() + 90
     while time.time() < deadline and not list(out.glob(".voxreg-staging-*")):
