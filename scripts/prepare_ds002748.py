@@ -2,7 +2,7 @@
 
     python scripts/prepare_ds002748.py FOLDER -o OUT [--holdout 65-72]
 
-FOLDER holds ``sub-XX_T1w.nii.gz`` (e.g. extracted from the GitHub repository
+FOLDER holds ``sub-XX_T1w.nii.gz``, flat or in BIDS ``sub-XX/anat/`` folders (e.g. extracted from the GitHub repository
 aaronsossin/DepressionMRI_AI, DEVELOPERS guide). Each scan is aligned (affine) to the MNI152
 template of the nilearn wheel and resampled at the model's 2.07 mm voxel size
 (``voxreg.training.preprocess``), then cropped to an 80x96x80 grid centred on the template's
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--holdout", default="65-72", help="subject numbers kept out of training (LO-HI)")
     args = parser.parse_args()
     low, high = (int(v) for v in args.holdout.split("-"))
-    scans = sorted(args.folder.glob("sub-*_T1w.nii*"))
+    scans = sorted(args.folder.rglob("sub-*_T1w.nii*"), key=lambda p: p.name)  # flat or BIDS (sub-XX/anat/)
     if not scans:
         raise SystemExit(f"{args.folder}: no sub-*_T1w.nii(.gz) files")
     with tempfile.TemporaryDirectory() as tmp:
