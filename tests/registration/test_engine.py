@@ -111,6 +111,26 @@ def test_the_default_refines_the_shipped_model_by_its_card(shipped_dir, tmp_path
     assert asked.metrics["engine"] == "network+refine2"
 
 
+def test_the_refinement_takes_the_cards_lambda_unless_the_user_gives_one(shipped_dir):
+    """Card ``refine_lambda`` 0.5: the default's refinement optimises with λ 0.5 (as if
+    ``--lambda 0.5`` were given: the same field); --lambda, another similarity, a network
+    alone and instance optimisation keep their own λ."""
+    card_path = shipped_dir / "tiny-brain.json"
+    card = json.loads(card_path.read_text(encoding="utf-8"))
+    card_path.write_text(json.dumps(card | {"refine_lambda": 0.5}), encoding="utf-8")
+    fixed, moving = _pair()
+    run = {"affine": False, "metrics": False, "device": "cpu"}
+    default = voxreg.register(fixed, moving, **run)
+    assert default.metrics["engine"] == "network+refine3" and default.metrics["lambda"] == 0.5
+    explicit = voxreg.register(fixed, moving, lam=0.5, **run)
+    torch.testing.assert_close(default.field, explicit.field)
+    assert voxreg.register(fixed, moving, lam=2.0, **run).metrics["lambda"] == 2.0
+    assert not torch.allclose(voxreg.register(fixed, moving, lam=2.0, **run).field, default.field)
+    assert voxreg.register(fixed, moving, similarity="mse", **run).metrics["lambda"] == 0.02  # mse's default
+    assert voxreg.register(fixed, moving, engine="instance", **run).metrics["lambda"] == 1.0
+    assert voxreg.register(fixed, moving, refine=0, **run).metrics["lambda"] is None  # network alone: none
+
+
 def test_refinement_splits_steps_four_to_one_between_half_and_full_scale():
     from voxreg.registration.instance import AlignConfig
 

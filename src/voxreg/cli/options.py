@@ -19,7 +19,14 @@ Engine = Annotated[
     ),
 ]
 Similarity = Annotated[str, typer.Option("--similarity", "-s", help="Similarity: ncc, mse or mi.")]
-Lambda = Annotated[float | None, typer.Option("--lambda", "-l", help="Regularisation weight.")]
+Lambda = Annotated[
+    float | None,
+    typer.Option(
+        "--lambda",
+        "-l",
+        help="Regularisation weight (default: the similarity's own; after the shipped model, its card's refinement λ).",
+    ),
+]
 Refine = Annotated[
     int | None,
     typer.Option(

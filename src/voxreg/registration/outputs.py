@@ -185,7 +185,11 @@ def write_outputs(result: RegistrationResult, folder: str | Path, figure: bool =
         "field": "field.nii.gz",
         "field_inverse": "field_inverse.nii.gz",
     }
-    writes: list[Callable[[], Path]] = [
+    writes: list[Callable[[], Path]] = []
+    if figure:  # first: matplotlib holds the GIL, the compressing writes below mostly do not
+        names["figure"] = "figure.png"
+        writes.append(functools.partial(_save_figure, result, field, folder / "figure.png"))
+    writes += [
         functools.partial(io.save_image, result.warped, folder / "warped.nii.gz"),
         functools.partial(io.save_field, folder / "field.nii.gz", field, result.fixed),
         functools.partial(io.save_field, folder / "field_inverse.nii.gz", inverse, result.fixed),
@@ -200,13 +204,10 @@ def write_outputs(result: RegistrationResult, folder: str | Path, figure: bool =
         writes.append(functools.partial(io.save_itk_field, folder / "field_itk_inverse.nii.gz", inverse, result.fixed))
     else:  # a 2D slice tilted out of the x-y plane: the voxreg fields (field*.nii.gz) still hold it
         payload["field_itk"] = ITK_FIELD_SKIPPED
-    _write_concurrently(writes)
     if result.world_matrix is not None:
         names["affine"] = "affine.txt"
-        io.write_itk_affine(folder / "affine.txt", result.world_matrix)
-    if figure:
-        names["figure"] = "figure.png"
-        _save_figure(result, field, folder / "figure.png")
+        writes.append(functools.partial(io.write_itk_affine, folder / "affine.txt", result.world_matrix))
+    _write_concurrently(writes)
     names["metrics"] = "metrics.json"
     payload["outputs"] = sorted(names.values())
     write_json(folder / "metrics.json", payload)
@@ -262,9 +263,10 @@ def foreground_index(image: Image, fraction: float = 0.05) -> torch.Tensor:
 
 
 def _write_concurrently(writes: Sequence[Callable[[], Path]]) -> None:
-    """Run the file writes on up to one thread per core: gzip compression releases the GIL,
-    so a 1 mm result's two compressed fields are written side by side (4.7 -> 3.3 s on 2
-    cores). Every write finishes before the first error, if any, is raised."""
+    """Run the file writes (and the figure) on up to one thread per core: gzip compression
+    releases the GIL, so a 1 mm result's compressed fields are written side by side (4.7 ->
+    3.3 s on 2 cores) and beside the figure's drawing. Every write finishes before the first
+    error, if any, is raised."""
     workers = max(1, min(len(writes), os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(write) for write in writes]

@@ -168,6 +168,16 @@ def _card_refinement(shipped: Any) -> int:
     return 0 if shipped is None else int(shipped.card.get("refine", 0))
 
 
+def refinement_lambda(model: str | Path | None, engine: str, ndim: int, similarity: str) -> float | None:
+    """λ of the refinement after a shipped model when the user gives none: its card's
+    ``refine_lambda`` (measured with NCC on held-out pairs), None for another similarity, a
+    user checkpoint, no network or a card without one (then the similarity's default λ)."""
+    shipped = _shipped_choice(model, engine, ndim)
+    if shipped is None or str(similarity).lower() != "ncc" or "refine_lambda" not in shipped.card:
+        return None
+    return float(shipped.card["refine_lambda"])
+
+
 def _extent_mm(image: Image) -> np.ndarray:
     """Field of view of ``image`` per axis in mm (voxels x spacing)."""
     return np.asarray(image.shape, dtype=float) * image.spacing
@@ -273,6 +283,7 @@ def register(
     if world_matrix is not None:
         check_affine(world_matrix, "world_matrix")
     _check_pair(fixed_img, moving_img)
+    asked_model = model
     model, refine, engine_reason = choose_model(model, engine, fixed_img, moving_img, refine)
     if model is None and refine > 0 and not affine_only:
         raise VoxregError(
@@ -293,7 +304,10 @@ def register(
     moving_on_fixed = functools.cache(
         lambda: warp_image(moving_img, fixed_img, world_matrix=world_matrix, device=torch_device)
     )
-    config = _align_config(config, similarity, lam)
+    refine_lam = lam
+    if config is None and lam is None and model is not None and refine > 0 and not affine_only:
+        refine_lam = refinement_lambda(asked_model, engine, fixed_img.ndim, similarity)
+    config = _align_config(config, similarity, refine_lam)
     start = time.perf_counter()
     if affine_only:
         engine, field = "affine", torch.zeros(1, fixed_img.ndim, *fixed_img.shape, device=torch_device)
@@ -323,7 +337,7 @@ def register(
             "registration_seconds": seconds,
             "pipeline_seconds": pipeline_seconds,
             "similarity_loss": config.similarity,
-            "lambda": config.lam if model is None else lam,
+            "lambda": config.lam if model is None or refine > 0 else lam,
             "model": None if model is None else str(model),
             "fixed": str(fixed_img.path or ""),
             "moving": str(moving_img.path or ""),

@@ -32,7 +32,7 @@ import torch
 
 from voxreg.core.errors import VoxregError
 from voxreg.core.grid import voxel_spacing
-from voxreg.io.files import atomic_path
+from voxreg.io.files import atomic_write
 
 _COLUMNS = ("fixed", "moving (fixed grid)", "warped", "warped - fixed", "deformation grid")
 
@@ -443,12 +443,16 @@ def _composite(mosaic: np.ndarray, fig) -> np.ndarray:
 
 
 def _save_atomic(rgb: np.ndarray, path: Path, dpi: int) -> None:
-    """Write the ``(H, W, 3)`` uint8 pixels as PNG through :func:`voxreg.io.atomic_path`
-    (temporary name, then rename; the file follows the umask like every other output)."""
+    """Write the ``(H, W, 3)`` uint8 pixels as PNG through :func:`voxreg.io.atomic_write`
+    (temporary name, then rename; the file follows the umask like every other output; a
+    failure, e.g. a full disk, is one VoxregError naming the file)."""
     from PIL import Image as PilImage
 
-    with atomic_path(path) as tmp, open(tmp, "xb") as handle:
-        PilImage.fromarray(rgb).save(handle, format="png", dpi=(dpi, dpi), compress_level=_PNG_LEVEL)
+    def write(tmp: Path) -> None:
+        with open(tmp, "xb") as handle:
+            PilImage.fromarray(rgb).save(handle, format="png", dpi=(dpi, dpi), compress_level=_PNG_LEVEL)
+
+    atomic_write(path, write)
 
 
 _PNG_LEVEL = 3
