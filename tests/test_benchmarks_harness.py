@@ -121,3 +121,17 @@ def test_pairs_finds_the_mindboggle_pairs():
     assert pairs.parse_pairs(["2:1"])[0] == found[0]
     assert all(p.fixed.exists() for p in pairs.two_d_pairs())
     assert all(path.exists() for path in pairs.ct_scan())
+
+
+def test_refine_schedule_parses_register_refinements_and_lambda():
+    from benchmarks.suites.refine_schedule import align_config
+    from voxreg.registration.instance import AlignConfig
+
+    r20 = align_config("r20/l0.5")
+    assert (r20.scales, r20.iterations, r20.lam) == ((2, 1), (16, 4), 0.5)
+    assert r20 == AlignConfig(lam=0.5).refinement(20)  # what `register --refine 20` runs
+    levels = align_config("2:20,1:5/i3/v")
+    assert (levels.scales, levels.iterations, levels.int_steps, levels.residual_levels) == ((2, 1), (20, 5), 3, 0)
+    assert align_config("instance").iterations == AlignConfig().iterations
+    with pytest.raises(ValueError, match="unknown schedule suffix /x"):
+        align_config("r20/x")

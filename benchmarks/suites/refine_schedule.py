@@ -125,15 +125,25 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def render(document: dict[str, Any]) -> str:
-    """One line per pair and variant, then the mean Dice per variant."""
-    head = "| pair | variant | Dice | folding % | deformable s | inverse residual mean / p99 (voxels) |"
-    lines = [f"Model: `{document['model']}`.", "", head, "|---|---|---|---|---|---|"]
-    means: dict[str, list[float]] = {}
-    for r in document["rows"]:
+    """The mean per variant (Dice, folding, seconds, inverse residual), then one line per pair."""
+    rows = document["rows"]
+    variants: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        variants.setdefault(r["variant"], []).append(r)
+    lines = [f"Model: `{document['model']}`, {len({r['pair'] for r in rows})} pairs.", ""]
+    lines += [
+        "| variant | mean Dice | folding % | deformable s per pair | inverse residual mean / p99 (voxels) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, group in variants.items():
+        mean = {key: float(np.mean([r.get(key, np.nan) for r in group])) for key in group[0] if key not in ("pair", "variant")}
         lines.append(
-            f"| {r['pair']} | {r['variant']} | {r['dice']:.4f} | {r['folding_percent']:.4f} | {r['seconds']:.1f} "
-            f"| {r.get('inverse_mean', float('nan')):.3f} / {r.get('inverse_p99', float('nan')):.3f} |"
+            f"| {name} | {mean['dice']:.4f} | {mean['folding_percent']:.4f} | {mean['seconds']:.2f} "
+            f"| {mean.get('inverse_mean', float('nan')):.3f} / {mean.get('inverse_p99', float('nan')):.3f} |"
         )
-        means.setdefault(r["variant"], []).append(r["dice"])
-    lines += ["", "Mean Dice: " + ", ".join(f"{k} {sum(v) / len(v):.4f}" for k, v in means.items())]
+    lines += ["", "Per pair:", "", "| pair | variant | Dice | folding % | deformable s |", "|---|---|---|---|---|"]
+    lines += [
+        f"| {r['pair']} | {r['variant']} | {r['dice']:.4f} | {r['folding_percent']:.4f} | {r['seconds']:.1f} |"
+        for r in rows
+    ]
     return "\n".join(lines) + "\n"
