@@ -125,6 +125,7 @@ def test_pairs_finds_the_mindboggle_pairs():
 
 def test_refine_schedule_parses_register_refinements_and_lambda():
     from benchmarks.suites.refine_schedule import align_config
+
     from voxreg.registration.instance import AlignConfig
 
     r20 = align_config("r20/l0.5")
