@@ -136,7 +136,11 @@ def render(document: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for name, group in variants.items():
-        mean = {key: float(np.mean([r.get(key, np.nan) for r in group])) for key in group[0] if key not in ("pair", "variant")}
+        mean = {
+            key: float(np.mean([r.get(key, np.nan) for r in group]))
+            for key in group[0]
+            if key not in ("pair", "variant")
+        }
         lines.append(
             f"| {name} | {mean['dice']:.4f} | {mean['folding_percent']:.4f} | {mean['seconds']:.2f} "
             f"| {mean.get('inverse_mean', float('nan')):.3f} / {mean.get('inverse_p99', float('nan')):.3f} |"
