@@ -281,10 +281,10 @@ def register(
     # the inputs are read side by side (decompression and casts release the GIL): 4 files of a
     # 1 mm pair with labels in ~0.6 instead of ~1.1 s; errors still surface in this order
     with ThreadPoolExecutor(max_workers=2) as pool:
-        reads = [pool.submit(as_image, fixed), pool.submit(as_image, moving), pool.submit(_label_maps, moving_labels)]
-        if fixed_labels is not None:
-            reads.append(pool.submit(as_image, fixed_labels, True))
-        fixed_img, moving_img = reads[0].result(), reads[1].result()
+        scans = [pool.submit(as_image, fixed), pool.submit(as_image, moving)]
+        moving_label_maps = pool.submit(_label_maps, moving_labels)
+        fixed_labels_read = pool.submit(as_image, fixed_labels, True) if fixed_labels is not None else None
+        fixed_img, moving_img = scans[0].result(), scans[1].result()
         check_affine(fixed_img.affine, f"{fixed_img.path or 'fixed'}: header")
         check_affine(moving_img.affine, f"{moving_img.path or 'moving'}: header")
         if world_matrix is not None:
@@ -297,8 +297,8 @@ def register(
                 f"--refine N refines a network's field, but no network runs ({engine_reason}): give --model "
                 "(or a shipped model's name); instance optimisation runs its full schedule without it"
             )
-        label_maps = reads[2].result()
-        fixed_label_img = reads[3].result() if fixed_labels is not None else None
+        label_maps = moving_label_maps.result()
+        fixed_label_img = fixed_labels_read.result() if fixed_labels_read is not None else None
     for labels in [*label_maps.values(), *([fixed_label_img] if fixed_label_img is not None else [])]:
         _check_pair(fixed_img, labels)
     torch_device = resolve_device(device)
