@@ -507,7 +507,7 @@ def fit_inverse(field: Tensor, inverse: Tensor, index: Tensor, sweeps: int = 4, 
     the least-squares sense of linear interpolation, at the voxels ``index`` (flat indices):
     ``sweeps`` damped Jacobi sweeps, each node moving by the interpolation-weighted sum of the
     misfits it takes part in over its total weight + ``damping`` (the splat is the adjoint of
-    the sampling, by autograd). Nodes no indexed point reaches keep their value. This is the
+    the sampling: grid_sample's backward). Nodes no indexed point reaches keep their value. This is the
     scattered-data view of inversion (ITK's InverseDisplacementFieldImageFilter fits point
     pairs ``x + field(x) -> x``); from a fixed-point inverse (:func:`invert_displacement`) it
     reduces the residual where the map stretches strongly and the fixed-point iteration,
@@ -521,19 +521,20 @@ def fit_inverse(field: Tensor, inverse: Tensor, index: Tensor, sweeps: int = 4, 
     grid = torch.addmm(_normalized_coords(index, shape, field.dtype), -target.t(), matrix)
     grid = grid.view(1, -1, *([1] * (ndim - 1)), ndim)
 
+    grid_backward = torch.ops.aten.grid_sampler_3d_backward if ndim == 3 else torch.ops.aten.grid_sampler_2d_backward
+
     def sample(image: Tensor) -> Tensor:
         return grid_sample(image, grid).reshape(image.shape[1], -1)
 
-    def splat(values: Tensor) -> Tensor:
-        nodes = torch.zeros(1, values.shape[0], *shape, dtype=field.dtype, device=field.device, requires_grad=True)
-        (spread,) = torch.autograd.grad(sample(nodes), nodes, grad_outputs=values)
+    def splat(values: Tensor) -> Tensor:  # grid_sample's adjoint: no forward pass, no autograd graph
+        nodes = torch.zeros(1, values.shape[0], *shape, dtype=field.dtype, device=field.device)
+        spread, _ = grid_backward(values.reshape(1, -1, *grid.shape[1:-1]), nodes, grid, 0, 1, True, [True, False])
         return spread
 
     fitted = inverse.detach().clone()
-    with torch.enable_grad():
-        weight = splat(torch.ones_like(target[:1])).add_(damping)
-        for _ in range(sweeps):
-            fitted += splat(target - sample(fitted)).div_(weight)
+    weight = splat(torch.ones_like(target[:1])).add_(damping)
+    for _ in range(sweeps):
+        fitted += splat(target - sample(fitted)).div_(weight)
     return fitted
 
 
