@@ -4,6 +4,7 @@ excluded) and % folding of the network alone, and optionally network + refinemen
 checkpoint given. The affine stage is computed once per pair and reused for every checkpoint.
 
 Usage: python benchmarks/learning_curve.py CKPT.pt ... [--refine 10 20 40] [--instance] [--csv OUT.csv] [--pairs 2:1 4:3]
+                                          [--offset STEPS HOURS]   (a segment continued with --init)
        python benchmarks/learning_curve.py --csv CURVE.csv --plot CURVE.png --reference 'ANTs SyN=0.568'   (plot only)
 Appends one row per checkpoint to --csv (step, wall hours of training, Dice, folding);
 ``--instance`` also prints instance optimisation on the same affine-aligned pairs (the
@@ -109,6 +110,14 @@ def main() -> None:
     parser.add_argument("--pairs", nargs="+", default=PAIRS)
     parser.add_argument("--plot", type=Path, help="only plot --csv's rows into this PNG")
     parser.add_argument("--reference", nargs="*", default=[], help="NAME=DICE lines for --plot")
+    parser.add_argument(
+        "--offset",
+        nargs=2,
+        type=float,
+        default=(0, 0.0),
+        metavar=("STEPS", "HOURS"),
+        help="added to each checkpoint's step and hours: a run continued with --init counts from 0 again",
+    )
     args = parser.parse_args()
     if args.plot:
         refs = {k: float(v) for k, v in (item.split("=", 1) for item in args.reference)}
@@ -129,6 +138,7 @@ def main() -> None:
         )
     for path in args.checkpoints:
         step, hours = checkpoint_info(path)
+        step, hours = step + int(args.offset[0]), hours + args.offset[1]
         row: dict[str, object] = {"checkpoint": path.name, "step": step, "train_hours": round(hours, 3)}
         for name, refine in [("model", 0)] + [(f"refine{n}", n) for n in args.refine]:
             scores = evaluate(path, pairs, refine)

@@ -8,7 +8,9 @@
 #                                                    synthetic-data model brain-synth-v1 (widened by the
 #                                                    full-resolution branch, --fine-features 16)
 #   bash scripts/train_shipped_model.sh --handover  before a session ends: write weights.pt (weights only,
-#                                                    committed) and a copy of metrics.csv
+#                                                    committed) and metrics.csv (the whole run: earlier
+#                                                    segments' rows, then this one's with steps and
+#                                                    seconds offset to follow them)
 # DATA (default /work/data/ds002748_prep) is the output folder of prepare_ds002748.py; never committed.
 # work/ (full checkpoints with optimiser state) is not committed.
 set -euo pipefail
@@ -21,7 +23,25 @@ mkdir -p "$WORK"
 if [ "${1:-}" = "--handover" ]; then
   "$VENV_PY" -c "import sys; from voxreg.nn.checkpoint import save_weights_only; save_weights_only(sys.argv[1], sys.argv[2])" \
     "$WORK/last.pt" "$RUN/weights.pt"
-  cp "$WORK/metrics.csv" "$RUN/metrics.csv"
+  # the run's whole history: the rows committed before this segment (a segment continued with
+  # --init counts its steps and seconds from 0 again) and this segment's, offset to follow them
+  "$VENV_PY" - "$WORK/previous_metrics.csv" "$WORK/metrics.csv" "$RUN/metrics.csv" <<'PY'
+import csv, os, sys
+previous, work, out = sys.argv[1:]
+rows = list(csv.DictReader(open(previous, newline=""))) if os.path.exists(previous) else []
+step0, seconds0 = (int(rows[-1]["step"]), float(rows[-1]["seconds"])) if rows else (0, 0.0)
+with open(work, newline="") as handle:
+    reader = csv.DictReader(handle)
+    fields = reader.fieldnames
+    for row in reader:
+        row["step"], row["seconds"] = str(int(row["step"]) + step0), str(float(row["seconds"]) + seconds0)
+        rows.append(row)
+with open(out, "w", newline="") as handle:
+    writer = csv.DictWriter(handle, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+print(f"{out}: {len(rows)} rows, steps {step0} + this segment's")
+PY
   [ -f "$WORK/loss_curve.png" ] && cp "$WORK/loss_curve.png" "$RUN/loss_curve.png"
   exit 0
 fi
@@ -29,6 +49,8 @@ if [ -f "$WORK/last.pt" ]; then
   START=(--resume)
 elif [ -f "$RUN/weights.pt" ]; then
   START=(--init "$RUN/weights.pt")
+  # a new segment: its steps count from 0; --handover appends them after these rows
+  [ -f "$RUN/metrics.csv" ] && cp "$RUN/metrics.csv" "$WORK/previous_metrics.csv"
 else
   START=(--init brain)   # the shipped model (synthetic-data brain-synth-v1 step 13,387 before this run shipped)
 fi
