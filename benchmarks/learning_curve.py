@@ -95,6 +95,7 @@ def plot_curve(rows: list[dict[str, str]], path: Path, references: dict[str, flo
     top = ax.secondary_xaxis(
         "top", functions=(lambda s: np.interp(s, steps, hours), lambda h: np.interp(h, hours, steps))
     )
+    top.set_xticks(range(int(max(hours)) + 1))  # whole hours within the run (beyond it the mapping is flat)
     top.set_xlabel("CPU hours of this run (2 cores, shared)")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()

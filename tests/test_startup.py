@@ -5,7 +5,6 @@ Each check runs in a fresh interpreter: the test process itself has torch loaded
 
 import importlib
 import json
-import os
 import subprocess
 import sys
 
@@ -104,18 +103,3 @@ def test_the_register_path_imports_only_torch_before_its_first_line_of_work():
         f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))\n"
     )
     assert json.loads(_python("-c", code).stdout.strip().splitlines()[-1]) == ["torch"]
-
-
-def test_cli_asks_torch_for_huge_pages_before_torch_is_imported():
-    """THP_MEM_ALLOC_ENABLE is read by PyTorch's allocator once: the CLI package sets it (a
-    user's own value kept) while torch is still unimported."""
-    check = "import os, sys\nimport voxreg.cli\nprint(os.environ['THP_MEM_ALLOC_ENABLE'], 'torch' in sys.modules)\n"
-    assert _python("-c", check).stdout.split() == ["1", "False"]
-    kept = subprocess.run(
-        [sys.executable, "-c", check],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "THP_MEM_ALLOC_ENABLE": "0"},
-        timeout=300,
-    )
-    assert kept.stdout.split() == ["0", "False"], kept.stderr
