@@ -56,15 +56,15 @@ def align_config(schedule: str) -> Any:
 def inverse_residual(field: Any, fixed: Any) -> dict[str, float]:
     """Mean and 99th percentile (voxels) of ``|u(x) + u_inv(x + u(x))|`` over the fixed scan's
     foreground, ``u_inv`` found as ``voxreg register`` finds it for a composed field
-    (fixed-point inversion fitted to the forward map, :func:`voxreg.registration.outputs.inverse_field`;
-    before 2026-12-04 12:00 the fixed-point inversion alone)."""
+    (:func:`voxreg.registration.outputs.composed_inverse`; before 2026-12-04 12:00 the
+    fixed-point inversion alone)."""
     from voxreg.core import spatial
-    from voxreg.registration.outputs import FIT_SWEEPS, foreground_index
+    from voxreg.registration.outputs import composed_inverse, foreground_index
 
     if not bool(field.any()):
         return {"inverse_mean": 0.0, "inverse_p99": 0.0}
     index = foreground_index(fixed)
-    inverse = spatial.fit_inverse(field, spatial.invert_displacement(field, 2), index, FIT_SWEEPS)
+    inverse = composed_inverse(field, index)[1]
     residual = spatial.inverse_residual(field, inverse, index).numpy()
     return {"inverse_mean": float(residual.mean()), "inverse_p99": float(np.percentile(residual, 99))}
 

@@ -237,12 +237,7 @@ def inverse_field(result: RegistrationResult) -> tuple[np.ndarray, dict[str, Any
         method, inverse = "the network's: its velocity negated and integrated", result.inverse
         inverse = inverse.detach().to("cpu", torch.float32)
     elif bool(field.any()):
-        large = field[0, 0].numel() > HALF_RES_INVERSE_ABOVE  # the half-resolution stage only
-        method = "fixed-point inversion" + (" at half resolution" if large else "")
-        inverse = spatial.invert_displacement(field, 0 if large else 1)  # one full-resolution step: the fit follows
-        if not large:
-            method += f", then fitted to the forward map at the fixed scan's foreground voxels ({FIT_SWEEPS} sweeps)"
-            inverse = spatial.fit_inverse(field, inverse, index, FIT_SWEEPS)
+        method, inverse = composed_inverse(field, index)
     else:
         method, inverse = "identity", torch.zeros_like(field)
     seconds = time.perf_counter() - start
@@ -257,6 +252,18 @@ def inverse_field(result: RegistrationResult) -> tuple[np.ndarray, dict[str, Any
         "residual_voxels": int(residual.size),
     }
     return inverse[0].numpy(), stats
+
+
+def composed_inverse(field: torch.Tensor, index: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """(how, inverse) of a field the engine knows no inverse of (instance optimisation, a
+    refined network): fixed-point inversion (one full-resolution step), then fitted to the
+    forward map at the flat voxel indices ``index`` (:data:`FIT_SWEEPS`); on a grid of more
+    than :data:`HALF_RES_INVERSE_ABOVE` voxels the half-resolution stage only, not fitted."""
+    if field[0, 0].numel() > HALF_RES_INVERSE_ABOVE:
+        return "fixed-point inversion at half resolution", spatial.invert_displacement(field, 0)
+    inverse = spatial.fit_inverse(field, spatial.invert_displacement(field, 1), index, FIT_SWEEPS)
+    method = f"fixed-point inversion, then fitted to the forward map at the fixed scan's foreground voxels ({FIT_SWEEPS} sweeps)"
+    return method, inverse
 
 
 def foreground_index(image: Image, fraction: float = 0.05) -> torch.Tensor:
