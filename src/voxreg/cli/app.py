@@ -70,6 +70,7 @@ def register(
                 affine_only=affine_only,
                 progress=update,
                 metrics=True,
+                defer_metrics=True,  # computed while the files are compressed
             )
         names = writer.write_outputs(result, stage, figure=not no_figure)
     _print_summary(result.metrics, {key: output / name for key, name in names.items()})

@@ -42,6 +42,20 @@ def _field_array(field: np.ndarray | torch.Tensor, fixed: Image) -> np.ndarray:
     return field.astype(np.float32, copy=False)
 
 
+def vectors_last_fortran(field: np.ndarray, linear: np.ndarray | None = None) -> np.ndarray:
+    """``(*S, k)`` Fortran-ordered array (NIfTI's byte order, written without another copy) of
+    a ``(ndim, *S)`` field, its vectors mapped by the ``(k, ndim)`` matrix ``linear`` when
+    given: one multi-threaded torch pass (numpy's moveaxis copy / einsum took 0.18 / 0.50 s
+    for a 1 mm brain's field, torch 0.14 / 0.21 s on 2 cores)."""
+    spatial = field.ndim - 1
+    if not (field.flags.c_contiguous and field.flags.writeable):  # torch.from_numpy needs both
+        field = np.array(field, order="C")
+    reversed_axes = torch.from_numpy(field).permute(0, *range(spatial, 0, -1))  # (ndim, *reversed S)
+    if linear is not None:
+        reversed_axes = torch.einsum("ij,j...->i...", torch.from_numpy(linear), reversed_axes)
+    return reversed_axes.contiguous().numpy().T
+
+
 def _require_nifti(path: Path, what: str) -> None:
     """Raise unless ``path`` has a NIfTI extension."""
     if extension(path) not in NIFTI_EXTS:
@@ -53,7 +67,7 @@ def save_field(path: PathLike, field: np.ndarray | torch.Tensor, fixed: Image) -
     format: NIfTI ``(*S, ndim)`` float32, fixed affine, intent vector 'voxreg_vox'."""
     path = Path(path)
     _require_nifti(path, "a displacement field")
-    data = np.asfortranarray(np.moveaxis(_field_array(field, fixed), 0, -1))  # NIfTI's order: one copy
+    data = vectors_last_fortran(_field_array(field, fixed))  # NIfTI's order: one copy
     img = nib.Nifti1Image(data, fixed.affine)
     set_nifti_xform(img, fixed.affine)
     img.header.set_intent("vector", (), name=FIELD_INTENT_NAME)
@@ -108,7 +122,7 @@ def field_to_itk_image(field: np.ndarray | torch.Tensor, fixed: Image) -> nib.Ni
     affine = fixed.affine
     if fixed.ndim == 3:
         linear = (RAS_TO_LPS[:3, :3] @ affine[:3, :3]).astype(np.float32)  # no float64 copy of the field
-        vectors = np.einsum("ij,j...->...i", linear, data, order="F")[..., None, :]  # NIfTI's order
+        vectors = vectors_last_fortran(data, linear)[..., None, :]  # NIfTI's order
     else:
         if not itk_field_supported(fixed):
             raise VoxregError(
@@ -116,7 +130,7 @@ def field_to_itk_image(field: np.ndarray | torch.Tensor, fixed: Image) -> nib.Ni
                 "to the x-y plane; this 2D image is tilted out of it"
             )
         linear = (RAS_TO_LPS[:3, :3] @ affine[:3, :2])[:2].astype(np.float32)
-        vectors = np.einsum("ij,j...->...i", linear, data, order="F")[:, :, None, None, :]
+        vectors = vectors_last_fortran(data, linear)[:, :, None, None, :]
     img = nib.Nifti1Image(np.asfortranarray(vectors, dtype=np.float32), affine)  # written without a copy
     set_nifti_xform(img, affine)
     img.header.set_intent("vector", ())

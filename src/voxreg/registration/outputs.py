@@ -68,6 +68,15 @@ class RegistrationResult:
     # the engine's own inverse of ``field`` (same layout), or a function making it on first
     # use (a network alone: its negated velocity); None: inverted from the field when saved
     inverse_source: torch.Tensor | Callable[[], torch.Tensor] | None = None
+    # measures still to compute into ``metrics`` (``register(..., defer_metrics=True)``)
+    pending_metrics: Callable[[], dict[str, Any]] | None = None
+
+    def finish_metrics(self) -> dict[str, Any]:
+        """Compute the deferred measures into ``metrics`` (once); returns ``metrics``."""
+        if self.pending_metrics is not None:
+            measure, self.pending_metrics = self.pending_metrics, None
+            self.metrics.update(measure())
+        return self.metrics
 
     @property
     def inverse(self) -> torch.Tensor | None:
@@ -178,42 +187,51 @@ def save_outputs(
 
 def write_outputs(result: RegistrationResult, folder: str | Path, figure: bool = True) -> dict[str, str]:
     """Write the standard outputs into ``folder`` (a staging folder); returns their file
-    names by key. metrics.json names this run's files (``outputs``) and is strict JSON."""
+    names by key. metrics.json names this run's files (``outputs``) and is strict JSON.
+
+    The files are compressed on up to one thread per core while this thread inverts the field
+    and computes deferred metrics (:meth:`RegistrationResult.finish_metrics`); the figure,
+    whose title shows them, is drawn last. Every write finishes before the first error, if
+    any, is raised."""
     check_finite_result(result)
     folder = Path(folder)
     field = result.field[0].detach().cpu().numpy()
-    inverse, payload_inverse = inverse_field(result)
-    release_memory_above(result.fixed.array.size)
-    payload = dict(result.metrics)
-    payload["inverse"] = payload_inverse
-    names: dict[str, str] = {
-        "warped": "warped.nii.gz",
-        "field": "field.nii.gz",
-        "field_inverse": "field_inverse.nii.gz",
-    }
-    writes: list[Callable[[], Path]] = []
-    if figure:  # first: matplotlib holds the GIL, the compressing writes below mostly do not
-        names["figure"] = "figure.png"
-        writes.append(functools.partial(_save_figure, result, field, folder / "figure.png"))
-    writes += [
+    names: dict[str, str] = {"warped": "warped.nii.gz", "field": "field.nii.gz"}
+    writes: list[Callable[[], Path]] = [
         functools.partial(io.save_image, result.warped, folder / "warped.nii.gz"),
         functools.partial(io.save_field, folder / "field.nii.gz", field, result.fixed),
-        functools.partial(io.save_field, folder / "field_inverse.nii.gz", inverse, result.fixed),
     ]
     for name, labels in result.warped_labels.items():
         names[f"warped_{name}"] = f"warped_{name}.nii.gz"
         writes.append(functools.partial(io.save_image, labels, folder / names[f"warped_{name}"]))
-    if io.itk_field_supported(result.fixed):
+    itk = io.itk_field_supported(result.fixed)
+    if itk:
         names["field_itk"] = "field_itk.nii.gz"
-        names["field_itk_inverse"] = "field_itk_inverse.nii.gz"
         writes.append(functools.partial(io.save_itk_field, folder / "field_itk.nii.gz", field, result.fixed))
-        writes.append(functools.partial(io.save_itk_field, folder / "field_itk_inverse.nii.gz", inverse, result.fixed))
-    else:  # a 2D slice tilted out of the x-y plane: the voxreg fields (field*.nii.gz) still hold it
-        payload["field_itk"] = ITK_FIELD_SKIPPED
     if result.world_matrix is not None:
         names["affine"] = "affine.txt"
         writes.append(functools.partial(io.write_itk_affine, folder / "affine.txt", result.world_matrix))
-    _write_concurrently(writes)
+    workers = max(1, min(len(writes) + 3, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(write) for write in writes]
+        inverse, payload_inverse = inverse_field(result)
+        release_memory_above(result.fixed.array.size)
+        names["field_inverse"] = "field_inverse.nii.gz"
+        futures.append(pool.submit(io.save_field, folder / "field_inverse.nii.gz", inverse, result.fixed))
+        if itk:
+            names["field_itk_inverse"] = "field_itk_inverse.nii.gz"
+            inverse_itk = folder / "field_itk_inverse.nii.gz"
+            futures.append(pool.submit(io.save_itk_field, inverse_itk, inverse, result.fixed))
+        result.finish_metrics()
+        if figure:
+            names["figure"] = "figure.png"
+            futures.append(pool.submit(_save_figure, result, field, folder / "figure.png"))
+    for future in futures:
+        future.result()
+    payload = dict(result.metrics)
+    payload["inverse"] = payload_inverse
+    if not itk:  # a 2D slice tilted out of the x-y plane: the voxreg fields (field*.nii.gz) still hold it
+        payload["field_itk"] = ITK_FIELD_SKIPPED
     names["metrics"] = "metrics.json"
     payload["outputs"] = sorted(names.values())
     write_json(folder / "metrics.json", payload)
@@ -276,18 +294,6 @@ def foreground_index(image: Image, fraction: float = 0.05) -> torch.Tensor:
     low, high = io.robust_range(sample.astype(np.float32, copy=False), 0.5, 99.5)
     index = np.flatnonzero(values > low + fraction * (high - low))
     return torch.from_numpy(index if index.size else np.arange(values.size))
-
-
-def _write_concurrently(writes: Sequence[Callable[[], Path]]) -> None:
-    """Run the file writes (and the figure) on up to one thread per core: gzip compression
-    releases the GIL, so a 1 mm result's compressed fields are written side by side (4.7 ->
-    3.3 s on 2 cores) and beside the figure's drawing. Every write finishes before the first
-    error, if any, is raised."""
-    workers = max(1, min(len(writes), os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(write) for write in writes]
-    for future in futures:
-        future.result()
 
 
 def check_finite_result(result: RegistrationResult) -> None:

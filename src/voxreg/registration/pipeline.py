@@ -262,6 +262,7 @@ def register(
     progress: ProgressCallback | None = None,
     metrics: bool = True,
     engine: str = "auto",
+    defer_metrics: bool = False,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` and return a :class:`RegistrationResult`.
 
@@ -272,7 +273,9 @@ def register(
     RAS mm) is given; ``affine_only`` stops after it. Label maps are carried with nearest
     neighbour. ``metrics=True`` adds Jacobian statistics, similarity before/after and (with
     ``fixed_labels``) Dice to ``result.metrics``; ``metrics=False`` skips all of them and
-    returns only the transforms, warped images and timings. ``engine``: ``'auto'`` uses the
+    returns only the transforms, warped images and timings; ``defer_metrics`` leaves them to
+    :meth:`RegistrationResult.finish_metrics` (:func:`write_outputs` computes them while the
+    files are compressed). ``engine``: ``'auto'`` uses the
     shipped model for the scans' dimension when one ships (``voxreg models``), else instance
     optimisation; ``'instance'`` never uses a network; ``model`` may name a shipped model.
     """
@@ -360,11 +363,18 @@ def register(
         values,
         inverse_source=inverse,
     )  # the result's ``moving`` is made on first use
+    values["total_seconds"] = time.perf_counter() - total_start
     if metrics:
         source = moving_img if "affine" in values else None  # raw similarity only after an affine stage
-        values.update(measure_registration(result, source, fixed_label_img, label_maps, torch_device))
-        release_memory_above(fixed_img.array.size)
-    values["total_seconds"] = time.perf_counter() - total_start
+
+        def measure() -> dict[str, Any]:
+            found = measure_registration(result, source, fixed_label_img, label_maps, torch_device)
+            release_memory_above(fixed_img.array.size)
+            return found | {"total_seconds": time.perf_counter() - total_start}
+
+        result.pending_metrics = measure
+        if not defer_metrics:
+            result.finish_metrics()
     return result
 
 
