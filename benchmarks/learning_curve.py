@@ -49,11 +49,15 @@ def checkpoint_info(path: Path) -> tuple[int, float]:
 
 
 def evaluate(
-    model: Path | None, pairs: list[tuple[Path, Path, Path, Path, np.ndarray]], refine: int
+    model: Path | None,
+    pairs: list[tuple[Path, Path, Path, Path, np.ndarray]],
+    refine: int,
+    symmetric: bool = False,
 ) -> dict[str, float]:
     """Mean Dice, % folding and seconds per pair of ``model`` (+ ``refine`` steps), or of
     instance optimisation when ``model`` is None; seconds = loading, the network (+
-    refinement) or the optimisation, and warping scan and labels, with the affine given."""
+    refinement) or the optimisation, and warping scan and labels, with the affine given;
+    ``symmetric``: the network averages both directions (``register(symmetric=True)``)."""
     dice, folding, seconds = [], [], []
     for fixed, moving, fixed_labels, moving_labels, world in pairs:
         start = time.perf_counter()
@@ -67,6 +71,7 @@ def evaluate(
             metrics=False,
             engine="network" if model is not None else "instance",
             device="cpu",
+            symmetric=symmetric if model is not None else None,
         )
         seconds.append(time.perf_counter() - start)  # network (+ refinement) + warps; affine given
         warped = next(iter(result.warped_labels.values())).array
@@ -119,6 +124,7 @@ def main() -> None:
         metavar=("STEPS", "HOURS"),
         help="added to each checkpoint's step and hours: a run continued with --init counts from 0 again",
     )
+    parser.add_argument("--symmetric", action="store_true", help="the network averages both directions")
     args = parser.parse_args()
     if args.plot:
         refs = {k: float(v) for k, v in (item.split("=", 1) for item in args.reference)}
@@ -141,8 +147,9 @@ def main() -> None:
         step, hours = checkpoint_info(path)
         step, hours = step + int(args.offset[0]), hours + args.offset[1]
         row: dict[str, object] = {"checkpoint": path.name, "step": step, "train_hours": round(hours, 3)}
+        row["symmetric"] = args.symmetric
         for name, refine in [("model", 0)] + [(f"refine{n}", n) for n in args.refine]:
-            scores = evaluate(path, pairs, refine)
+            scores = evaluate(path, pairs, refine, args.symmetric)
             row.update({f"{name}_{key}": round(value, 4) for key, value in scores.items()})
         print(row, flush=True)
         if args.csv:

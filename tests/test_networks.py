@@ -313,3 +313,38 @@ def test_bad_checkpoint_raises_one_line_error(trained, tmp_path, kind):
         load_checkpoint(bad)
     message = str(info.value)
     assert str(bad) in message and "\n" not in message
+
+
+def _randomised(model: VoxelMorph, seed: int = 0) -> VoxelMorph:
+    """The network with every weight random (the flow conv starts at ~0 otherwise)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("variant", [{"half_res": True}, {"half_res": True, "fine_features": (4,)}, {}])
+def test_symmetric_inference_is_inverse_consistent(variant):
+    """Averaging v(M->F) with -v(F->M): swapping the images negates the velocity exactly, so
+    the two fields are each other's inverse up to integration error, and the plain forward
+    is untouched (the velocity it averages)."""
+    model = _randomised(VoxelMorph(tiny(3, int_steps=5, **variant)))
+    generator = torch.Generator().manual_seed(1)
+    moving, fixed = (torch.rand(1, 1, 16, 16, 16, generator=generator) for _ in range(2))
+    with torch.no_grad():
+        forward = model(moving, fixed, symmetric=True)
+        backward = model(fixed, moving, symmetric=True)
+        plain = [model(moving, fixed).velocity, model(fixed, moving).velocity]
+    assert float(forward.velocity.abs().max()) > 0.05  # a real velocity, not ~0
+    torch.testing.assert_close(forward.velocity, -backward.velocity, atol=1e-5, rtol=0)
+    torch.testing.assert_close(forward.velocity, (plain[0] - plain[1]) / 2, atol=1e-5, rtol=0)
+    round_trip = spatial.compose(backward.field, forward.field)
+    plain_trip = spatial.compose(model(fixed, moving).field, model(moving, fixed).field).detach()
+    assert float(round_trip.abs().mean()) < 0.5 * float(plain_trip.abs().mean())
+
+
+def test_symmetric_inference_needs_a_diffeomorphic_network():
+    model = VoxelMorph(tiny(2, int_steps=0))
+    with pytest.raises(ValueError, match="diffeomorphic"):
+        model(torch.rand(1, 1, 16, 16), torch.rand(1, 1, 16, 16), symmetric=True)

@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="brain", help="checkpoint path or shipped model name")
     parser.add_argument("--pairs", nargs="+", default=["2:1", "4:3"], help="Mindboggle moving:fixed numbers")
     parser.add_argument("--schedules", nargs="+", default=["2:20,1:5", "2:40,1:10", "instance"])
+    parser.add_argument("--symmetric", action="store_true", help="the network averages both directions")
 
 
 def align_config(schedule: str) -> Any:
@@ -69,7 +70,9 @@ def inverse_residual(field: Any, fixed: Any) -> dict[str, float]:
     return {"inverse_mean": float(residual.mean()), "inverse_p99": float(np.percentile(residual, 99))}
 
 
-def compare(model: str, pair_texts: list[str], schedules: list[str], data: str) -> list[dict[str, Any]]:
+def compare(
+    model: str, pair_texts: list[str], schedules: list[str], data: str, symmetric: bool = False
+) -> list[dict[str, Any]]:
     """Rows (pair, variant, Dice, folding %, deformable seconds): the child's entry point."""
     import torch
 
@@ -103,7 +106,8 @@ def compare(model: str, pair_texts: list[str], schedules: list[str], data: str) 
 
         score("affine", torch.zeros(1, 3, *fixed_img.shape), 0.0)
         start = time.perf_counter()
-        network, _ = _predict_with_model(resolved, fixed_img, moving_on_fixed, None, torch.device("cpu"))
+        cpu = torch.device("cpu")
+        network, _ = _predict_with_model(resolved, fixed_img, moving_on_fixed, None, cpu, symmetric=symmetric)
         network_s = time.perf_counter() - start
         score("network", network, network_s)
         for schedule in schedules:
@@ -123,8 +127,9 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         print(f"skipped: Mindboggle pairs not found under {args.data}")
         return None
     kwargs = {"model": args.model, "pair_texts": args.pairs, "schedules": args.schedules, "data": str(args.data)}
+    kwargs["symmetric"] = bool(args.symmetric)
     rows = timing.measure_call("benchmarks.suites.refine_schedule:compare", kwargs, repeats=1)["value"]
-    return {"model": args.model, "rows": rows}
+    return {"model": args.model, "symmetric": bool(args.symmetric), "rows": rows}
 
 
 def render(document: dict[str, Any]) -> str:
@@ -133,7 +138,8 @@ def render(document: dict[str, Any]) -> str:
     variants: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         variants.setdefault(r["variant"], []).append(r)
-    lines = [f"Model: `{document['model']}`, {len({r['pair'] for r in rows})} pairs.", ""]
+    both_ways = ", symmetric inference" if document.get("symmetric") else ""
+    lines = [f"Model: `{document['model']}`{both_ways}, {len({r['pair'] for r in rows})} pairs.", ""]
     lines += [
         "| variant | mean Dice | folding % | deformable s per pair | inverse residual mean / p99 (voxels) |",
         "|---|---|---|---|---|",

@@ -198,3 +198,38 @@ def test_a_field_with_one_non_finite_value_fails_in_one_line(bad, monkeypatch):
     fixed, moving = _pair()
     with pytest.raises(VoxregError, match="the network field contains NaN/Inf"):
         voxreg.register(fixed, moving, affine=False, metrics=False, engine="instance")
+
+
+def test_the_cards_symmetric_inference_runs_the_network_both_ways(tmp_path, monkeypatch):
+    """Card ``symmetric_inference``: the network alone averages v(M->F) and -v(F->M)
+    (metrics.json says so; the same field as ``symmetric=True``), ``symmetric=False``
+    overrides it, and a card without the key runs the network one way."""
+    torch.manual_seed(0)
+    model = VoxelMorph(NetworkConfig.vm1(ndim=3, int_steps=5))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn_like(parameter) * 0.1)
+    ckpt = save_checkpoint(
+        tmp_path / "c.pt", model, {"model_space": {"voxel_size": [2.0] * 3, "ndim": 3, "multiple": 8}}
+    )
+    card = {"name": "tiny-brain", "description": "test", "anatomy": "brain", "ndim": 3, "default": True}
+    card |= {"refine": 0, "covers": {"max_spacing_mm": 4.3, "max_extent_mm": 100.0}}
+    folder = tmp_path / "models"
+    export_shipped(ckpt, folder, card | {"symmetric_inference": True})
+    monkeypatch.setattr(shipped_module, "models_dir", lambda: folder)
+    fixed, moving = _pair()
+    run = {"affine": False, "metrics": False, "device": "cpu"}
+    by_card = voxreg.register(fixed, moving, **run)
+    assert by_card.metrics["engine"] == "network" and by_card.metrics["symmetric_inference"] is True
+    torch.testing.assert_close(by_card.field, voxreg.register(fixed, moving, symmetric=True, **run).field)
+    one_way = voxreg.register(fixed, moving, symmetric=False, **run)
+    assert "symmetric_inference" not in one_way.metrics
+    assert float((by_card.field - one_way.field).abs().max()) > 1e-3
+    export_shipped(ckpt, folder, card)  # the same network, a card without the key
+    plain = voxreg.register(fixed, moving, **run)
+    assert "symmetric_inference" not in plain.metrics
+    torch.testing.assert_close(plain.field, one_way.field)
+    displacement = tmp_path / "displacement.pt"  # a network without velocity: refused in one line
+    save_checkpoint(displacement, VoxelMorph(NetworkConfig.vm1(ndim=3)), {})
+    with pytest.raises(VoxregError, match="symmetric inference needs a diffeomorphic"):
+        voxreg.register(fixed, moving, model=displacement, symmetric=True, **run)

@@ -317,13 +317,36 @@ class VoxelMorph(nn.Module):
         """Upsample a (half-res) field to the padded grid, then crop to the input shape."""
         return _crop(spatial.resize_field(field, padded), shape)
 
+    def _symmetric_flow(
+        self, moving: Tensor, fixed: Tensor, lam: float | Tensor | None
+    ) -> tuple[Tensor, tuple[int, ...]]:
+        """(velocity, padded shape): the velocity of ``moving -> fixed`` averaged with the
+        negated velocity of ``fixed -> moving`` (both pairs in one batch). An exact model would
+        predict ``v_FM = -v_MF``; the average halves the disagreement, so the field is
+        inverse-consistent and its errors partly cancel."""
+        n = moving.shape[0]
+        if isinstance(lam, Tensor) and lam.numel() == n and n > 1:
+            lam = torch.cat([lam.reshape(-1), lam.reshape(-1)])
+        both, padded = self._raw_flow(torch.cat([moving, fixed]), torch.cat([fixed, moving]), lam)
+        return (both[:n] - both[n:]) / 2, padded
+
     def forward(
-        self, moving: Tensor, fixed: Tensor, lam: float | Tensor | None = None, *, inverse: bool = False
+        self,
+        moving: Tensor,
+        fixed: Tensor,
+        lam: float | Tensor | None = None,
+        *,
+        inverse: bool = False,
+        symmetric: bool = False,
     ) -> NetworkOutput:
         """Predict the displacement that warps ``moving`` onto ``fixed``; with ``inverse`` (a
-        diffeomorphic network) also its exact inverse, ``exp(-v)`` integrated on the same grid."""
+        diffeomorphic network) also its exact inverse, ``exp(-v)`` integrated on the same grid;
+        with ``symmetric`` (diffeomorphic networks) from the velocity averaged over both
+        directions (:meth:`_symmetric_flow`: twice the network's cost)."""
         shape = tuple(moving.shape[2:])
-        flow, padded = self._raw_flow(moving, fixed, lam)
+        if symmetric and not self.config.diffeomorphic:
+            raise ValueError("symmetric inference needs a diffeomorphic network (int_steps > 0)")
+        flow, padded = self._symmetric_flow(moving, fixed, lam) if symmetric else self._raw_flow(moving, fixed, lam)
         if not self.config.diffeomorphic:
             return NetworkOutput(field=self._to_input_grid(flow, padded, shape))
         field = spatial.integrate_velocity(flow, self.config.int_steps)

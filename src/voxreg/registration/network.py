@@ -111,22 +111,24 @@ def predict_fields(
     device: torch.device,
     world_matrix: np.ndarray | None = None,
     inverse: bool = False,
+    symmetric: bool = False,
 ) -> tuple[Tensor, Callable[[], Tensor] | None]:
     """(field, inverse): the displacement ``(1, ndim, *fixed.shape)`` in voxels of the fixed
     grid predicted by ``model`` for an affine-aligned pair (``moving`` on the fixed grid, or
     any moving scan with ``world_matrix``, fixed world -> moving world, resampled once onto
     the model grid); with ``inverse`` and a diffeomorphic voxreg network, a function giving
     its inverse on the fixed grid (``exp(-v)`` integrated on the network's own grid like the
-    field and polished there now, mapped onto the fixed grid only when called); else None."""
+    field and polished there now, mapped onto the fixed grid only when called); else None.
+    ``symmetric``: the velocity averaged over both directions (``VoxelMorph.forward``)."""
     if space is None:
         on_fixed = io.resample_to(moving, fixed, world_matrix)  # a copy when already there
         fixed_n, moving_n = (io.normalize_intensity(image.array) for image in (fixed, on_fixed))
-        field, backward = _forward(model, fixed_n, moving_n, lam, device, inverse)
+        field, backward = _forward(model, fixed_n, moving_n, lam, device, inverse, symmetric)
         return field, None if backward is None else functools.partial(torch.clone, backward)
     grid = model_grid(fixed.grid, space, foreground=_foreground(fixed))
     fixed_m = io.normalize_intensity(to_model_grid(fixed, grid))
     moving_m = io.normalize_intensity(to_model_grid(moving, grid, world_matrix))
-    field, backward = _forward(model, fixed_m, moving_m, lam, device, inverse)
+    field, backward = _forward(model, fixed_m, moving_m, lam, device, inverse, symmetric)
     if backward is not None:  # the fixed-point steps remove the integration's error on the small grid
         backward = spatial.invert_displacement(field, _INVERSE_STEPS, initial=backward)
     mapped = None if backward is None else functools.partial(field_to_fixed, backward, grid, fixed.grid)
@@ -140,13 +142,18 @@ def _forward(
     lam: float | None,
     device: torch.device,
     inverse: bool = False,
+    symmetric: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """One forward pass on normalised arrays: the field ``(1, ndim, *shape)`` and, when
     ``inverse`` and the network can give it (:class:`~voxreg.nn.VoxelMorph`, diffeomorphic),
-    its inverse."""
+    its inverse; ``symmetric`` (diffeomorphic VoxelMorph only) averages both directions."""
     from voxreg.nn import VoxelMorph
 
     options = {"inverse": True} if inverse and isinstance(model, VoxelMorph) else {}
+    if symmetric:
+        if not (isinstance(model, VoxelMorph) and model.config.diffeomorphic):
+            raise VoxregError("symmetric inference needs a diffeomorphic voxreg network (trained with --int-steps > 0)")
+        options["symmetric"] = True
     with torch.inference_mode():
         output = model(_tensor(moving, device), _tensor(fixed, device), lam=lam, **options)
     backward = getattr(output, "inverse", None)

@@ -87,6 +87,7 @@ def _predict_with_model(
     device: torch.device,
     world_matrix: np.ndarray | None = None,
     inverse: bool = False,
+    symmetric: bool = False,
 ) -> tuple[torch.Tensor, Callable[[], torch.Tensor] | None]:
     """(field, inverse) in voxels of the fixed grid predicted by the checkpoint at
     ``model_path`` for an affine-aligned pair (``moving`` on the fixed grid, or through
@@ -100,7 +101,7 @@ def _predict_with_model(
         raise VoxregError(f"{model_path}: model is {model.config.ndim}D but the images are {fixed.ndim}D")
     space = model_space_of(extra, str(model_path))
     lam = _model_lambda(model, extra, lam, model_path)
-    return predict_fields(model, space, fixed, moving, lam, device, world_matrix, inverse)
+    return predict_fields(model, space, fixed, moving, lam, device, world_matrix, inverse, symmetric)
 
 
 _CHECKPOINTS: dict[tuple[str, int, int, str], tuple[Any, dict[str, Any]]] = {}
@@ -177,6 +178,16 @@ def refinement_lambda(model: str | Path | None, engine: str, ndim: int, similari
     if shipped is None or str(similarity).lower() != "ncc" or "refine_lambda" not in shipped.card:
         return None
     return float(shipped.card["refine_lambda"])
+
+
+def symmetric_inference(model: str | Path | None, engine: str, ndim: int, symmetric: bool | None) -> bool:
+    """Whether the network averages its velocity over both directions: ``symmetric`` when
+    given, else a shipped model's card (``symmetric_inference``, measured on held-out pairs),
+    else False (a user checkpoint runs as trained)."""
+    if symmetric is not None:
+        return bool(symmetric)
+    shipped = _shipped_choice(model, engine, ndim)
+    return bool(shipped is not None and shipped.card.get("symmetric_inference", False))
 
 
 def _extent_mm(image: Image) -> np.ndarray:
@@ -263,6 +274,7 @@ def register(
     metrics: bool = True,
     engine: str = "auto",
     defer_metrics: bool = False,
+    symmetric: bool | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` and return a :class:`RegistrationResult`.
 
@@ -278,6 +290,8 @@ def register(
     files are compressed). ``engine``: ``'auto'`` uses the
     shipped model for the scans' dimension when one ships (``voxreg models``), else instance
     optimisation; ``'instance'`` never uses a network; ``model`` may name a shipped model.
+    ``symmetric``: the network's velocity averaged with the negated velocity of the swapped
+    pair (:func:`symmetric_inference`; None: the shipped model's card decides).
     """
     _check_options(lam, refine, affine, affine_only, moving_labels, fixed_labels, model)
     total_start = time.perf_counter()
@@ -323,7 +337,10 @@ def register(
         engine, field = "affine", torch.zeros(1, fixed_img.ndim, *fixed_img.shape, device=torch_device)
         inverse: Callable[[], torch.Tensor] | None = None  # the identity: inverse_field's zero-field case
     else:
-        pair = _Pair(fixed_img, moving_img, world_matrix, moving_on_fixed, torch_device)
+        symmetric_run = model is not None and symmetric_inference(asked_model, engine, fixed_img.ndim, symmetric)
+        pair = _Pair(fixed_img, moving_img, world_matrix, moving_on_fixed, torch_device, symmetric_run)
+        if symmetric_run:
+            values["symmetric_inference"] = True
         engine, field, inverse, notes = _estimate_field(pair, model, config, lam, refine, progress)
         values.update(notes)
         release_memory_above(fixed_img.array.size)
@@ -443,6 +460,7 @@ class _Pair:
     world_matrix: np.ndarray | None
     moving_on_fixed: Callable[[], Image]
     device: torch.device
+    symmetric: bool = False  # the network averages both directions (symmetric_inference)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised fixed and affine-aligned moving ``(1, 1, *S)`` for instance optimisation."""
@@ -467,7 +485,9 @@ def _estimate_field(
         found = align(*pair.tensors(), config, progress=progress)
         return "instance-optimisation", found.field, None, _scale_note(found, config)
     alone = refine <= 0
-    field, inverse = _predict_with_model(model, pair.fixed, pair.moving, lam, pair.device, pair.world_matrix, alone)
+    field, inverse = _predict_with_model(
+        model, pair.fixed, pair.moving, lam, pair.device, pair.world_matrix, alone, pair.symmetric
+    )
     if alone:
         return "network", field, inverse, {}
     fixed, moving = pair.tensors()
