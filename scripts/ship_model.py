@@ -8,6 +8,7 @@ docs/models.md), and the headline measurements given with ``--measured KEY=VALUE
 
 Usage: python scripts/ship_model.py runs/brain-real-v2/work/step_N.pt --metrics runs/brain-real-v2/work/metrics.csv
        [--refine 20] [--refine-lambda 0.5] [--measured dice_model=0.52 ...]
+       [--name brain-real --network-only] [--symmetric] [--step-offset N]
 """
 
 from __future__ import annotations
@@ -95,15 +96,29 @@ def main() -> int:
     parser.add_argument("--measured", nargs="*", default=[], help="KEY=VALUE measurements for the card")
     parser.add_argument("--refine", type=int, default=CARD["refine"], help="default refinement steps (measured)")
     parser.add_argument("--refine-lambda", type=float, default=CARD["refine_lambda"], help="refinement λ (measured)")
+    parser.add_argument("--name", default=CARD["name"], help="shipped model name (brain: the default engine's)")
+    parser.add_argument(
+        "--network-only",
+        action="store_true",
+        help="the model of --engine network (card network_default; not the default engine's, no refinement)",
+    )
+    parser.add_argument("--symmetric", action="store_true", help="card symmetric_inference (measured)")
+    parser.add_argument(
+        "--step-offset", type=int, default=0, help="steps of the run before the checkpoint's segment (--init)"
+    )
     args = parser.parse_args()
     extra = load_checkpoint(args.checkpoint)[1]
     if "model_space" not in extra:
         sys.exit(f"{args.checkpoint}: no model space recorded; a shipped model must carry one")
-    steps, hours = run_summary(args.metrics, int(extra["step"]))
+    steps, hours = run_summary(args.metrics, int(extra["step"]) + args.step_offset)
+    card = {**CARD, "name": args.name, "refine": args.refine, "refine_lambda": args.refine_lambda}
+    if args.network_only:
+        card = {key: value for key, value in card.items() if key not in ("default", "refine", "refine_lambda")}
+        card |= {"network_default": True, "description": f"{CARD['description']}; the network alone (--engine network)"}
+    if args.symmetric:
+        card["symmetric_inference"] = True
     card = {
-        **CARD,
-        "refine": args.refine,
-        "refine_lambda": args.refine_lambda,
+        **card,
         "training_steps": steps,
         "training_wall_hours_cpu": round(hours, 2),
         "model_space": extra["model_space"],

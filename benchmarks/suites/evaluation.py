@@ -157,10 +157,8 @@ def run_set(name: str, args: argparse.Namespace) -> list[tuple[str, str, dict[st
         extra, methods = ["--exclude-labels", "0,74"], "affine,ants-syn,instance"
         from voxreg.nn.shipped import default_model
 
-        shipped = default_model(3)
-        if shipped is not None:  # the shipped model alone, and the default (model + refinement)
-            extra += ["--model", shipped.name]
-            methods += ",network,default"
+        if default_model(3) is not None:  # the shipped network alone, and the default (model + refinement)
+            methods += ",network,default"  # each runs the model voxreg register picks for it
         methods = args.methods or ("affine,network" if args.quick else methods)
         n = count or len(pairs.MINDBOGGLE_PAIRS)
         title = f"Mindboggle OASIS-TRT-20, {n} pair{'s' * (n > 1)}, native space (98 DKT31/CMA labels)"

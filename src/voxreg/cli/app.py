@@ -207,6 +207,7 @@ def models() -> None:
         return
     for model in shipped:
         default = " (default)" if model.card.get("default") else ""
+        default += " (default of --engine network)" if model.card.get("network_default") else ""
         typer.echo(f"{model.name}{default}: {model.card['description']} [{model.ndim}D, {model.size_mb:.1f} MB]")
         details = [f"refinement {model.card['refine']} steps" if "refine" in model.card else ""]
         covers = model.card.get("covers", {})
@@ -215,6 +216,8 @@ def models() -> None:
                 f"used by default for voxels up to {covers['max_spacing_mm']:g} mm and fields of view up to "
                 f"{covers['max_extent_mm']:g} mm"
             )
+        if model.card.get("symmetric_inference"):
+            details.append("symmetric inference (both directions averaged)")
         if "training_steps" in model.card:
             details.append(f"{model.card['training_steps']} training steps")
         typer.echo("  " + "; ".join(d for d in details if d))

@@ -126,12 +126,13 @@ def run_network_refine(data: PairData, options: EvaluationOptions) -> MethodOutp
 
 
 def _require_model(options: EvaluationOptions, ndim: int) -> str | Path:
-    """``--model``, else the shipped default model for ``ndim``-D scans (as ``voxreg register``)."""
+    """``--model``, else the shipped model ``voxreg register --engine network`` runs for
+    ``ndim``-D scans."""
     if options.model is not None:
         return options.model
     from voxreg.nn.shipped import default_model
 
-    shipped = default_model(ndim)
+    shipped = default_model(ndim, engine="network")
     if shipped is None:
         raise VoxregError(f"methods network and network-refine: no model ships for {ndim}D scans; give --model")
     return shipped.name

@@ -88,12 +88,17 @@ def find_shipped(name: str, folder: Path | None = None) -> ShippedModel:
     raise VoxregError(f"no shipped model named {name!r} (shipped: {names})")
 
 
-def default_model(ndim: int, folder: Path | None = None) -> ShippedModel | None:
+def default_model(ndim: int, folder: Path | None = None, engine: str = "auto") -> ShippedModel | None:
     """The shipped model ``voxreg register`` uses by default for ``ndim``-D scans (its card
-    says ``"default": true``), or None when none ships."""
-    for model in shipped_models(folder):
-        if model.ndim == ndim and model.card.get("default", False):
-            return model
+    says ``"default": true``), or None when none ships. With ``engine='network'`` (the network
+    alone, no refinement asked by default) a card saying ``"network_default": true`` comes
+    first: the model that is best without refinement need not be the best start for it."""
+    models = [model for model in shipped_models(folder) if model.ndim == ndim]
+    keys = ("network_default", "default") if engine == "network" else ("default",)
+    for key in keys:
+        for model in models:
+            if model.card.get(key, False):
+                return model
     return None
 
 

@@ -138,7 +138,8 @@ def resolve_model(model: str | Path | None, engine: str, ndim: int) -> str | Pat
 
 def _shipped_choice(model: str | Path | None, engine: str, ndim: int) -> Any:
     """The :class:`~voxreg.nn.shipped.ShippedModel` that runs (named, or the default for
-    ``ndim``-D scans with ``engine='auto'``), or None (a checkpoint path, or no network)."""
+    ``ndim``-D scans and ``engine``: :func:`~voxreg.nn.shipped.default_model`), or None (a
+    checkpoint path, or no network)."""
     from voxreg.nn.shipped import default_model, find_shipped
 
     try:
@@ -153,7 +154,7 @@ def _shipped_choice(model: str | Path | None, engine: str, ndim: int) -> Any:
         if Path(model).exists() or any(sep in str(model) for sep in "/\\") or str(model).endswith(".pt"):
             return None
         return find_shipped(str(model))
-    shipped = default_model(ndim)
+    shipped = default_model(ndim, engine=engine)
     if shipped is None and engine == "network":
         raise VoxregError(f"--engine network: no shipped model registers {ndim}D scans; give --model CHECKPOINT")
     return shipped
