@@ -233,3 +233,25 @@ def test_the_cards_symmetric_inference_runs_the_network_both_ways(tmp_path, monk
     save_checkpoint(displacement, VoxelMorph(NetworkConfig.vm1(ndim=3)), {})
     with pytest.raises(VoxregError, match="symmetric inference needs a diffeomorphic"):
         voxreg.register(fixed, moving, model=displacement, symmetric=True, **run)
+
+
+def test_engine_network_runs_the_card_that_is_the_network_default(shipped_dir):
+    """A second card with ``network_default``: ``--engine network`` (and evaluate's network
+    method) run it, the default engine keeps the ``default`` card and its refinement; without
+    such a card ``--engine network`` runs the default card."""
+    assert resolve_model(None, "network", 3).name == "tiny-brain.pt"
+    export_shipped(
+        shipped_dir / "tiny-brain.pt",
+        shipped_dir,
+        {"name": "tiny-real", "description": "alone", "anatomy": "brain", "ndim": 3, "network_default": True},
+    )
+    assert resolve_model(None, "network", 3).name == "tiny-real.pt"
+    assert resolve_model(None, "auto", 3).name == "tiny-brain.pt"
+    fixed, moving = _pair()
+    run = {"affine": False, "metrics": False, "device": "cpu"}
+    alone = voxreg.register(fixed, moving, engine="network", **run)
+    assert alone.metrics["engine"] == "network" and alone.metrics["model"].endswith("tiny-real.pt")
+    default = voxreg.register(fixed, moving, **run)
+    assert default.metrics["engine"] == "network+refine3" and default.metrics["model"].endswith("tiny-brain.pt")
+    listing = CliRunner().invoke(app, ["models"]).output
+    assert "tiny-real (default of --engine network): alone" in listing and "tiny-brain (default): test" in listing
