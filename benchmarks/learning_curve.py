@@ -91,7 +91,12 @@ def plot_curve(rows: list[dict[str, str]], path: Path, references: dict[str, flo
     fig = Figure(figsize=(7, 4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    ax.plot(steps, [float(row["model_dice"]) for row in rows], "o-", label="model alone")
+    both_ways = [row for row in rows if row.get("symmetric") == "True"]
+    one_way = [row for row in rows if row.get("symmetric") != "True"]
+    ax.plot([int(r["step"]) for r in one_way], [float(r["model_dice"]) for r in one_way], "o-", label="model alone")
+    if both_ways:
+        dice = [float(r["model_dice"]) for r in both_ways]
+        ax.plot([int(r["step"]) for r in both_ways], dice, "s-", label="model alone, symmetric inference")
     for (name, value), style in zip(references.items(), ("--", ":", "-.")):
         ax.axhline(value, linestyle=style, color="grey", label=f"{name} {value:.3f}")
     ax.set_xlabel("training steps of this run (its start = the previous shipped weights)")
