@@ -212,8 +212,9 @@ def models() -> None:
         details = [f"refinement {model.card['refine']} steps" if "refine" in model.card else ""]
         covers = model.card.get("covers", {})
         if covers:
+            role = "used by default for" if model.card.get("default") else "measured on"
             details.append(
-                f"used by default for voxels up to {covers['max_spacing_mm']:g} mm and fields of view up to "
+                f"{role} voxels up to {covers['max_spacing_mm']:g} mm and fields of view up to "
                 f"{covers['max_extent_mm']:g} mm"
             )
         if model.card.get("symmetric_inference"):
