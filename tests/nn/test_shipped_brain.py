@@ -15,20 +15,10 @@ import torch
 
 import voxreg
 from voxreg import metrics
-from voxreg.core import synthetic
-from voxreg.io import normalize_intensity, templates
 from voxreg.nn import load_checkpoint
 from voxreg.nn.shipped import default_model, find_shipped, shipped_models
 
 MAX_SHIPPED_MB = 25.0
-
-
-@pytest.fixture(scope="module")
-def demo_pair():
-    template = templates.mni152_template(2)
-    labels = templates.mni152_tissue_labels(2)
-    scaled = template.with_array(normalize_intensity(template.array))
-    return synthetic.make_synthetic_pair(scaled, labels, max_displacement=5.0, seed=0)
 
 
 def _dice(pair, result) -> float:

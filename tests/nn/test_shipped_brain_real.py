@@ -6,23 +6,13 @@ held-out subjects: docs/models.md (Mindboggle, ../shared)."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 import voxreg
 from voxreg import metrics
-from voxreg.core import spatial, synthetic
-from voxreg.io import normalize_intensity, templates
+from voxreg.core import spatial
 from voxreg.nn import load_checkpoint
 from voxreg.nn.shipped import default_model, find_shipped
 from voxreg.registration.outputs import foreground_index
-
-
-@pytest.fixture(scope="module")
-def demo_pair():
-    template = templates.mni152_template(2)
-    labels = templates.mni152_tissue_labels(2)
-    scaled = template.with_array(normalize_intensity(template.array))
-    return synthetic.make_synthetic_pair(scaled, labels, max_displacement=5.0, seed=0)
 
 
 def test_the_real_data_network_ships_for_engine_network():
