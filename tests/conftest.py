@@ -69,3 +69,16 @@ class Case:
     args: Args
     exit: int
     message: str
+
+
+@pytest.fixture(scope="module")
+def demo_pair():
+    """The README demo's pair: the MNI152 2 mm template against a known smooth deformation of
+    itself with an intensity change (core.synthetic, seed 0); the shipped-model tests use it."""
+    from voxreg.core import synthetic
+    from voxreg.io import normalize_intensity, templates
+
+    template = templates.mni152_template(2)
+    labels = templates.mni152_tissue_labels(2)
+    scaled = template.with_array(normalize_intensity(template.array))
+    return synthetic.make_synthetic_pair(scaled, labels, max_displacement=5.0, seed=0)
