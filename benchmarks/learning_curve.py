@@ -91,22 +91,34 @@ def plot_curve(rows: list[dict[str, str]], path: Path, references: dict[str, flo
     fig = Figure(figsize=(7, 4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    both_ways = [row for row in rows if row.get("symmetric") == "True"]
-    one_way = [row for row in rows if row.get("symmetric") != "True"]
+    on_gpu = [row for row in rows if row.get("device") == "gpu"]
+    rows_cpu = [row for row in rows if row.get("device") != "gpu"]
+    both_ways = [row for row in rows_cpu if row.get("symmetric") == "True"]
+    one_way = [row for row in rows_cpu if row.get("symmetric") != "True"]
     ax.plot([int(r["step"]) for r in one_way], [float(r["model_dice"]) for r in one_way], "o-", label="model alone")
     if both_ways:
         dice = [float(r["model_dice"]) for r in both_ways]
         ax.plot([int(r["step"]) for r in both_ways], dice, "s-", label="model alone, symmetric inference")
+    if on_gpu:
+        start = [both_ways[-1]] if both_ways else []
+        gpu_rows = start + on_gpu
+        ax.plot(
+            [int(r["step"]) for r in gpu_rows],
+            [float(r["model_dice"]) for r in gpu_rows],
+            "^-",
+            label="symmetric, GPU segment (batch 4)",
+        )
     for (name, value), style in zip(references.items(), ("--", ":", "-.")):
         ax.axhline(value, linestyle=style, color="grey", label=f"{name} {value:.3f}")
-    ax.set_xlabel("training steps of this run (its start = the previous shipped weights)")
+    batch_note = " (batch 1; batch 4 on the GPU)" if on_gpu else ""
+    ax.set_xlabel(f"training steps of this run{batch_note}")
     ax.set_ylabel("mean Dice, 8 Mindboggle pairs")
     hours = [float(row["train_hours"]) for row in rows]
     top = ax.secondary_xaxis(
         "top", functions=(lambda s: np.interp(s, steps, hours), lambda h: np.interp(h, hours, steps))
     )
     top.set_xticks(range(int(max(hours)) + 1))  # whole hours within the run (beyond it the mapping is flat)
-    top.set_xlabel("CPU hours of this run (2 cores, shared)")
+    top.set_xlabel("hours of this run (CPU: 2 cores, shared" + ("; then the GPU)" if on_gpu else ")"))
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

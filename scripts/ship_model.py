@@ -8,7 +8,7 @@ docs/models.md), and the headline measurements given with ``--measured KEY=VALUE
 
 Usage: python scripts/ship_model.py runs/brain-real-v2/work/step_N.pt --metrics runs/brain-real-v2/work/metrics.csv
        [--refine 20] [--refine-lambda 0.5] [--measured dice_model=0.52 ...]
-       [--name brain-real --network-only] [--symmetric] [--step-offset N]
+       [--name brain-real --network-only] [--symmetric] [--step-offset N] [--gpu-after STEP]
 """
 
 from __future__ import annotations
@@ -82,6 +82,18 @@ def run_summary(metrics_csv: Path, step: int) -> tuple[int, float]:
     return int(rows[-1]["step"]), (total + previous) / 3600
 
 
+def _hours_by_device(metrics_csv: Path, hours: float, gpu_after: int | None) -> dict[str, float | str]:
+    """Card entries for the run's wall time: all CPU, or CPU up to step ``gpu_after`` and GPU after it."""
+    if gpu_after is None:
+        return {"training_wall_hours_cpu": round(hours, 2)}
+    cpu_hours = run_summary(metrics_csv, gpu_after)[1]
+    return {
+        "training_wall_hours_cpu": round(cpu_hours, 2),
+        "training_wall_hours_gpu": round(hours - cpu_hours, 2),
+        "training_devices": f"steps 1..{gpu_after} on a 2-core CPU (batch 1), later steps on one NVIDIA H200 (batch 4)",
+    }
+
+
 def _value(text: str) -> float | str:
     try:
         return float(text)
@@ -106,6 +118,12 @@ def main() -> int:
     parser.add_argument(
         "--step-offset", type=int, default=0, help="steps of the run before the checkpoint's segment (--init)"
     )
+    parser.add_argument(
+        "--gpu-after",
+        type=int,
+        default=None,
+        help="the run's steps after this one ran on a GPU (card: hours per device)",
+    )
     args = parser.parse_args()
     extra = load_checkpoint(args.checkpoint)[1]
     if "model_space" not in extra:
@@ -120,7 +138,7 @@ def main() -> int:
     card = {
         **card,
         "training_steps": steps,
-        "training_wall_hours_cpu": round(hours, 2),
+        **_hours_by_device(args.metrics, hours, args.gpu_after),
         "model_space": extra["model_space"],
         "shipped": datetime.date.today().isoformat(),
         "measured": {key: _value(value) for key, value in (item.split("=", 1) for item in args.measured)},
