@@ -6,7 +6,9 @@
 #   .device_site/site.tar.xz       nibabel + isal                                  (~3 MB)
 #   .device_site_full/site.tar.xz  + SimpleITK + nilearn's MNI152 files (gpu_check)  (~37 MB)
 #   .device_data/data.tar.xz       prepared ds002748 scans as int16 + scale        (~33 MB)
-# Usage (here, repository root): bash scripts/pack_device_bundles.sh [PREPARED_DATA_DIR]
+# Usage (here, repository root): bash scripts/pack_device_bundles.sh [PREPARED_DATA_DIR [PREPARED_HEADS_DIR]]
+#   PREPARED_HEADS_DIR (scripts/prepare_ds002748.py --heads, e.g. OpenfMRI ds000011): its training
+#   heads are added to train.csv (heads/...); train_on_device.sh then draws pairs within folders
 # Then, with the device tool:
 #   run  "export PIP_NO_INDEX=1; mkdir -p /tmp/site && tar xJf .device_site_full/site.tar.xz -C /tmp/site
 #         && export PYTHONPATH=/tmp/site && bash benchmarks/gpu_check.sh"   carry [.device_site_full]
@@ -14,6 +16,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DATA="${1:-/work/data/ds002748_prep}"
+HEADS="${2:-}"
 cd "$ROOT"
 source scripts/setup_env.sh
 for folder in .device_site .device_site_full .device_data; do
@@ -36,16 +39,19 @@ cp "$MNI"/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz "$WORK/full/nilearn/d
 tar cf - -C "$WORK/full" . | xz -T0 -6 >.device_site_full/site.tar.xz
 # the scans: int16 with a scale factor (largest error 2e-5 of the [0, 1] range), uncompressed
 # NIfTI inside one xz archive (a third of the float32 .nii.gz files' size)
-"$VENV_PY" - "$DATA" "$WORK/data" <<'PY'
+"$VENV_PY" - "$DATA" "$WORK/data" "$HEADS" <<'PY'
 import csv, shutil, sys
 from pathlib import Path
 import nibabel as nib
 import numpy as np
 source, target = Path(sys.argv[1]), Path(sys.argv[2])
+heads = Path(sys.argv[3]) if sys.argv[3] else None
 for listing in ("train.csv", "heldout.csv"):
-    rows = list(csv.DictReader(open(source / listing, newline="")))
-    for row in rows:
-        image = nib.load(source / row["scan"])
+    rows = [(source, row) for row in csv.DictReader(open(source / listing, newline=""))]
+    if heads is not None and listing == "train.csv":  # validation stays on the held-out brains
+        rows += [(heads, row) for row in csv.DictReader(open(heads / listing, newline=""))]
+    for folder, row in rows:
+        image = nib.load(folder / row["scan"])
         array = image.get_fdata(dtype=np.float32)
         peak = max(float(array.max()), 1e-12)
         header = image.header.copy()
@@ -56,9 +62,9 @@ for listing in ("train.csv", "heldout.csv"):
         (target / row["scan"]).parent.mkdir(parents=True, exist_ok=True)
         nib.save(out, target / row["scan"])
     with open(target / listing, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0][1]))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(row for _, row in rows)
 print(f"{target}: scans written")
 PY
 tar cf - -C "$WORK/data" . | xz -T0 -6 >.device_data/data.tar.xz

@@ -11,7 +11,9 @@ brain and written to ``OUT/brains/<name>.nii.gz``.
 The copies in that repository are already brain-extracted (checked on 2026-12-04: every scan's
 nonzero voxels span about 135x165x133 mm, a brain, not a head), so there are no head versions
 to make; voxels outside the template's brain mask dilated by two voxels are zeroed as well
-(left-over neck or dura). Scans whose subject number is in ``--holdout`` go to
+(left-over neck or dura). With ``--heads`` (scans with skull, e.g. OpenfMRI ds000011 as copied in
+GitHub sbassetto/LHData, PDDL) nothing is zeroed and the files go to ``OUT/heads/``: the same
+grid and alignment, for training a model that serves heads as well. Scans whose subject number is in ``--holdout`` go to
 ``OUT/heldout/brains/`` instead (never trained on). ``OUT/train.csv`` and ``OUT/heldout.csv`` list the files. The scans are
 never committed; the script is the one reproducible step.
 """
@@ -68,7 +70,13 @@ def main() -> None:
     parser.add_argument("folder", type=Path)
     parser.add_argument("-o", "--output", type=Path, required=True)
     parser.add_argument("--holdout", default="65-72", help="subject numbers kept out of training (LO-HI)")
+    parser.add_argument(
+        "--heads",
+        action="store_true",
+        help="scans with skull (e.g. OpenfMRI ds000011, --holdout 11-14): keep every voxel, write OUT/heads/",
+    )
     args = parser.parse_args()
+    kind = "heads" if args.heads else "brains"
     low, high = (int(v) for v in args.holdout.split("-"))
     scans = sorted(args.folder.rglob("sub-*_T1w.nii*"), key=lambda p: p.name)  # flat or BIDS (sub-XX/anat/)
     if not scans:
@@ -87,10 +95,11 @@ def main() -> None:
             split = "heldout" if low <= subject_number(record.source) <= high else "train"
             base = args.output / ("heldout" if split == "heldout" else "")
             aligned = cropped(io.load_image(Path(tmp) / record.image), box)
-            brain = aligned.with_array(np.where(mask[box], aligned.array, 0).astype(np.float32))
-            path = base / "brains" / Path(record.image).name
+            keep = np.ones_like(mask[box]) if args.heads else mask[box]
+            scan = aligned.with_array(np.where(keep, aligned.array, 0).astype(np.float32))
+            path = base / kind / Path(record.image).name
             path.parent.mkdir(parents=True, exist_ok=True)
-            io.save_image(brain, path)
+            io.save_image(scan, path)
             rows[split].append(str(path.relative_to(args.output)))
             print(
                 f"{split:8s} {record.source.name}: affine NCC {record.affine_ncc_before:.3f} -> {record.affine_ncc_after:.3f}"

@@ -30,6 +30,8 @@ VOXREG=(python3 -c "from voxreg.cli import app; app()")
 FLAGS=(/tmp/devdata/train.csv --val /tmp/devdata/heldout.csv --half-res --fine-features 16 --int-steps 5
   --network vm2 --similarity ncc --lambda 0.5 --lr 1e-4 --batch-size "$BATCH" --device "${DEVICE:-cuda}"
   --init runs/brain-real-v2/weights.pt)
+# heads in the bundle (pack_device_bundles.sh ... HEADS_DIR): pairs within a folder, brain-brain or head-head
+grep -q "^heads/" /tmp/devdata/train.csv && FLAGS+=(--pairs-within-folders)
 nvidia-smi -L 2>/dev/null || true
 echo "[device] ready after $(( $(date +%s) - T0 )) s"
 "${VOXREG[@]}" train "${FLAGS[@]}" --steps "${PROBE_STEPS:-60}" --seed 99 --checkpoint-every 1000 --validate-every 1000 \

@@ -33,7 +33,16 @@ def test_the_brain_model_ships_with_its_card():
     card = brain.card
     assert card["ndim"] == 3 and card["anatomy"] == "brain" and card["refine"] > 0
     assert "../shared/data" in card["licences"] and "MNI152" in card["licences"]
-    assert card["covers"] == {"max_spacing_mm": 4.0, "max_extent_mm": 300.0}
+    assert {k: card["covers"][k] for k in ("max_spacing_mm", "max_extent_mm")} == {
+        "max_spacing_mm": 4.0,
+        "max_extent_mm": 300.0,
+    }
+    # what was measured (heads with skull as well as brain-extracted scans), in words
+    assert "heads with skull" in card["covers"]["inputs_measured"]
+    assert (
+        card["measured"]["heads_ds000011_4pairs_brain_local_ncc_default"]
+        > card["measured"]["heads_ds000011_4pairs_brain_local_ncc_affine"]
+    )
     model, extra = load_checkpoint(brain.path)
     assert extra["model_space"]["voxel_size"] == pytest.approx([2.07] * 3)
     assert card["model_space"] == extra["model_space"]

@@ -26,6 +26,12 @@ def test_the_real_data_network_ships_for_engine_network():
     model, extra = load_checkpoint(real.path)
     assert model.config.fine_features == (16,) and model.config.diffeomorphic
     assert card["model_space"] == extra["model_space"]
+    # trained on the CPU, then on a lent GPU: the card says how long on each
+    assert card["training_wall_hours_cpu"] > 0 and card["training_wall_hours_gpu"] > 0
+    assert "NVIDIA H200" in card["training_devices"]
+    # above ANTs SyN on the held-out brain pairs, as measured
+    measured = card["measured"]
+    assert measured["mindboggle_8pairs_dice_model_alone_symmetric"] > measured["mindboggle_8pairs_dice_ants_syn"]
 
 
 def test_engine_network_runs_it_both_ways_and_beats_the_affine_stage(demo_pair):
