@@ -44,7 +44,7 @@ def shipped_dir(tmp_path, monkeypatch):
             "ndim": 3,
             "default": True,
             "refine": 3,
-            "covers": {"max_spacing_mm": 4.3, "max_extent_mm": 100.0},
+            "covers": {"max_spacing_mm": 4.3, "max_extent_mm": 100.0, "inputs_measured": "blobs and heads"},
         },
     )
     monkeypatch.setattr(shipped_module, "models_dir", lambda: folder)
@@ -84,6 +84,8 @@ def test_models_command_lists_shipped_models(shipped_dir):
     out = CliRunner().invoke(app, ["models"])
     assert out.exit_code == 0
     assert "tiny-brain (default): test [3D," in out.output
+    assert "used by default for voxels up to 4.3 mm and fields of view up to 100 mm" in out.output
+    assert "inputs measured: blobs and heads" in out.output
     assert json.loads((shipped_dir / "tiny-brain.json").read_text(encoding="utf-8"))["anatomy"] == "brain"
 
 

@@ -222,6 +222,8 @@ def models() -> None:
         if "training_steps" in model.card:
             details.append(f"{model.card['training_steps']} training steps")
         typer.echo("  " + "; ".join(d for d in details if d))
+        if covers.get("inputs_measured"):
+            typer.echo(f"  inputs measured: {covers['inputs_measured']}")
 
 
 def main() -> None:  # pragma: no cover - console entry
