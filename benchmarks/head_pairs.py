@@ -72,12 +72,24 @@ def brain_local_ncc(fixed: np.ndarray, warped: np.ndarray, mask: np.ndarray) -> 
     return float(cc[mask].mean())
 
 
-def run_method(method: str, fixed: Path, moving: Path, world: np.ndarray, model: str | None) -> api.RegistrationResult:
-    """One engine on one pair from the shared affine alignment ``world``."""
+def run_method(
+    method: str, fixed: Path, moving: Path, world: np.ndarray, model: str | None, symmetric: bool | None = None
+) -> api.RegistrationResult:
+    """One engine on one pair from the shared affine alignment ``world`` (``symmetric``: the
+    network's inference, None = its card's)."""
     if method == "affine":
         return api.register(fixed, moving, world_matrix=world, affine_only=True, metrics=False)
     if method == "network":
-        return api.register(fixed, moving, world_matrix=world, engine="network", model=model, refine=0, metrics=False)
+        return api.register(
+            fixed,
+            moving,
+            world_matrix=world,
+            engine="network",
+            model=model,
+            refine=0,
+            metrics=False,
+            symmetric=symmetric,
+        )
     if method == "instance":
         return api.register(fixed, moving, world_matrix=world, engine="instance", metrics=False)
     return api.register(fixed, moving, world_matrix=world, metrics=False)
@@ -89,6 +101,7 @@ def main() -> None:
     parser.add_argument("--pairs", nargs="+", default=["12:11", "14:13", "11:13", "12:14"], help="moving:fixed")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--model", default=None, help="network of the 'network' method (default: the shipped one)")
+    parser.add_argument("--symmetric", action="store_true", help="run a checkpoint's network both ways")
     parser.add_argument("--pattern", default=None, help="scan path in FOLDER with {n} for the subject number")
     parser.add_argument("--png", type=Path, default=Path("head_pairs.png"))
     parser.add_argument("--json", type=Path, default=None)
@@ -107,7 +120,7 @@ def main() -> None:
             figure[label] = {"fixed (brain mask outlined)": fixed_array, "mask": mask}
             for method in methods:
                 start = time.perf_counter()
-                result = run_method(method, fixed, moving, world, args.model)
+                result = run_method(method, fixed, moving, world, args.model, True if args.symmetric else None)
                 seconds = time.perf_counter() - start
                 row = {
                     "pair": f"{moving_n}->{fixed_n}",
