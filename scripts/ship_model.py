@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import gzip
 import sys
 from pathlib import Path
 
@@ -71,7 +72,8 @@ def run_summary(metrics_csv: Path, step: int) -> tuple[int, float]:
     """(last step, total wall hours) of a run's metrics CSV up to ``step`` (the checkpoint's);
     its ``seconds`` column carries on across resumes, and if it ever restarts the wall time
     is the sum of each segment's last value."""
-    with open(metrics_csv, newline="") as handle:
+    opener = gzip.open if metrics_csv.suffix == ".gz" else open
+    with opener(metrics_csv, "rt", newline="") as handle:
         rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= step]
     total, previous = 0.0, 0.0
     for row in rows:
@@ -104,7 +106,7 @@ def _value(text: str) -> float | str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("--metrics", type=Path, required=True, help="the run's metrics CSV (all steps)")
+    parser.add_argument("--metrics", type=Path, required=True, help="the run's metrics CSV, plain or .gz (all steps)")
     parser.add_argument("--measured", nargs="*", default=[], help="KEY=VALUE measurements for the card")
     parser.add_argument("--refine", type=int, default=CARD["refine"], help="default refinement steps (measured)")
     parser.add_argument("--refine-lambda", type=float, default=CARD["refine_lambda"], help="refinement λ (measured)")

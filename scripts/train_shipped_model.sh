@@ -8,7 +8,7 @@
 #                                                    synthetic-data model brain-synth-v1 (widened by the
 #                                                    full-resolution branch, --fine-features 16)
 #   bash scripts/train_shipped_model.sh --handover  before a session ends: write weights.pt (weights only,
-#                                                    committed) and metrics.csv (the whole run: earlier
+#                                                    committed) and metrics.csv.gz (gzip: the whole run, earlier
 #                                                    segments' rows, then this one's with steps and
 #                                                    seconds offset to follow them)
 # DATA (default /work/data/ds002748_prep) is the output folder of prepare_ds002748.py; never committed.
@@ -25,10 +25,11 @@ if [ "${1:-}" = "--handover" ]; then
     "$WORK/last.pt" "$RUN/weights.pt"
   # the run's whole history: the rows committed before this segment (a segment continued with
   # --init counts its steps and seconds from 0 again) and this segment's, offset to follow them
-  "$VENV_PY" - "$WORK/previous_metrics.csv" "$WORK/metrics.csv" "$RUN/metrics.csv" <<'PY'
-import csv, os, sys
+  # (gzip-compressed: the committed history stays small as the run grows)
+  "$VENV_PY" - "$WORK/previous_metrics.csv.gz" "$WORK/metrics.csv" "$RUN/metrics.csv.gz" <<'PY'
+import csv, gzip, os, sys
 previous, work, out = sys.argv[1:]
-rows = list(csv.DictReader(open(previous, newline=""))) if os.path.exists(previous) else []
+rows = list(csv.DictReader(gzip.open(previous, "rt", newline=""))) if os.path.exists(previous) else []
 step0, seconds0 = (int(rows[-1]["step"]), float(rows[-1]["seconds"])) if rows else (0, 0.0)
 with open(work, newline="") as handle:
     reader = csv.DictReader(handle)
@@ -36,7 +37,7 @@ with open(work, newline="") as handle:
     for row in reader:
         row["step"], row["seconds"] = str(int(row["step"]) + step0), str(float(row["seconds"]) + seconds0)
         rows.append(row)
-with open(out, "w", newline="") as handle:
+with gzip.open(out, "wt", newline="") as handle:
     writer = csv.DictWriter(handle, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
@@ -50,7 +51,7 @@ if [ -f "$WORK/last.pt" ]; then
 elif [ -f "$RUN/weights.pt" ]; then
   START=(--init "$RUN/weights.pt")
   # a new segment: its steps count from 0; --handover appends them after these rows
-  [ -f "$RUN/metrics.csv" ] && cp "$RUN/metrics.csv" "$WORK/previous_metrics.csv"
+  [ -f "$RUN/metrics.csv.gz" ] && cp "$RUN/metrics.csv.gz" "$WORK/previous_metrics.csv.gz"
 else
   START=(--init brain)   # the shipped model (synthetic-data brain-synth-v1 step 13,387 before this run shipped)
 fi
