@@ -26,3 +26,33 @@ def test_memory_is_released_between_stages_only_for_large_registrations():
     before = resident()
     assert runtime.release_memory_above(runtime.RELEASE_ABOVE_VOXELS + 1) is True
     assert resident() < before - 200_000_000
+
+
+def test_threads_reuse_the_freed_blocks_of_the_main_heap():
+    """After configure_allocator a thread's 100 MB tensor comes from the main heap: freed, the
+    next thread's same-sized tensor reuses those pages (no new page faults). A thread arena of
+    its own would map a fresh block (~25 000 faults) for every such tensor."""
+    import resource
+    import sys
+    import threading
+
+    import pytest
+    import torch
+
+    from voxreg.core import runtime
+
+    if not sys.platform.startswith("linux") or not runtime.configure_allocator():
+        pytest.skip("glibc allocator settings apply on Linux only")
+    faults: list[int] = []
+
+    def allocate_and_touch() -> None:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        block = torch.ones(25_000_000)
+        del block
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+
+    for _ in range(3):
+        thread = threading.Thread(target=allocate_and_touch)
+        thread.start()
+        thread.join()
+    assert min(faults[1:]) < 2_000, faults

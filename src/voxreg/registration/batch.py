@@ -36,7 +36,7 @@ import numpy as np
 
 from voxreg.core.errors import VoxregError, short_reason
 from voxreg.core.image import Image
-from voxreg.core.runtime import resolve_device
+from voxreg.core.runtime import configure_allocator, resolve_device
 from voxreg.io import tables
 from voxreg.registration import outputs, pipeline
 
@@ -260,6 +260,7 @@ def run_batch(
         if progress is not None:
             progress(len(rows), len(mine))
 
+    configure_allocator()  # before the io threads start (they then share the main heap)
     todo = []
     for pair in mine:
         if is_complete(outdir / pair.id):
