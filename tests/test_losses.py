@@ -335,3 +335,20 @@ def test_structure_weighting_ignores_flat_fixed_background():
     weighted = L.local_ncc(fixed, noisy, window=5, structure=1e-3)
     assert plain < 0.9  # the noisy background drags plain NCC down
     assert weighted > 0.97  # weighted NCC scores the (identical) structured part only
+
+
+@pytest.mark.parametrize("window", [[9, 9, 9], [5, 3, 7], [9, 1, 9]])
+def test_box_sum_by_slabs_is_bit_identical_to_the_whole_image(window, monkeypatch):
+    """A large image is box-summed slab by slab (slabs forced small here: 2 rows each, halos
+    of the window's radius); the values equal the whole-image sum exactly, also at the first
+    and last rows (zero outside), and a hand-computed corner: a constant image's corner
+    voxel sums the (r+1)^3 voxels of its box inside the image."""
+    from voxreg.losses import similarity
+
+    image = torch.rand(1, 2, 11, 6, 8, generator=torch.Generator().manual_seed(4))
+    whole = similarity._box_sum_whole(image, window)
+    monkeypatch.setattr(similarity, "BOX_SUM_SLAB_ELEMENTS", 2 * 6 * 8 * 2)
+    assert torch.equal(similarity.box_sum(image, window), whole)
+    ones = similarity.box_sum(torch.ones(1, 1, 11, 6, 8), window)
+    inside = [min(size // 2, n - 1) + 1 for size, n in zip(window, (11, 6, 8))]
+    assert float(ones[0, 0, 0, 0, 0]) == float(inside[0] * inside[1] * inside[2])

@@ -194,9 +194,35 @@ def _box_sum_axis(image: Tensor, dim: int, radius: int) -> Tensor:
     return out
 
 
+#: elements (channels x voxels) per slab of :func:`box_sum` on a large image: every axis's
+#: shifted adds run on one slab while it is still in the CPU caches (a 1 mm brain's grid, one
+#: channel, 2 cores: 0.078 -> 0.040 s; three channels of a 150x180x150 box: 0.097 -> 0.049 s; the same values)
+BOX_SUM_SLAB_ELEMENTS = 1 << 22
+
+
 def box_sum(image: Tensor, window: Sequence[int]) -> Tensor:
     """Unnormalised separable box sum over odd per-axis ``window`` sizes, zero outside the
-    image. Symmetric (its own adjoint), so it also serves the backward of :func:`box_filter`."""
+    image. Symmetric (its own adjoint), so it also serves the backward of :func:`box_filter`.
+
+    An image of more than :data:`BOX_SUM_SLAB_ELEMENTS` elements (and no autograd graph to
+    record) is summed slab by slab along its first spatial axis, each slab with a halo of the
+    window's radius: bit-identical to the whole-image sum (the same adds in the same order)."""
+    depth = int(image.shape[2]) if image.dim() > 2 else 1
+    plane = max(1, image[:, :, 0].numel()) if image.dim() > 2 else 1
+    step = max(1, BOX_SUM_SLAB_ELEMENTS // plane)
+    if step >= depth or (torch.is_grad_enabled() and image.requires_grad):
+        return _box_sum_whole(image, window)
+    radius = int(window[0]) // 2
+    out = torch.empty_like(image)
+    for start in range(0, depth, step):
+        stop = min(depth, start + step)
+        low, high = max(0, start - radius), min(depth, stop + radius)
+        out[:, :, start:stop] = _box_sum_whole(image[:, :, low:high], window)[:, :, start - low : stop - low]
+    return out
+
+
+def _box_sum_whole(image: Tensor, window: Sequence[int]) -> Tensor:
+    """:func:`box_sum` of the whole image at once (per axis, shifted in-place adds)."""
     out = image
     for axis, size in enumerate(window):
         if size > 1:
