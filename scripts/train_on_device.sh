@@ -18,7 +18,8 @@ mkdir -p "$OUT" /tmp/site /tmp/devdata
 if ! python3 -c "import nibabel" 2>/dev/null && [ ! -d /tmp/site/nibabel ]; then
   tar xJf .device_site/site.tar.xz -C /tmp/site
 fi
-# the image has no SimpleITK; training never calls it, but voxreg.io imports it at module level
+# the image has no SimpleITK; training never calls it and, since 2026-12-04 (sixth session), voxreg.io
+# imports it only where it is used (tests/test_startup.py); the stub stays as a guard, untested on a GPU yet
 if ! python3 -c "import SimpleITK" 2>/dev/null && [ ! -d /tmp/site/SimpleITK ]; then
   mkdir -p /tmp/site/SimpleITK
   printf 'def __getattr__(name):\n    raise ImportError("SimpleITK is not installed here")\n' >/tmp/site/SimpleITK/__init__.py

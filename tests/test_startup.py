@@ -103,3 +103,22 @@ def test_the_register_path_imports_only_torch_before_its_first_line_of_work():
         f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))\n"
     )
     assert json.loads(_python("-c", code).stdout.strip().splitlines()[-1]) == ["torch"]
+
+
+def test_reading_nifti_and_training_never_import_simpleitk(tmp_path):
+    """SimpleITK loads where it is used (NRRD/MetaImage/DICOM, ITK transform files): reading and
+    writing NIfTI and importing the trainer leave it out (a GPU image without SimpleITK can train;
+    0.12 s of start-up less); writing an ITK affine then imports it."""
+    scan = tmp_path / "scan.nii.gz"
+    code = (
+        "import sys, json, numpy as np, nibabel as nib\n"
+        f"nib.save(nib.Nifti1Image(np.ones((4, 5, 6), np.float32), np.eye(4)), {str(scan)!r})\n"
+        "from voxreg import io\n"
+        "import voxreg.training.trainer, voxreg.registration.pipeline\n"
+        f"image = io.load_image({str(scan)!r})\n"
+        f"io.save_image(image, {str(tmp_path / 'copy.nii.gz')!r})\n"
+        "before = 'SimpleITK' in sys.modules\n"
+        f"io.write_itk_affine({str(tmp_path / 'affine.txt')!r}, np.eye(4))\n"
+        "print(json.dumps([before, 'SimpleITK' in sys.modules, image.shape]))\n"
+    )
+    assert json.loads(_python("-c", code).stdout.strip().splitlines()[-1]) == [False, True, [4, 5, 6]]

@@ -18,10 +18,13 @@ import math
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
+
+if TYPE_CHECKING:  # SimpleITK is imported where it is used: reading NIfTI or training never loads it
+    import SimpleITK as sitk
 
 from voxreg.core.errors import VoxregError, short_reason
 from voxreg.core.grid import reduced_affine, voxel_spacing
@@ -224,12 +227,11 @@ def _check_data_size(path: Path, shape: tuple[int, ...], itemsize: int, offset: 
         )
 
 
-_COMPLEX_PIXELS = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
-
-
 def _read_itk_file(path: Path, label: bool) -> tuple[np.ndarray, np.ndarray]:
     """Array and RAS affine of a file SimpleITK reads (NRRD, MetaImage, DICOM slice);
     the header is checked before the voxels are read."""
+    import SimpleITK as sitk
+
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.ReadImageInformation()
@@ -241,7 +243,9 @@ def _read_itk_file(path: Path, label: bool) -> tuple[np.ndarray, np.ndarray]:
 
 def _check_itk_info(path: Path, pixel_id: int, components: int, size: tuple[int, ...]) -> None:
     """Refuse complex / multi-component voxels and impossible sizes from an ITK header."""
-    if pixel_id in _COMPLEX_PIXELS:
+    import SimpleITK as sitk
+
+    if pixel_id in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
         raise file_error(path, "complex-valued image; pass a magnitude (real-valued) image")
     if components != 1:
         raise file_error(
@@ -263,6 +267,8 @@ def _dicom_tag(reader: sitk.ImageFileReader, tag: str) -> str:
 
 def describe_dicom_series(folder: Path, series: list[str]) -> list[str]:
     """One short description per series: UID, SeriesDescription and file count."""
+    import SimpleITK as sitk
+
     out = []
     for uid in series:
         files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
@@ -283,6 +289,8 @@ def describe_dicom_series(folder: Path, series: list[str]) -> list[str]:
 def _read_dicom_series(path: Path, label: bool) -> tuple[np.ndarray, np.ndarray]:
     """Array and RAS affine of the one DICOM series in folder ``path`` (a folder with
     several series is refused, naming them)."""
+    import SimpleITK as sitk
+
     reader = sitk.ImageSeriesReader()
     series = list(reader.GetGDCMSeriesIDs(str(path)))
     if not series:
@@ -332,6 +340,8 @@ def _npz_key(keys: list[str], label: bool, path: Path) -> str:
 
 def sitk_to_array(img: sitk.Image, path: PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Array in (x, y, z) index order and 4x4 RAS affine of a SimpleITK image."""
+    import SimpleITK as sitk
+
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise file_error(
             path or "image",
@@ -468,6 +478,8 @@ def _write_mgh(tmp: Path, array: np.ndarray, affine: np.ndarray) -> None:
 
 def _write_itk(tmp: Path, array: np.ndarray, affine: np.ndarray) -> None:
     """NRRD / MetaImage via SimpleITK, compressed."""
+    import SimpleITK as sitk
+
     sitk.WriteImage(array_to_sitk(array, affine), str(tmp), True)
 
 
@@ -497,6 +509,8 @@ def _is_axial_2d(affine: np.ndarray) -> bool:
 def array_to_sitk(array: np.ndarray, affine: np.ndarray) -> sitk.Image:
     """SimpleITK image of an (x, y[, z]) array with a 4x4 RAS affine. A 2D array is a 2D
     ITK image when its plane is the x-y plane, else a 3D image with one slice."""
+    import SimpleITK as sitk
+
     lps = RAS_TO_LPS @ np.asarray(affine, dtype=np.float64)
     if array.ndim == 2 and not _is_axial_2d(affine):
         array = array[..., None]

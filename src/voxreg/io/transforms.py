@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
 import torch
+
+if TYPE_CHECKING:  # imported where ITK transform files are read or written
+    import SimpleITK as sitk
 
 from voxreg.core.errors import VoxregError, short_reason
 from voxreg.core.image import Image
@@ -151,6 +154,8 @@ def save_itk_field(path: PathLike, field: np.ndarray | torch.Tensor, fixed: Imag
 
 def _itk_affine_transform(lps: np.ndarray) -> sitk.AffineTransform:
     """SimpleITK 3D affine transform of a 4x4 LPS matrix (center 0)."""
+    import SimpleITK as sitk
+
     transform = sitk.AffineTransform(3)
     transform.SetMatrix([float(v) for v in lps[:3, :3].ravel()])
     transform.SetTranslation([float(v) for v in lps[:3, 3]])
@@ -166,6 +171,8 @@ def write_itk_affine(path: PathLike, world_matrix_ras: np.ndarray) -> Path:
     if matrix.shape != (4, 4) or not np.allclose(matrix[3], [0, 0, 0, 1]):
         raise VoxregError(f"{path}: world matrix must be a 4x4 affine with last row 0 0 0 1")
     transform = _itk_affine_transform(RAS_TO_LPS @ matrix @ RAS_TO_LPS)
+    import SimpleITK as sitk
+
     return atomic_write(path, lambda tmp: sitk.WriteTransform(transform, str(tmp)))
 
 
@@ -186,6 +193,8 @@ def read_itk_affine(path: PathLike) -> np.ndarray:
 
 def _read_itk_transform(path: Path) -> sitk.Transform:
     """The (single) transform of an ITK transform file, read by SimpleITK."""
+    import SimpleITK as sitk
+
     try:
         return sitk.ReadTransform(str(path))
     except Exception as exc:
