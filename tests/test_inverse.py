@@ -295,3 +295,48 @@ def test_the_residual_of_a_large_foreground_is_measured_on_every_kth_voxel(monke
     assert every["residual_voxels"] == every["foreground_voxels"] == sampled["foreground_voxels"] > 5000
     assert 800 < sampled["residual_voxels"] <= 1000
     assert sampled["residual_mean_voxels"] == pytest.approx(every["residual_mean_voxels"], rel=0.2)
+
+
+def test_a_large_grid_writes_its_outputs_in_turn_with_the_same_files(monkeypatch, tmp_path):
+    """Above SERIAL_OUTPUTS_ABOVE voxels the files, the inverse and the metrics are made one
+    after another on the calling thread (bounded memory, a 0.7 mm CT: 10.9 -> 7.6 GB peak):
+    the same files and values as side by side."""
+    fixed = Image(smooth_volume((20, 18, 16), seed=1), np.diag([1.2, 1.0, 1.1, 1.0]))
+    moving = Image(smooth_volume((20, 18, 16), seed=2), np.diag([1.2, 1.0, 1.1, 1.0]))
+    field = smooth_random_field((20, 18, 16), max_displacement=2.0, smoothness=6.0, seed=3)
+    warped = pipeline.warp_image(moving, fixed, field, None)
+
+    def save(folder, threshold):
+        monkeypatch.setattr(outputs, "SERIAL_OUTPUTS_ABOVE", threshold)
+        result = outputs.RegistrationResult(fixed, moving, warped, field, {}, None, {"engine": "synthetic"})
+        result.save(folder, figure=False)
+        return json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+
+    assert isinstance(outputs.output_executor(100, 4), outputs.ThreadPoolExecutor)
+    monkeypatch.setattr(outputs, "SERIAL_OUTPUTS_ABOVE", 10)
+    assert isinstance(outputs.output_executor(100, 4), outputs._InTurn)
+    side_by_side, in_turn = save(tmp_path / "a", 10**9), save(tmp_path / "b", 10)
+    assert side_by_side["outputs"] == in_turn["outputs"]
+    for name in side_by_side["outputs"]:
+        if name.endswith(".nii.gz"):
+            a = nib.load(tmp_path / "a" / name).get_fdata()
+            b = nib.load(tmp_path / "b" / name).get_fdata()
+            np.testing.assert_array_equal(a, b)
+    for key in ("residual_mean_voxels", "residual_p99_voxels"):
+        assert side_by_side["inverse"][key] == in_turn["inverse"][key]
+
+
+def test_writing_in_turn_runs_every_job_and_raises_the_first_error_after():
+    """The in-turn executor: a failing job does not stop the next one; its error comes out of
+    its future (as from a thread pool)."""
+    ran = []
+
+    def fail():
+        ran.append("fail")
+        raise OSError("disk full")
+
+    with outputs._InTurn() as pool:
+        futures = [pool.submit(fail), pool.submit(lambda: ran.append("next") or 7)]
+    assert ran == ["fail", "next"] and futures[1].result() == 7
+    with pytest.raises(OSError, match="disk full"):
+        futures[0].result()
