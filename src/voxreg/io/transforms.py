@@ -166,13 +166,13 @@ def write_itk_affine(path: PathLike, world_matrix_ras: np.ndarray) -> Path:
     """Write a 4x4 RAS world matrix (fixed -> moving points) as an ITK affine transform
     through SimpleITK (text ``#Insight Transform File V1.0`` for ``.txt``/``.tfm``, binary
     ITK MATLAB format for ``.mat``), which maps fixed LPS points to moving LPS points."""
+    import SimpleITK as sitk
+
     path = Path(path)
     matrix = np.asarray(world_matrix_ras, dtype=np.float64)
     if matrix.shape != (4, 4) or not np.allclose(matrix[3], [0, 0, 0, 1]):
         raise VoxregError(f"{path}: world matrix must be a 4x4 affine with last row 0 0 0 1")
     transform = _itk_affine_transform(RAS_TO_LPS @ matrix @ RAS_TO_LPS)
-    import SimpleITK as sitk
-
     return atomic_write(path, lambda tmp: sitk.WriteTransform(transform, str(tmp)))
 
 

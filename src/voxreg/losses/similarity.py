@@ -207,9 +207,8 @@ def box_sum(image: Tensor, window: Sequence[int]) -> Tensor:
     An image of more than :data:`BOX_SUM_SLAB_ELEMENTS` elements (and no autograd graph to
     record) is summed slab by slab along its first spatial axis, each slab with a halo of the
     window's radius: bit-identical to the whole-image sum (the same adds in the same order)."""
-    depth = int(image.shape[2]) if image.dim() > 2 else 1
-    plane = max(1, image[:, :, 0].numel()) if image.dim() > 2 else 1
-    step = max(1, BOX_SUM_SLAB_ELEMENTS // plane)
+    depth = int(image.shape[2])
+    step = max(1, BOX_SUM_SLAB_ELEMENTS // max(1, image[:, :, 0].numel()))
     if step >= depth or (torch.is_grad_enabled() and image.requires_grad):
         return _box_sum_whole(image, window)
     radius = int(window[0]) // 2

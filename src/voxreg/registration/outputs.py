@@ -64,7 +64,7 @@ class _InTurn(Executor):
         future: Future = Future()
         try:
             future.set_result(fn(*args, **kwargs))
-        except BaseException as exc:  # noqa: BLE001 - re-raised by future.result(), after every write ran
+        except Exception as exc:  # re-raised by future.result(), after every write ran (Ctrl-C stops at once)
             future.set_exception(exc)
         release_memory()
         return future
