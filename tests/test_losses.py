@@ -352,3 +352,19 @@ def test_box_sum_by_slabs_is_bit_identical_to_the_whole_image(window, monkeypatc
     ones = similarity.box_sum(torch.ones(1, 1, 11, 6, 8), window)
     inside = [min(size // 2, n - 1) + 1 for size, n in zip(window, (11, 6, 8))]
     assert float(ones[0, 0, 0, 0, 0]) == float(inside[0] * inside[1] * inside[2])
+
+
+@pytest.mark.parametrize(("shape", "max_voxels"), [((2, 1, 30, 28, 26), 5000), ((1, 2, 40, 30), None)])
+def test_mutual_information_many_is_mutual_information_pair_by_pair(shape, max_voxels, monkeypatch):
+    """Same draw, same chunks (a chunk of 700 voxels forces several), same float64 sums: the
+    shared fixed weights change no bit of any pair's value."""
+    import voxreg.losses.similarity as S
+
+    monkeypatch.setattr(S, "_MI_CHUNK", 700)
+    g = torch.Generator().manual_seed(5)
+    fixed = torch.rand(*shape, generator=g) * 1.2 - 0.1  # some values outside [0, 1]: clamped
+    others = [fixed.roll(3, -1), fixed * 0.5 + 0.3 * torch.rand(*shape, generator=g), torch.rand(*shape, generator=g)]
+    many = L.mutual_information_many(fixed, others, 16, max_voxels=max_voxels)
+    single = [L.mutual_information(fixed, other, 16, max_voxels=max_voxels) for other in others]
+    assert [float(v) for v in many] == [float(v) for v in single]
+    assert float(single[1]) > float(single[2]) + 0.1  # the pairs differ: the comparison is not trivial

@@ -162,3 +162,18 @@ def test_jacobian_stats_by_chunks_equal_the_whole_array(monkeypatch):
         assert got["log_jacobian_std"] == pytest.approx(np.std(np.log(np.clip(values, 1e-9, 1e9))), rel=1e-12)
         assert got["jacobian_min"] == values.min() and got["jacobian_max"] == values.max()
         assert got["jacobian_mean"] == pytest.approx(values.mean(), rel=1e-12)
+
+
+def test_pearson_and_mse_are_the_losses_values():
+    from voxreg import losses
+    from voxreg.metrics.similarity import pearson_and_mse
+
+    g = torch.Generator().manual_seed(2)
+    fixed = torch.rand(1, 1, 60, 50, 40, generator=g) + 3.0  # an offset: centring matters
+    others = [fixed * 0.7 + 0.2 * torch.rand(fixed.shape, generator=g), torch.rand(fixed.shape, generator=g)]
+    got = pearson_and_mse(fixed, [*others, torch.full_like(fixed, 2.0)])
+    for (ncc, mse), other in zip(got, others):
+        assert ncc == pytest.approx(float(losses.global_ncc(fixed, other)), abs=2e-6)
+        assert mse == pytest.approx(float(losses.mse(fixed, other)), rel=1e-5)
+    assert got[0][0] > 0.7 and abs(got[1][0]) < 0.02  # correlated vs independent: not trivial
+    assert got[2] == (0.0, pytest.approx(float(((fixed - 2.0) ** 2).mean()), rel=1e-5))  # constant: NCC 0

@@ -266,8 +266,12 @@ def test_jacobian_by_slabs_equals_the_whole_field(shape, monkeypatch):
     monkeypatch.setattr(spatial, "_JACOBIAN_SLAB_VOXELS", 2 * field.numel() // field.shape[2] // 3)  # 1-row slabs
     torch.testing.assert_close(spatial.jacobian_determinant(field), whole, rtol=0, atol=0)
     tracked = field.clone().requires_grad_(True)  # with autograd: one pass, gradients flow
-    spatial.jacobian_determinant(tracked).sum().backward()
+    tracked_det = spatial.jacobian_determinant(tracked)
+    tracked_det.sum().backward()
     assert tracked.grad is not None and torch.isfinite(tracked.grad).all()
+    # the untracked path (straight from torch.gradient's outputs) gives the tracked one's bits
+    torch.testing.assert_close(tracked_det.detach(), whole, rtol=0, atol=0)
+    assert whole.std() > 0.05  # a deformation with varied volume changes: not trivially equal
 
 
 def test_sample_displaced_without_a_field_samples_the_mapped_grid():

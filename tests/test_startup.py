@@ -122,3 +122,25 @@ def test_reading_nifti_and_training_never_import_simpleitk(tmp_path):
         "print(json.dumps([before, 'SimpleITK' in sys.modules, image.shape]))\n"
     )
     assert json.loads(_python("-c", code).stdout.strip().splitlines()[-1]) == [False, True, [4, 5, 6]]
+
+
+def test_a_command_imports_torch_with_the_collector_paused_then_frozen():
+    code = (
+        "import gc, json, sys\n"
+        "from voxreg.cli.app import import_torch_without_gc\n"
+        "light = [import_torch_without_gc(argv) for argv in ([], ['--help'], ['register', '--help'], ['models'])]\n"
+        "light_torch = 'torch' in sys.modules\n"
+        "done = import_torch_without_gc(['register', 'fixed.nii.gz', 'moving.nii.gz', '-o', 'out'])\n"
+        "print(json.dumps([light, light_torch, done, 'torch' in sys.modules, gc.isenabled(), gc.get_freeze_count()]))\n"
+    )
+    light, light_torch, done, torch_loaded, enabled, frozen = json.loads(_python("-c", code).stdout.splitlines()[-1])
+    assert light == [False, False, False, False] and not light_torch  # help and `models` stay light
+    assert done and torch_loaded and enabled  # collecting again afterwards
+    assert frozen > 50_000  # torch's objects are out of every later collection
+
+
+def test_the_console_script_runs_main():
+    from importlib.metadata import entry_points
+
+    (script,) = [ep for ep in entry_points(group="console_scripts") if ep.name == "voxreg"]
+    assert script.value == "voxreg.cli:main"

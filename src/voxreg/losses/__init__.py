@@ -39,6 +39,7 @@ if TYPE_CHECKING:
         mattes_mi,
         mse,
         mutual_information,
+        mutual_information_many,
     )
 
 __getattr__, __dir__ = lazy_exports(
@@ -69,6 +70,7 @@ __getattr__, __dir__ = lazy_exports(
         "mattes_mi": "voxreg.losses.similarity",
         "mse": "voxreg.losses.similarity",
         "mutual_information": "voxreg.losses.similarity",
+        "mutual_information_many": "voxreg.losses.similarity",
     },
 )
 
@@ -96,6 +98,7 @@ __all__ = [
     "mattes_mi",
     "mse",
     "mutual_information",
+    "mutual_information_many",
     "regularizer",
     "similarity_loss",
 ]

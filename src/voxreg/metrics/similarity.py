@@ -3,6 +3,8 @@ images on one grid (the maths are :mod:`voxreg.losses`; here they give plain flo
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -120,10 +122,40 @@ def similarity_report(
     report: dict[str, float] = {}
     with torch.no_grad():
         local = slab_local_ncc(f, others, window)
-        for suffix, image in others.items():
-            values = _global_values(f, image, bins, max_voxels) | {"local_ncc": local[suffix]}
-            report.update({f"{key}_{suffix}": values[key] for key in ("ncc", "local_ncc", "mi", "mse")})
+        mi = losses.mutual_information_many(f, list(others.values()), bins, max_voxels=max_voxels)
+        ncc_mse = pearson_and_mse(f, list(others.values()))
+        for suffix, mi_value, (ncc, mse) in zip(others, mi, ncc_mse):
+            values = {"ncc": ncc, "local_ncc": local[suffix], "mi": float(mi_value), "mse": mse}
+            report.update({f"{key}_{suffix}": value for key, value in values.items()})
     return report
+
+
+def pearson_and_mse(fixed: Tensor, others: list[Tensor]) -> list[tuple[float, float]]:
+    """(global NCC, MSE) of each of ``others`` against ``fixed`` (batch-1 single-channel images
+    on one grid), as ``losses.global_ncc`` and ``losses.mse`` give them to float32 rounding, from
+    sums of products of the centred images (pairwise summation: a BLAS float32 dot product is
+    off by ~1e-4 over 10 M voxels): the fixed image is centred once for all of them, and the
+    products reuse two buffers (three 1 mm comparisons: ~0.4 -> ~0.2 s). A constant image has
+    NCC 0."""
+    a = fixed.reshape(-1)
+    centred_a = a - a.mean()
+    product = torch.empty_like(centred_a)
+    var_a = _sum_of_products(centred_a, centred_a, product)
+    values = []
+    for other in others:
+        b = other.reshape(-1)
+        centred_b = b - b.mean()
+        var_b = _sum_of_products(centred_b, centred_b, product)
+        cov = _sum_of_products(centred_a, centred_b, product)
+        ncc = cov / math.sqrt(var_a * var_b) if var_a > 0 and var_b > 0 else 0.0
+        difference = torch.sub(a, b, out=centred_b)  # reuses the buffer
+        values.append((ncc, _sum_of_products(difference, difference, product) / max(1, a.numel())))
+    return values
+
+
+def _sum_of_products(x: Tensor, y: Tensor, buffer: Tensor) -> float:
+    """``sum(x * y)`` of two flat tensors through ``buffer`` (torch's pairwise summation)."""
+    return float(torch.mul(x, y, out=buffer).sum())
 
 
 def global_similarity(fixed: ArrayLike, other: ArrayLike) -> tuple[float, float]:
