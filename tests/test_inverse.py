@@ -340,3 +340,41 @@ def test_writing_in_turn_runs_every_job_and_raises_the_first_error_after():
     assert ran == ["fail", "next"] and futures[1].result() == 7
     with pytest.raises(OSError, match="disk full"):
         futures[0].result()
+
+
+@pytest.mark.parametrize("threshold", [10**9, 10])  # side by side, and in turn
+def test_the_figure_drawn_meanwhile_gets_the_metrics_as_its_title(monkeypatch, tmp_path, threshold):
+    """The figure is drawn on its own thread while the metrics are computed; its title, asked
+    for last, is the one made of the finished metrics. A failing metric stops the figure's
+    wait and comes out of write_outputs (no hang, no figure)."""
+    from voxreg.viz import registration_figure as drawing
+
+    fixed = Image(smooth_volume((20, 18, 16), seed=1), np.eye(4))
+    moving = Image(smooth_volume((20, 18, 16), seed=2), np.eye(4))
+    field = smooth_random_field((20, 18, 16), max_displacement=2.0, smoothness=6.0, seed=3)
+    warped = pipeline.warp_image(moving, fixed, field, None)
+    titles = []
+    render = drawing._render
+    monkeypatch.setattr(drawing, "_render", lambda *a: titles.append(a[4]) or render(*a))
+    monkeypatch.setattr(outputs, "SERIAL_OUTPUTS_ABOVE", threshold)
+
+    def result(measure):
+        made = outputs.RegistrationResult(fixed, moving, warped, field, {}, None, {"engine": "synthetic"})
+        made.pending_metrics = measure
+        return made
+
+    done = result(lambda: {"dice_mean_before": 0.25, "dice_mean_after": 0.75, "folding_percent": 0.0})
+    (tmp_path / "ok").mkdir()
+    names = outputs.write_outputs(done, tmp_path / "ok")
+    assert "figure" in names and (tmp_path / "ok" / "figure.png").stat().st_size > 10_000
+    assert callable(titles[-1]) == (threshold > 1000)  # side by side: asked for once drawn
+    title = titles[-1]() if callable(titles[-1]) else titles[-1]
+    assert title == outputs.figure_title(done.metrics) and "Dice 0.250 -> 0.750" in title
+
+    def fail():
+        raise RuntimeError("metric failed")
+
+    (tmp_path / "bad").mkdir()
+    with pytest.raises(RuntimeError, match="metric failed"):
+        outputs.write_outputs(result(fail), tmp_path / "bad")
+    assert not (tmp_path / "bad" / "figure.png").exists()

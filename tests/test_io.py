@@ -566,6 +566,21 @@ def test_float_labels_with_rounding_noise_are_rounded(tmp_path: Path) -> None:
     np.testing.assert_array_equal(loaded.array[..., 0], [[0, 3], [1, 4]])
 
 
+def test_float_labels_fast_path_keeps_every_check() -> None:
+    """Whole numbers stored as floats (a Fortran-ordered array, as nibabel gives) take the
+    cast-and-compare path; NaN, values beyond int32 and fractions still fail or round."""
+    whole = np.asfortranarray(np.arange(60, dtype=np.float32).reshape(3, 4, 5) - 7.0)
+    labels = io.as_label_image(Image(whole, path=Path("seg.nii.gz"))).array
+    assert labels.dtype == np.int32 and labels.flags.c_contiguous
+    np.testing.assert_array_equal(labels, whole.astype(np.int64))
+    for bad, reason in ((np.nan, "NaN"), (3e9, "int32"), (2.5, "non-integer")):
+        data = whole.copy()
+        data[1, 2, 3] = bad
+        with pytest.raises(VoxregError) as excinfo:
+            io.as_label_image(Image(data, path=Path("bad.nii.gz")))
+        assert_one_line_error(excinfo, "bad.nii.gz", reason)
+
+
 def test_itk_field_supported_only_for_planes_parallel_to_xy():
     from voxreg.core.image import Image
 

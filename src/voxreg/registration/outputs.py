@@ -220,8 +220,9 @@ def write_outputs(result: RegistrationResult, folder: str | Path, figure: bool =
     The files are compressed on up to one thread per core while this thread inverts the field
     and computes deferred metrics (:meth:`RegistrationResult.finish_metrics`); on a grid of
     more than :data:`SERIAL_OUTPUTS_ABOVE` voxels everything runs in turn on this thread
-    (:func:`output_executor`). The figure, whose title shows the metrics, is drawn last. Every
-    write finishes before the first error, if any, is raised."""
+    (:func:`output_executor`). The figure is drawn on its own thread meanwhile and given its
+    title, which shows the metrics, last (in turn: drawn after the metrics). Every write
+    finishes before the first error, if any, is raised."""
     check_finite_result(result)
     folder = Path(folder)
     field = result.field[0].detach().cpu().numpy()
@@ -240,8 +241,14 @@ def write_outputs(result: RegistrationResult, folder: str | Path, figure: bool =
     if result.world_matrix is not None:
         names["affine"] = "affine.txt"
         writes.append(functools.partial(io.write_itk_affine, folder / "affine.txt", result.world_matrix))
-    with output_executor(result.fixed.array.size, len(writes)) as pool:
+    with output_executor(result.fixed.array.size, len(writes)) as pool, ThreadPoolExecutor(1) as drawing:
         futures = [pool.submit(write) for write in writes]
+        metrics_done: Future = Future()
+        meanwhile = figure and isinstance(pool, ThreadPoolExecutor)
+        if meanwhile:  # the figure is drawn meanwhile, its title (the metrics) last
+            result.moving  # noqa: B018 - made here, not by two threads at once
+            title = functools.partial(_title_when_done, metrics_done)
+            futures.append(drawing.submit(_save_figure, result, field, folder / "figure.png", title))
         inverse, payload_inverse = inverse_field(result)
         release_memory_above(result.fixed.array.size)
         names["field_inverse"] = "field_inverse.nii.gz"
@@ -251,9 +258,14 @@ def write_outputs(result: RegistrationResult, folder: str | Path, figure: bool =
             inverse_itk = folder / "field_itk_inverse.nii.gz"
             futures.append(pool.submit(io.save_itk_field, inverse_itk, inverse, result.fixed))
         del inverse  # the writes hold it while they need it; the metrics do not (a 0.7 mm CT: 0.9 GB)
-        result.finish_metrics()
+        try:
+            metrics_done.set_result(result.finish_metrics())
+        except BaseException as exc:
+            metrics_done.set_exception(exc)  # the figure stops waiting
+            raise
         if figure:
             names["figure"] = "figure.png"
+        if figure and not meanwhile:  # in turn: after the metrics
             futures.append(pool.submit(_save_figure, result, field, folder / "figure.png"))
     for future in futures:
         future.result()
@@ -335,8 +347,11 @@ def check_finite_result(result: RegistrationResult) -> None:
         raise VoxregError("registration failed: the warped image contains NaN/Inf")
 
 
-def _save_figure(result: RegistrationResult, field: np.ndarray, path: Path) -> Path:
-    """figure.png: orthogonal mid-slices of fixed, moving, warped, difference and grid."""
+def _save_figure(
+    result: RegistrationResult, field: np.ndarray, path: Path, title: Callable[[], str] | None = None
+) -> Path:
+    """figure.png: orthogonal mid-slices of fixed, moving, warped, difference and grid; its
+    title from ``result.metrics``, or from ``title()`` once the panels are drawn when given."""
     from voxreg.viz.registration_figure import registration_figure
 
     return registration_figure(
@@ -345,9 +360,14 @@ def _save_figure(result: RegistrationResult, field: np.ndarray, path: Path) -> P
         result.warped.array,
         field,
         path,
-        title=figure_title(result.metrics),
+        title=title if title is not None else figure_title(result.metrics),
         affine=result.fixed.affine,
     )
+
+
+def _title_when_done(metrics_done: Future) -> str:
+    """The figure's title once the metrics (``metrics_done``'s result) are computed."""
+    return figure_title(metrics_done.result())
 
 
 def figure_title(values: Mapping[str, Any]) -> str:

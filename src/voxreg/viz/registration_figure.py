@@ -23,7 +23,7 @@ used through its object API with the Agg canvas (no pyplot state); Pillow encode
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -348,14 +348,14 @@ def _render(
     moving: np.ndarray,
     warped: np.ndarray,
     field: np.ndarray,
-    title: str,
+    title: str | Callable[[], str],
     spacing: np.ndarray,
     planes: list[DisplayPlane],
     grid_step: int | None,
     dpi: int,
 ) -> np.ndarray:
     """The figure's ``(H, W, 3)`` uint8 pixels: the mosaic of every panel with the grid lines
-    and text drawn over it."""
+    and text drawn over it (a callable ``title`` is called last, once the panels are drawn)."""
     from matplotlib.collections import LineCollection
     from matplotlib.figure import Figure
     from matplotlib.transforms import Bbox, IdentityTransform
@@ -424,7 +424,7 @@ def _render(
     for grid in collections:
         fig.add_artist(grid)
     if title:
-        text(width / 2, 0.12 * dpi, title, fontsize=11, ha="center", va="top")
+        text(width / 2, 0.12 * dpi, title() if callable(title) else title, fontsize=11, ha="center", va="top")
     return _composite(mosaic, fig)
 
 
@@ -464,7 +464,7 @@ def registration_figure(
     warped: np.ndarray,
     field: np.ndarray | torch.Tensor,
     path: str | os.PathLike,
-    title: str = "",
+    title: str | Callable[[], str] = "",
     spacing: Sequence[float] | None = None,
     affine: np.ndarray | None = None,
     grid_step: int | None = None,
@@ -477,6 +477,8 @@ def registration_figure(
     displacement in voxels. ``spacing`` (mm per axis) sets the pixel aspect, taken from
     ``affine`` when omitted; ``affine`` also fixes the anatomical orientation of the rows.
     ``grid_step`` is the grid spacing in voxels (default ~1/24 of the largest size).
+    ``title`` may be a function, called once the panels are drawn (a title showing metrics
+    still being computed on another thread).
     Written atomically (temporary file in the same folder, then renamed).
     """
     fixed, moving, warped = (np.asarray(a, dtype=np.float32) for a in (fixed, moving, warped))
