@@ -344,9 +344,9 @@ def test_writing_in_turn_runs_every_job_and_raises_the_first_error_after():
 
 @pytest.mark.parametrize("threshold", [10**9, 10])  # side by side, and in turn
 def test_the_figure_drawn_meanwhile_gets_the_metrics_as_its_title(monkeypatch, tmp_path, threshold):
-    """The figure is drawn on its own thread while the metrics are computed; its title, asked
-    for last, is the one made of the finished metrics. A failing metric stops the figure's
-    wait and comes out of write_outputs (no hang, no figure)."""
+    """The figure is drawn on its own thread while the metrics are computed (on another); its
+    title, asked for last, is the one made of the finished metrics. A failing metric or
+    inverse stops the figure's wait and comes out of write_outputs (no hang, no figure)."""
     from voxreg.viz import registration_figure as drawing
 
     fixed = Image(smooth_volume((20, 18, 16), seed=1), np.eye(4))
@@ -378,3 +378,12 @@ def test_the_figure_drawn_meanwhile_gets_the_metrics_as_its_title(monkeypatch, t
     with pytest.raises(RuntimeError, match="metric failed"):
         outputs.write_outputs(result(fail), tmp_path / "bad")
     assert not (tmp_path / "bad" / "figure.png").exists()
+
+    def no_inverse(_result):
+        raise RuntimeError("inverse failed")
+
+    monkeypatch.setattr(outputs, "inverse_field", no_inverse)  # fails while the figure waits
+    (tmp_path / "bad_inverse").mkdir()
+    with pytest.raises(RuntimeError, match="inverse failed"):
+        outputs.write_outputs(result(lambda: {"folding_percent": 0.0}), tmp_path / "bad_inverse")
+    assert not (tmp_path / "bad_inverse" / "figure.png").exists()

@@ -217,12 +217,12 @@ def write_outputs(result: RegistrationResult, folder: str | Path, figure: bool =
     """Write the standard outputs into ``folder`` (a staging folder); returns their file
     names by key. metrics.json names this run's files (``outputs``) and is strict JSON.
 
-    The files are compressed on up to one thread per core while this thread inverts the field
-    and computes deferred metrics (:meth:`RegistrationResult.finish_metrics`); on a grid of
-    more than :data:`SERIAL_OUTPUTS_ABOVE` voxels everything runs in turn on this thread
-    (:func:`output_executor`). The figure is drawn on its own thread meanwhile and given its
-    title, which shows the metrics, last (in turn: drawn after the metrics). Every write
-    finishes before the first error, if any, is raised."""
+    The files are compressed on up to one thread per core while this thread inverts the field,
+    one more computes the deferred metrics (:meth:`RegistrationResult.finish_metrics`) and one
+    more draws the figure, whose title (the metrics) comes last; on a grid of more than
+    :data:`SERIAL_OUTPUTS_ABOVE` voxels everything runs in turn on this thread
+    (:func:`output_executor`), the figure after the metrics. Every write finishes before the
+    first error, if any, is raised; a failure anywhere stops the figure's wait."""
     check_finite_result(result)
     folder = Path(folder)
     field = result.field[0].detach().cpu().numpy()
@@ -241,31 +241,30 @@ def write_outputs(result: RegistrationResult, folder: str | Path, figure: bool =
     if result.world_matrix is not None:
         names["affine"] = "affine.txt"
         writes.append(functools.partial(io.write_itk_affine, folder / "affine.txt", result.world_matrix))
-    with output_executor(result.fixed.array.size, len(writes)) as pool, ThreadPoolExecutor(1) as drawing:
+    with (
+        output_executor(result.fixed.array.size, len(writes)) as pool,
+        ThreadPoolExecutor(1) as drawing,
+        ThreadPoolExecutor(1) as measuring,
+    ):
         futures = [pool.submit(write) for write in writes]
         metrics_done: Future = Future()
-        meanwhile = figure and isinstance(pool, ThreadPoolExecutor)
-        if meanwhile:  # the figure is drawn meanwhile, its title (the metrics) last
-            result.moving  # noqa: B018 - made here, not by two threads at once
-            title = functools.partial(_title_when_done, metrics_done)
-            futures.append(drawing.submit(_save_figure, result, field, folder / "figure.png", title))
-        inverse, payload_inverse = inverse_field(result)
-        release_memory_above(result.fixed.array.size)
-        names["field_inverse"] = "field_inverse.nii.gz"
-        futures.append(pool.submit(io.save_field, folder / "field_inverse.nii.gz", inverse, result.fixed))
-        if itk:
-            names["field_itk_inverse"] = "field_itk_inverse.nii.gz"
-            inverse_itk = folder / "field_itk_inverse.nii.gz"
-            futures.append(pool.submit(io.save_itk_field, inverse_itk, inverse, result.fixed))
-        del inverse  # the writes hold it while they need it; the metrics do not (a 0.7 mm CT: 0.9 GB)
+        side_by_side = isinstance(pool, ThreadPoolExecutor)
         try:
-            metrics_done.set_result(result.finish_metrics())
+            if side_by_side:  # the metrics and the figure meanwhile, the figure's title (the metrics) last
+                result.moving  # noqa: B018 - made here, not by two threads at once
+                measured = measuring.submit(result.finish_metrics)
+                if figure:
+                    title = functools.partial(_title_when_done, metrics_done)
+                    futures.append(drawing.submit(_save_figure, result, field, folder / "figure.png", title))
+            payload_inverse = _write_inverse(result, pool, folder, itk, names, futures)
+            metrics_done.set_result(measured.result() if side_by_side else result.finish_metrics())
         except BaseException as exc:
-            metrics_done.set_exception(exc)  # the figure stops waiting
+            if not metrics_done.done():
+                metrics_done.set_exception(exc)  # the figure stops waiting
             raise
         if figure:
             names["figure"] = "figure.png"
-        if figure and not meanwhile:  # in turn: after the metrics
+        if figure and not side_by_side:  # in turn: after the metrics
             futures.append(pool.submit(_save_figure, result, field, folder / "figure.png"))
     for future in futures:
         future.result()
@@ -277,6 +276,21 @@ def write_outputs(result: RegistrationResult, folder: str | Path, figure: bool =
     payload["outputs"] = sorted(names.values())
     write_json(folder / "metrics.json", payload)
     return names
+
+
+def _write_inverse(
+    result: RegistrationResult, pool: Executor, folder: Path, itk: bool, names: dict[str, str], futures: list[Future]
+) -> dict[str, Any]:
+    """Invert ``result.field`` on this thread and hand its files to ``pool`` (their names to
+    ``names``, their futures to ``futures``); returns metrics.json's ``inverse`` entry."""
+    inverse, payload = inverse_field(result)
+    release_memory_above(result.fixed.array.size)
+    names["field_inverse"] = "field_inverse.nii.gz"
+    futures.append(pool.submit(io.save_field, folder / "field_inverse.nii.gz", inverse, result.fixed))
+    if itk:
+        names["field_itk_inverse"] = "field_itk_inverse.nii.gz"
+        futures.append(pool.submit(io.save_itk_field, folder / "field_itk_inverse.nii.gz", inverse, result.fixed))
+    return payload  # the writes hold the inverse while they need it (a 0.7 mm CT: 0.9 GB)
 
 
 def inverse_field(result: RegistrationResult) -> tuple[np.ndarray, dict[str, Any]]:
