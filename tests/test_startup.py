@@ -44,6 +44,7 @@ def _python(*args: str) -> subprocess.CompletedProcess:
         (["--help"], "register-batch"),
         (["register", "--help"], "--moving-labels"),
         (["train", "--help"], "--batch-size"),
+        (["models"], "brain-real"),  # lists the cards: no torch either
     ],
 )
 def test_console_script_help_imports_no_heavy_library(argv, expected):

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from voxreg.core.errors import VoxregError
-from voxreg.nn.checkpoint import save_weights_only
 
 __all__ = ["ShippedModel", "default_model", "shipped_models", "find_shipped", "export_shipped"]
 
@@ -110,6 +109,8 @@ def export_shipped(checkpoint: str | Path, folder: Path, card: dict[str, Any], h
         raise ValueError(f"model card misses {', '.join(missing)}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    from voxreg.nn.checkpoint import save_weights_only  # torch: only when exporting (`voxreg models` needs none)
+
     path = save_weights_only(checkpoint, folder / f"{card['name']}.pt", half=half)
     (folder / f"{card['name']}.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     return path
