@@ -621,3 +621,26 @@ def test_nifti_gz_written_through_isal_holds_the_bytes_nibabel_writes(tmp_path: 
     monkeypatch.setitem(sys.modules, "isal", None)  # not installed: nibabel's gzip
     write_nifti(image, tmp_path / "fallback.nii.gz")
     assert gzip.decompress((tmp_path / "fallback.nii.gz").read_bytes()) == reference
+
+
+def test_load_field_reorders_like_numpy_and_field_grid_reads_the_header_only(tmp_path: Path) -> None:
+    """The ISA-L read and torch reordering give numpy's ``moveaxis`` of nibabel's data; the
+    grid comes from the header (a file whose data is cut short still gives it)."""
+    fixed = Image(np.zeros((7, 6, 5), np.float32), np.diag([1.5, 1.0, 2.0, 1.0]))
+    field = np.random.default_rng(3).normal(size=(3, 7, 6, 5)).astype(np.float32)
+    path = io.save_field(tmp_path / "field.nii.gz", field, fixed)
+    loaded, affine = io.load_field(path)
+    expected = np.moveaxis(nib.load(path).get_fdata(dtype=np.float32), -1, 0)
+    assert loaded.flags.c_contiguous and loaded.dtype == np.float32
+    np.testing.assert_array_equal(loaded, expected)
+    np.testing.assert_array_equal(loaded, field)
+    np.testing.assert_allclose(affine, fixed.affine)
+    raw = tmp_path / "field.nii"
+    io.save_field(raw, field, fixed)
+    raw.write_bytes(raw.read_bytes()[:-100])  # data cut short: the header is intact
+    shape, grid_affine = io.field_grid(raw)
+    assert shape == (3, 7, 6, 5)
+    np.testing.assert_allclose(grid_affine, fixed.affine)
+    with pytest.raises(VoxregError) as excinfo:
+        io.load_field(raw)
+    assert "field.nii" in str(excinfo.value)

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     )
     from voxreg.io.resample import resample_to
     from voxreg.io.transforms import (
+        field_grid,
         field_to_itk_image,
         itk_field_supported,
         load_field,
@@ -89,6 +90,7 @@ __getattr__, __dir__ = lazy_exports(
         "resample_to": "voxreg.io.resample",
         "field_to_itk_image": "voxreg.io.transforms",
         "itk_field_supported": "voxreg.io.transforms",
+        "field_grid": "voxreg.io.transforms",
         "load_field": "voxreg.io.transforms",
         "read_itk_affine": "voxreg.io.transforms",
         "save_field": "voxreg.io.transforms",
@@ -128,6 +130,7 @@ __all__ = [
     "resample_to",
     "field_to_itk_image",
     "itk_field_supported",
+    "field_grid",
     "load_field",
     "read_itk_affine",
     "save_field",

@@ -438,13 +438,14 @@ def read_inverse_field(field_path: str | Path) -> tuple[np.ndarray, np.ndarray, 
     """The inverse of the voxreg field at ``field_path``: the file of :func:`inverse_field_path`
     (checked to share its grid) or, when absent (an older run), computed from it. Returns
     ``(inverse (ndim, *S) in fixed voxels, fixed 4x4 affine, computed)``."""
-    field, fixed_affine = io.load_field(field_path)
     sibling = inverse_field_path(field_path)
-    if sibling.exists():
+    if sibling.exists():  # the forward field's header is enough to check the grid
+        shape, fixed_affine = io.field_grid(field_path)
         inverse, affine = io.load_field(sibling)
-        if inverse.shape != field.shape or not np.allclose(affine, fixed_affine, atol=1e-4):
-            raise VoxregError(f"{sibling}: not on the grid of {field_path} (shape {inverse.shape} vs {field.shape})")
+        if inverse.shape != shape or not np.allclose(affine, fixed_affine, atol=1e-4):
+            raise VoxregError(f"{sibling}: not on the grid of {field_path} (shape {inverse.shape} vs {shape})")
         return inverse, fixed_affine, False
+    field, fixed_affine = io.load_field(field_path)
     if not np.all(np.isfinite(field)):
         raise VoxregError(f"{field_path}: the field contains NaN/Inf")
     inverse_t = spatial.invert_displacement(torch.from_numpy(field)[None])
