@@ -644,3 +644,26 @@ def test_load_field_reorders_like_numpy_and_field_grid_reads_the_header_only(tmp
     with pytest.raises(VoxregError) as excinfo:
         io.load_field(raw)
     assert "field.nii" in str(excinfo.value)
+
+
+@pytest.mark.parametrize("shape", [(7, 6, 5), (9, 8)])
+def test_itk_vectors_from_the_nifti_order_are_the_einsum_of_the_field(shape) -> None:
+    """The ITK field made from the NIfTI-ordered voxreg vectors (one matrix product, no second
+    reordering) has the bits of the vectors mapped while reordering (the former path)."""
+    from voxreg.io.images import RAS_TO_LPS
+    from voxreg.io.transforms import vectors_last_fortran
+
+    ndim = len(shape)
+    affine = np.array([[0.0, 1.2, 0.1, 3.0], [-0.9, 0.0, 0.2, -4.0], [0.0, 0.0, 1.1, 2.0], [0, 0, 0, 1]])
+    if ndim == 2:
+        affine = np.diag([1.3, -0.8, 1.0, 1.0])
+    fixed = Image(np.zeros(shape, np.float32), affine)
+    field = np.random.default_rng(4).normal(size=(ndim, *shape)).astype(np.float32)
+    linear = (RAS_TO_LPS[:3, :3] @ affine[:3, :ndim])[:ndim].astype(np.float32)
+    expected = vectors_last_fortran(field, linear)
+    got = np.asarray(io.field_to_itk_image(field, fixed).dataobj)
+    np.testing.assert_array_equal(got.reshape(expected.shape), expected)
+    vectors = io.nifti_vectors(field, fixed)
+    np.testing.assert_array_equal(vectors, np.moveaxis(field, 0, -1))
+    with pytest.raises(VoxregError, match="NIfTI order"):
+        io.write_itk_field_vectors("field_itk.nii.gz", np.ascontiguousarray(vectors), fixed)

@@ -51,10 +51,13 @@ if TYPE_CHECKING:
         field_to_itk_image,
         itk_field_supported,
         load_field,
+        nifti_vectors,
         read_itk_affine,
         save_field,
         save_itk_field,
+        write_field_vectors,
         write_itk_affine,
+        write_itk_field_vectors,
     )
 
 __getattr__, __dir__ = lazy_exports(
@@ -94,6 +97,9 @@ __getattr__, __dir__ = lazy_exports(
         "load_field": "voxreg.io.transforms",
         "read_itk_affine": "voxreg.io.transforms",
         "save_field": "voxreg.io.transforms",
+        "write_itk_field_vectors": "voxreg.io.transforms",
+        "write_field_vectors": "voxreg.io.transforms",
+        "nifti_vectors": "voxreg.io.transforms",
         "save_itk_field": "voxreg.io.transforms",
         "write_itk_affine": "voxreg.io.transforms",
     },
@@ -134,6 +140,9 @@ __all__ = [
     "load_field",
     "read_itk_affine",
     "save_field",
+    "write_itk_field_vectors",
+    "write_field_vectors",
+    "nifti_vectors",
     "save_itk_field",
     "write_itk_affine",
 ]

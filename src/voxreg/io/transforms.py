@@ -65,13 +65,26 @@ def _require_nifti(path: Path, what: str) -> None:
         raise file_error(path, f"{what} must be saved as .nii.gz or .nii")
 
 
+def nifti_vectors(field: np.ndarray | torch.Tensor, fixed: Image) -> np.ndarray:
+    """A displacement ``field`` ``(ndim, *S)`` (voxels of ``fixed``'s grid, checked against it)
+    in NIfTI's byte order: ``(*S, ndim)`` float32, Fortran-ordered (one reordering copy). Both
+    :func:`write_field_vectors` and :func:`write_itk_field_vectors` take it, so a field written
+    in both formats is reordered once."""
+    return vectors_last_fortran(_field_array(field, fixed))
+
+
 def save_field(path: PathLike, field: np.ndarray | torch.Tensor, fixed: Image) -> Path:
     """Write a displacement ``field`` ``(ndim, *S)`` (voxels of ``fixed``'s grid) in voxreg
     format: NIfTI ``(*S, ndim)`` float32, fixed affine, intent vector 'voxreg_vox'."""
+    return write_field_vectors(path, nifti_vectors(field, fixed), fixed)
+
+
+def write_field_vectors(path: PathLike, vectors: np.ndarray, fixed: Image) -> Path:
+    """:func:`save_field` of a field already in NIfTI's order (:func:`nifti_vectors`)."""
     path = Path(path)
     _require_nifti(path, "a displacement field")
-    data = vectors_last_fortran(_field_array(field, fixed))  # NIfTI's order: one copy
-    img = nib.Nifti1Image(data, fixed.affine)
+    _check_vectors(vectors, fixed)
+    img = nib.Nifti1Image(vectors, fixed.affine)
     set_nifti_xform(img, fixed.affine)
     img.header.set_intent("vector", (), name=FIELD_INTENT_NAME)
     return atomic_write(path, lambda tmp: write_nifti(img, tmp))
@@ -144,11 +157,16 @@ def field_to_itk_image(field: np.ndarray | torch.Tensor, fixed: Image) -> nib.Ni
     coordinates; only possible when the image plane is parallel to the x-y plane
     (raises VoxregError otherwise). float32, intent vector (1007).
     """
-    data = _field_array(field, fixed)
+    return _itk_image(nifti_vectors(field, fixed), fixed)
+
+
+def _itk_image(vectors: np.ndarray, fixed: Image) -> nib.Nifti1Image:
+    """:func:`field_to_itk_image` of a field in NIfTI's order (:func:`nifti_vectors`): its
+    vectors mapped to LPS millimetres by one matrix product, without reordering the voxels."""
+    _check_vectors(vectors, fixed)
     affine = fixed.affine
     if fixed.ndim == 3:
         linear = (RAS_TO_LPS[:3, :3] @ affine[:3, :3]).astype(np.float32)  # no float64 copy of the field
-        vectors = vectors_last_fortran(data, linear)[..., None, :]  # NIfTI's order
     else:
         if not itk_field_supported(fixed):
             raise VoxregError(
@@ -156,19 +174,37 @@ def field_to_itk_image(field: np.ndarray | torch.Tensor, fixed: Image) -> nib.Ni
                 "to the x-y plane; this 2D image is tilted out of it"
             )
         linear = (RAS_TO_LPS[:3, :3] @ affine[:3, :2])[:2].astype(np.float32)
-        vectors = vectors_last_fortran(data, linear)[:, :, None, None, :]
-    img = nib.Nifti1Image(np.asfortranarray(vectors, dtype=np.float32), affine)  # written without a copy
+    vectors_first = torch.from_numpy(vectors.T)  # (ndim, *reversed S), C-ordered: a view
+    mapped = torch.mm(torch.from_numpy(linear), vectors_first.reshape(fixed.ndim, -1))
+    lps = mapped.reshape(vectors_first.shape).numpy().T  # (*S, ndim) Fortran-ordered again
+    lps = lps[..., None, :] if fixed.ndim == 3 else lps[:, :, None, None, :]
+    img = nib.Nifti1Image(np.asfortranarray(lps, dtype=np.float32), affine)  # written without a copy
     set_nifti_xform(img, affine)
     img.header.set_intent("vector", ())
     return img
 
 
+def _check_vectors(vectors: np.ndarray, fixed: Image) -> None:
+    """Raise unless ``vectors`` is a float32 Fortran-ordered ``(*S, ndim)`` array of ``fixed``'s grid."""
+    expected = (*fixed.shape, fixed.ndim)
+    if vectors.shape != expected or vectors.dtype != np.float32 or not vectors.flags.f_contiguous:
+        raise VoxregError(
+            f"field vectors of shape {vectors.shape} ({vectors.dtype}) are not the NIfTI order of "
+            f"{fixed.name}'s grid (expected Fortran-ordered float32 {expected}; see nifti_vectors)"
+        )
+
+
 def save_itk_field(path: PathLike, field: np.ndarray | torch.Tensor, fixed: Image) -> Path:
     """Atomically write :func:`field_to_itk_image` of ``field`` (for antsApplyTransforms /
     SimpleITK ``DisplacementFieldTransform``)."""
+    return write_itk_field_vectors(path, nifti_vectors(field, fixed), fixed)
+
+
+def write_itk_field_vectors(path: PathLike, vectors: np.ndarray, fixed: Image) -> Path:
+    """:func:`save_itk_field` of a field already in NIfTI's order (:func:`nifti_vectors`)."""
     path = Path(path)
     _require_nifti(path, "an ITK displacement field")
-    img = field_to_itk_image(field, fixed)
+    img = _itk_image(vectors, fixed)
     return atomic_write(path, lambda tmp: write_nifti(img, tmp))
 
 

@@ -227,17 +227,16 @@ def write_outputs(result: RegistrationResult, folder: str | Path, figure: bool =
     folder = Path(folder)
     field = result.field[0].detach().cpu().numpy()
     names: dict[str, str] = {"warped": "warped.nii.gz", "field": "field.nii.gz"}
-    writes: list[Callable[[], Path]] = [
+    itk = io.itk_field_supported(result.fixed)
+    if itk:
+        names["field_itk"] = "field_itk.nii.gz"
+    writes: list[Callable[[], Any]] = [
+        functools.partial(_write_field_files, folder, "field", field, result.fixed, itk),
         functools.partial(io.save_image, result.warped, folder / "warped.nii.gz"),
-        functools.partial(io.save_field, folder / "field.nii.gz", field, result.fixed),
     ]
     for name, labels in result.warped_labels.items():
         names[f"warped_{name}"] = f"warped_{name}.nii.gz"
         writes.append(functools.partial(io.save_image, labels, folder / names[f"warped_{name}"]))
-    itk = io.itk_field_supported(result.fixed)
-    if itk:
-        names["field_itk"] = "field_itk.nii.gz"
-        writes.append(functools.partial(io.save_itk_field, folder / "field_itk.nii.gz", field, result.fixed))
     if result.world_matrix is not None:
         names["affine"] = "affine.txt"
         writes.append(functools.partial(io.write_itk_affine, folder / "affine.txt", result.world_matrix))
@@ -285,12 +284,24 @@ def _write_inverse(
     ``names``, their futures to ``futures``); returns metrics.json's ``inverse`` entry."""
     inverse, payload = inverse_field(result)
     release_memory_above(result.fixed.array.size)
+    vectors = io.nifti_vectors(inverse, result.fixed)  # reordered once for both files, written side by side
+    del inverse
     names["field_inverse"] = "field_inverse.nii.gz"
-    futures.append(pool.submit(io.save_field, folder / "field_inverse.nii.gz", inverse, result.fixed))
+    futures.append(pool.submit(io.write_field_vectors, folder / "field_inverse.nii.gz", vectors, result.fixed))
     if itk:
         names["field_itk_inverse"] = "field_itk_inverse.nii.gz"
-        futures.append(pool.submit(io.save_itk_field, folder / "field_itk_inverse.nii.gz", inverse, result.fixed))
-    return payload  # the writes hold the inverse while they need it (a 0.7 mm CT: 0.9 GB)
+        itk_path = folder / "field_itk_inverse.nii.gz"
+        futures.append(pool.submit(io.write_itk_field_vectors, itk_path, vectors, result.fixed))
+    return payload  # the writes hold the vectors while they need them (a 0.7 mm CT: 0.9 GB)
+
+
+def _write_field_files(folder: Path, stem: str, field: np.ndarray, fixed: Image, itk: bool) -> None:
+    """``<stem>.nii.gz`` and, when ``itk``, ``<stem>_itk.nii.gz`` of ``field``, one after the
+    other from one reordering of it (:func:`voxreg.io.nifti_vectors`)."""
+    vectors = io.nifti_vectors(field, fixed)
+    io.write_field_vectors(folder / f"{stem}.nii.gz", vectors, fixed)
+    if itk:
+        io.write_itk_field_vectors(folder / f"{stem}_itk.nii.gz", vectors, fixed)
 
 
 def inverse_field(result: RegistrationResult) -> tuple[np.ndarray, dict[str, Any]]:
