@@ -144,17 +144,17 @@ def test_similarities_of_an_image_with_itself_and_a_flat_one():
 
 
 def test_jacobian_stats_by_chunks_equal_the_whole_array(monkeypatch):
-    """Chunked float64 statistics (Chan's update for the std) give numpy's whole-array values
-    on a folding field, with and without a mask."""
-    from voxreg.core.spatial import jacobian_determinant
+    """Float64 statistics streamed slab by slab (Chan's update for the std; one-row slabs here)
+    give numpy's whole-array values on a folding field, with and without a mask."""
+    from voxreg.core import spatial
     from voxreg.core.synthetic import smooth_random_field
-    from voxreg.metrics import jacobian
 
     field = torch.as_tensor(smooth_random_field((40, 44, 36), max_displacement=6.0, smoothness=4.0, seed=3))
-    det = jacobian_determinant(field)[0].numpy().astype(np.float64)
+    det = spatial.jacobian_determinant(field)[0].numpy().astype(np.float64)
     mask = np.zeros(det.shape, bool)
     mask[5:30] = True
-    monkeypatch.setattr(jacobian, "_STATS_CHUNK", 1000)
+    monkeypatch.setattr(spatial, "_JACOBIAN_SLAB_VOXELS", 3 * 44 * 36)  # one row of the first axis per slab
+    assert len(list(spatial.jacobian_determinant_slabs(field))) == 40
     for chosen, values in ((None, det.ravel()), (mask, det[mask])):
         got = M.jacobian_stats(field, mask=chosen)
         assert got["folding_percent"] == pytest.approx(100 * np.mean(values <= 0), abs=1e-12)

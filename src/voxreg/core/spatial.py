@@ -18,7 +18,7 @@ Coordinate domains used throughout voxreg (see docs/conventions.md):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from typing import Literal
 
@@ -423,21 +423,34 @@ def jacobian_determinant(field: Tensor) -> Tensor:
     """Determinant of the Jacobian of ``x -> x + field(x)``, shape ``(N, *S)``.
 
     Values <= 0 mark folding; 1 means volume preserved. Without a gradient to track, a large
-    field goes slab by slab along its first axis (each slab with one extra row either side,
-    so central differences see the same neighbours): the same values with a few slabs' worth
-    of intermediates (a 1 mm brain's field: +1.6 GB -> +0.4 GB).
+    field goes slab by slab along its first axis (:func:`jacobian_determinant_slabs`): the
+    same values with a few slabs' worth of intermediates (a 1 mm brain's field: +1.6 GB ->
+    +0.4 GB).
     """
+    if torch.is_grad_enabled() and field.requires_grad:
+        return _jacobian_determinant(field)
+    out = field.new_empty((field.shape[0], *field.shape[2:]))
+    for start, stop, det in jacobian_determinant_slabs(field):
+        out[:, start:stop] = det
+    return out
+
+
+def jacobian_determinant_slabs(field: Tensor) -> Iterator[tuple[int, int, Tensor]]:
+    """:func:`jacobian_determinant` of a field without gradient, as ``(start, stop, det)`` slabs
+    along the first spatial axis (``det`` ``(N, stop - start, *S[1:])``; each slab computed
+    with one extra row either side, so central differences see the same neighbours): the
+    whole field when it is small. Streaming the slabs (e.g. into statistics) never holds the
+    whole determinant."""
     size = field.shape[2]
     per_row = max(field.numel() // max(size, 1), 1)
     rows = max(_JACOBIAN_SLAB_VOXELS // per_row, 1)
-    if rows >= size or (torch.is_grad_enabled() and field.requires_grad):
-        return _jacobian_determinant(field)
-    out = field.new_empty((field.shape[0], *field.shape[2:]))
+    if rows >= size:
+        yield 0, size, _jacobian_determinant(field)
+        return
     for start in range(0, size, rows):
         stop = min(start + rows, size)
         low, high = max(start - 1, 0), min(stop + 1, size)
-        out[:, start:stop] = _jacobian_determinant(field[:, :, low:high])[:, start - low : stop - low]
-    return out
+        yield start, stop, _jacobian_determinant(field[:, :, low:high])[:, start - low : stop - low]
 
 
 def _jacobian_determinant(field: Tensor) -> Tensor:
