@@ -305,10 +305,12 @@ def _write_field_files(folder: Path, stem: str, field: np.ndarray, fixed: Image,
 
 
 def inverse_field(result: RegistrationResult) -> tuple[np.ndarray, dict[str, Any]]:
-    """The inverse of ``result.field`` as a float32 ``(ndim, *S)`` array in fixed voxels: the
-    engine's own exact one when it gave one (``result.inverse``: a network alone integrates
-    its negated velocity), else :func:`voxreg.core.spatial.invert_displacement` (on a grid of
-    more than :data:`HALF_RES_INVERSE_ABOVE` voxels its half-resolution stage only); and
+    """The inverse of ``result.field`` as a float32 ``(ndim, *S)`` array in fixed voxels: from
+    the engine's own when it gave one (``result.inverse``: a network alone integrates its
+    negated velocity; :func:`network_inverse`), else from
+    :func:`voxreg.core.spatial.invert_displacement` (:func:`composed_inverse`), each fitted to
+    the forward map (on a grid of more than :data:`HALF_RES_INVERSE_ABOVE` voxels: not fitted,
+    and the fixed point at half resolution only); and
     metrics.json's ``inverse`` entry: how it was made, its seconds and the residual
     ``|u(x) + u_inv(x + u(x))|`` (voxels) over the fixed scan's foreground voxels
     (:func:`foreground_index`; every k-th of them beyond :data:`RESIDUAL_VOXELS`): mean, 99th
