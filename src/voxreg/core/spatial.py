@@ -457,18 +457,12 @@ def _jacobian_determinant(field: Tensor) -> Tensor:
     """:func:`jacobian_determinant` of the whole field at once: the same products in the same
     order as the cofactor expansion of ``spatial_gradient(field) + I``, taken straight from
     ``torch.gradient``'s contiguous outputs (no stacked, shifted or strided copies: a 1 mm
-    brain's field 0.19 -> 0.1 s) unless a gradient is tracked."""
+    brain's field 0.19 -> 0.12-0.15 s; differentiable as well)."""
     ndim = spatial_ndim(field)
-    if torch.is_grad_enabled() and field.requires_grad:
-        jac = spatial_gradient(field)
-        eye = torch.eye(ndim, device=field.device, dtype=field.dtype).view(1, ndim, ndim, *([1] * ndim))
-        jac = (jac + eye).movedim((1, 2), (-2, -1))
-        rows = [[jac[..., r, k] for k in range(ndim)] for r in range(ndim)]
-    else:
-        grads = torch.gradient(field, dim=tuple(range(2, 2 + ndim)))  # grads[k][:, r] = d field[r] / d axis k
-        for k in range(ndim):
-            grads[k][:, k] += 1.0
-        rows = [[grads[k][:, r] for k in range(ndim)] for r in range(ndim)]
+    grads = torch.gradient(field, dim=tuple(range(2, 2 + ndim)))  # grads[k][:, r] = d field[r] / d axis k
+    for k in range(ndim):
+        grads[k][:, k] += 1.0
+    rows = [[grads[k][:, r] for k in range(ndim)] for r in range(ndim)]
     if ndim == 2:
         (a, b), (c, d) = rows
         return a * d - b * c

@@ -405,6 +405,33 @@ def _parzen_backward(x: Tensor, weights: Tensor, upstream: Tensor, centers: Tens
     return (q @ centers - mean_center * q.sum(dim=1)) / sigma**2
 
 
+def _joint_histogram_sums(
+    a: Tensor, others: Sequence[Tensor], centers: Tensor, sigma: float, weights: Tensor | None = None
+) -> list[Tensor]:
+    """Unnormalised float64 Parzen joint histograms ``(B, B)`` of the flat values ``a`` against
+    each of ``others`` (same length), chunk by chunk into reused weight buffers (memory
+    O(chunk * bins)); ``a``'s weights are computed once per chunk for all of ``others`` and
+    scaled by ``weights`` (per voxel) when given."""
+    bins = centers.numel()
+    hists = [torch.zeros(bins, bins, dtype=torch.float64, device=a.device) for _ in others]
+    buf_a, buf_b = (a.new_empty(min(_MI_CHUNK, a.numel()), bins) for _ in range(2))
+    for start in range(0, a.numel(), _MI_CHUNK):
+        stop = min(start + _MI_CHUNK, a.numel())
+        wa = _parzen_weights(a[start:stop], centers, sigma, buf_a[: stop - start])
+        if weights is not None:
+            wa.mul_(weights[start:stop, None])
+        for hist, b in zip(hists, others):
+            hist += (wa.T @ _parzen_weights(b[start:stop], centers, sigma, buf_b[: stop - start])).double()
+    return hists
+
+
+def _parzen_centres(bins: int, sigma_ratio: float, like: Tensor) -> tuple[Tensor, float]:
+    """(``bins`` kernel centres on [0, 1], kernel std) of the Parzen histograms; checks both."""
+    if bins < 2 or sigma_ratio <= 0:
+        raise ValueError(f"need bins >= 2 and sigma_ratio > 0, got bins={bins}, sigma_ratio={sigma_ratio}")
+    return torch.linspace(0.0, 1.0, bins, device=like.device, dtype=like.dtype), sigma_ratio / (bins - 1)
+
+
 class _JointHistogram(torch.autograd.Function):
     """Parzen joint histogram ``P`` (B, B) float64 of two flat images, chunked over voxels.
 
@@ -414,16 +441,7 @@ class _JointHistogram(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, weights: Tensor | None, centers: Tensor, sigma: float) -> Tensor:
-        bins = centers.numel()
-        hist = torch.zeros(bins, bins, dtype=torch.float64, device=a.device)
-        buf_a, buf_b = (a.new_empty(min(_MI_CHUNK, a.numel()), bins) for _ in range(2))
-        for start in range(0, a.numel(), _MI_CHUNK):
-            stop = min(start + _MI_CHUNK, a.numel())
-            wa = _parzen_weights(a[start:stop], centers, sigma, buf_a[: stop - start])
-            wb = _parzen_weights(b[start:stop], centers, sigma, buf_b[: stop - start])
-            if weights is not None:
-                wa.mul_(weights[start:stop, None])
-            hist += (wa.T @ wb).double()
+        (hist,) = _joint_histogram_sums(a, [b], centers, sigma, weights)
         total = float(a.numel()) if weights is None else float(weights.sum().clamp_min(1e-12))
         ctx.save_for_backward(a, b, weights, centers)
         ctx.sigma, ctx.total = sigma, total
@@ -482,10 +500,7 @@ def joint_histogram(
     """
     _check_pair(fixed, warped)
     mask = _check_mask(mask, fixed)
-    if bins < 2 or sigma_ratio <= 0:
-        raise ValueError(f"need bins >= 2 and sigma_ratio > 0, got bins={bins}, sigma_ratio={sigma_ratio}")
-    centers = torch.linspace(0.0, 1.0, bins, device=fixed.device, dtype=fixed.dtype)
-    sigma = sigma_ratio / (bins - 1)
+    centers, sigma = _parzen_centres(bins, sigma_ratio, fixed)
     a = fixed.clamp(0.0, 1.0).flatten(2)
     b = warped.clamp(0.0, 1.0).flatten(2)
     m = None if mask is None else mask.to(fixed.dtype).expand_as(fixed).flatten(2)
@@ -543,13 +558,11 @@ def mutual_information_many(
     """:func:`mutual_information` of each of ``others`` against ``fixed`` (no gradient, no mask):
     the same values, as the same voxels are drawn for every pair (an int ``seed``), but the
     fixed image's Parzen weights are computed once per chunk for all of them, and only the
-    drawn voxels are clamped to [0, 1] (a report's three comparisons: 0.34 -> 0.2 s)."""
+    drawn voxels are clamped to [0, 1] (a report's three comparisons on a 1 mm brain's grid:
+    0.47 -> 0.26 s)."""
     for other in others:
         _check_pair(fixed, other)
-    if bins < 2 or sigma_ratio <= 0:
-        raise ValueError(f"need bins >= 2 and sigma_ratio > 0, got bins={bins}, sigma_ratio={sigma_ratio}")
-    centers = torch.linspace(0.0, 1.0, bins, device=fixed.device, dtype=fixed.dtype)
-    sigma = sigma_ratio / (bins - 1)
+    centers, sigma = _parzen_centres(bins, sigma_ratio, fixed)
     a, flat = fixed.flatten(2), [other.flatten(2) for other in others]
     index = _subsample(a.shape[-1], max_voxels, seed, fixed.device)
     hists: list[list[Tensor]] = [[] for _ in others]
@@ -560,27 +573,13 @@ def mutual_information_many(
                 if index is not None:
                     pa, pbs = pa[index], [pb[index] for pb in pbs]
                 pa, pbs = pa.clamp(0.0, 1.0), [pb.clamp(0.0, 1.0) for pb in pbs]
-                for k, hist in enumerate(_joint_histograms_of(pa, pbs, centers, sigma)):
-                    hists[k].append(hist)
+                for k, hist in enumerate(_joint_histogram_sums(pa, pbs, centers, sigma)):
+                    hists[k].append(hist / float(pa.numel()))
     values = []
     for per_image in hists:
         h_f, h_w, h_fw = _mi_terms(torch.stack(per_image))
         values.append((h_f + h_w - h_fw).mean().to(fixed.dtype))
     return values
-
-
-def _joint_histograms_of(a: Tensor, others: Sequence[Tensor], centers: Tensor, sigma: float) -> list[Tensor]:
-    """Parzen joint histograms (float64, summing to 1) of the flat values ``a`` against each
-    of ``others`` (same length, in [0, 1]), chunk by chunk as :class:`_JointHistogram` sums them."""
-    bins = centers.numel()
-    hists = [torch.zeros(bins, bins, dtype=torch.float64, device=a.device) for _ in others]
-    buf_a, buf_b = (a.new_empty(min(_MI_CHUNK, a.numel()), bins) for _ in range(2))
-    for start in range(0, a.numel(), _MI_CHUNK):
-        stop = min(start + _MI_CHUNK, a.numel())
-        wa = _parzen_weights(a[start:stop], centers, sigma, buf_a[: stop - start])
-        for hist, b in zip(hists, others):
-            hist += (wa.T @ _parzen_weights(b[start:stop], centers, sigma, buf_b[: stop - start])).double()
-    return [hist / float(a.numel()) for hist in hists]
 
 
 def joint_entropy(
