@@ -56,3 +56,36 @@ def test_threads_reuse_the_freed_blocks_of_the_main_heap():
         thread.start()
         thread.join()
     assert min(faults[1:]) < 2_000, faults
+
+
+def test_the_network_runs_in_bfloat16_only_where_the_cpu_has_it(tmp_path, monkeypatch):
+    """``network_precision``: bfloat16 on a CPU whose flags list avx512_bf16 or amx_bf16,
+    float32 on one without (emulated bf16 is slower) or without /proc/cpuinfo;
+    VOXREG_NETWORK_PRECISION overrides the choice, and a wrong value is refused in one line."""
+    import pytest
+    import torch
+
+    from voxreg.core import runtime
+    from voxreg.core.errors import VoxregError
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(runtime.PRECISION_VARIABLE, raising=False)
+    for flags, expected in (
+        ("fpu avx2 avx512f avx512_bf16", "bfloat16"),
+        ("fpu amx_bf16 amx_tile", "bfloat16"),
+        ("fpu avx2 avx512f avx512bw", "float32"),
+    ):
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(runtime, "CPUINFO", str(info))
+        assert runtime.network_precision(cpu) == expected
+    monkeypatch.setattr(runtime, "CPUINFO", str(tmp_path / "missing"))
+    assert runtime.native_bf16(cpu) is False and runtime.network_precision(cpu) == "float32"
+    monkeypatch.setenv(runtime.PRECISION_VARIABLE, "bfloat16")
+    assert runtime.network_precision(cpu) == "bfloat16"
+    monkeypatch.setattr(runtime, "CPUINFO", str(info))
+    monkeypatch.setenv(runtime.PRECISION_VARIABLE, " Float32 ")
+    assert runtime.network_precision(cpu) == "float32"
+    monkeypatch.setenv(runtime.PRECISION_VARIABLE, "half")
+    with pytest.raises(VoxregError, match="VOXREG_NETWORK_PRECISION='half': use auto, float32 or bfloat16"):
+        runtime.network_precision(cpu)

@@ -318,7 +318,7 @@ class VoxelMorph(nn.Module):
         return _crop(spatial.resize_field(field, padded), shape)
 
     def _symmetric_flow(
-        self, moving: Tensor, fixed: Tensor, lam: float | Tensor | None
+        self, moving: Tensor, fixed: Tensor, lam: float | Tensor | None, bf16: bool = False
     ) -> tuple[Tensor, tuple[int, ...]]:
         """(velocity, padded shape): the velocity of ``moving -> fixed`` averaged with the
         negated velocity of ``fixed -> moving`` (both pairs in one batch). An exact model would
@@ -327,7 +327,7 @@ class VoxelMorph(nn.Module):
         n = moving.shape[0]
         if isinstance(lam, Tensor) and lam.numel() == n and n > 1:
             lam = torch.cat([lam.reshape(-1), lam.reshape(-1)])
-        both, padded = self._raw_flow(torch.cat([moving, fixed]), torch.cat([fixed, moving]), lam)
+        both, padded = self._raw_flow(torch.cat([moving, fixed]), torch.cat([fixed, moving]), lam, bf16)
         return (both[:n] - both[n:]) / 2, padded
 
     def forward(
@@ -338,15 +338,20 @@ class VoxelMorph(nn.Module):
         *,
         inverse: bool = False,
         symmetric: bool = False,
+        bf16: bool = False,
     ) -> NetworkOutput:
         """Predict the displacement that warps ``moving`` onto ``fixed``; with ``inverse`` (a
         diffeomorphic network) also its exact inverse, ``exp(-v)`` integrated on the same grid;
         with ``symmetric`` (diffeomorphic networks) from the velocity averaged over both
-        directions (:meth:`_symmetric_flow`: twice the network's cost)."""
+        directions (:meth:`_symmetric_flow`: twice the network's cost); ``bf16``: the U-Net's
+        convs under bfloat16 autocast, as in :meth:`predict_field` (inference)."""
         shape = tuple(moving.shape[2:])
         if symmetric and not self.config.diffeomorphic:
             raise ValueError("symmetric inference needs a diffeomorphic network (int_steps > 0)")
-        flow, padded = self._symmetric_flow(moving, fixed, lam) if symmetric else self._raw_flow(moving, fixed, lam)
+        if symmetric:
+            flow, padded = self._symmetric_flow(moving, fixed, lam, bf16)
+        else:
+            flow, padded = self._raw_flow(moving, fixed, lam, bf16)
         if not self.config.diffeomorphic:
             return NetworkOutput(field=self._to_input_grid(flow, padded, shape))
         field = spatial.integrate_velocity(flow, self.config.int_steps)

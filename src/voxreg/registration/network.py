@@ -25,6 +25,7 @@ from voxreg.core import spatial
 from voxreg.core.errors import VoxregError
 from voxreg.core.grid import Grid, apply_matrix
 from voxreg.core.image import Image
+from voxreg.core.runtime import network_precision
 from voxreg.registration.model_space import ModelSpace, field_to_fixed, model_grid
 
 __all__ = ["model_space_of", "predict_fields", "to_model_grid"]
@@ -146,14 +147,17 @@ def _forward(
 ) -> tuple[Tensor, Tensor | None]:
     """One forward pass on normalised arrays: the field ``(1, ndim, *shape)`` and, when
     ``inverse`` and the network can give it (:class:`~voxreg.nn.VoxelMorph`, diffeomorphic),
-    its inverse; ``symmetric`` (diffeomorphic VoxelMorph only) averages both directions."""
+    its inverse; ``symmetric`` (diffeomorphic VoxelMorph only) averages both directions. A
+    voxreg network runs its convs in :func:`~voxreg.core.runtime.network_precision`."""
     from voxreg.nn import VoxelMorph
 
-    options = {"inverse": True} if inverse and isinstance(model, VoxelMorph) else {}
+    options: dict[str, bool] = {"inverse": True} if inverse and isinstance(model, VoxelMorph) else {}
     if symmetric:
         if not (isinstance(model, VoxelMorph) and model.config.diffeomorphic):
             raise VoxregError("symmetric inference needs a diffeomorphic voxreg network (trained with --int-steps > 0)")
         options["symmetric"] = True
+    if isinstance(model, VoxelMorph) and network_precision(device) == "bfloat16":
+        options["bf16"] = True
     with torch.inference_mode():
         output = model(_tensor(moving, device), _tensor(fixed, device), lam=lam, **options)
     backward = getattr(output, "inverse", None)

@@ -28,7 +28,7 @@ from voxreg.core.config import check_choice, check_int, check_number
 from voxreg.core.errors import VoxregError
 from voxreg.core.grid import check_affine
 from voxreg.core.image import Image
-from voxreg.core.runtime import configure_allocator, release_memory_above, resolve_device
+from voxreg.core.runtime import configure_allocator, network_precision, release_memory_above, resolve_device
 from voxreg.registration.instance import AlignConfig, align
 from voxreg.registration.outputs import RegistrationResult, measure_registration
 
@@ -482,7 +482,8 @@ def _estimate_field(
     from instance optimisation or the network (+ refinement); the network resamples the
     moving scan once, from its own grid to the model's, and a network alone gives its exact
     inverse (the negated velocity). Notes: ``optimisation_scales`` when the image was too
-    large for the configured pyramid (:func:`voxreg.registration.instance.capped_scales`)."""
+    large for the configured pyramid (:func:`voxreg.registration.instance.capped_scales`);
+    ``network_precision`` when a network ran (:func:`voxreg.core.runtime.network_precision`)."""
     if model is None:
         found = align(*pair.tensors(), config, progress=progress)
         return "instance-optimisation", found.field, None, _scale_note(found, config)
@@ -490,12 +491,13 @@ def _estimate_field(
     field, inverse = _predict_with_model(
         model, pair.fixed, pair.moving, lam, pair.device, pair.world_matrix, alone, pair.symmetric
     )
+    notes: dict[str, Any] = {"network_precision": network_precision(pair.device)}
     if alone:
-        return "network", field, inverse, {}
+        return "network", field, inverse, notes
     fixed, moving = pair.tensors()
     schedule = config.refinement(refine)
     refined = align(fixed, moving, schedule, initial_field=field.to(fixed.device), progress=progress)
-    return f"network+refine{refine}", refined.field, None, _scale_note(refined, schedule)
+    return f"network+refine{refine}", refined.field, None, {**notes, **_scale_note(refined, schedule)}
 
 
 def _scale_note(found: Any, config: AlignConfig) -> dict[str, Any]:
