@@ -57,7 +57,7 @@ def align_config(schedule: str) -> Any:
 def inverse_residual(field: Any, fixed: Any) -> dict[str, float]:
     """Mean and 99th percentile (voxels) of ``|u(x) + u_inv(x + u(x))|`` over the fixed scan's
     foreground, ``u_inv`` found as ``voxreg register`` finds it for a composed field
-    (:func:`voxreg.registration.outputs.composed_inverse`; before 2026-12-04 12:00 the
+    (:func:`voxreg.registration.outputs.composed_inverse`, polished since 2026-12-05; before 2026-12-04 12:00 the
     fixed-point inversion alone)."""
     from voxreg.core import spatial
     from voxreg.registration.outputs import composed_inverse, foreground_index

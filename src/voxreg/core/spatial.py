@@ -564,6 +564,75 @@ def fit_inverse(field: Tensor, inverse: Tensor, index: Tensor, sweeps: int = 4, 
     return fitted
 
 
+def reached_nodes(field: Tensor, index: Tensor) -> Tensor:
+    """Flat indices of the grid nodes between which the mapped voxels ``x + field(x)`` of the
+    flat voxel indices ``index`` (batch 1) fall: where an inverse of ``field`` is read when it
+    maps those voxels back (the corners linear interpolation weighs)."""
+    ndim = spatial_ndim(field)
+    shape = tuple(int(s) for s in field.shape[2:])
+    target = field.reshape(ndim, -1).index_select(1, index)
+    matrix = _cached_to_normalized(shape, field.device, field.dtype)
+    grid = torch.addmm(_normalized_coords(index, shape, field.dtype), target.t(), matrix)
+    grid = grid.view(1, -1, *([1] * (ndim - 1)), ndim)
+    backward = torch.ops.aten.grid_sampler_3d_backward if ndim == 3 else torch.ops.aten.grid_sampler_2d_backward
+    ones = torch.ones(1, 1, *grid.shape[1:-1], dtype=field.dtype, device=field.device)
+    nodes = torch.zeros(1, 1, *shape, dtype=field.dtype, device=field.device)
+    weight, _ = backward(ones, nodes, grid, 0, 1, True, [True, False])
+    return torch.nonzero(weight.reshape(-1) > 0).squeeze(1)
+
+
+def _values_at(image: Tensor, points: Tensor) -> Tensor:
+    """Linear samples ``(C, N)`` of ``image`` ``(1, C, *S)`` at voxel ``points`` ``(ndim, N)``
+    (border padding)."""
+    ndim = points.shape[0]
+    return sample(image, points.view(1, ndim, -1, *([1] * (ndim - 1)))).reshape(image.shape[1], -1)
+
+
+def newton_inverse(
+    field: Tensor, inverse: Tensor, nodes: Tensor, iterations: int = 2, step: float = 0.5, max_move: float = 1.0
+) -> Tensor:
+    """``inverse`` (batch 1) corrected at the flat node indices ``nodes`` so that each node
+    ``y`` satisfies ``x + field(x) = y`` at ``x = y + inverse(y)``: ``iterations`` Newton steps
+    per node on that equation (the Jacobian ``I + grad field`` by central differences of
+    ``step`` voxels, each move at most ``max_move`` voxels, none where the map folds or nearly
+    so, and a move kept only where it shrinks the node's misfit). Unlike the fixed-point
+    iteration (:func:`invert_displacement`), whose error shrinks by the field's local gradient
+    per step and grows where the map stretches more than 2x, Newton's converges wherever the
+    map is locally invertible; the least-squares fit (:func:`fit_inverse`) makes the other
+    direction, ``x -> x + field(x) -> back``, consistent at the voxels. Other nodes keep their
+    value."""
+    if iterations < 0 or step <= 0 or max_move <= 0:
+        raise ValueError(f"need iterations >= 0, step > 0 and max_move > 0, got {iterations}, {step}, {max_move}")
+    ndim = spatial_ndim(field)
+    shape = tuple(int(s) for s in field.shape[2:])
+    flat = inverse.detach().reshape(ndim, -1)
+    target = torch.stack(torch.unravel_index(nodes, shape)).to(field.dtype)
+    given = flat.index_select(1, nodes)
+    found = start = target + given
+    misfit = found + _values_at(field, found) - target
+    eye = torch.eye(ndim, dtype=field.dtype, device=field.device)
+    for _ in range(iterations):
+        columns = [
+            (_values_at(field, found + step * eye[:, j : j + 1]) - _values_at(field, found - step * eye[:, j : j + 1]))
+            / (2 * step)
+            for j in range(ndim)
+        ]
+        jacobian = torch.stack(columns, dim=-1).permute(1, 0, 2) + eye  # (N, ndim, ndim)
+        invertible = torch.linalg.det(jacobian) > 0.05
+        jacobian = torch.where(invertible[:, None, None], jacobian, eye)
+        move = torch.linalg.solve_ex(jacobian, misfit.t().unsqueeze(-1))[0].squeeze(-1).t()
+        move = torch.where(invertible, move, 0.0)
+        move = move * (max_move / torch.linalg.vector_norm(move, dim=0).clamp(min=max_move))
+        candidate = found - move
+        candidate_misfit = candidate + _values_at(field, candidate) - target
+        better = torch.linalg.vector_norm(candidate_misfit, dim=0) < torch.linalg.vector_norm(misfit, dim=0)
+        found = torch.where(better, candidate, found)
+        misfit = torch.where(better, candidate_misfit, misfit)
+    corrected = flat.clone()
+    corrected[:, nodes] = given + (found - start)  # a node no step improved keeps its exact value
+    return corrected.reshape(inverse.shape)
+
+
 def inverse_residual(field: Tensor, inverse: Tensor, index: Tensor | None = None) -> Tensor:
     """Length (voxels) of ``field(x) + inverse(x + field(x))``, how far ``x`` lands from
     itself after the map and its inverse: ``(N, *S)``, or only at the flat voxel indices

@@ -40,12 +40,16 @@ HALF_RES_INVERSE_ABOVE = 32_000_000
 #: the round-trip residual of the inverse is measured on at most this many foreground voxels
 #: (every k-th of them; a 1 mm brain's 1.4 M are all measured)
 RESIDUAL_VOXELS = 1 << 22
-#: least-squares sweeps fitting a fixed-point inverse (1 full-resolution step) to the forward
-#: map at those voxels (:func:`voxreg.core.spatial.fit_inverse`): the default engine's refined
-#: field on the 1 mm pair 2->1 went 0.210 / 1.014 (2 fixed-point steps alone) -> 0.072 / 0.391
-#: voxel mean / p99 round trip (0.136 / 0.877 -> 0.104 / 0.424 at half-voxel-shifted points,
-#: which are not fitted), in 3.3 s instead of 1.9 s on 2 cores
-FIT_SWEEPS = 4
+#: Newton steps per node on ``y + v(y) + u(y + v(y)) = y`` at the nodes the mapped voxels reach
+#: (:func:`voxreg.core.spatial.newton_inverse`), then least-squares sweeps fitting the inverse to
+#: the forward map at the voxels (:func:`voxreg.core.spatial.fit_inverse`). On the 1 mm pair
+#: 2->1 (eighth session; before: a fixed-point step or the network's own inverse, then 4 sweeps),
+#: residual mean / p99 in voxels, inverse after forward | forward after inverse, at the voxels:
+#: default engine 0.071 / 0.386 | 0.192 / 1.124 -> 0.097 / 0.455 | 0.079 / 0.440; network alone
+#: 0.042 / 0.271 | 0.101 / 0.653 -> 0.055 / 0.331 | 0.051 / 0.297; instance optimisation
+#: 0.092 / 0.658 | 0.153 / 0.857 -> 0.116 / 0.740 | 0.066 / 0.384 (docs/transforms.md)
+NEWTON_STEPS = 2
+FIT_SWEEPS = 1
 
 #: above this many voxels the outputs are written one at a time, with the inverse and the metrics
 #: in between, not side by side: each file's full-size copies (a 0.7 mm 512x512x300 field: 0.9 GB
@@ -308,13 +312,14 @@ def inverse_field(result: RegistrationResult) -> tuple[np.ndarray, dict[str, Any
     """The inverse of ``result.field`` as a float32 ``(ndim, *S)`` array in fixed voxels: from
     the engine's own when it gave one (``result.inverse``: a network alone integrates its
     negated velocity; :func:`network_inverse`), else from
-    :func:`voxreg.core.spatial.invert_displacement` (:func:`composed_inverse`), each fitted to
-    the forward map (on a grid of more than :data:`HALF_RES_INVERSE_ABOVE` voxels: not fitted,
-    and the fixed point at half resolution only); and
-    metrics.json's ``inverse`` entry: how it was made, its seconds and the residual
-    ``|u(x) + u_inv(x + u(x))|`` (voxels) over the fixed scan's foreground voxels
-    (:func:`foreground_index`; every k-th of them beyond :data:`RESIDUAL_VOXELS`): mean, 99th
-    percentile and maximum."""
+    :func:`voxreg.core.spatial.invert_displacement` (:func:`composed_inverse`), each polished against
+    the forward map (:func:`polish_inverse`; on a grid of more than :data:`HALF_RES_INVERSE_ABOVE`
+    voxels: not polished, and the fixed point at half resolution only); and
+    metrics.json's ``inverse`` entry: how it was made, its seconds and the round trips in
+    voxels over the fixed scan's foreground voxels (:func:`foreground_index`; every k-th of
+    them beyond :data:`RESIDUAL_VOXELS`), mean, 99th percentile and maximum of each:
+    ``residual_*`` = ``|u(x) + u_inv(x + u(x))|`` (inverse after forward) and
+    ``forward_after_inverse_*`` = ``|u_inv(y) + u(y + u_inv(y))|``."""
     field = result.field.detach().to("cpu", torch.float32)
     foreground = foreground_index(result.fixed)
     index = foreground[:: -(-foreground.numel() // RESIDUAL_VOXELS)].contiguous()  # every k-th on a large grid
@@ -327,46 +332,53 @@ def inverse_field(result: RegistrationResult) -> tuple[np.ndarray, dict[str, Any
         method, inverse = "identity", torch.zeros_like(field)
     seconds = time.perf_counter() - start
     residual = spatial.inverse_residual(field, inverse, index).numpy()
-    stats = {
-        "method": method,
-        "seconds": seconds,
-        "residual_mean_voxels": float(residual.mean()) if residual.size else 0.0,
-        "residual_p99_voxels": float(np.percentile(residual, 99)) if residual.size else 0.0,
-        "residual_max_voxels": float(residual.max()) if residual.size else 0.0,
-        "foreground_voxels": int(foreground.numel()),
-        "residual_voxels": int(residual.size),
-    }
+    backward = spatial.inverse_residual(inverse, field, index).numpy()  # forward after inverse
+    stats = {"method": method, "seconds": seconds}
+    for prefix, values in (("residual", residual), ("forward_after_inverse", backward)):
+        stats[f"{prefix}_mean_voxels"] = float(values.mean()) if values.size else 0.0
+        stats[f"{prefix}_p99_voxels"] = float(np.percentile(values, 99)) if values.size else 0.0
+        stats[f"{prefix}_max_voxels"] = float(values.max()) if values.size else 0.0
+    stats |= {"foreground_voxels": int(foreground.numel()), "residual_voxels": int(residual.size)}
     return inverse[0].numpy(), stats
 
 
 def network_inverse(field: torch.Tensor, exact: torch.Tensor, index: torch.Tensor) -> tuple[str, torch.Tensor]:
     """(how, inverse) of a network's field from the network's own inverse ``exact`` (its
-    velocity negated and integrated on the model grid, then mapped onto the fixed grid), fitted
-    to the forward map at the flat voxel indices ``index`` (:data:`FIT_SWEEPS`) on a grid of at
-    most :data:`HALF_RES_INVERSE_ABOVE` voxels. The integration on a ~2 mm model grid is not
-    exact where a fine-branch field (``brain-real``) stretches strongly: on the 1 mm pairs
-    2->1, 4->3, 6->5 its round trip was 0.22-0.26 / 1.02-1.17 voxel (mean / p99), fitted
-    0.042-0.050 / 0.26-0.30 in ~0.9 s."""
+    velocity negated and integrated on the model grid, then mapped onto the fixed grid),
+    polished against the forward map (:func:`polish_inverse`) on a grid of at most
+    :data:`HALF_RES_INVERSE_ABOVE` voxels. The integration on a ~2 mm model grid is not
+    exact where a fine-branch field (``brain-real``) stretches strongly: on the 1 mm pair 2->1
+    its round trip was 0.22 / 1.08 voxel (mean / p99), polished 0.055 / 0.331."""
     if field[0, 0].numel() > HALF_RES_INVERSE_ABOVE:
         return "the network's: its velocity negated and integrated", exact
-    fitted = spatial.fit_inverse(field, exact, index, FIT_SWEEPS)
-    method = (
-        "the network's (its velocity negated and integrated), then fitted to the forward map at the "
-        f"fixed scan's foreground voxels ({FIT_SWEEPS} sweeps)"
-    )
-    return method, fitted
+    return "the network's (its velocity negated and integrated), " + POLISH, polish_inverse(field, exact, index)
 
 
 def composed_inverse(field: torch.Tensor, index: torch.Tensor) -> tuple[str, torch.Tensor]:
     """(how, inverse) of a field the engine knows no inverse of (instance optimisation, a
-    refined network): fixed-point inversion (one full-resolution step), then fitted to the
-    forward map at the flat voxel indices ``index`` (:data:`FIT_SWEEPS`); on a grid of more
-    than :data:`HALF_RES_INVERSE_ABOVE` voxels the half-resolution stage only, not fitted."""
+    refined network): fixed-point inversion (one full-resolution step), polished against the
+    forward map (:func:`polish_inverse`); on a grid of more than
+    :data:`HALF_RES_INVERSE_ABOVE` voxels the half-resolution stage only, not polished."""
     if field[0, 0].numel() > HALF_RES_INVERSE_ABOVE:
         return "fixed-point inversion at half resolution", spatial.invert_displacement(field, 0)
-    inverse = spatial.fit_inverse(field, spatial.invert_displacement(field, 1), index, FIT_SWEEPS)
-    method = f"fixed-point inversion, then fitted to the forward map at the fixed scan's foreground voxels ({FIT_SWEEPS} sweeps)"
-    return method, inverse
+    inverse = polish_inverse(field, spatial.invert_displacement(field, 1), index)
+    return "fixed-point inversion, " + POLISH, inverse
+
+
+POLISH = (
+    f"then {NEWTON_STEPS} Newton steps per node where the mapped foreground voxels land and "
+    f"{FIT_SWEEPS} least-squares sweep(s) at the fixed scan's foreground voxels"
+)
+
+
+def polish_inverse(field: torch.Tensor, inverse: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """An approximate ``inverse`` of ``field`` made consistent with it both ways around the
+    fixed scan's foreground voxels ``index``: :data:`NEWTON_STEPS` Newton steps at the nodes
+    the mapped voxels reach (forward after inverse: ``voxreg warp --inverse``), then
+    :data:`FIT_SWEEPS` least-squares sweep(s) at the voxels (inverse after forward)."""
+    nodes = spatial.reached_nodes(field, index)
+    inverse = spatial.newton_inverse(field, inverse, nodes, NEWTON_STEPS)
+    return spatial.fit_inverse(field, inverse, index, FIT_SWEEPS)
 
 
 def foreground_index(image: Image, fraction: float = 0.05) -> torch.Tensor:
