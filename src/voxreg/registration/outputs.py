@@ -41,14 +41,18 @@ HALF_RES_INVERSE_ABOVE = 32_000_000
 #: (every k-th of them; a 1 mm brain's 1.4 M are all measured)
 RESIDUAL_VOXELS = 1 << 22
 #: Newton steps per node on ``y + v(y) + u(y + v(y)) = y`` at the nodes the mapped voxels reach
-#: (:func:`voxreg.core.spatial.newton_inverse`), then least-squares sweeps fitting the inverse to
-#: the forward map at the voxels (:func:`voxreg.core.spatial.fit_inverse`). On the 1 mm pair
-#: 2->1 (eighth session; before: a fixed-point step or the network's own inverse, then 4 sweeps),
-#: residual mean / p99 in voxels, inverse after forward | forward after inverse, at the voxels:
-#: default engine 0.071 / 0.386 | 0.192 / 1.124 -> 0.097 / 0.455 | 0.079 / 0.440; network alone
-#: 0.042 / 0.271 | 0.101 / 0.653 -> 0.055 / 0.331 | 0.051 / 0.297; instance optimisation
-#: 0.092 / 0.658 | 0.153 / 0.857 -> 0.116 / 0.740 | 0.066 / 0.384 (docs/transforms.md)
+#: (:func:`voxreg.core.spatial.newton_inverse`), from a fixed-point inverse (``NEWTON_STEPS``)
+#: or from a network's own, a closer start (``NETWORK_NEWTON_STEPS``), then least-squares
+#: sweeps fitting the inverse to the forward map at the voxels
+#: (:func:`voxreg.core.spatial.fit_inverse`). On the 1 mm pair 2->1 (eighth session; before: a
+#: fixed-point step or the network's own inverse, then 4 sweeps), mean / p99 in voxels,
+#: inverse after forward | forward after inverse, at the voxels: default engine 0.071 / 0.386 |
+#: 0.192 / 1.124 -> 0.098 / 0.461 | 0.079 / 0.446; network alone 0.042 / 0.271 | 0.101 / 0.653
+#: -> 0.055 / 0.341 | 0.057 / 0.407 (2 steps: 0.051 / 0.305 the second way, for ~0.4 s more);
+#: instance optimisation 0.092 / 0.658 | 0.153 / 0.857 -> 0.116 / 0.740 | 0.066 / 0.384
+#: (docs/transforms.md)
 NEWTON_STEPS = 2
+NETWORK_NEWTON_STEPS = 1
 FIT_SWEEPS = 1
 
 #: above this many voxels the outputs are written one at a time, with the inverse and the metrics
@@ -351,7 +355,8 @@ def network_inverse(field: torch.Tensor, exact: torch.Tensor, index: torch.Tenso
     its round trip was 0.22 / 1.08 voxel (mean / p99), polished 0.055 / 0.331."""
     if field[0, 0].numel() > HALF_RES_INVERSE_ABOVE:
         return "the network's: its velocity negated and integrated", exact
-    return "the network's (its velocity negated and integrated), " + POLISH, polish_inverse(field, exact, index)
+    method = "the network's (its velocity negated and integrated), " + polish_note(NETWORK_NEWTON_STEPS)
+    return method, polish_inverse(field, exact, index, NETWORK_NEWTON_STEPS)
 
 
 def composed_inverse(field: torch.Tensor, index: torch.Tensor) -> tuple[str, torch.Tensor]:
@@ -362,22 +367,26 @@ def composed_inverse(field: torch.Tensor, index: torch.Tensor) -> tuple[str, tor
     if field[0, 0].numel() > HALF_RES_INVERSE_ABOVE:
         return "fixed-point inversion at half resolution", spatial.invert_displacement(field, 0)
     inverse = polish_inverse(field, spatial.invert_displacement(field, 1), index)
-    return "fixed-point inversion, " + POLISH, inverse
+    return "fixed-point inversion, " + polish_note(NEWTON_STEPS), inverse
 
 
-POLISH = (
-    f"then {NEWTON_STEPS} Newton steps per node where the mapped foreground voxels land and "
-    f"{FIT_SWEEPS} least-squares sweep(s) at the fixed scan's foreground voxels"
-)
+def polish_note(newton_steps: int) -> str:
+    """How :func:`polish_inverse` polished an inverse, for metrics.json's ``inverse.method``."""
+    return (
+        f"then {newton_steps} Newton step(s) per node where the mapped foreground voxels land and "
+        f"{FIT_SWEEPS} least-squares sweep(s) at the fixed scan's foreground voxels"
+    )
 
 
-def polish_inverse(field: torch.Tensor, inverse: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def polish_inverse(
+    field: torch.Tensor, inverse: torch.Tensor, index: torch.Tensor, newton_steps: int = NEWTON_STEPS
+) -> torch.Tensor:
     """An approximate ``inverse`` of ``field`` made consistent with it both ways around the
-    fixed scan's foreground voxels ``index``: :data:`NEWTON_STEPS` Newton steps at the nodes
-    the mapped voxels reach (forward after inverse: ``voxreg warp --inverse``), then
+    fixed scan's foreground voxels ``index``: ``newton_steps`` Newton steps at the nodes the
+    mapped voxels reach (forward after inverse: ``voxreg warp --inverse``), then
     :data:`FIT_SWEEPS` least-squares sweep(s) at the voxels (inverse after forward)."""
     nodes = spatial.reached_nodes(field, index)
-    inverse = spatial.newton_inverse(field, inverse, nodes, NEWTON_STEPS)
+    inverse = spatial.newton_inverse(field, inverse, nodes, newton_steps)
     return spatial.fit_inverse(field, inverse, index, FIT_SWEEPS)
 
 
