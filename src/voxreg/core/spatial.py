@@ -590,7 +590,7 @@ def _solve_small(jacobian: list[list[Tensor]], rhs: Tensor) -> tuple[Tensor, Ten
         det = a * d - b * c
         return torch.stack([d * rhs[0] - b * rhs[1], a * rhs[1] - c * rhs[0]]) / det, det
     (a, b, c), (d, e, f), (g, h, i) = jacobian
-    cofactors = [e * i - f * h, c * h - b * i, b * f - c * e]  # first column of the adjugate...
+    cofactors = [e * i - f * h, c * h - b * i, b * f - c * e]  # the adjugate's first row
     det = a * cofactors[0] + d * cofactors[1] + g * cofactors[2]
     x0 = cofactors[0] * rhs[0] + cofactors[1] * rhs[1] + cofactors[2] * rhs[2]
     x1 = (f * g - d * i) * rhs[0] + (a * i - c * g) * rhs[1] + (c * d - a * f) * rhs[2]
