@@ -49,7 +49,7 @@ RESIDUAL_VOXELS = 1 << 22
 #: inverse after forward | forward after inverse, at the voxels: default engine 0.071 / 0.386 |
 #: 0.192 / 1.124 -> 0.098 / 0.461 | 0.079 / 0.446; network alone 0.042 / 0.271 | 0.101 / 0.653
 #: -> 0.055 / 0.341 | 0.057 / 0.407 (2 steps: 0.051 / 0.305 the second way, for ~0.4 s more);
-#: instance optimisation 0.092 / 0.658 | 0.153 / 0.857 -> 0.116 / 0.740 | 0.066 / 0.384
+#: instance optimisation 0.092 / 0.658 | 0.153 / 0.857 -> 0.117 / 0.747 | 0.066 / 0.392
 #: (docs/transforms.md)
 NEWTON_STEPS = 2
 NETWORK_NEWTON_STEPS = 1
