@@ -75,7 +75,7 @@ def test_the_network_runs_in_bfloat16_only_where_the_cpu_has_it(tmp_path, monkey
         ("fpu amx_bf16 amx_tile", "bfloat16"),
         ("fpu avx2 avx512f avx512bw", "float32"),
     ):
-        info = tmp_path / "cpuinfo"
+        info = tmp_path / f"cpuinfo-{expected}-{len(flags)}"  # one file each: the flags are read once per path
         info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
         monkeypatch.setattr(runtime, "CPUINFO", str(info))
         assert runtime.network_precision(cpu) == expected

@@ -11,6 +11,7 @@ afresh). It is applied once, on Linux/glibc only, and can be disabled with ``VOX
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 
@@ -93,17 +94,21 @@ def native_bf16(device: torch.device) -> bool:
     False, since emulated bf16 is slower than float32)."""
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
-    if device.type != "cpu":
-        return False
+    return device.type == "cpu" and bool(_cpu_flags(CPUINFO) & {"avx512_bf16", "amx_bf16"})
+
+
+@functools.lru_cache(maxsize=4)
+def _cpu_flags(path: str) -> frozenset[str]:
+    """The instruction-set flags of the first CPU listed in ``path`` (read once per process;
+    empty where the file is missing, e.g. not Linux)."""
     try:
-        with open(CPUINFO, encoding="ascii", errors="replace") as handle:
+        with open(path, encoding="ascii", errors="replace") as handle:
             for line in handle:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
-        return False
-    return False
+        pass
+    return frozenset()
 
 
 def network_precision(device: torch.device) -> str:

@@ -541,43 +541,47 @@ def fit_inverse(field: Tensor, inverse: Tensor, index: Tensor, sweeps: int = 4, 
     if sweeps < 0 or damping <= 0:
         raise ValueError(f"sweeps must be >= 0 and damping > 0, got {sweeps} and {damping}")
     ndim = spatial_ndim(field)
-    shape = tuple(int(s) for s in field.shape[2:])
     target = -field.reshape(ndim, -1).index_select(1, index)
-    matrix = _cached_to_normalized(shape, field.device, field.dtype)
-    grid = torch.addmm(_normalized_coords(index, shape, field.dtype), -target.t(), matrix)
-    grid = grid.view(1, -1, *([1] * (ndim - 1)), ndim)
-
-    grid_backward = torch.ops.aten.grid_sampler_3d_backward if ndim == 3 else torch.ops.aten.grid_sampler_2d_backward
+    grid = _mapped_grid(field, index)
 
     def sample(image: Tensor) -> Tensor:
         return grid_sample(image, grid).reshape(image.shape[1], -1)
 
-    def splat(values: Tensor) -> Tensor:  # grid_sample's adjoint: no forward pass, no autograd graph
-        nodes = torch.zeros(1, values.shape[0], *shape, dtype=field.dtype, device=field.device)
-        spread, _ = grid_backward(values.reshape(1, -1, *grid.shape[1:-1]), nodes, grid, 0, 1, True, [True, False])
-        return spread
-
     fitted = inverse.detach().clone()
-    weight = splat(torch.ones_like(target[:1])).add_(damping)
+    weight = _splat(torch.ones_like(target[:1]), grid, field).add_(damping)
     for _ in range(sweeps):
-        fitted += splat(target - sample(fitted)).div_(weight)
+        fitted += _splat(target - sample(fitted), grid, field).div_(weight)
     return fitted
+
+
+def _mapped_grid(field: Tensor, index: Tensor) -> Tensor:
+    """grid_sample's grid (normalised, batch 1) of the mapped voxels ``x + field(x)`` at the
+    flat voxel indices ``index``."""
+    ndim = spatial_ndim(field)
+    shape = tuple(int(s) for s in field.shape[2:])
+    displacement = field.reshape(ndim, -1).index_select(1, index)
+    matrix = _cached_to_normalized(shape, field.device, field.dtype)
+    grid = torch.addmm(_normalized_coords(index, shape, field.dtype), displacement.t(), matrix)
+    return grid.view(1, -1, *([1] * (ndim - 1)), ndim)
+
+
+def _splat(values: Tensor, grid: Tensor, like: Tensor) -> Tensor:
+    """grid_sample's adjoint: ``values`` ``(C, len(grid))`` spread onto a grid shaped like
+    ``like``'s spatial axes with the linear interpolation weights (its backward: no forward
+    pass, no autograd graph), ``(1, C, *S)``."""
+    ndim = spatial_ndim(like)
+    backward = torch.ops.aten.grid_sampler_3d_backward if ndim == 3 else torch.ops.aten.grid_sampler_2d_backward
+    nodes = torch.zeros(1, values.shape[0], *like.shape[2:], dtype=like.dtype, device=like.device)
+    spread, _ = backward(values.reshape(1, -1, *grid.shape[1:-1]), nodes, grid, 0, 1, True, [True, False])
+    return spread
 
 
 def reached_nodes(field: Tensor, index: Tensor) -> Tensor:
     """Flat indices of the grid nodes between which the mapped voxels ``x + field(x)`` of the
     flat voxel indices ``index`` (batch 1) fall: where an inverse of ``field`` is read when it
     maps those voxels back (the corners linear interpolation weighs)."""
-    ndim = spatial_ndim(field)
-    shape = tuple(int(s) for s in field.shape[2:])
-    target = field.reshape(ndim, -1).index_select(1, index)
-    matrix = _cached_to_normalized(shape, field.device, field.dtype)
-    grid = torch.addmm(_normalized_coords(index, shape, field.dtype), target.t(), matrix)
-    grid = grid.view(1, -1, *([1] * (ndim - 1)), ndim)
-    backward = torch.ops.aten.grid_sampler_3d_backward if ndim == 3 else torch.ops.aten.grid_sampler_2d_backward
-    ones = torch.ones(1, 1, *grid.shape[1:-1], dtype=field.dtype, device=field.device)
-    nodes = torch.zeros(1, 1, *shape, dtype=field.dtype, device=field.device)
-    weight, _ = backward(ones, nodes, grid, 0, 1, True, [True, False])
+    grid = _mapped_grid(field, index)
+    weight = _splat(torch.ones(1, index.numel(), dtype=field.dtype, device=field.device), grid, field)
     return torch.nonzero(weight.reshape(-1) > 0).squeeze(1)
 
 
