@@ -665,5 +665,44 @@ def test_itk_vectors_from_the_nifti_order_are_the_einsum_of_the_field(shape) -> 
     np.testing.assert_array_equal(got.reshape(expected.shape), expected)
     vectors = io.nifti_vectors(field, fixed)
     np.testing.assert_array_equal(vectors, np.moveaxis(field, 0, -1))
-    with pytest.raises(VoxregError, match="NIfTI order"):
-        io.write_itk_field_vectors("field_itk.nii.gz", np.ascontiguousarray(vectors), fixed)
+
+
+@pytest.mark.parametrize("shape", [(7, 6, 5), (9, 8)])
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_fields_written_chunk_by_chunk_are_the_bytes_nibabel_writes(tmp_path, monkeypatch, shape, suffix) -> None:
+    """save_field / save_itk_field reorder (and map) a few voxels at a time while writing: the
+    file's uncompressed bytes are those of nibabel saving the whole image (header included),
+    and the values read back are the field's (ITK: its vectors in LPS mm)."""
+    import gzip
+
+    from voxreg.io import transforms
+    from voxreg.io.images import set_nifti_xform
+
+    monkeypatch.setattr(transforms, "WRITE_CHUNK_VOXELS", 7)  # many chunks, slabs of one plane
+    ndim = len(shape)
+    affine = np.array([[0.0, 1.2, 0.1, 3.0], [-0.9, 0.0, 0.2, -4.0], [0.0, 0.0, 1.1, 2.0], [0, 0, 0, 1]])
+    if ndim == 2:
+        affine = np.diag([1.3, -0.8, 1.0, 1.0])
+    fixed = Image(np.zeros(shape, np.float32), affine)
+    field = np.random.default_rng(5).normal(size=(ndim, *shape)).astype(np.float32)
+    reference = nib.Nifti1Image(io.nifti_vectors(field, fixed), affine)
+    set_nifti_xform(reference, affine)
+    reference.header.set_intent("vector", (), name="voxreg_vox")
+    cases = [
+        (io.save_field, reference),
+        (io.save_itk_field, io.field_to_itk_image(field, fixed)),
+    ]
+    for save, image in cases:
+        streamed, whole = tmp_path / f"streamed{suffix}", tmp_path / f"whole{suffix}"
+        save(streamed, torch.from_numpy(field), fixed)
+        nib.save(image, str(whole))
+
+        def content(path):
+            data = path.read_bytes()
+            return gzip.decompress(data) if suffix == ".nii.gz" else data
+
+        assert content(streamed) == content(whole), save.__name__
+    io.save_field(tmp_path / f"back{suffix}", field, fixed)
+    back, back_affine = io.load_field(tmp_path / f"back{suffix}")
+    np.testing.assert_array_equal(back, field)
+    np.testing.assert_allclose(back_affine, affine)

@@ -352,3 +352,44 @@ def test_mapped_coords_equal_the_float64_product_without_full_size_float64_array
         matrix[:ndim, :ndim] @ corner + matrix[:ndim, ndim],
         rtol=1e-6,
     )
+
+
+@pytest.mark.parametrize("shape", [(9, 7, 6), (11, 5)])
+def test_slab_by_slab_sampling_gives_the_bits_of_the_whole_grid(monkeypatch, shape):
+    """sample_displaced, sample_axes and the nearest-neighbour resampling fill their output a
+    slab of the first axis at a time (bounded temporaries): the same bits as in one piece."""
+    from voxreg import io
+    from voxreg.core.image import Image
+
+    ndim = len(shape)
+    gen = torch.Generator().manual_seed(2)
+    image = torch.rand(1, 2, *shape, generator=gen)
+    field = torch.randn(1, ndim, *shape, generator=gen)
+    matrix = np.eye(ndim + 1)
+    matrix[:ndim, :ndim] += 0.05 * np.arange(ndim * ndim).reshape(ndim, ndim) / ndim
+    matrix[:ndim, ndim] = 0.7
+    axes = [torch.linspace(-1.5, s + 0.5, 2 * s + 1, dtype=torch.float64) for s in shape]
+    labels = Image(np.arange(np.prod(shape), dtype=np.int16).reshape(shape), np.diag([1.1, 0.9, 1.0, 1.0]))
+    fixed = Image(np.zeros(shape, np.float32), np.eye(4))
+
+    def outputs():
+        return (
+            spatial.sample_displaced(image, matrix, field, padding="zeros"),
+            spatial.sample_axes(image, axes),
+            io.resample_to(labels, fixed, field=field[0].numpy()).array,
+            io.resample_to(labels, fixed).array,
+        )
+
+    monkeypatch.setattr(spatial, "SLAB_VOXELS", 1 << 30)
+    whole = outputs()
+    monkeypatch.setattr(spatial, "SLAB_VOXELS", 5)  # one row (or plane) per slab
+    assert len(spatial.first_axis_slabs(shape)) == shape[0]
+    for a, b in zip(whole, outputs()):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert np.unique(whole[2]).size > 10  # labels really moved around, not all background
+
+
+def test_first_axis_slabs_cover_the_axis_once():
+    slabs = spatial.first_axis_slabs((10, 4, 4), voxels=48)  # 3 rows of 16 voxels each
+    assert [(s.start, s.stop) for s in slabs] == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert spatial.first_axis_slabs((2, 100), voxels=10) == [slice(0, 1), slice(1, 2)]

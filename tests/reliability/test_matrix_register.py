@@ -438,11 +438,11 @@ def test_a_failing_concurrent_write_leaves_nothing_and_says_why(tmp_path, fast, 
 
     written = []
 
-    def failing_itk_field(path, vectors, fixed):
+    def failing_itk_field(path, field, fixed):
         written.append(path.name)
         raise VoxregError(f"{path.name}: cannot write (disk quota exceeded)")
 
-    monkeypatch.setattr(outputs.io, "write_itk_field_vectors", failing_itk_field)
+    monkeypatch.setattr(outputs.io, "save_itk_field", failing_itk_field)
     p = pair(tmp_path / "in", (24, 24, 24))
     out = tmp_path / "out"
     result = runner.invoke(app, [*map(str, reg(p, out))])

@@ -53,6 +53,7 @@ _OPTION_FIELDS = {
     "init": "init",
     "fine_features": "fine_features",
     "pairs_within_folders": "pairs_within_folders",
+    "synth_fraction": "synth_fraction",
 }
 if set(_OPTION_FIELDS.values()) != set(_DEFAULTS):  # pragma: no cover - caught by any test importing the CLI
     raise RuntimeError(
@@ -248,6 +249,11 @@ def train(
         "--similarity-weight",
         help="Weight of the image similarity (0 for label-only synthetic training).",
     ),
+    synth_fraction: float = typer.Option(
+        _DEFAULTS["synth_fraction"],
+        "--synth-fraction",
+        help="With --synth and training scans: share of steps on synthetic pairs (similarity + Dice); the rest are real scan pairs (similarity only).",
+    ),
 ) -> None:
     """Train a VoxelMorph network without labels (scan-to-scan pairs), on CPU or GPU."""
     from voxreg import training
@@ -296,11 +302,14 @@ def _training_data(
     atlas: Path | None,
     atlas_labels: Path | None,
 ) -> Any:
-    """Real scans (a TrainingSet) or, with ``--synth``, a SynthSource (scans = user label maps)."""
+    """Real scans (a TrainingSet), with ``--synth`` a SynthSource (scans = user label maps), or
+    with ``--synth --synth-fraction F < 1`` both mixed (a MixedSource, scans = real scans)."""
     from voxreg import io, training
     from voxreg.training.synth_data import SynthSource, synth_config_of
     from voxreg.training.trainer import check_dice_labels
 
+    if config.synth is not None and config.synth_fraction < 1.0:
+        return _mixed_data(config, scans, grid, cache)
     if config.synth is None:
         if not scans:
             raise VoxregError("give training scans (files, folders, globs or a CSV), or --synth")
@@ -322,5 +331,26 @@ def _training_data(
     maps = [io.load_image(path, label=True).array for path in training.scan_list(scans)[0]] if scans else None
     try:
         return SynthSource(synth_config_of(config, ndim), label_maps=maps)
+    except ValueError as exc:
+        raise VoxregError(str(exc)) from None
+
+
+def _mixed_data(config: TrainConfig, scans: list[str], grid: tuple[int, ...] | None, cache: Path | None) -> Any:
+    """Real training scans mixed with synthetic pairs (``--synth-fraction`` below 1)."""
+    from voxreg import training
+    from voxreg.training.config import parse_synth_sources
+    from voxreg.training.synth_data import MixedSource, SynthSource, synth_config_of
+
+    if not scans:
+        raise VoxregError("--synth-fraction below 1 mixes synthetic pairs with real ones: give training scans")
+    if "user" in parse_synth_sources(config.synth or ""):
+        raise VoxregError("--synth-fraction below 1 takes the scans as real training scans: drop the 'user' source")
+    train_scans, _ = training.scan_list(scans)
+    real = training.TrainingSet.from_paths(train_scans, None, shape=grid, cache=cache, voxel_size=config.voxel_size)
+    if config.pairs_within_folders:
+        real = real.grouped_by([path.parent for path in train_scans])
+    ndim = len(config.synth_shape) if config.synth_shape else real.ndim
+    try:
+        return MixedSource(real, SynthSource(synth_config_of(config, ndim)), config.synth_fraction)
     except ValueError as exc:
         raise VoxregError(str(exc)) from None

@@ -184,18 +184,26 @@ def sample(image: Tensor, coords: Tensor, mode: Interpolation = "linear", paddin
 
 
 def mapped_points(
-    matrix: np.ndarray, shape: Sequence[int], field: Tensor | None = None, device: torch.device | str | None = None
+    matrix: np.ndarray,
+    shape: Sequence[int],
+    field: Tensor | None = None,
+    device: torch.device | str | None = None,
+    first: int = 0,
 ) -> Tensor:
     """``matrix @ [x + field(x), 1]`` for every voxel ``x`` of a grid of ``shape`` (``field``
     ``(1, ndim, *shape)`` in voxels, or None), as ``(rows, voxels)`` float32 for the first
     ``rows <= ndim`` rows of ``matrix``: one ``addmm`` (no coordinate, flip or permute copies of
-    a full-size grid)."""
+    a full-size grid). ``first``: the grid is the slab of a larger one starting at that index
+    of the first axis (the same float32 values as for those voxels of the whole grid)."""
     ndim = len(shape)
     device = field.device if field is not None else torch.device(device or "cpu")
     rows = np.asarray(matrix, dtype=np.float64)[:ndim]
     linear = torch.as_tensor(rows[:, :ndim].copy(), dtype=torch.float32, device=device)
     offset = torch.as_tensor(rows[:, ndim:].copy(), dtype=torch.float32, device=device)
     points = identity_grid(shape, device).reshape(ndim, -1)
+    if first:
+        points = points.clone()
+        points[0] += first
     if field is not None:
         points = points + field.reshape(ndim, -1)
     return torch.addmm(offset, linear, points)
@@ -213,7 +221,8 @@ def sample_displaced(
     ``shape`` at ``matrix @ [x, 1]`` when ``field`` is None), e.g. an affine voxel map after a
     deformable field: :func:`sample` of those coordinates, with grid_sample's normalisation
     folded into ``matrix``, so :func:`mapped_points` makes the grid straight in grid_sample's
-    layout (its transpose, a view)."""
+    layout (its transpose, a view). The output is filled slab by slab (:func:`first_axis_slabs`):
+    the coordinates of one slab at a time, not of the whole grid."""
     ndim = spatial_ndim(image)
     shape = tuple(int(s) for s in (field.shape[2:] if field is not None else shape or ()))
     to_grid = np.eye(ndim + 1)
@@ -221,8 +230,37 @@ def sample_displaced(
     to_grid[:ndim, :ndim] = np.diag(2.0 / np.maximum(sizes - 1.0, 1.0))
     to_grid[:ndim, ndim] = -1.0
     reversed_rows = (to_grid @ np.asarray(matrix, dtype=np.float64))[:ndim][::-1]  # grid_sample's axis order
-    grid = mapped_points(reversed_rows, shape, field, image.device)
-    return grid_sample(image, grid.t().reshape(1, *shape, ndim).to(image.dtype), padding)
+    out = image.new_empty((image.shape[0], image.shape[1], *shape))
+    for rows in first_axis_slabs(shape):
+        slab = (rows.stop - rows.start, *shape[1:])
+        part = None if field is None else field[:, :, rows]
+        grid = mapped_points(reversed_rows, slab, part, image.device, first=rows.start)
+        out[:, :, rows] = grid_sample(image, grid.t().reshape(1, *slab, ndim).to(image.dtype), padding)
+    return out
+
+
+#: output voxels per slab of the slab-wise samplers: the temporaries (coordinates, gathers) of
+#: one slab instead of several grid-sized ones (a 1 mm brain's field: 126 MB each), i.e. less
+#: fresh memory per process, which the page faults of a fresh process make as dear as compute
+SLAB_VOXELS = 1 << 20
+
+
+def first_axis_slabs(shape: Sequence[int], voxels: int | None = None) -> list[slice]:
+    """Consecutive slices of the first axis of ``shape`` covering it, each of about ``voxels``
+    voxels (:data:`SLAB_VOXELS` by default; at least one row of the axis)."""
+    if not shape:
+        return [slice(0, 0)]
+    row = max(math.prod(int(s) for s in shape[1:]), 1)
+    step = max(1, (SLAB_VOXELS if voxels is None else int(voxels)) // row)
+    return [slice(start, min(start + step, int(shape[0]))) for start in range(0, int(shape[0]), step)] or [slice(0, 0)]
+
+
+def shift_first_axis(matrix: np.ndarray, start: int) -> np.ndarray:
+    """The rows of ``matrix`` (``(rows, ndim + 1)``, acting on ``[x, 1]``) for points whose first
+    voxel coordinate is counted from ``start``: ``shifted @ [x, 1] == matrix @ [x + start e0, 1]``."""
+    shifted = np.array(matrix, dtype=np.float64, copy=True)
+    shifted[:, -1] += start * shifted[:, 0]
+    return shifted
 
 
 def sample_axes(image: Tensor, axis_coords: Sequence[Tensor]) -> Tensor:
@@ -243,8 +281,26 @@ def sample_axes(image: Tensor, axis_coords: Sequence[Tensor]) -> Tensor:
         shifted = (coords.to(out.dtype) + 1.0).clamp(0.0, size + 1.0)
         low = shifted.floor().clamp(max=size)
         weight = (shifted - low).view([-1 if d == dim else 1 for d in range(out.dim())])
-        low_index = low.long()
-        out = torch.lerp(padded.index_select(dim, low_index), padded.index_select(dim, low_index + 1), weight)
+        out = _lerp_gathered(padded, dim, low.long(), weight)
+    return out
+
+
+def _lerp_gathered(padded: Tensor, dim: int, low: Tensor, weight: Tensor) -> Tensor:
+    """``lerp(padded[low], padded[low + 1], weight)`` along ``dim``, written into the output a
+    chunk of indices at a time (two chunk-sized gathers, not two output-sized ones)."""
+    shape = list(padded.shape)
+    shape[dim] = low.numel()
+    out = padded.new_empty(shape)
+    per_index = max(math.prod(shape) // max(low.numel(), 1), 1)
+    step = max(1, SLAB_VOXELS // per_index)
+    for start in range(0, low.numel(), step):
+        index = low[start : start + step]
+        torch.lerp(
+            padded.index_select(dim, index),
+            padded.index_select(dim, index + 1),
+            weight.narrow(dim, start, index.numel()),
+            out=out.narrow(dim, start, index.numel()),
+        )
     return out
 
 
@@ -571,7 +627,8 @@ def _splat(values: Tensor, grid: Tensor, like: Tensor) -> Tensor:
     pass, no autograd graph), ``(1, C, *S)``."""
     ndim = spatial_ndim(like)
     backward = torch.ops.aten.grid_sampler_3d_backward if ndim == 3 else torch.ops.aten.grid_sampler_2d_backward
-    nodes = torch.zeros(1, values.shape[0], *like.shape[2:], dtype=like.dtype, device=like.device)
+    # the backward reads only the input's shape for the input's gradient: a zero-stride stand-in
+    nodes = torch.zeros((), dtype=like.dtype, device=like.device).expand(1, values.shape[0], *like.shape[2:])
     spread, _ = backward(values.reshape(1, -1, *grid.shape[1:-1]), nodes, grid, 0, 1, True, [True, False])
     return spread
 

@@ -55,9 +55,7 @@ if TYPE_CHECKING:
         read_itk_affine,
         save_field,
         save_itk_field,
-        write_field_vectors,
         write_itk_affine,
-        write_itk_field_vectors,
     )
 
 __getattr__, __dir__ = lazy_exports(
@@ -97,8 +95,6 @@ __getattr__, __dir__ = lazy_exports(
         "load_field": "voxreg.io.transforms",
         "read_itk_affine": "voxreg.io.transforms",
         "save_field": "voxreg.io.transforms",
-        "write_itk_field_vectors": "voxreg.io.transforms",
-        "write_field_vectors": "voxreg.io.transforms",
         "nifti_vectors": "voxreg.io.transforms",
         "save_itk_field": "voxreg.io.transforms",
         "write_itk_affine": "voxreg.io.transforms",
@@ -140,8 +136,6 @@ __all__ = [
     "load_field",
     "read_itk_affine",
     "save_field",
-    "write_itk_field_vectors",
-    "write_field_vectors",
     "nifti_vectors",
     "save_itk_field",
     "write_itk_affine",

@@ -5,12 +5,16 @@ output folders and atomic writes (a temporary name in the target folder, renamed
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import secrets
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from voxreg.core.errors import VoxregError, one_line, short_reason
 
@@ -105,15 +109,62 @@ def write_nifti(image: Any, path: Path) -> None:
     9x faster (a 1 mm brain's displacement field: 1.60 -> 0.18 s)."""
     import nibabel as nib
 
-    try:
-        from isal import igzip
-    except ImportError:  # optional speed-up: nibabel's own gzip then
-        igzip = None
-    if igzip is None or not str(path).endswith(".gz"):
+    if _isal_gzip() is None or not str(path).endswith(".gz"):
         nib.save(image, str(path))
         return
-    with open(path, "wb") as raw, igzip.IGzipFile(filename="", mode="wb", compresslevel=1, fileobj=raw, mtime=0) as out:
+    with _nifti_stream(path) as out:
         image.to_stream(out)
+
+
+def write_nifti_chunks(image: Any, path: Path, chunks: Iterable[np.ndarray]) -> None:
+    """Write the NIfTI-1 ``image``'s header as :func:`write_nifti` does, followed by ``chunks``
+    instead of its data array: C-contiguous arrays whose bytes, one after the other, are the
+    data in NIfTI's byte order (``image``'s dtype, no scaling). The data never exist whole in
+    memory: ``image`` may hold a stand-in of the right shape and dtype
+    (``np.broadcast_to(np.float32(0), shape)``)."""
+    import numpy as np
+    from nibabel.arraywriters import get_slope_inter, make_array_writer
+
+    image.update_header()  # as nibabel's to_file_map, then its header bytes up to the data offset
+    header = image.header
+    writer = make_array_writer(
+        np.asanyarray(image.dataobj), header.get_data_dtype(), header.has_data_slope, header.has_data_intercept
+    )
+    header.set_slope_inter(*get_slope_inter(writer))
+    start = io.BytesIO()
+    header.write_to(start)
+    start.write(b"\0" * max(int(header.get_data_offset()) - start.tell(), 0))
+    with _nifti_stream(path) as out:
+        out.write(start.getvalue())
+        for chunk in chunks:
+            out.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
+
+
+def _isal_gzip() -> Any:
+    """python-isal's ``igzip`` module, or None when it is not installed (optional speed-up)."""
+    try:
+        from isal import igzip
+    except ImportError:
+        return None
+    return igzip
+
+
+@contextlib.contextmanager
+def _nifti_stream(path: Path) -> Iterator[Any]:
+    """A binary stream writing ``path``: ISA-L gzip (level 1, mtime 0, no file name) for a
+    ``.gz`` path when installed, else nibabel's own opener (its gzip settings, or a plain file)."""
+    igzip = _isal_gzip()
+    if igzip is not None and str(path).endswith(".gz"):
+        with (
+            open(path, "wb") as raw,
+            igzip.IGzipFile(filename="", mode="wb", compresslevel=1, fileobj=raw, mtime=0) as out,
+        ):
+            yield out
+        return
+    from nibabel.openers import Opener
+
+    with Opener(str(path), "wb") as out:
+        yield out
 
 
 def read_nibabel_gzip(path: Path) -> Any | None:

@@ -45,12 +45,7 @@ def resample_to(
         return Image(moving.array.copy(), fixed.affine.copy(), moving.path, moving.kind)
     use_nearest = moving.is_label if nearest is None else nearest
     if use_nearest:
-        coords = (
-            mapped_coords(matrix, fixed.shape, device)
-            if field is None
-            else _displaced_coords(matrix, field, fixed.shape, device)
-        )
-        out = _nearest(moving.array, coords, device)
+        out = _nearest(moving.array, matrix, fixed.shape, device, field)
     else:
         out = _linear(moving.array, matrix, fixed.shape, device, field)
     kind = "label" if use_nearest and moving.is_label else None
@@ -82,25 +77,34 @@ def _linear(
 _WIDENED = {np.dtype(np.uint16), np.dtype(np.uint32), np.dtype(np.uint64), np.dtype(np.bool_)}
 
 
-def _nearest(array: np.ndarray, coords: torch.Tensor, device: str | torch.device) -> np.ndarray:
-    """Nearest-neighbour samples of ``array`` at ``coords`` in the array's own dtype
-    (exact for every integer value; 0 outside the grid)."""
+def _nearest(
+    array: np.ndarray,
+    matrix: np.ndarray,
+    shape: Sequence[int],
+    device: str | torch.device,
+    field: np.ndarray | torch.Tensor | None,
+) -> np.ndarray:
+    """Nearest-neighbour samples of ``array`` at ``matrix @ (x + field(x))`` for the voxels
+    ``x`` of a grid of ``shape``, in the array's own dtype (exact for every integer value; 0
+    outside the grid), a slab of the grid at a time (:func:`~voxreg.core.spatial.first_axis_slabs`:
+    the coordinates of one slab, not of the whole grid)."""
     dtype = array.dtype
     work = array.astype(np.int64) if dtype in _WIDENED else array
     tensor = torch.from_numpy(np.ascontiguousarray(work))[None, None].to(device)
-    out = spatial.sample_nearest(tensor, coords, padding="zeros")[0, 0].cpu().numpy()
-    return out.astype(dtype, copy=False)
+    displacement = None if field is None else _displacement(field, len(shape), device)
+    out = torch.empty(tuple(shape), dtype=tensor.dtype, device=tensor.device)
+    for rows in spatial.first_axis_slabs(shape):
+        slab = (rows.stop - rows.start, *shape[1:])
+        if displacement is None:
+            coords = mapped_coords(spatial.shift_first_axis(matrix, rows.start), slab, device)
+        else:
+            part = displacement[:, :, rows]
+            coords = spatial.mapped_points(matrix, slab, part, first=rows.start).reshape(1, len(shape), *slab)
+        out[rows] = spatial.sample_nearest(tensor, coords, padding="zeros")[0, 0]
+    return out.cpu().numpy().astype(dtype, copy=False)
 
 
 def _displacement(field: np.ndarray | torch.Tensor, ndim: int, device: str | torch.device) -> torch.Tensor:
     """``field`` as a float32 ``(1, ndim, *S)`` tensor on ``device`` (a batch axis added when missing)."""
     tensor = torch.as_tensor(field, dtype=torch.float32, device=device)
     return tensor if tensor.dim() == ndim + 2 else tensor[None]
-
-
-def _displaced_coords(
-    matrix: np.ndarray, field: np.ndarray | torch.Tensor, shape: Sequence[int], device: str | torch.device
-) -> torch.Tensor:
-    """Moving voxel coordinates ``(1, ndim, *shape)`` of ``x + field(x)`` for every fixed voxel ``x``."""
-    points = spatial.mapped_points(matrix, shape, _displacement(field, len(shape), device))
-    return points.reshape(1, len(shape), *shape)

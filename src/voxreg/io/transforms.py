@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +24,7 @@ if TYPE_CHECKING:  # imported where ITK transform files are read or written
 
 from voxreg.core.errors import VoxregError, short_reason
 from voxreg.core.image import Image
-from voxreg.io.files import NIFTI_EXTS, PathLike, atomic_write, extension, file_error, write_nifti
+from voxreg.io.files import NIFTI_EXTS, PathLike, atomic_write, extension, file_error, write_nifti_chunks
 from voxreg.io.images import FIELD_INTENT_NAME, RAS_TO_LPS, _nibabel_image, check_finite, set_nifti_xform
 
 _ITK_AFFINE_NAME = re.compile(r"^(AffineTransform|MatrixOffsetTransformBase)_(double|float)_([23])_\3$")
@@ -67,27 +69,45 @@ def _require_nifti(path: Path, what: str) -> None:
 
 def nifti_vectors(field: np.ndarray | torch.Tensor, fixed: Image) -> np.ndarray:
     """A displacement ``field`` ``(ndim, *S)`` (voxels of ``fixed``'s grid, checked against it)
-    in NIfTI's byte order: ``(*S, ndim)`` float32, Fortran-ordered (one reordering copy). Both
-    :func:`write_field_vectors` and :func:`write_itk_field_vectors` take it, so a field written
-    in both formats is reordered once."""
+    in NIfTI's byte order: ``(*S, ndim)`` float32, Fortran-ordered (one full-size reordering
+    copy, for an image in memory; the writers reorder chunk by chunk, :func:`field_chunks`)."""
     return vectors_last_fortran(_field_array(field, fixed))
 
 
 def save_field(path: PathLike, field: np.ndarray | torch.Tensor, fixed: Image) -> Path:
     """Write a displacement ``field`` ``(ndim, *S)`` (voxels of ``fixed``'s grid) in voxreg
-    format: NIfTI ``(*S, ndim)`` float32, fixed affine, intent vector 'voxreg_vox'."""
-    return write_field_vectors(path, nifti_vectors(field, fixed), fixed)
-
-
-def write_field_vectors(path: PathLike, vectors: np.ndarray, fixed: Image) -> Path:
-    """:func:`save_field` of a field already in NIfTI's order (:func:`nifti_vectors`)."""
+    format: NIfTI ``(*S, ndim)`` float32, fixed affine, intent vector 'voxreg_vox'. The
+    vectors are reordered into NIfTI's byte order a few MB at a time while they are written
+    (:func:`field_chunks`): no full-size copy of the field."""
     path = Path(path)
     _require_nifti(path, "a displacement field")
-    _check_vectors(vectors, fixed)
-    img = nib.Nifti1Image(vectors, fixed.affine)
+    values = torch.from_numpy(_field_array(field, fixed))
+    img = nib.Nifti1Image(np.broadcast_to(np.float32(0), (*fixed.shape, fixed.ndim)), fixed.affine)
     set_nifti_xform(img, fixed.affine)
     img.header.set_intent("vector", (), name=FIELD_INTENT_NAME)
-    return atomic_write(path, lambda tmp: write_nifti(img, tmp))
+    return atomic_write(path, lambda tmp: write_nifti_chunks(img, tmp, field_chunks(values)))
+
+
+#: voxels of one chunk of a field written to disk (one component, a slab of the last axis)
+WRITE_CHUNK_VOXELS = 1 << 20
+
+
+def field_chunks(field: torch.Tensor, linear: torch.Tensor | None = None) -> Iterator[np.ndarray]:
+    """The vectors of ``field`` ``(ndim, *S)``, mapped by the ``(k, ndim)`` matrix ``linear``
+    when given, in NIfTI's byte order (``(*S, k)`` Fortran-ordered: component after component,
+    each with the first axis fastest) as C-contiguous chunks of about :data:`WRITE_CHUNK_VOXELS`
+    voxels: a slab of the last axis, reordered (and mapped: one row of ``linear`` at a time,
+    the same float32 values as the whole product) when it is written."""
+    ndim, shape = field.shape[0], tuple(field.shape[1:])
+    reverse = (0, *range(len(shape), 0, -1))
+    step = max(1, WRITE_CHUNK_VOXELS // max(math.prod(shape[:-1]), 1))
+    for row in range(ndim if linear is None else linear.shape[0]):
+        for start in range(0, shape[-1], step):
+            part = field[..., start : start + step].permute(reverse)  # (ndim, *reversed slab), a view
+            if linear is None:
+                yield part[row].contiguous().numpy()
+            else:
+                yield torch.mm(linear[row : row + 1], part.contiguous().reshape(ndim, -1)).numpy()
 
 
 def load_field(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
@@ -165,15 +185,7 @@ def _itk_image(vectors: np.ndarray, fixed: Image) -> nib.Nifti1Image:
     vectors mapped to LPS millimetres by one matrix product, without reordering the voxels."""
     _check_vectors(vectors, fixed)
     affine = fixed.affine
-    if fixed.ndim == 3:
-        linear = (RAS_TO_LPS[:3, :3] @ affine[:3, :3]).astype(np.float32)  # no float64 copy of the field
-    else:
-        if not itk_field_supported(fixed):
-            raise VoxregError(
-                f"{fixed.name}: ITK export of a 2D field needs an image plane parallel "
-                "to the x-y plane; this 2D image is tilted out of it"
-            )
-        linear = (RAS_TO_LPS[:3, :3] @ affine[:3, :2])[:2].astype(np.float32)
+    linear = _itk_linear(fixed)
     vectors_first = torch.from_numpy(vectors.T)  # (ndim, *reversed S), C-ordered: a view
     mapped = torch.mm(torch.from_numpy(linear), vectors_first.reshape(fixed.ndim, -1))
     lps = mapped.reshape(vectors_first.shape).numpy().T  # (*S, ndim) Fortran-ordered again
@@ -182,6 +194,20 @@ def _itk_image(vectors: np.ndarray, fixed: Image) -> nib.Nifti1Image:
     set_nifti_xform(img, affine)
     img.header.set_intent("vector", ())
     return img
+
+
+def _itk_linear(fixed: Image) -> np.ndarray:
+    """``(ndim, ndim)`` float32 map of voxreg vectors (fixed voxels) to ITK's (LPS mm);
+    a 2D image tilted out of the x-y plane raises VoxregError (:func:`itk_field_supported`)."""
+    affine = fixed.affine
+    if fixed.ndim == 3:
+        return (RAS_TO_LPS[:3, :3] @ affine[:3, :3]).astype(np.float32)  # no float64 copy of the field
+    if not itk_field_supported(fixed):
+        raise VoxregError(
+            f"{fixed.name}: ITK export of a 2D field needs an image plane parallel "
+            "to the x-y plane; this 2D image is tilted out of it"
+        )
+    return (RAS_TO_LPS[:3, :3] @ affine[:3, :2])[:2].astype(np.float32)
 
 
 def _check_vectors(vectors: np.ndarray, fixed: Image) -> None:
@@ -196,16 +222,17 @@ def _check_vectors(vectors: np.ndarray, fixed: Image) -> None:
 
 def save_itk_field(path: PathLike, field: np.ndarray | torch.Tensor, fixed: Image) -> Path:
     """Atomically write :func:`field_to_itk_image` of ``field`` (for antsApplyTransforms /
-    SimpleITK ``DisplacementFieldTransform``)."""
-    return write_itk_field_vectors(path, nifti_vectors(field, fixed), fixed)
-
-
-def write_itk_field_vectors(path: PathLike, vectors: np.ndarray, fixed: Image) -> Path:
-    """:func:`save_itk_field` of a field already in NIfTI's order (:func:`nifti_vectors`)."""
+    SimpleITK ``DisplacementFieldTransform``), its vectors mapped and reordered a few MB at a
+    time while they are written (:func:`field_chunks`): no full-size copy of the field."""
     path = Path(path)
     _require_nifti(path, "an ITK displacement field")
-    img = _itk_image(vectors, fixed)
-    return atomic_write(path, lambda tmp: write_nifti(img, tmp))
+    values = torch.from_numpy(_field_array(field, fixed))
+    linear = torch.from_numpy(_itk_linear(fixed))
+    shape = (*fixed.shape, 1, 3) if fixed.ndim == 3 else (*fixed.shape, 1, 1, 2)
+    img = nib.Nifti1Image(np.broadcast_to(np.float32(0), shape), fixed.affine)
+    set_nifti_xform(img, fixed.affine)
+    img.header.set_intent("vector", ())
+    return atomic_write(path, lambda tmp: write_nifti_chunks(img, tmp, field_chunks(values, linear)))
 
 
 # --------------------------------------------------------------------------- ITK affine

@@ -292,24 +292,20 @@ def _write_inverse(
     ``names``, their futures to ``futures``); returns metrics.json's ``inverse`` entry."""
     inverse, payload = inverse_field(result)
     release_memory_above(result.fixed.array.size)
-    vectors = io.nifti_vectors(inverse, result.fixed)  # reordered once for both files, written side by side
-    del inverse
     names["field_inverse"] = "field_inverse.nii.gz"
-    futures.append(pool.submit(io.write_field_vectors, folder / "field_inverse.nii.gz", vectors, result.fixed))
+    futures.append(pool.submit(io.save_field, folder / "field_inverse.nii.gz", inverse, result.fixed))
     if itk:
         names["field_itk_inverse"] = "field_itk_inverse.nii.gz"
-        itk_path = folder / "field_itk_inverse.nii.gz"
-        futures.append(pool.submit(io.write_itk_field_vectors, itk_path, vectors, result.fixed))
-    return payload  # the writes hold the vectors while they need them (a 0.7 mm CT: 0.9 GB)
+        futures.append(pool.submit(io.save_itk_field, folder / "field_itk_inverse.nii.gz", inverse, result.fixed))
+    return payload  # the writes hold the inverse while they need it
 
 
 def _write_field_files(folder: Path, stem: str, field: np.ndarray, fixed: Image, itk: bool) -> None:
     """``<stem>.nii.gz`` and, when ``itk``, ``<stem>_itk.nii.gz`` of ``field``, one after the
-    other from one reordering of it (:func:`voxreg.io.nifti_vectors`)."""
-    vectors = io.nifti_vectors(field, fixed)
-    io.write_field_vectors(folder / f"{stem}.nii.gz", vectors, fixed)
+    other, each reordered a few MB at a time while it is written (:func:`voxreg.io.save_field`)."""
+    io.save_field(folder / f"{stem}.nii.gz", field, fixed)
     if itk:
-        io.write_itk_field_vectors(folder / f"{stem}_itk.nii.gz", vectors, fixed)
+        io.save_itk_field(folder / f"{stem}_itk.nii.gz", field, fixed)
 
 
 def inverse_field(result: RegistrationResult) -> tuple[np.ndarray, dict[str, Any]]:
@@ -404,11 +400,13 @@ def foreground_index(image: Image, fraction: float = 0.05) -> torch.Tensor:
 
 def check_finite_result(result: RegistrationResult) -> None:
     """Raise VoxregError when the field, the affine or a warped image holds NaN/Inf."""
-    if not bool(torch.isfinite(result.field).all()):
+    # a sum is NaN/Inf when any term is (finite for the values of real fields and images): no masks
+    if not math.isfinite(float(result.field.sum())):
         raise VoxregError("registration failed: the displacement field contains NaN/Inf (e.g. a NaN model)")
     if result.world_matrix is not None and not np.all(np.isfinite(result.world_matrix)):
         raise VoxregError("registration failed: the affine matrix contains NaN/Inf")
-    if np.issubdtype(result.warped.array.dtype, np.floating) and not np.all(np.isfinite(result.warped.array)):
+    warped = result.warped.array
+    if np.issubdtype(warped.dtype, np.floating) and not math.isfinite(float(warped.sum(dtype=np.float64))):
         raise VoxregError("registration failed: the warped image contains NaN/Inf")
 
 

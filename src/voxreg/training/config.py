@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from voxreg.core.config import check_bool, check_choice, check_int, check_positive
+from voxreg.core.config import check_bool, check_choice, check_int, check_number, check_positive
 from voxreg.nn import NetworkConfig, config_kwargs
 
 __all__ = ["TrainConfig", "PRESETS", "RESUMABLE_CHANGES", "check_device"]
@@ -85,6 +85,9 @@ class TrainConfig:
     similarity_weight: float = 1.0
     fine_features: tuple[int, ...] = ()
     pairs_within_folders: bool = False
+    # with ``synth`` and real scans: the share of steps drawing a synthetic pair (similarity +
+    # Dice), the others a real scan pair (similarity only); 1 = synthetic pairs only
+    synth_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         check_choice("similarity", self.similarity, ("ncc", "mse", "mi"))
@@ -120,6 +123,9 @@ class TrainConfig:
             raise ValueError("fine_features refine a half-resolution field: add half_res (--half-res)")
         check_bool("pairs_within_folders", self.pairs_within_folders)
         check_int("synth_curriculum", self.synth_curriculum, 0)
+        self.synth_fraction = float(check_number("synth_fraction", self.synth_fraction, low=0.0, high=1.0))
+        if self.synth_fraction < 1.0 and self.synth is None:
+            raise ValueError("synth_fraction < 1 mixes synthetic pairs with real ones: give synth (--synth) too")
         if self.init is not None and (not isinstance(self.init, str) or not self.init.strip()):
             raise ValueError(f"init must be a checkpoint path or a shipped model name, got {self.init!r}")
 

@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 
 from voxreg.training.config import TrainConfig, parse_synth_sources
+from voxreg.training.data import TrainingSet
 from voxreg.training.synth import SynthBatch, SynthConfig, SynthGenerator
 
-__all__ = ["SynthSource", "synth_config_of"]
+__all__ = ["MixedSource", "SynthSource", "synth_config_of"]
 
 _DEFAULT_SHAPE = {3: (64, 80, 64), 2: (96, 112)}
 
@@ -94,3 +95,39 @@ class SynthSource:
         scales the pair's deformation (curriculum)."""
         self.generator.config.difficulty = float(difficulty)
         return self.generator.sample(batch_size, generator)
+
+
+class MixedSource:
+    """Synthetic pairs (similarity + Dice) mixed with real scan pairs (similarity only):
+    each step draws a synthetic pair with probability ``synth_fraction``, else a real one
+    (``voxreg train SCANS --synth brain --synth-fraction 0.5``)."""
+
+    def __init__(self, real: TrainingSet, synth: SynthSource, synth_fraction: float) -> None:
+        if real.ndim != synth.ndim:
+            raise ValueError(f"real scans are {real.ndim}D but the synthetic pairs {synth.ndim}D")
+        if not 0.0 <= synth_fraction <= 1.0:
+            raise ValueError(f"synth_fraction must be in [0, 1], got {synth_fraction}")
+        self.real, self.synth, self.synth_fraction = real, synth, float(synth_fraction)
+
+    @property
+    def ndim(self) -> int:
+        """Number of spatial dimensions."""
+        return self.real.ndim
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Spatial shape of the real scans (the synthetic pairs keep their own)."""
+        return self.real.shape
+
+    @property
+    def num_classes(self) -> int:
+        """Labels of the synthetic label maps (the real scans have none)."""
+        return self.synth.num_classes
+
+    def resized(self, scale: float) -> MixedSource:
+        """Both sources on grids scaled by ``scale``."""
+        return MixedSource(self.real.resized(scale), self.synth.resized(scale), self.synth_fraction)
+
+    def draws_synthetic(self, generator: torch.Generator) -> bool:
+        """Whether this step's pair is synthetic (one uniform draw from ``generator``)."""
+        return bool(torch.rand((), generator=generator) < self.synth_fraction)

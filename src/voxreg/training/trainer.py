@@ -40,8 +40,11 @@ from voxreg.training.config import PRESETS, RESUMABLE_CHANGES, TrainConfig
 from voxreg.training.data import TrainingSet, scan_list
 from voxreg.training.distributed import Dist, any_rank, barrier, gather_rng, init_distributed, teardown
 from voxreg.training.objective import Objective, label_dice, sample_lambda
-from voxreg.training.synth_data import SynthSource
+from voxreg.training.synth_data import MixedSource, SynthSource
 from voxreg.viz.training import plot_losses
+
+#: what the training loop draws its pairs from
+TrainingData = TrainingSet | SynthSource | MixedSource
 
 __all__ = [
     "TrainConfig",
@@ -354,13 +357,15 @@ def _tensorboard(config: TrainConfig, out: Path, ctx: Dist) -> Any:
 
 
 def _batch(
-    data: TrainingSet | SynthSource,
+    data: TrainingData,
     config: TrainConfig,
     generator: torch.Generator,
     device: torch.device,
     step: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None]:
     """One training batch: moving, fixed, lambda per sample, optional (labels, labels, mask)."""
+    if isinstance(data, MixedSource):
+        data = data.synth if data.draws_synthetic(generator) else data.real
     if isinstance(data, SynthSource):
         return _synth_batch(data, config, generator, device, step)
     mi, fi = data.sample_pairs(config.batch_size, generator)
@@ -400,7 +405,7 @@ def _synth_batch(
 
 
 def _train_step(
-    session: _Session, config: TrainConfig, data: TrainingSet | SynthSource, objective: Objective, device: torch.device
+    session: _Session, config: TrainConfig, data: TrainingData, objective: Objective, device: torch.device
 ) -> dict[str, float]:
     """One optimiser step on one batch; returns the loss terms."""
     moving, fixed, lam, labels = _batch(data, config, session.generator, device, session.step)
@@ -451,9 +456,11 @@ def _check_inputs(config: Any, training_set: Any, validation_set: Any) -> None:
     """Type checks of :func:`train`'s arguments (ValueError / VoxregError naming them)."""
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
-    if not isinstance(training_set, (TrainingSet, SynthSource)):
-        raise ValueError(f"training_set must be a TrainingSet or SynthSource, got {type(training_set).__name__}")
-    if isinstance(training_set, SynthSource) and config.dice_weight <= 0:
+    if not isinstance(training_set, (TrainingSet, SynthSource, MixedSource)):
+        raise ValueError(
+            f"training_set must be a TrainingSet, SynthSource or MixedSource, got {type(training_set).__name__}"
+        )
+    if isinstance(training_set, (SynthSource, MixedSource)) and config.dice_weight <= 0:
         raise VoxregError(
             "synthetic training learns from label maps only: set --dice-weight > 0 "
             "(e.g. --dice-weight 1 --similarity-weight 0)"
@@ -466,7 +473,7 @@ def _check_inputs(config: Any, training_set: Any, validation_set: Any) -> None:
 
 def train(
     config: TrainConfig,
-    training_set: TrainingSet | SynthSource,
+    training_set: TrainingData,
     output_dir: str | os.PathLike[str],
     validation_set: TrainingSet | None = None,
     resume: bool = False,
@@ -496,7 +503,7 @@ def train(
 
 def _run(
     config: TrainConfig,
-    training_set: TrainingSet | SynthSource,
+    training_set: TrainingData,
     out: Path,
     validation_set: TrainingSet | None,
     resume: bool,
@@ -515,7 +522,7 @@ def _run(
         _write_metrics(metrics_path, session.history)
     objective = Objective(config, training_set.num_classes)
     higher = validation_set is not None and validation_set.labels is not None
-    stages: dict[float, TrainingSet | SynthSource] = {1.0: training_set}
+    stages: dict[float, TrainingData] = {1.0: training_set}
     session.net.train()
     start, offset = time.perf_counter(), session.seconds
     with _StopSignals() as stop:
