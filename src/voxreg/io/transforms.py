@@ -99,15 +99,16 @@ def field_chunks(field: torch.Tensor, linear: torch.Tensor | None = None) -> Ite
     voxels: a slab of the last axis, reordered (and mapped: one row of ``linear`` at a time,
     the same float32 values as the whole product) when it is written."""
     ndim, shape = field.shape[0], tuple(field.shape[1:])
-    reverse = (0, *range(len(shape), 0, -1))
+    reverse = tuple(range(len(shape) - 1, -1, -1))  # the spatial axes reversed
     step = max(1, WRITE_CHUNK_VOXELS // max(math.prod(shape[:-1]), 1))
     for row in range(ndim if linear is None else linear.shape[0]):
         for start in range(0, shape[-1], step):
-            part = field[..., start : start + step].permute(reverse)  # (ndim, *reversed slab), a view
+            part = field[..., start : start + step]  # (ndim, *slab), a view
             if linear is None:
-                yield part[row].contiguous().numpy()
-            else:
-                yield torch.mm(linear[row : row + 1], part.contiguous().reshape(ndim, -1)).numpy()
+                values = part[row]
+            else:  # the row's vectors, mapped in the field's own voxel order
+                values = torch.mm(linear[row : row + 1], part.reshape(ndim, -1)).view(part.shape[1:])
+            yield values.permute(reverse).contiguous().numpy()
 
 
 def load_field(path: PathLike) -> tuple[np.ndarray, np.ndarray]:

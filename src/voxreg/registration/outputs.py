@@ -362,7 +362,7 @@ def composed_inverse(field: torch.Tensor, index: torch.Tensor) -> tuple[str, tor
     :data:`HALF_RES_INVERSE_ABOVE` voxels the half-resolution stage only, not polished."""
     if field[0, 0].numel() > HALF_RES_INVERSE_ABOVE:
         return "fixed-point inversion at half resolution", spatial.invert_displacement(field, 0)
-    inverse = polish_inverse(field, spatial.invert_displacement(field, 1), index)
+    inverse = polish_inverse(field, spatial.invert_displacement(field, 1), index, inplace=True)
     return "fixed-point inversion, " + polish_note(NEWTON_STEPS), inverse
 
 
@@ -375,15 +375,20 @@ def polish_note(newton_steps: int) -> str:
 
 
 def polish_inverse(
-    field: torch.Tensor, inverse: torch.Tensor, index: torch.Tensor, newton_steps: int = NEWTON_STEPS
+    field: torch.Tensor,
+    inverse: torch.Tensor,
+    index: torch.Tensor,
+    newton_steps: int = NEWTON_STEPS,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """An approximate ``inverse`` of ``field`` made consistent with it both ways around the
     fixed scan's foreground voxels ``index``: ``newton_steps`` Newton steps at the nodes the
     mapped voxels reach (forward after inverse: ``voxreg warp --inverse``), then
-    :data:`FIT_SWEEPS` least-squares sweep(s) at the voxels (inverse after forward)."""
+    :data:`FIT_SWEEPS` least-squares sweep(s) at the voxels (inverse after forward); on one
+    copy of ``inverse``, or on ``inverse`` itself when ``inplace``."""
     nodes = spatial.reached_nodes(field, index)
-    inverse = spatial.newton_inverse(field, inverse, nodes, newton_steps)
-    return spatial.fit_inverse(field, inverse, index, FIT_SWEEPS)
+    polished = spatial.newton_inverse(field, inverse, nodes, newton_steps, inplace=inplace)
+    return spatial.fit_inverse(field, polished, index, FIT_SWEEPS, inplace=True)
 
 
 def foreground_index(image: Image, fraction: float = 0.05) -> torch.Tensor:
