@@ -441,7 +441,8 @@ def resize_field(field: Tensor, shape: Sequence[int]) -> Tensor:
     resized = F.interpolate(field, size=shape, mode=mode, align_corners=True)
     factors = [(new - 1) / max(old - 1, 1) for new, old in zip(shape, field.shape[2:])]
     scale = torch.tensor(factors, device=field.device, dtype=field.dtype)
-    return resized * scale.view(1, ndim, *([1] * ndim))
+    # in place: the interpolation's backward does not need its output (one field-sized copy less)
+    return resized.mul_(scale.view(1, ndim, *([1] * ndim)))
 
 
 def gaussian_blur(image: Tensor, sigmas: Sequence[float]) -> Tensor:
