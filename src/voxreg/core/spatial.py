@@ -62,20 +62,29 @@ def identity_grid(
     return _cached_identity(shape, device, dtype)
 
 
+def _normalized_identity_rows(shape: tuple[int, ...], rows: slice, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The rows ``rows`` (first axis) of :func:`_cached_normalized_identity` ``(1, *shape, ndim)``,
+    built from the same ramps (the same values) without the rest of the grid."""
+    ndim = len(shape)
+    part = (rows.stop - rows.start, *shape[1:])
+    grid = torch.empty(1, *part, ndim, device=device, dtype=dtype)
+    for axis, size in enumerate(shape):
+        ramp = torch.arange(size, device=device, dtype=dtype) * torch.tensor(2.0 / max(size - 1, 1), dtype=dtype) - 1.0
+        if axis == 0:
+            ramp = ramp[rows]
+        view = [1] * ndim
+        view[axis] = part[axis]
+        grid[0, ..., ndim - 1 - axis].copy_(ramp.view(view).expand(part))
+    return grid
+
+
 @lru_cache(maxsize=16)
 @torch.inference_mode(False)
 def _cached_normalized_identity(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
     # filled axis by axis from 1D ramps (the values of voxel_to_normalized(identity_grid(...)),
     # same float ops): no full-size voxel identity or temporaries (a 1 mm brain's grid: ~0.5 GB
     # of fresh memory less, ~1 s less in a fresh process)
-    ndim = len(shape)
-    grid = torch.empty(1, *shape, ndim, device=device, dtype=dtype)
-    for axis, size in enumerate(shape):
-        ramp = torch.arange(size, device=device, dtype=dtype) * torch.tensor(2.0 / max(size - 1, 1), dtype=dtype) - 1.0
-        view = [1] * ndim
-        view[axis] = size
-        grid[0, ..., ndim - 1 - axis].copy_(ramp.view(view).expand(shape))
-    return grid
+    return _normalized_identity_rows(shape, slice(0, shape[0]), device, dtype)
 
 
 @lru_cache(maxsize=16)
@@ -366,22 +375,6 @@ def _warp_in_slabs(image: Tensor, field: Tensor, padding: Padding) -> Tensor:
         grid = torch.addmm(identity.view(-1, ndim), flat.t(), matrix)
         out[:, :, rows] = grid_sample(image, grid.view(1, *identity.shape[1:]), padding)
     return out
-
-
-def _normalized_identity_rows(shape: tuple[int, ...], rows: slice, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """The rows ``rows`` (first axis) of :func:`_cached_normalized_identity` ``(1, *shape, ndim)``,
-    built from the same ramps (the same values) without the rest of the grid."""
-    ndim = len(shape)
-    part = (rows.stop - rows.start, *shape[1:])
-    grid = torch.empty(1, *part, ndim, device=device, dtype=dtype)
-    for axis, size in enumerate(shape):
-        ramp = torch.arange(size, device=device, dtype=dtype) * torch.tensor(2.0 / max(size - 1, 1), dtype=dtype) - 1.0
-        if axis == 0:
-            ramp = ramp[rows]
-        view = [1] * ndim
-        view[axis] = part[axis]
-        grid[0, ..., ndim - 1 - axis].copy_(ramp.view(view).expand(part))
-    return grid
 
 
 def warp_at(image: Tensor, field: Tensor, index: Tensor) -> Tensor:

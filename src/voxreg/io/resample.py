@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,10 +45,9 @@ def resample_to(
     if field is None and np.allclose(matrix, np.eye(ndim + 1), atol=1e-6) and moving.shape == fixed.shape:
         return Image(moving.array.copy(), fixed.affine.copy(), moving.path, moving.kind)
     use_nearest = moving.is_label if nearest is None else nearest
-    if use_nearest:
-        out = _nearest(moving.array, matrix, fixed.shape, device, field)
-    else:
-        out = _linear(moving.array, matrix, fixed.shape, device, field)
+    displacement = None if field is None else _displacement(field, ndim, device)
+    sample = _nearest if use_nearest else _linear
+    out = sample(moving.array, matrix, fixed.shape, displacement, device)
     kind = "label" if use_nearest and moving.is_label else None
     return Image(out, fixed.affine.copy(), moving.path, kind)
 
@@ -56,17 +56,16 @@ def _linear(
     array: np.ndarray,
     matrix: np.ndarray,
     shape: Sequence[int],
+    displacement: torch.Tensor | None,
     device: str | torch.device,
-    field: np.ndarray | torch.Tensor | None,
 ) -> np.ndarray:
-    """Linear samples of ``array`` at ``matrix @ (x + field(x))`` for the voxels ``x`` of a
-    grid of ``shape``, ``min(array minimum, 0)`` outside: the array shifted by that value is
+    """Linear samples of ``array`` at ``matrix @ (x + displacement(x))`` for the voxels ``x`` of
+    a grid of ``shape``, ``min(array minimum, 0)`` outside: the array shifted by that value is
     sampled with zero padding and shifted back (skipped when it is 0, as for most MRI)."""
     tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None].to(device)
     low = min(float(tensor.min()), 0.0) if tensor.numel() else 0.0
     if low != 0.0:
         tensor = tensor - low
-    displacement = None if field is None else _displacement(field, len(shape), device)
     sampled = spatial.sample_displaced(tensor, matrix, displacement, padding="zeros", shape=shape)
     if low != 0.0:
         sampled += low
@@ -78,20 +77,15 @@ _WIDENED = {np.dtype(np.uint16), np.dtype(np.uint32), np.dtype(np.uint64), np.dt
 
 
 def _nearest(
-    array: np.ndarray,
-    matrix: np.ndarray,
-    shape: Sequence[int],
-    device: str | torch.device,
-    field: np.ndarray | torch.Tensor | None,
+    array: np.ndarray, matrix: np.ndarray, shape: Sequence[int], displacement: torch.Tensor | None, device: Any
 ) -> np.ndarray:
-    """Nearest-neighbour samples of ``array`` at ``matrix @ (x + field(x))`` for the voxels
-    ``x`` of a grid of ``shape``, in the array's own dtype (exact for every integer value; 0
-    outside the grid), a slab of the grid at a time (:func:`~voxreg.core.spatial.first_axis_slabs`:
-    the coordinates of one slab, not of the whole grid)."""
+    """Nearest-neighbour samples of ``array`` (as :func:`_linear`) in the array's own dtype
+    (exact for every integer value; 0 outside the grid), a slab of the grid at a time
+    (:func:`~voxreg.core.spatial.first_axis_slabs`: the coordinates of one slab, not of the
+    whole grid)."""
     dtype = array.dtype
     work = array.astype(np.int64) if dtype in _WIDENED else array
     tensor = torch.from_numpy(np.ascontiguousarray(work))[None, None].to(device)
-    displacement = None if field is None else _displacement(field, len(shape), device)
     out = torch.empty(tuple(shape), dtype=tensor.dtype, device=tensor.device)
     for rows in spatial.first_axis_slabs(shape):
         slab = (rows.stop - rows.start, *shape[1:])
