@@ -669,16 +669,19 @@ def test_itk_vectors_from_the_nifti_order_are_the_einsum_of_the_field(shape) -> 
 
 @pytest.mark.parametrize("shape", [(7, 6, 5), (9, 8)])
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
-def test_fields_written_chunk_by_chunk_are_the_bytes_nibabel_writes(tmp_path, monkeypatch, shape, suffix) -> None:
+@pytest.mark.parametrize("isal", [True, False])
+def test_fields_written_chunk_by_chunk_are_the_bytes_nibabel_writes(tmp_path, monkeypatch, shape, suffix, isal) -> None:
     """save_field / save_itk_field reorder (and map) a few voxels at a time while writing: the
     file's uncompressed bytes are those of nibabel saving the whole image (header included),
-    and the values read back are the field's (ITK: its vectors in LPS mm)."""
+    with ISA-L or nibabel's own gzip, and the values read back are the field's."""
     import gzip
 
-    from voxreg.io import transforms
+    from voxreg.io import files, transforms
     from voxreg.io.images import set_nifti_xform
 
     monkeypatch.setattr(transforms, "WRITE_CHUNK_VOXELS", 7)  # many chunks, slabs of one plane
+    if not isal:
+        monkeypatch.setattr(files, "_isal_gzip", lambda: None)
     ndim = len(shape)
     affine = np.array([[0.0, 1.2, 0.1, 3.0], [-0.9, 0.0, 0.2, -4.0], [0.0, 0.0, 1.1, 2.0], [0, 0, 0, 1]])
     if ndim == 2:
