@@ -177,3 +177,19 @@ def test_pearson_and_mse_are_the_losses_values():
         assert mse == pytest.approx(float(losses.mse(fixed, other)), rel=1e-5)
     assert got[0][0] > 0.7 and abs(got[1][0]) < 0.02  # correlated vs independent: not trivial
     assert got[2] == (0.0, pytest.approx(float(((fixed - 2.0) ** 2).mean()), rel=1e-5))  # constant: NCC 0
+
+
+def test_dice_counts_chunk_by_chunk_as_in_one_piece(monkeypatch):
+    """Labels are counted a chunk of voxels at a time (no int64 copy of whole maps): the same
+    Dice as counting in one piece, and as the definition for a few labels by hand."""
+    from voxreg.metrics import overlap
+
+    rng = np.random.default_rng(7)
+    fixed = rng.integers(0, 40, size=(13, 11, 9)).astype(np.int32)
+    warped = np.where(rng.random(fixed.shape) < 0.7, fixed, rng.integers(0, 40, size=fixed.shape)).astype(np.int32)
+    whole = overlap.dice_per_label(fixed, warped)
+    monkeypatch.setattr(overlap, "COUNT_CHUNK", 17)
+    assert overlap.dice_per_label(fixed, warped) == whole
+    for label in (1, 20, 39):
+        a, b = fixed == label, warped == label
+        assert whole[label] == pytest.approx(2 * (a & b).sum() / (a.sum() + b.sum()))

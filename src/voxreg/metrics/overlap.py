@@ -17,17 +17,35 @@ HD_MARGIN = 2  # voxels of background kept around each structure's bounding box
 # --------------------------------------------------------------------------- Dice
 
 
-def _compact_labels(fixed: np.ndarray, warped: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Map both label arrays (flattened) to indices ``0..K-1``; return them and the K labels."""
+#: voxels per chunk when counting labels: bounded temporaries (no int64 copy of a whole map)
+COUNT_CHUNK = 1 << 20
+
+
+def _label_counts(fixed: np.ndarray, warped: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(sorted label values, voxels of each in ``fixed``, in ``warped``, in both at the same
+    voxel). Small non-negative integer labels are counted by value a chunk of
+    :data:`COUNT_CHUNK` voxels at a time; others (floats are rounded first) through their
+    unique values."""
     if np.issubdtype(fixed.dtype, np.floating) or np.issubdtype(warped.dtype, np.floating):
         fixed, warped = np.rint(fixed).astype(np.int64), np.rint(warped).astype(np.int64)
     fixed, warped = fixed.ravel(), warped.ravel()
     low = min(int(fixed.min()), int(warped.min()))
     high = max(int(fixed.max()), int(warped.max()))
     if low >= 0 and high < 1 << 24:  # small non-negative labels: index by value directly
-        return fixed.astype(np.intp, copy=False), warped.astype(np.intp, copy=False), np.arange(high + 1)
+        k = high + 1
+        counts = np.zeros((3, k), dtype=np.int64)
+        for start in range(0, fixed.size, COUNT_CHUNK):
+            part_f = fixed[start : start + COUNT_CHUNK].astype(np.intp, copy=False)
+            part_w = warped[start : start + COUNT_CHUNK].astype(np.intp, copy=False)
+            counts[0] += np.bincount(part_f, minlength=k)
+            counts[1] += np.bincount(part_w, minlength=k)
+            counts[2] += np.bincount(part_f[part_f == part_w], minlength=k)
+        return np.arange(k), counts[0], counts[1], counts[2]
     values, inverse = np.unique(np.concatenate([fixed, warped]), return_inverse=True)
-    return inverse[: fixed.size], inverse[fixed.size :], values
+    index_f, index_w = inverse[: fixed.size], inverse[fixed.size :]
+    k = values.size
+    overlap = np.bincount(index_f[index_f == index_w], minlength=k)
+    return values, np.bincount(index_f, minlength=k), np.bincount(index_w, minlength=k), overlap
 
 
 def dice_per_label(
@@ -36,19 +54,16 @@ def dice_per_label(
     """Dice ``2|F=l & W=l| / (|F=l| + |W=l|)`` for each label ``l``.
 
     ``labels`` defaults to the labels present in both maps, excluding 0 (background).
-    A requested label absent from both maps gives NaN. Counts come from three
-    ``np.bincount`` calls (no loop over voxels).
+    A requested label absent from both maps gives NaN. Counts come from ``np.bincount``
+    (:func:`_label_counts`; no loop over voxels).
     """
     fixed, warped = as_numpy(fixed_labels), as_numpy(warped_labels)
     if fixed.shape != warped.shape:
         raise ValueError(f"label maps differ in shape: {fixed.shape} vs {warped.shape}")
     if fixed.size == 0:
         return {}
-    index_f, index_w, values = _compact_labels(fixed, warped)
+    values, count_f, count_w, overlap = _label_counts(fixed, warped)
     k = values.size
-    count_f = np.bincount(index_f, minlength=k)
-    count_w = np.bincount(index_w, minlength=k)
-    overlap = np.bincount(index_f[index_f == index_w], minlength=k)
     if labels is None:
         present = (count_f > 0) & (count_w > 0) & (values != 0)
         labels = values[present].tolist()
