@@ -646,6 +646,17 @@ def test_load_field_reorders_like_numpy_and_field_grid_reads_the_header_only(tmp
     assert "field.nii" in str(excinfo.value)
 
 
+def _field_on_rotated_grid(shape, seed):
+    """(affine, fixed image, random float32 field): a 3D grid with permuted, sheared axes, or a
+    2D one with a flipped axis."""
+    ndim = len(shape)
+    affine = np.array([[0.0, 1.2, 0.1, 3.0], [-0.9, 0.0, 0.2, -4.0], [0.0, 0.0, 1.1, 2.0], [0, 0, 0, 1]])
+    if ndim == 2:
+        affine = np.diag([1.3, -0.8, 1.0, 1.0])
+    field = np.random.default_rng(seed).normal(size=(ndim, *shape)).astype(np.float32)
+    return affine, Image(np.zeros(shape, np.float32), affine), field
+
+
 @pytest.mark.parametrize("shape", [(7, 6, 5), (9, 8)])
 def test_itk_vectors_from_the_nifti_order_are_the_einsum_of_the_field(shape) -> None:
     """The ITK field made from the NIfTI-ordered voxreg vectors (one matrix product, no second
@@ -654,11 +665,7 @@ def test_itk_vectors_from_the_nifti_order_are_the_einsum_of_the_field(shape) -> 
     from voxreg.io.transforms import vectors_last_fortran
 
     ndim = len(shape)
-    affine = np.array([[0.0, 1.2, 0.1, 3.0], [-0.9, 0.0, 0.2, -4.0], [0.0, 0.0, 1.1, 2.0], [0, 0, 0, 1]])
-    if ndim == 2:
-        affine = np.diag([1.3, -0.8, 1.0, 1.0])
-    fixed = Image(np.zeros(shape, np.float32), affine)
-    field = np.random.default_rng(4).normal(size=(ndim, *shape)).astype(np.float32)
+    affine, fixed, field = _field_on_rotated_grid(shape, seed=4)
     linear = (RAS_TO_LPS[:3, :3] @ affine[:3, :ndim])[:ndim].astype(np.float32)
     expected = vectors_last_fortran(field, linear)
     got = np.asarray(io.field_to_itk_image(field, fixed).dataobj)
@@ -682,12 +689,7 @@ def test_fields_written_chunk_by_chunk_are_the_bytes_nibabel_writes(tmp_path, mo
     monkeypatch.setattr(transforms, "WRITE_CHUNK_VOXELS", 7)  # many chunks, slabs of one plane
     if not isal:
         monkeypatch.setattr(files, "_isal_gzip", lambda: None)
-    ndim = len(shape)
-    affine = np.array([[0.0, 1.2, 0.1, 3.0], [-0.9, 0.0, 0.2, -4.0], [0.0, 0.0, 1.1, 2.0], [0, 0, 0, 1]])
-    if ndim == 2:
-        affine = np.diag([1.3, -0.8, 1.0, 1.0])
-    fixed = Image(np.zeros(shape, np.float32), affine)
-    field = np.random.default_rng(5).normal(size=(ndim, *shape)).astype(np.float32)
+    affine, fixed, field = _field_on_rotated_grid(shape, seed=5)
     reference = nib.Nifti1Image(io.nifti_vectors(field, fixed), affine)
     set_nifti_xform(reference, affine)
     reference.header.set_intent("vector", (), name="voxreg_vox")

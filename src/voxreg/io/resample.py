@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -12,6 +11,9 @@ from voxreg.core import spatial
 from voxreg.core.errors import VoxregError
 from voxreg.core.grid import check_affine, mapped_coords, voxel_matrix
 from voxreg.core.image import Image
+
+#: where resampling runs
+Device = str | torch.device
 
 
 def resample_to(
@@ -53,11 +55,7 @@ def resample_to(
 
 
 def _linear(
-    array: np.ndarray,
-    matrix: np.ndarray,
-    shape: Sequence[int],
-    displacement: torch.Tensor | None,
-    device: str | torch.device,
+    array: np.ndarray, matrix: np.ndarray, shape: Sequence[int], displacement: torch.Tensor | None, device: Device
 ) -> np.ndarray:
     """Linear samples of ``array`` at ``matrix @ (x + displacement(x))`` for the voxels ``x`` of
     a grid of ``shape``, ``min(array minimum, 0)`` outside: the array shifted by that value is
@@ -77,7 +75,7 @@ _WIDENED = {np.dtype(np.uint16), np.dtype(np.uint32), np.dtype(np.uint64), np.dt
 
 
 def _nearest(
-    array: np.ndarray, matrix: np.ndarray, shape: Sequence[int], displacement: torch.Tensor | None, device: Any
+    array: np.ndarray, matrix: np.ndarray, shape: Sequence[int], displacement: torch.Tensor | None, device: Device
 ) -> np.ndarray:
     """Nearest-neighbour samples of ``array`` (as :func:`_linear`) in the array's own dtype
     (exact for every integer value; 0 outside the grid), a slab of the grid at a time
