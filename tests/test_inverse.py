@@ -329,6 +329,43 @@ def test_register_writes_the_inverse_fields(pair_3d, tmp_path):
     assert abs(np.median(field[0]) - 2.0) < 0.5 and abs(np.median(inverse[0]) + 2.0) < 0.5  # a 2-voxel shift
 
 
+def test_register_without_inverse_and_itk_writes_neither_and_warp_inverse_still_works(pair_3d, tmp_path, monkeypatch):
+    """--no-inverse: the inverse is never computed and its files are absent (metrics.json says
+    why); --no-itk: no field_itk*.nii.gz. The forward outputs equal a full run's, and voxreg warp
+    --inverse still maps fixed-space labels back, from field.nii.gz."""
+    inverted = []
+    monkeypatch.setattr(outputs, "inverse_field", lambda result: inverted.append(1) or (None, {}))
+    lean, full = tmp_path / "lean", tmp_path / "full"
+    args = ["register", str(pair_3d["fixed"]), str(pair_3d["moving"]), "--engine", "instance", "--no-affine"]
+    args += ["--no-figure", "--device", "cpu"]
+    result = runner.invoke(app, [*args, "-o", str(lean), "--no-inverse", "--no-itk"])
+    assert result.exit_code == 0, result.output
+    assert inverted == []  # not computed at all
+    values = json.loads((lean / "metrics.json").read_text(encoding="utf-8"))
+    assert (
+        sorted(p.name for p in lean.iterdir())
+        == sorted(values["outputs"])
+        == [
+            "field.nii.gz",
+            "metrics.json",
+            "warped.nii.gz",
+        ]
+    )
+    assert values["inverse"] == outputs.INVERSE_NOT_ASKED and values["field_itk"] == outputs.ITK_FIELD_NOT_ASKED
+    monkeypatch.undo()
+    assert runner.invoke(app, [*args, "-o", str(full)]).exit_code == 0
+    assert "field_itk_inverse.nii.gz" in json.loads((full / "metrics.json").read_text(encoding="utf-8"))["outputs"]
+    np.testing.assert_array_equal(io.load_field(lean / "field.nii.gz")[0], io.load_field(full / "field.nii.gz")[0])
+    back = tmp_path / "back.nii.gz"
+    labels = pair_3d["fixed_labels"]
+    warp = ["warp", str(lean / "field.nii.gz"), str(labels), "-o", str(back), "--inverse"]
+    result = runner.invoke(app, [*warp, "--reference", str(pair_3d["moving"]), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    moved = io.load_image(back, label=True).array
+    expected = io.load_image(pair_3d["moving_labels"], label=True).array  # the fixed labels rolled by 2
+    assert (moved[4:-4] == expected[4:-4]).mean() > 0.97
+
+
 def test_a_tilted_2d_registration_writes_the_voxreg_inverse_only(tmp_path):
     c, s = np.cos(0.4), np.sin(0.4)
     affine = np.eye(4)

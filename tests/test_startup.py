@@ -145,3 +145,26 @@ def test_the_console_script_runs_main():
 
     (script,) = [ep for ep in entry_points(group="console_scripts") if ep.name == "voxreg"]
     assert script.value == "voxreg.cli:main"
+
+
+def test_register_ends_at_once_with_its_exit_code_and_complete_outputs(tmp_path):
+    """``voxreg register`` ends through :func:`os._exit` (no teardown): the exit code, the
+    summary and the one-line error on stderr and every output file survive it."""
+    import numpy as np
+    from tests.conftest import smooth_volume
+
+    from voxreg.core.image import Image
+    from voxreg.io import save_image
+
+    fixed = smooth_volume((20, 24, 18), seed=1)
+    for name, array in (("fixed", fixed), ("moving", np.roll(fixed, 1, axis=0))):
+        save_image(Image(array, np.eye(4)), tmp_path / f"{name}.nii.gz")
+    command = [sys.executable, "-m", "voxreg.cli", "register", str(tmp_path / "fixed.nii.gz")]
+    options = ["-o", str(tmp_path / "out"), "--engine", "instance", "--no-affine", "--no-figure", "--device", "cpu"]
+    done = subprocess.run([*command, str(tmp_path / "moving.nii.gz"), *options], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "instance-optimisation on cpu" in done.stderr and "metrics.json" in done.stderr  # the summary (rich, stderr)
+    values = json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(values["outputs"])
+    failed = subprocess.run([*command, str(tmp_path / "nope.nii.gz"), *options], capture_output=True, text=True)
+    assert failed.returncode == 2 and "nope.nii.gz" in failed.stderr and "Traceback" not in failed.stderr

@@ -150,6 +150,19 @@ def test_pair_list_errors(tmp_path):
     assert read_pairs(path) == [BatchPair("0001", tmp_path / "a", tmp_path / "b")]
 
 
+def test_cli_register_batch_without_inverse_and_itk(pair_list, tmp_path):
+    out = tmp_path / "out"
+    args = ["register-batch", str(pair_list), "-o", str(out), "--engine", "instance", "--no-affine", "--no-figure"]
+    result = CliRunner().invoke(app, [*args, "--no-inverse", "--no-itk", "--no-report"])
+    assert result.exit_code == 0, result.output
+    for pair in ("p0", "p1", "p2"):
+        values = json.loads((out / pair / "metrics.json").read_text())
+        written = sorted(p.name for p in (out / pair).iterdir())
+        assert written == sorted(values["outputs"])
+        assert written == ["field.nii.gz", "metrics.json", "warped.nii.gz", f"warped_m{pair[1]}_lab.nii.gz"]
+        assert is_complete(out / pair)
+
+
 def test_cli_register_batch_exit_codes(pair_list, tmp_path):
     runner = CliRunner()
     out = tmp_path / "out"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from voxreg.cli.options import Engine, Lambda, Model, Refine, Similarity
+from voxreg.cli.options import Engine, Lambda, Model, NoInverse, NoItk, Refine, Similarity
 from voxreg.cli.progress import console, progress_bar, user_errors
 
 
@@ -26,6 +26,8 @@ def register_batch(
     no_affine: bool = typer.Option(False, "--no-affine", help="Skip the affine pre-alignment."),
     affine_only: bool = typer.Option(False, "--affine-only", help="Stop after the affine pre-alignment."),
     no_figure: bool = typer.Option(False, "--no-figure", help="Skip figure.png."),
+    no_inverse: NoInverse = False,
+    no_itk: NoItk = False,
     no_report: bool = typer.Option(
         False, "--no-report", help="Skip the cohort QC report (report.html, qc_flag/qc_reasons in batch.csv)."
     ),
@@ -37,6 +39,7 @@ def register_batch(
     folding, SD log J) and flags the ones that probably failed (also qc_flag/qc_reasons in batch.csv)."""
     from voxreg.cohort.report import write_report_quietly
     from voxreg.registration.batch import run_batch
+    from voxreg.registration.outputs import OutputFiles
 
     with progress_bar("pairs") as update:
         summary = run_batch(
@@ -46,7 +49,7 @@ def register_batch(
             engine=engine,
             device=device,
             workers=workers,
-            figure=not no_figure,
+            files=OutputFiles(figure=not no_figure, inverse=not no_inverse, itk=not no_itk),
             progress=update,
             similarity=similarity,
             lam=lam,

@@ -34,3 +34,11 @@ Refine = Annotated[
         help="Instance-optimisation steps after the network (default: the shipped model's own; 0 after a checkpoint).",
     ),
 ]
+NoInverse = Annotated[
+    bool,
+    typer.Option(
+        "--no-inverse",
+        help="Skip the inverse fields (not computed; voxreg warp --inverse computes it from field.nii.gz when needed).",
+    ),
+]
+NoItk = Annotated[bool, typer.Option("--no-itk", help="Skip the ITK/ANTs copies of the fields (field_itk*.nii.gz).")]

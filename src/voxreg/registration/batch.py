@@ -28,7 +28,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -205,10 +205,10 @@ def _load(pair: BatchPair) -> _Loaded:
     )
 
 
-def _save(result: outputs.RegistrationResult, folder: Path, figure: bool, inputs: Sequence[Any]) -> float:
+def _save(result: outputs.RegistrationResult, folder: Path, files: outputs.OutputFiles, inputs: Sequence[Any]) -> float:
     """Write one pair's outputs (runs in the io pool); returns the seconds it took."""
     start = time.perf_counter()
-    outputs.save_outputs(result, folder, figure, inputs=[item for item in inputs if item is not None])
+    outputs.save_outputs(result, folder, inputs=[item for item in inputs if item is not None], files=files)
     return time.perf_counter() - start
 
 
@@ -226,6 +226,7 @@ def run_batch(
     device: str = "auto",
     workers: int = 2,
     figure: bool = True,
+    files: outputs.OutputFiles | None = None,
     progress: ProgressCallback | None = None,
     register: RegisterFn | None = None,
     on_merged: MergedCallback | None = None,
@@ -235,7 +236,9 @@ def run_batch(
 
     ``options`` go to :func:`voxreg.registration.pipeline.register` (``similarity``, ``lam``,
     ``refine``, ``affine``, ``affine_only``...); metrics are always measured (Dice with labels).
-    ``workers`` io threads read ahead and write behind (0: everything in turn).
+    ``workers`` io threads read ahead and write behind (0: everything in turn). ``files``
+    leaves optional outputs out (:class:`~voxreg.registration.outputs.OutputFiles`; ``figure=False``
+    the figure too).
     ``progress(done, total)`` follows this rank's pairs; ``register`` replaces the pipeline
     (tests). Returns this rank's :class:`BatchSummary`; ``outdir/batch.csv`` is merged at the end,
     then ``on_merged(outdir)`` runs under the merge lock (its result in ``summary.merged``).
@@ -272,7 +275,8 @@ def run_batch(
             resolved = pipeline.resolve_model(model, engine, 3)
             if resolved is not None:
                 pipeline.loaded_checkpoint(resolved, resolve_device(device))
-        run = _Runner(pool, workers, outdir, figure, record, register_fn, model, engine, device, options)
+        chosen = replace(files or outputs.OutputFiles(), figure=figure and (files is None or files.figure))
+        run = _Runner(pool, workers, outdir, chosen, record, register_fn, model, engine, device, options)
         run.all(todo)
     summary = BatchSummary(rows, time.perf_counter() - start, outdir / "batch.csv", rank, world)
     summary.merged = merge_tables(outdir, all_pairs, world, on_merged)[1]
@@ -307,7 +311,7 @@ class _Runner:
         pool: ThreadPoolExecutor,
         workers: int,
         outdir: Path,
-        figure: bool,
+        files: outputs.OutputFiles,
         record: Callable[[dict[str, Any]], None],
         register: RegisterFn,
         model: str | Path | None,
@@ -315,7 +319,7 @@ class _Runner:
         device: str,
         options: dict[str, Any],
     ) -> None:
-        self.pool, self.workers, self.outdir, self.figure = pool, workers, outdir, figure
+        self.pool, self.workers, self.outdir, self.files = pool, workers, outdir, files
         self.record, self.register = record, register
         self.kwargs = {"model": model, "engine": engine, "device": device, **options}
         self.model = model
@@ -365,11 +369,11 @@ class _Runner:
         if self.workers == 0:
             future: Future[float] = Future()
             try:
-                future.set_result(_save(result, folder, self.figure, inputs))
+                future.set_result(_save(result, folder, self.files, inputs))
             except Exception as exc:
                 future.set_exception(exc)
         else:
-            future = self.pool.submit(_save, result, folder, self.figure, inputs)
+            future = self.pool.submit(_save, result, folder, self.files, inputs)
         self.writing.append((pair, future, seconds, result.metrics.get("dice_mean_after")))
 
     def _finish_oldest(self) -> None:

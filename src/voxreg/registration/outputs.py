@@ -61,6 +61,21 @@ FIT_SWEEPS = 1
 SERIAL_OUTPUTS_ABOVE = 32_000_000
 
 ITK_FIELD_SKIPPED = "not written: ITK 2D fields need an image plane parallel to x-y"
+ITK_FIELD_NOT_ASKED = "not written (--no-itk): field.nii.gz holds the same transform in voxreg's convention"
+INVERSE_NOT_ASKED = (
+    "not computed (--no-inverse): voxreg warp --inverse and voxreg transform-points compute it from field.nii.gz"
+)
+
+
+@dataclass(frozen=True)
+class OutputFiles:
+    """Which of the optional files a registration writes (all of them by default): figure.png,
+    the inverse fields (``field_inverse.nii.gz``, ``field_itk_inverse.nii.gz``; not computed
+    at all when off) and the ITK/ANTs copies of the fields (``field_itk*.nii.gz``)."""
+
+    figure: bool = True
+    inverse: bool = True
+    itk: bool = True
 
 
 class _InTurn(Executor):
@@ -129,9 +144,9 @@ class RegistrationResult:
             self.moving_source = self.moving_source()
         return self.moving_source
 
-    def save(self, outdir: str | Path, figure: bool = True) -> dict[str, Path]:
+    def save(self, outdir: str | Path, figure: bool = True, files: OutputFiles | None = None) -> dict[str, Path]:
         """Write the standard outputs into ``outdir`` (see :func:`save_outputs`)."""
-        return save_outputs(self, outdir, figure)
+        return save_outputs(self, outdir, figure, files=files)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -209,21 +224,30 @@ def measure_registration(
 
 
 def save_outputs(
-    result: RegistrationResult, outdir: str | Path, figure: bool = True, inputs: Sequence[str | Path] = ()
+    result: RegistrationResult,
+    outdir: str | Path,
+    figure: bool = True,
+    inputs: Sequence[str | Path] = (),
+    files: OutputFiles | None = None,
 ) -> dict[str, Path]:
     """Write warped image, labels, fields (voxreg + ITK), affine.txt, metrics.json and
     figure.png into ``outdir``, all or nothing (:func:`voxreg.io.staging.staged_outputs`:
     staged, locked, inputs never overwritten, stale outputs of an earlier run removed).
+    ``files`` leaves optional files out (``figure=False`` the figure too).
     ``result.metrics`` is left unchanged (notes about skipped files go to metrics.json only)."""
     sources = [*inputs, result.fixed.path, result.moving.path, *(lab.path for lab in result.warped_labels.values())]
     with staged_outputs(outdir, inputs=sources, outputs=REGISTER_OUTPUTS, remove_stale=True) as stage:
-        names = write_outputs(result, stage, figure)
+        names = write_outputs(result, stage, figure, files)
     return {key: Path(outdir) / name for key, name in names.items()}
 
 
-def write_outputs(result: RegistrationResult, folder: str | Path, figure: bool = True) -> dict[str, str]:
+def write_outputs(
+    result: RegistrationResult, folder: str | Path, figure: bool = True, files: OutputFiles | None = None
+) -> dict[str, str]:
     """Write the standard outputs into ``folder`` (a staging folder); returns their file
     names by key. metrics.json names this run's files (``outputs``) and is strict JSON.
+    ``files`` (default: all) leaves out the figure, the inverse (not computed then) or the ITK
+    copies; metrics.json says which were not asked for.
 
     The files are compressed on up to one thread per core while this thread inverts the field,
     one more computes the deferred metrics (:meth:`RegistrationResult.finish_metrics`) and one
@@ -232,10 +256,12 @@ def write_outputs(result: RegistrationResult, folder: str | Path, figure: bool =
     (:func:`output_executor`), the figure after the metrics. Every write finishes before the
     first error, if any, is raised; a failure anywhere stops the figure's wait."""
     check_finite_result(result)
+    files = files or OutputFiles()
+    figure = figure and files.figure
     folder = Path(folder)
     field = result.field[0].detach().cpu().numpy()
     names: dict[str, str] = {"warped": "warped.nii.gz", "field": "field.nii.gz"}
-    itk = io.itk_field_supported(result.fixed)
+    itk = files.itk and io.itk_field_supported(result.fixed)
     if itk:
         names["field_itk"] = "field_itk.nii.gz"
     writes: list[Callable[[], Any]] = [
@@ -263,7 +289,7 @@ def write_outputs(result: RegistrationResult, folder: str | Path, figure: bool =
                 if figure:
                     title = functools.partial(_title_when_done, metrics_done)
                     futures.append(drawing.submit(_save_figure, result, field, folder / "figure.png", title))
-            payload_inverse = _write_inverse(result, pool, folder, itk, names, futures)
+            payload_inverse = _write_inverse(result, pool, folder, itk, names, futures) if files.inverse else None
             metrics_done.set_result(measured.result() if side_by_side else result.finish_metrics())
         except BaseException as exc:
             if not metrics_done.done():
@@ -276,8 +302,10 @@ def write_outputs(result: RegistrationResult, folder: str | Path, figure: bool =
     for future in futures:
         future.result()
     payload = dict(result.metrics)
-    payload["inverse"] = payload_inverse
-    if not itk:  # a 2D slice tilted out of the x-y plane: the voxreg fields (field*.nii.gz) still hold it
+    payload["inverse"] = payload_inverse if payload_inverse is not None else INVERSE_NOT_ASKED
+    if not files.itk:
+        payload["field_itk"] = ITK_FIELD_NOT_ASKED
+    elif not itk:  # a 2D slice tilted out of the x-y plane: the voxreg fields (field*.nii.gz) still hold it
         payload["field_itk"] = ITK_FIELD_SKIPPED
     names["metrics"] = "metrics.json"
     payload["outputs"] = sorted(names.values())
