@@ -31,8 +31,10 @@ U-Net only. docs/benchmarks.md has the timings (the retired ``bench_network.py``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -68,12 +70,14 @@ class NetworkOutput:
     ``field``: displacement ``(N, ndim, *S)`` in voxels of the input grid (integrated
     when diffeomorphic). ``velocity``: the stationary velocity on the same grid, or None
     for a plain displacement network. ``inverse``: the inverse displacement (the velocity
-    negated and integrated the same way), when asked for and the network is diffeomorphic.
+    negated and integrated the same way), when asked for and the network is diffeomorphic;
+    ``inverse_later``: a function computing it on first call instead (``inverse='later'``).
     """
 
     field: Tensor
     velocity: Tensor | None = None
     inverse: Tensor | None = None
+    inverse_later: Callable[[], Tensor] | None = None
 
 
 def _conv_cls(ndim: int) -> type[nn.Module]:
@@ -336,12 +340,13 @@ class VoxelMorph(nn.Module):
         fixed: Tensor,
         lam: float | Tensor | None = None,
         *,
-        inverse: bool = False,
+        inverse: bool | Literal["later"] = False,
         symmetric: bool = False,
         bf16: bool = False,
     ) -> NetworkOutput:
         """Predict the displacement that warps ``moving`` onto ``fixed``; with ``inverse`` (a
-        diffeomorphic network) also its exact inverse, ``exp(-v)`` integrated on the same grid;
+        diffeomorphic network) also its exact inverse, ``exp(-v)`` integrated on the same grid
+        (``'later'``: a function integrating it when called, ``NetworkOutput.inverse_later``);
         with ``symmetric`` (diffeomorphic networks) from the velocity averaged over both
         directions (:meth:`_symmetric_flow`: twice the network's cost); ``bf16``: the U-Net's
         convs under bfloat16 autocast, as in :meth:`predict_field` (inference)."""
@@ -355,12 +360,17 @@ class VoxelMorph(nn.Module):
         if not self.config.diffeomorphic:
             return NetworkOutput(field=self._to_input_grid(flow, padded, shape))
         field = spatial.integrate_velocity(flow, self.config.int_steps)
-        backward = spatial.integrate_velocity(-flow, self.config.int_steps) if inverse else None
+        integrate_inverse = functools.partial(self._integrated_inverse, flow, padded, shape)
         return NetworkOutput(
             field=self._to_input_grid(field, padded, shape),
             velocity=self._to_input_grid(flow, padded, shape),
-            inverse=None if backward is None else self._to_input_grid(backward, padded, shape),
+            inverse=integrate_inverse() if inverse is True else None,
+            inverse_later=integrate_inverse if inverse == "later" else None,
         )
+
+    def _integrated_inverse(self, flow: Tensor, padded: tuple[int, ...], shape: Sequence[int]) -> Tensor:
+        """``exp(-flow)`` on the input grid: the inverse of the field integrated from ``flow``."""
+        return self._to_input_grid(spatial.integrate_velocity(-flow, self.config.int_steps), padded, shape)
 
     def predict_field(
         self, moving: Tensor, fixed: Tensor, lam: float | Tensor | None = None, *, bf16: bool = False

@@ -125,15 +125,22 @@ def predict_fields(
         on_fixed = io.resample_to(moving, fixed, world_matrix)  # a copy when already there
         fixed_n, moving_n = (io.normalize_intensity(image.array) for image in (fixed, on_fixed))
         field, backward = _forward(model, fixed_n, moving_n, lam, device, inverse, symmetric)
-        return field, None if backward is None else functools.partial(torch.clone, backward)
+        return field, backward
     grid = model_grid(fixed.grid, space, foreground=_foreground(fixed))
     fixed_m = io.normalize_intensity(to_model_grid(fixed, grid))
     moving_m = io.normalize_intensity(to_model_grid(moving, grid, world_matrix))
     field, backward = _forward(model, fixed_m, moving_m, lam, device, inverse, symmetric)
-    if backward is not None:  # the fixed-point steps remove the integration's error on the small grid
-        backward = spatial.invert_displacement(field, _INVERSE_STEPS, initial=backward)
-    mapped = None if backward is None else functools.partial(field_to_fixed, backward, grid, fixed.grid)
+    mapped = None if backward is None else functools.partial(_inverse_on_fixed, field, backward, grid, fixed.grid)
     return field_to_fixed(field, grid, fixed.grid), mapped
+
+
+def _inverse_on_fixed(field: Tensor, integrate_inverse: Callable[[], Tensor], grid: Grid, fixed: Grid) -> Tensor:
+    """The network's inverse of ``field`` (model grid) on the fixed grid: ``integrate_inverse()``
+    (its velocity negated and integrated), polished on the model grid by fixed-point steps that
+    remove the integration's error there, then mapped onto ``fixed``."""
+    with torch.inference_mode():
+        backward = spatial.invert_displacement(field, _INVERSE_STEPS, initial=integrate_inverse())
+        return field_to_fixed(backward, grid, fixed)
 
 
 def _forward(
@@ -144,14 +151,15 @@ def _forward(
     device: torch.device,
     inverse: bool = False,
     symmetric: bool = False,
-) -> tuple[Tensor, Tensor | None]:
+) -> tuple[Tensor, Callable[[], Tensor] | None]:
     """One forward pass on normalised arrays: the field ``(1, ndim, *shape)`` and, when
     ``inverse`` and the network can give it (:class:`~voxreg.nn.VoxelMorph`, diffeomorphic),
-    its inverse; ``symmetric`` (diffeomorphic VoxelMorph only) averages both directions. A
-    voxreg network runs its convs in :func:`~voxreg.core.runtime.network_precision`."""
+    a function integrating its inverse when called (not before: most runs never ask);
+    ``symmetric`` (diffeomorphic VoxelMorph only) averages both directions. A voxreg network
+    runs its convs in :func:`~voxreg.core.runtime.network_precision`."""
     from voxreg.nn import VoxelMorph
 
-    options: dict[str, bool] = {"inverse": True} if inverse and isinstance(model, VoxelMorph) else {}
+    options: dict[str, Any] = {"inverse": "later"} if inverse and isinstance(model, VoxelMorph) else {}
     if symmetric:
         if not (isinstance(model, VoxelMorph) and model.config.diffeomorphic):
             raise VoxregError("symmetric inference needs a diffeomorphic voxreg network (trained with --int-steps > 0)")
@@ -160,5 +168,11 @@ def _forward(
         options["bf16"] = True
     with torch.inference_mode():
         output = model(_tensor(moving, device), _tensor(fixed, device), lam=lam, **options)
-    backward = getattr(output, "inverse", None)
-    return output.field.clone(), None if backward is None else backward.clone()
+    later = getattr(output, "inverse_later", None)
+    return output.field.clone(), None if later is None else functools.partial(_in_inference_mode, later)
+
+
+def _in_inference_mode(make: Callable[[], Tensor]) -> Tensor:
+    """``make()`` under ``torch.inference_mode`` (it reads the forward pass's inference tensors)."""
+    with torch.inference_mode():
+        return make()
