@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--src", type=Path, default=None, help="voxreg source tree to measure (default: installed)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument(
+        "--lean", action="store_true", help="--no-inverse --no-itk --no-figure: the fewest files a cohort run needs"
+    )
 
 
 def batch_argv(csv_path: Path, out: Path, args: argparse.Namespace) -> list[str]:
@@ -35,6 +38,7 @@ def batch_argv(csv_path: Path, out: Path, args: argparse.Namespace) -> list[str]
     argv = [sys.executable, "-m", "voxreg.cli", "register-batch", str(csv_path), "-o", str(out)]
     for flag, value in (("--engine", args.engine), ("--refine", args.refine), ("--workers", args.workers)):
         argv += [flag, str(value)] if value is not None else []
+    argv += ["--no-inverse", "--no-itk", "--no-figure"] if getattr(args, "lean", False) else []
     return argv + (["--device", args.device] if args.device else [])
 
 
@@ -58,6 +62,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     return {
         "batch_command": "voxreg " + " ".join(argv[3:]),
         "engine": args.engine or "auto",
+        "outputs": "lean: no inverse, ITK copies or figure" if getattr(args, "lean", False) else "all",
         "pairs": len(chosen),
         "ok": ok,
         "returncode": run["returncode"],
@@ -74,8 +79,9 @@ def render(document: dict[str, Any]) -> str:
     seconds = [float(r["seconds"]) for r in document.get("rows", []) if r.get("seconds")]
     per_pair = f"{min(seconds):.1f}–{max(seconds):.1f}" if seconds else "–"
     return (
-        "| pairs (ok) | engine | wall s | pairs per minute | peak memory GB | s per pair (batch.csv) |\n"
-        "|---|---|---|---|---|---|\n"
-        f"| {document['pairs']} ({document['ok']}) | {document['engine']} | {document['wall_s']:.1f} | "
+        "| pairs (ok) | engine | outputs | wall s | pairs per minute | peak memory GB | s per pair (batch.csv) |\n"
+        "|---|---|---|---|---|---|---|\n"
+        f"| {document['pairs']} ({document['ok']}) | {document['engine']} | {document.get('outputs', 'all')} | "
+        f"{document['wall_s']:.1f} | "
         f"**{document['pairs_per_minute']:.1f}** | {document['peak_rss_mb'] / 1024:.2f} | {per_pair} |\n"
     )

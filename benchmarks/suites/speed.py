@@ -28,6 +28,8 @@ CASES: dict[str, list[str]] = {
     "network, --refine 0": ["--engine", "network", "--refine", "0"],
     "instance": ["--engine", "instance"],
     "default": [],
+    "network, --refine 0, lean": ["--engine", "network", "--refine", "0", "--no-inverse", "--no-itk", "--no-figure"],
+    "instance, lean": ["--engine", "instance", "--no-inverse", "--no-itk", "--no-figure"],
 }
 
 
