@@ -161,10 +161,22 @@ def test_register_ends_at_once_with_its_exit_code_and_complete_outputs(tmp_path)
         save_image(Image(array, np.eye(4)), tmp_path / f"{name}.nii.gz")
     command = [sys.executable, "-m", "voxreg.cli", "register", str(tmp_path / "fixed.nii.gz")]
     options = ["-o", str(tmp_path / "out"), "--engine", "instance", "--no-affine", "--no-figure", "--device", "cpu"]
-    done = subprocess.run([*command, str(tmp_path / "moving.nii.gz"), *options], capture_output=True, text=True)
+    done = subprocess.run(
+        [*command, str(tmp_path / "moving.nii.gz"), *options],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "instance-optimisation on cpu" in done.stderr and "metrics.json" in done.stderr  # the summary (rich, stderr)
     values = json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(values["outputs"])
-    failed = subprocess.run([*command, str(tmp_path / "nope.nii.gz"), *options], capture_output=True, text=True)
+    failed = subprocess.run(
+        [*command, str(tmp_path / "nope.nii.gz"), *options],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+    )
     assert failed.returncode == 2 and "nope.nii.gz" in failed.stderr and "Traceback" not in failed.stderr
