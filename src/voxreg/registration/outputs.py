@@ -518,8 +518,11 @@ def inverse_field_path(field_path: str | Path) -> Path:
 
 def read_inverse_field(field_path: str | Path) -> tuple[np.ndarray, np.ndarray, bool]:
     """The inverse of the voxreg field at ``field_path``: the file of :func:`inverse_field_path`
-    (checked to share its grid) or, when absent (an older run), computed from it. Returns
-    ``(inverse (ndim, *S) in fixed voxels, fixed 4x4 affine, computed)``."""
+    (checked to share its grid) or, when absent (``register --no-inverse``, an older run),
+    computed from it as ``register`` computes a composed field's (:func:`composed_inverse`:
+    fixed point, then polished at the foreground voxels of the ``warped.nii.gz`` beside it,
+    :func:`saved_foreground_index`). Returns ``(inverse (ndim, *S) in fixed voxels, fixed 4x4
+    affine, computed)``."""
     sibling = inverse_field_path(field_path)
     if sibling.exists():  # the forward field's header is enough to check the grid
         shape, fixed_affine = io.field_grid(field_path)
@@ -530,8 +533,23 @@ def read_inverse_field(field_path: str | Path) -> tuple[np.ndarray, np.ndarray, 
     field, fixed_affine = io.load_field(field_path)
     if not np.all(np.isfinite(field)):
         raise VoxregError(f"{field_path}: the field contains NaN/Inf")
-    inverse_t = spatial.invert_displacement(torch.from_numpy(field)[None])
+    _, inverse_t = composed_inverse(torch.from_numpy(field)[None], saved_foreground_index(field_path, field.shape[1:]))
     return inverse_t[0].numpy(), fixed_affine, True
+
+
+def saved_foreground_index(field_path: str | Path, shape: Sequence[int]) -> torch.Tensor:
+    """Flat foreground indices (:func:`foreground_index`) of the ``warped.nii.gz`` that
+    ``register`` wrote beside ``field_path`` (the moving scan on the fixed grid, whose foreground
+    is where the registration holds), or every voxel of ``shape`` when it is absent, unreadable
+    or on another grid."""
+    warped = Path(field_path).with_name("warped.nii.gz")
+    try:
+        image = io.load_image(warped) if warped.exists() else None
+    except VoxregError:
+        image = None
+    if image is None or tuple(image.shape) != tuple(shape):
+        return torch.arange(math.prod(int(n) for n in shape))
+    return foreground_index(image)
 
 
 def inverse_resample(
