@@ -283,7 +283,10 @@ def exit_at_once(code: int | str | None) -> None:
         print(code, file=sys.stderr)
         code = 1
     for stream in (sys.stdout, sys.stderr):
-        stream.flush()
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (``voxreg register ... | head -1``) or stream
+            pass
     os._exit(code or 0)
 
 
