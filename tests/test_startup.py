@@ -159,24 +159,22 @@ def test_register_ends_at_once_with_its_exit_code_and_complete_outputs(tmp_path)
     fixed = smooth_volume((20, 24, 18), seed=1)
     for name, array in (("fixed", fixed), ("moving", np.roll(fixed, 1, axis=0))):
         save_image(Image(array, np.eye(4)), tmp_path / f"{name}.nii.gz")
-    command = [sys.executable, "-m", "voxreg.cli", "register", str(tmp_path / "fixed.nii.gz")]
     options = ["-o", str(tmp_path / "out"), "--engine", "instance", "--no-affine", "--no-figure", "--device", "cpu"]
-    done = subprocess.run(
-        [*command, str(tmp_path / "moving.nii.gz"), *options],
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        errors="replace",
-    )
+
+    def register(moving: str) -> subprocess.CompletedProcess:
+        command = ["register", str(tmp_path / "fixed.nii.gz"), str(tmp_path / moving), *options]
+        return subprocess.run(
+            [sys.executable, "-m", "voxreg.cli", *command],
+            capture_output=True,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+        )
+
+    done = register("moving.nii.gz")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "instance-optimisation on cpu" in done.stderr and "metrics.json" in done.stderr  # the summary (rich, stderr)
     values = json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(values["outputs"])
-    failed = subprocess.run(
-        [*command, str(tmp_path / "nope.nii.gz"), *options],
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        errors="replace",
-    )
+    failed = register("nope.nii.gz")
     assert failed.returncode == 2 and "nope.nii.gz" in failed.stderr and "Traceback" not in failed.stderr

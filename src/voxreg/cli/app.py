@@ -77,8 +77,8 @@ def register(
                 metrics=True,
                 defer_metrics=True,  # computed while the files are compressed
             )
-        files = writer.OutputFiles(figure=not no_figure, inverse=not no_inverse, itk=not no_itk)
-        names = writer.write_outputs(result, stage, files=files)
+        files = writer.OutputFiles(inverse=not no_inverse, itk=not no_itk)
+        names = writer.write_outputs(result, stage, figure=not no_figure, files=files)
     _print_summary(result.metrics, {key: output / name for key, name in names.items()})
 
 

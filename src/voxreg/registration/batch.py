@@ -28,7 +28,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -205,10 +205,12 @@ def _load(pair: BatchPair) -> _Loaded:
     )
 
 
-def _save(result: outputs.RegistrationResult, folder: Path, files: outputs.OutputFiles, inputs: Sequence[Any]) -> float:
+def _save(
+    result: outputs.RegistrationResult, folder: Path, figure: bool, files: outputs.OutputFiles, inputs: Sequence[Any]
+) -> float:
     """Write one pair's outputs (runs in the io pool); returns the seconds it took."""
     start = time.perf_counter()
-    outputs.save_outputs(result, folder, inputs=[item for item in inputs if item is not None], files=files)
+    outputs.save_outputs(result, folder, figure, inputs=[item for item in inputs if item is not None], files=files)
     return time.perf_counter() - start
 
 
@@ -237,8 +239,7 @@ def run_batch(
     ``options`` go to :func:`voxreg.registration.pipeline.register` (``similarity``, ``lam``,
     ``refine``, ``affine``, ``affine_only``...); metrics are always measured (Dice with labels).
     ``workers`` io threads read ahead and write behind (0: everything in turn). ``files``
-    leaves optional outputs out (:class:`~voxreg.registration.outputs.OutputFiles`; ``figure=False``
-    the figure too).
+    leaves optional fields out (:class:`~voxreg.registration.outputs.OutputFiles`).
     ``progress(done, total)`` follows this rank's pairs; ``register`` replaces the pipeline
     (tests). Returns this rank's :class:`BatchSummary`; ``outdir/batch.csv`` is merged at the end,
     then ``on_merged(outdir)`` runs under the merge lock (its result in ``summary.merged``).
@@ -275,8 +276,19 @@ def run_batch(
             resolved = pipeline.resolve_model(model, engine, 3)
             if resolved is not None:
                 pipeline.loaded_checkpoint(resolved, resolve_device(device))
-        chosen = replace(files or outputs.OutputFiles(), figure=figure and (files is None or files.figure))
-        run = _Runner(pool, workers, outdir, chosen, record, register_fn, model, engine, device, options)
+        run = _Runner(
+            pool,
+            workers,
+            outdir,
+            figure,
+            files or outputs.OutputFiles(),
+            record,
+            register_fn,
+            model,
+            engine,
+            device,
+            options,
+        )
         run.all(todo)
     summary = BatchSummary(rows, time.perf_counter() - start, outdir / "batch.csv", rank, world)
     summary.merged = merge_tables(outdir, all_pairs, world, on_merged)[1]
@@ -311,6 +323,7 @@ class _Runner:
         pool: ThreadPoolExecutor,
         workers: int,
         outdir: Path,
+        figure: bool,
         files: outputs.OutputFiles,
         record: Callable[[dict[str, Any]], None],
         register: RegisterFn,
@@ -319,7 +332,8 @@ class _Runner:
         device: str,
         options: dict[str, Any],
     ) -> None:
-        self.pool, self.workers, self.outdir, self.files = pool, workers, outdir, files
+        self.pool, self.workers, self.outdir = pool, workers, outdir
+        self.figure, self.files = figure, files
         self.record, self.register = record, register
         self.kwargs = {"model": model, "engine": engine, "device": device, **options}
         self.model = model
@@ -369,11 +383,11 @@ class _Runner:
         if self.workers == 0:
             future: Future[float] = Future()
             try:
-                future.set_result(_save(result, folder, self.files, inputs))
+                future.set_result(_save(result, folder, self.figure, self.files, inputs))
             except Exception as exc:
                 future.set_exception(exc)
         else:
-            future = self.pool.submit(_save, result, folder, self.files, inputs)
+            future = self.pool.submit(_save, result, folder, self.figure, self.files, inputs)
         self.writing.append((pair, future, seconds, result.metrics.get("dice_mean_after")))
 
     def _finish_oldest(self) -> None:

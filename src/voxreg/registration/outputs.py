@@ -69,11 +69,11 @@ INVERSE_NOT_ASKED = (
 
 @dataclass(frozen=True)
 class OutputFiles:
-    """Which of the optional files a registration writes (all of them by default): figure.png,
-    the inverse fields (``field_inverse.nii.gz``, ``field_itk_inverse.nii.gz``; not computed
-    at all when off) and the ITK/ANTs copies of the fields (``field_itk*.nii.gz``)."""
+    """Which optional fields a registration writes besides ``field.nii.gz`` (all by default; the
+    figure has its own ``figure`` flag): the inverse fields (``field_inverse.nii.gz``,
+    ``field_itk_inverse.nii.gz``; not computed at all when off) and the ITK/ANTs copies
+    (``field_itk*.nii.gz``)."""
 
-    figure: bool = True
     inverse: bool = True
     itk: bool = True
 
@@ -233,7 +233,7 @@ def save_outputs(
     """Write warped image, labels, fields (voxreg + ITK), affine.txt, metrics.json and
     figure.png into ``outdir``, all or nothing (:func:`voxreg.io.staging.staged_outputs`:
     staged, locked, inputs never overwritten, stale outputs of an earlier run removed).
-    ``files`` leaves optional files out (``figure=False`` the figure too).
+    ``files`` leaves optional fields out (:class:`OutputFiles`).
     ``result.metrics`` is left unchanged (notes about skipped files go to metrics.json only)."""
     sources = [*inputs, result.fixed.path, result.moving.path, *(lab.path for lab in result.warped_labels.values())]
     with staged_outputs(outdir, inputs=sources, outputs=REGISTER_OUTPUTS, remove_stale=True) as stage:
@@ -246,8 +246,8 @@ def write_outputs(
 ) -> dict[str, str]:
     """Write the standard outputs into ``folder`` (a staging folder); returns their file
     names by key. metrics.json names this run's files (``outputs``) and is strict JSON.
-    ``files`` (default: all) leaves out the figure, the inverse (not computed then) or the ITK
-    copies; metrics.json says which were not asked for.
+    ``files`` (default: all) leaves out the inverse (not computed then) or the ITK copies;
+    metrics.json says which were not asked for.
 
     The files are compressed on up to one thread per core while this thread inverts the field,
     one more computes the deferred metrics (:meth:`RegistrationResult.finish_metrics`) and one
@@ -257,7 +257,6 @@ def write_outputs(
     first error, if any, is raised; a failure anywhere stops the figure's wait."""
     check_finite_result(result)
     files = files or OutputFiles()
-    figure = figure and files.figure
     folder = Path(folder)
     field = result.field[0].detach().cpu().numpy()
     names: dict[str, str] = {"warped": "warped.nii.gz", "field": "field.nii.gz"}
