@@ -7,7 +7,8 @@ affine stage first, shared by every variant). One fresh process.
 A schedule is a comma list of pyramid-scale:steps, coarse to fine, or rN (what ``register
 --refine N`` runs); "instance" = the default instance optimisation from the affine alignment.
 Suffixes: /iN for N scaling-and-squaring steps, /v for the velocity at every level, /lX for
-lambda X. ``--quick``: pair 2->1, schedule 2:2,1:1.
+lambda X, /fN for a velocity grid N times coarser than each level's image (2 by default), /sX
+for step size (learning rate) X. ``--quick``: pair 2->1, schedule 2:2,1:1.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def align_config(schedule: str) -> Any:
     """``"2:20,1:5"`` -> scales (2, 1), iterations (20, 5); ``"rN"`` the refinement ``register
     --refine N`` runs (:meth:`AlignConfig.refinement`); ``"instance"`` the default AlignConfig.
-    Suffixes: ``/iN`` int_steps N, ``/v`` residual_levels 0, ``/lX`` lambda X."""
+    Suffixes: ``/iN`` int_steps N, ``/v`` residual_levels 0, ``/lX`` lambda X, ``/fN`` field_scale N, ``/sX`` lr X."""
     from voxreg.registration.instance import AlignConfig
 
     schedule, *suffixes = schedule.split("/")
@@ -42,8 +43,10 @@ def align_config(schedule: str) -> Any:
     for suffix in suffixes:
         if suffix == "v":
             extra["residual_levels"] = 0
-        elif suffix[:1] in ("i", "l"):
-            extra["int_steps" if suffix[0] == "i" else "lam"] = (int if suffix[0] == "i" else float)(suffix[1:])
+        elif suffix[:1] in ("i", "f"):
+            extra["int_steps" if suffix[0] == "i" else "field_scale"] = int(suffix[1:])
+        elif suffix[:1] in ("l", "s"):
+            extra["lam" if suffix[0] == "l" else "lr"] = float(suffix[1:])
         else:
             raise ValueError(f"unknown schedule suffix /{suffix} in {schedule!r}")
     if schedule == "instance":
