@@ -611,6 +611,28 @@ def test_peak_memory_of_a_known_200_mb_array():
     assert 0.0 <= idle.peak_mb < 20.0
 
 
+def test_peak_memory_counts_reused_blocks_and_hands_nothing_back():
+    """A method that reuses 200 MiB another one freed (kept by the allocator) still counts
+    them, and entering the measure does not hand the kept memory back to the OS (the method
+    then runs on pages the process holds, as in register-batch)."""
+
+    from voxreg.core import runtime
+
+    if not sys.platform.startswith("linux") or measure._heap_in_use_mb() is None:
+        pytest.skip("the heap count needs glibc's mallinfo2")
+    if not runtime.configure_allocator():
+        pytest.skip("glibc allocator settings not applied")
+    earlier = np.ones(200 * 2**20 // 8)
+    del earlier  # kept inside the process
+    kept = measure._resident_mb()
+    with measure.PeakMemory("cpu") as memory:
+        assert measure._resident_mb() > kept - 50.0  # nothing handed back
+        block = np.ones(200 * 2**20 // 8)
+        time.sleep(0.1)
+        del block
+    assert 190.0 <= memory.peak_mb < 300.0
+
+
 # --------------------------------------------------------------------------- Jacobian
 
 

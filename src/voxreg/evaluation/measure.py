@@ -5,12 +5,15 @@ measures computed once per pair."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import math
 import os
 import resource
+import sys
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,16 +36,23 @@ _MEMORY_POLL_S = 0.02
 
 
 class PeakMemory:
-    """Peak memory (MB) used inside a ``with`` block: CUDA peak allocation on a CUDA device,
-    else the peak resident set (``/proc/self/status`` VmRSS polled every 20 ms) minus the
-    resident set at entry, after freed memory is returned to the OS (``resource.getrusage``
-    when /proc is absent)."""
+    """Peak memory (MB) used inside a ``with`` block: CUDA peak allocation on a CUDA device;
+    on CPU with glibc, the peak of the heap in use (``mallinfo2``: bytes allocated by malloc,
+    including its mmapped blocks; polled every 20 ms) minus the heap in use at entry; elsewhere
+    the peak resident set (``/proc/self/status`` VmRSS, or ``resource.getrusage``) minus the
+    resident set at entry, after freed memory is returned to the OS.
+
+    The heap count sees a method's own allocations even when they reuse blocks an earlier
+    method freed, so nothing needs to be handed back to the OS before a method: each method
+    then runs as in ``register-batch``, on pages the process already holds, instead of paying
+    their first-touch faults again (1 mm brain pairs: about 0.3 s per method on this 2-core VM)."""
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self.peak_mb = float("nan")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._sample: Callable[[], float | None] = _heap_in_use_mb
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
@@ -52,11 +62,13 @@ class PeakMemory:
             return self
         import gc
 
-        from voxreg.core.runtime import release_memory
-
         gc.collect()
-        release_memory()  # freed blocks kept by an earlier method must not hide this one's use
-        self._base = _resident_mb()
+        if _heap_in_use_mb() is None:
+            from voxreg.core.runtime import release_memory
+
+            release_memory()  # freed blocks kept by an earlier method must not hide this one's use
+            self._sample = _resident_mb
+        self._base = self._sample()
         self._peak = self._base
         if self._base is not None:
             self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -67,7 +79,7 @@ class PeakMemory:
 
     def _poll(self) -> None:
         while not self._stop.wait(_MEMORY_POLL_S):
-            self._peak = max(self._peak, _resident_mb() or 0.0)
+            self._peak = max(self._peak, self._sample() or 0.0)
 
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
@@ -76,10 +88,53 @@ class PeakMemory:
         elif self._thread is not None:
             self._stop.set()
             self._thread.join()
-            self._peak = max(self._peak, _resident_mb() or 0.0)
+            self._peak = max(self._peak, self._sample() or 0.0)
             self.peak_mb = max(self._peak - self._base, 0.0)
         else:
             self.peak_mb = max(_max_resident_mb() - self._base, 0.0)
+
+
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (every field a ``size_t``)."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+@functools.cache
+def _mallinfo2() -> Callable[[], _MallInfo2] | None:
+    """glibc's ``mallinfo2`` (2.33 and later), or None (another C library or platform)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    function.restype = _MallInfo2
+    return function  # type: ignore[no-any-return]
+
+
+def _heap_in_use_mb() -> float | None:
+    """MB that malloc has handed out and not taken back (heap chunks in use and mmapped
+    blocks, every arena), None without glibc's ``mallinfo2``."""
+    mallinfo2 = _mallinfo2()
+    if mallinfo2 is None:
+        return None
+    info = mallinfo2()
+    return (info.uordblks + info.hblkhd) / 2**20
 
 
 def _resident_mb() -> float | None:

@@ -17,7 +17,7 @@ it), :mod:`~voxreg.evaluation.store` (resumable CSVs). Measures (:mod:`voxreg.me
   [0, 1] by robust percentiles, the moving one with the same window before and after;
 - TRE in mm: mean distance between the moving landmarks and the fixed landmarks mapped into the
   moving scan's world by the method's transform (before: the raw coordinates);
-- seconds, peak memory (resident set on CPU, ``torch.cuda.max_memory_allocated`` on CUDA), device,
+- seconds, peak memory (heap in use on CPU with glibc, else resident set; ``torch.cuda.max_memory_allocated`` on CUDA), device,
   threads and the method's exact settings (JSON).
 
 Outputs in ``outdir``: ``results.csv`` (one row per pair and method; the last column
