@@ -56,6 +56,35 @@ def test_fine_branch_is_integrated_on_the_input_grid():
     torch.testing.assert_close(field[inside], expected[inside], atol=1e-4, rtol=0)
 
 
+def test_fine_branch_under_bfloat16_autocast_gives_the_bits_of_float32_images():
+    """The images join the bfloat16 features as bfloat16 (half the bytes): the same bits as
+    concatenating them in float32, since the conv casts its input to bfloat16 anyway."""
+    from voxreg.nn.unet import _upsample
+
+    torch.manual_seed(1)
+    net = VoxelMorph(NetworkConfig.vm2(ndim=3, half_res=True, int_steps=0, fine_features=(4,)))
+    with torch.no_grad():
+        net.fine["flow"].weight.normal_(0, 0.1)
+    moving, fixed = _pair()
+    inputs = torch.cat([moving, fixed], dim=1)
+    features = torch.randn(1, net.fine["blocks"][0].conv.in_channels - 2, 8, 12, 10).to(torch.bfloat16)
+    coarse = torch.randn(1, 3, 8, 12, 10).to(torch.bfloat16)
+    entering: list[torch.dtype] = []
+    hook = net.fine["blocks"][0].register_forward_pre_hook(lambda module, args: entering.append(args[0].dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = net._fine_flow(features, inputs, coarse)
+        hook.remove()
+        x = torch.cat([_upsample(features), inputs], dim=1)  # float32, as before
+        assert x.dtype == torch.float32
+        for block in net.fine["blocks"]:
+            x = block(x)
+        expected = spatial.resize_field(coarse, tuple(inputs.shape[2:])) + net.fine["flow"](x)
+    assert entering == [torch.bfloat16]  # the full-grid concatenation is bfloat16
+    assert got.dtype == expected.dtype == torch.bfloat16
+    assert float(expected.float().abs().max()) > 0.1
+    assert torch.equal(got, expected)
+
+
 def test_fine_features_need_half_res_and_round_trip(tmp_path):
     with pytest.raises(ValueError, match="fine_features needs half_res"):
         NetworkConfig.vm2(fine_features=(8,))
