@@ -99,18 +99,13 @@ def _interruptible() -> Iterator[None]:
 
 def _print_summary(values: dict, written: dict[str, Path]) -> None:
     """One line of timings and metrics (those measured), then the files written."""
-    sim = values.get("similarity", {})
+    from voxreg.registration.outputs import stage_measures
+
     line = f"{values['engine']} on {values['device']}: {values['registration_seconds']:.2f} s"
     if "folding_percent" in values:
         line += f", folding {values['folding_percent']:.3f}%"
-    if "ncc_before" in sim:
-        line += f", NCC {sim['ncc_before']:.3f} -> {sim['ncc_after']:.3f}"
-    if "dice_mean_after" in values:
-        stages = [f"{values['dice_mean_before']:.3f}"]
-        if "dice_mean_affine" in values and values["engine"] != "affine":
-            stages.append(f"{values['dice_mean_affine']:.3f} (affine)")
-        stages.append(f"{values['dice_mean_after']:.3f}")
-        line += ", mean Dice " + " -> ".join(stages)
+    for measure in stage_measures(values):
+        line += ", " + measure.replace("Dice", "mean Dice", 1)
     console.print(line)
     for name, path in written.items():
         console.print(f"  {name:14s} {path}")

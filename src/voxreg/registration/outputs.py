@@ -466,16 +466,40 @@ def _title_when_done(metrics_done: Future) -> str:
 
 
 def figure_title(values: Mapping[str, Any]) -> str:
-    """One-line figure title: engine, NCC and Dice before -> after, folding."""
-    parts = [f"{values.get('engine', '')}"]
-    sim = values.get("similarity", {})
-    if "ncc_before" in sim:
-        parts.append(f"NCC {sim['ncc_before']:.3f} -> {sim['ncc_after']:.3f}")
-    if "dice_mean_after" in values:
-        parts.append(f"Dice {values.get('dice_mean_before', float('nan')):.3f} -> {values['dice_mean_after']:.3f}")
+    """One-line figure title: engine, NCC and Dice by stage (:func:`stage_measures`), folding."""
+    parts = [f"{values.get('engine', '')}", *stage_measures(values)]
     if "folding_percent" in values:
         parts.append(f"folding {values['folding_percent']:.3f}%")
     return "   ".join(p for p in parts if p)
+
+
+def stage_measures(values: Mapping[str, Any]) -> list[str]:
+    """``["NCC a -> b (affine) -> c", "Dice ..."]`` from metrics.json ``values``: the raw
+    moving scan, after the affine stage (when one ran and the deformable stage followed),
+    after registration. metrics.json names the stages differently for the two measures
+    (``similarity.ncc_raw`` / ``ncc_before`` / ``ncc_after``; ``dice_mean_before`` /
+    ``dice_mean_affine`` / ``dice_mean_after``), so the figure and the command's summary line
+    spell them out the same way."""
+    sim = values.get("similarity", {})
+    deformable = values.get("engine") != "affine"
+    lines = []
+    if "ncc_before" in sim:
+        stages = [sim.get("ncc_raw"), sim["ncc_before"] if deformable else None, sim["ncc_after"]]
+        lines.append("NCC " + _stages(stages))
+    if "dice_mean_after" in values:
+        stages = [values.get("dice_mean_before"), values.get("dice_mean_affine") if deformable else None]
+        lines.append("Dice " + _stages([*stages, values["dice_mean_after"]]))
+    return lines
+
+
+def _stages(values: Sequence[float | None]) -> str:
+    """``"a -> b (affine) -> c"`` from (raw, affine, final), leaving out the missing ones; the
+    middle one is the affine stage's only when the raw one precedes it."""
+    raw, affine, final = values
+    parts = [] if raw is None else [f"{raw:.3f}"]
+    if affine is not None:
+        parts.append(f"{affine:.3f}" + (" (affine)" if raw is not None else ""))
+    return " -> ".join([*parts, f"{final:.3f}"])
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> Path:
