@@ -17,8 +17,9 @@ it), :mod:`~voxreg.evaluation.store` (resumable CSVs). Measures (:mod:`voxreg.me
   [0, 1] by robust percentiles, the moving one with the same window before and after;
 - TRE in mm: mean distance between the moving landmarks and the fixed landmarks mapped into the
   moving scan's world by the method's transform (before: the raw coordinates);
-- seconds, peak memory (heap in use on CPU with glibc, else resident set; ``torch.cuda.max_memory_allocated`` on CUDA), device,
-  threads and the method's exact settings (JSON).
+- seconds, peak memory (the heap in use on CPU with glibc, else the resident set;
+  ``torch.cuda.max_memory_allocated`` on CUDA), device, threads and the method's exact settings
+  (JSON).
 
 Outputs in ``outdir``: ``results.csv`` (one row per pair and method; the last column
 ``dice_before`` is the mean Dice of the moving labels mapped by the identity world transform,
