@@ -306,6 +306,18 @@ def test_empty_or_constant_image_names_the_file(fixed, value, word):
         affine_register(blank, fixed)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("background", [0.0, None])
+def test_a_nan_or_inf_voxel_names_the_file(fixed, bad, background):
+    """One NaN or +-Inf voxel in a real scan, or in an otherwise empty one (the NaN/Inf message
+    comes first), is refused with the file's name."""
+    array = np.array(fixed.array, np.float32) if background is None else np.full(SHAPE, background, np.float32)
+    array[3, 4, 5] = bad
+    broken = Image(array, fixed.affine, Path("/data/broken_scan.nii.gz"))
+    with pytest.raises(VoxregError, match=r"broken_scan\.nii\.gz: cannot be aligned: image holds NaN or Inf voxels"):
+        affine_register(fixed, broken)
+
+
 def test_huge_learning_rate_does_not_leave_the_best_state(fixed, rigid_case):
     """Steps that throw the samples out of the moving image are never kept."""
     result = affine_register(fixed, rigid_case[1], AffineConfig(transform="affine", lr=1e6))

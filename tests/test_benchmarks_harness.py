@@ -134,5 +134,7 @@ def test_refine_schedule_parses_register_refinements_and_lambda():
     levels = align_config("2:20,1:5/i3/v")
     assert (levels.scales, levels.iterations, levels.int_steps, levels.residual_levels) == ((2, 1), (20, 5), 3, 0)
     assert align_config("instance").iterations == AlignConfig().iterations
+    fine = align_config("2:20/l0.5/f1/s0.25")  # the velocity on each level's own grid, step 0.25
+    assert (fine.scales, fine.iterations, fine.field_scale, fine.lr, fine.lam) == ((2,), (20,), 1, 0.25, 0.5)
     with pytest.raises(ValueError, match="unknown schedule suffix /x"):
         align_config("r20/x")

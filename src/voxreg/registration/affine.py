@@ -507,12 +507,15 @@ def _check_image(image: Image, role: str) -> str:
     if image.ndim not in (2, 3):
         raise VoxregError(f"{name}: cannot be aligned: expected a 2D or 3D image, got shape {image.shape}")
     array = np.asarray(image.array)
-    if not np.all(np.isfinite(array)):
+    # two passes and no voxel-sized temporary: min and max are NaN when any voxel is, and
+    # infinite when any voxel is; both 0 exactly when every voxel is
+    low, high = float(array.min()), float(array.max())
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise VoxregError(f"{name}: cannot be aligned: image holds NaN or Inf voxels")
-    if not np.any(array):
+    if low == high == 0.0:
         raise VoxregError(f"{name}: cannot be aligned: image is empty (all voxels are zero)")
-    if array.min() == array.max():
-        raise VoxregError(f"{name}: cannot be aligned: image is constant (every voxel is {float(array.min()):g})")
+    if low == high:
+        raise VoxregError(f"{name}: cannot be aligned: image is constant (every voxel is {low:g})")
     return name
 
 
