@@ -615,7 +615,6 @@ def test_peak_memory_counts_reused_blocks_and_hands_nothing_back():
     """A method that reuses 200 MiB another one freed (kept by the allocator) still counts
     them, and entering the measure does not hand the kept memory back to the OS (the method
     then runs on pages the process holds, as in register-batch)."""
-
     from voxreg.core import runtime
 
     if not sys.platform.startswith("linux") or measure._heap_in_use_mb() is None:

@@ -509,6 +509,8 @@ def _check_image(image: Image, role: str) -> str:
     array = np.asarray(image.array)
     # two passes and no voxel-sized temporary: min and max are NaN when any voxel is, and
     # infinite when any voxel is; both 0 exactly when every voxel is
+    if array.size == 0:
+        raise VoxregError(f"{name}: cannot be aligned: image is empty (it has no voxels)")
     low, high = float(array.min()), float(array.max())
     if not (math.isfinite(low) and math.isfinite(high)):
         raise VoxregError(f"{name}: cannot be aligned: image holds NaN or Inf voxels")
