@@ -617,7 +617,7 @@ def test_peak_memory_counts_reused_blocks_and_hands_nothing_back():
     then runs on pages the process holds, as in register-batch)."""
     from voxreg.core import runtime
 
-    if not sys.platform.startswith("linux") or measure._heap_in_use_mb() is None:
+    if not sys.platform.startswith("linux") or runtime.heap_in_use_mb() is None:
         pytest.skip("the heap count needs glibc's mallinfo2")
     if not runtime.configure_allocator():
         pytest.skip("glibc allocator settings not applied")

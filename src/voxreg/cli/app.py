@@ -104,8 +104,8 @@ def _print_summary(values: dict, written: dict[str, Path]) -> None:
     line = f"{values['engine']} on {values['device']}: {values['registration_seconds']:.2f} s"
     if "folding_percent" in values:
         line += f", folding {values['folding_percent']:.3f}%"
-    for measure in stage_measures(values):
-        line += ", " + measure.replace("Dice", "mean Dice", 1)
+    for measure in stage_measures(values, dice_name="mean Dice"):
+        line += ", " + measure
     console.print(line)
     for name, path in written.items():
         console.print(f"  {name:14s} {path}")

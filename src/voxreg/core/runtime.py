@@ -14,6 +14,7 @@ import ctypes
 import functools
 import os
 import sys
+from typing import Any
 
 import torch
 
@@ -53,6 +54,52 @@ def release_memory() -> bool:
         return bool(ctypes.CDLL("libc.so.6").malloc_trim(0) or True)
     except (OSError, AttributeError):
         return False
+
+
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (every field a ``size_t``)."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+@functools.cache
+def _mallinfo2() -> Any:
+    """glibc's ``mallinfo2`` (2.33 and later), or None (another C library or platform)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    function.restype = _MallInfo2
+    return function
+
+
+def heap_in_use_mb() -> float | None:
+    """MB that malloc has handed out and not taken back (heap chunks in use and mmapped
+    blocks, every arena: glibc ``mallinfo2``), None where that count is not available. Unlike
+    the resident set it does not count freed blocks the allocator keeps
+    (:func:`configure_allocator`), so it measures a step's memory without
+    :func:`release_memory` first."""
+    mallinfo2 = _mallinfo2()
+    if mallinfo2 is None:
+        return None
+    info = mallinfo2()
+    return float(info.uordblks + info.hblkhd) / 2**20
 
 
 #: a registration of more voxels than this hands freed memory back to the OS between stages

@@ -5,13 +5,10 @@ measures computed once per pair."""
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import json
 import math
 import os
 import resource
-import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -21,6 +18,7 @@ import torch
 
 from voxreg import io, metrics
 from voxreg.core.errors import VoxregError, one_line
+from voxreg.core.runtime import heap_in_use_mb, release_memory
 from voxreg.evaluation.methods import CPU_METHODS, METHODS
 from voxreg.evaluation.types import (
     Before,
@@ -52,7 +50,7 @@ class PeakMemory:
         self.peak_mb = float("nan")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._sample: Callable[[], float | None] = _heap_in_use_mb
+        self._sample: Callable[[], float | None] = heap_in_use_mb
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
@@ -63,9 +61,7 @@ class PeakMemory:
         import gc
 
         gc.collect()
-        if _heap_in_use_mb() is None:
-            from voxreg.core.runtime import release_memory
-
+        if heap_in_use_mb() is None:
             release_memory()  # freed blocks kept by an earlier method must not hide this one's use
             self._sample = _resident_mb
         self._base = self._sample()
@@ -92,49 +88,6 @@ class PeakMemory:
             self.peak_mb = max(self._peak - self._base, 0.0)
         else:
             self.peak_mb = max(_max_resident_mb() - self._base, 0.0)
-
-
-class _MallInfo2(ctypes.Structure):
-    """glibc's ``struct mallinfo2`` (every field a ``size_t``)."""
-
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-            "keepcost",
-        )
-    ]
-
-
-@functools.cache
-def _mallinfo2() -> Callable[[], _MallInfo2] | None:
-    """glibc's ``mallinfo2`` (2.33 and later), or None (another C library or platform)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        function = ctypes.CDLL("libc.so.6").mallinfo2
-    except (OSError, AttributeError):
-        return None
-    function.restype = _MallInfo2
-    return function  # type: ignore[no-any-return]
-
-
-def _heap_in_use_mb() -> float | None:
-    """MB that malloc has handed out and not taken back (heap chunks in use and mmapped
-    blocks, every arena), None without glibc's ``mallinfo2``."""
-    mallinfo2 = _mallinfo2()
-    if mallinfo2 is None:
-        return None
-    info = mallinfo2()
-    return (info.uordblks + info.hblkhd) / 2**20
 
 
 def _resident_mb() -> float | None:

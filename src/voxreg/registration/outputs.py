@@ -473,9 +473,9 @@ def figure_title(values: Mapping[str, Any]) -> str:
     return "   ".join(p for p in parts if p)
 
 
-def stage_measures(values: Mapping[str, Any]) -> list[str]:
-    """``["NCC a -> b (affine) -> c", "Dice ..."]`` from metrics.json ``values``: the raw
-    moving scan, after the affine stage (when one ran and the deformable stage followed),
+def stage_measures(values: Mapping[str, Any], dice_name: str = "Dice") -> list[str]:
+    """``["NCC a -> b (affine) -> c", "<dice_name> ..."]`` from metrics.json ``values``: the
+    raw moving scan, after the affine stage (when one ran and the deformable stage followed),
     after registration. metrics.json names the stages differently for the two measures
     (``similarity.ncc_raw`` / ``ncc_before`` / ``ncc_after``; ``dice_mean_before`` /
     ``dice_mean_affine`` / ``dice_mean_after``), so the figure and the command's summary line
@@ -488,7 +488,7 @@ def stage_measures(values: Mapping[str, Any]) -> list[str]:
         lines.append("NCC " + _stages(stages))
     if "dice_mean_after" in values:
         stages = [values.get("dice_mean_before"), values.get("dice_mean_affine") if deformable else None]
-        lines.append("Dice " + _stages([*stages, values["dice_mean_after"]]))
+        lines.append(f"{dice_name} " + _stages([*stages, values["dice_mean_after"]]))
     return lines
 
 
