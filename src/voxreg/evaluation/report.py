@@ -291,7 +291,8 @@ def _footnote(rows: list[Row]) -> str:
     devices = ", ".join(_devices(rows)) or "unknown"
     return (
         "Mean (standard deviation) over the pairs that succeeded; seconds as mean ± std, "
-        "split by device (GPU s: CUDA runs only). Peak memory: maximum over pairs. "
+        "split by device (GPU s: CUDA runs only). Peak memory: what the method allocated (heap in use on Linux, "
+        "CUDA allocations on a GPU), maximum over pairs. "
         f"Devices: {devices}."
     )
 
