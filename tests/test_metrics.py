@@ -164,19 +164,26 @@ def test_jacobian_stats_by_chunks_equal_the_whole_array(monkeypatch):
         assert got["jacobian_mean"] == pytest.approx(values.mean(), rel=1e-12)
 
 
-def test_pearson_and_mse_are_the_losses_values():
+@pytest.mark.parametrize("slab_voxels", [50 * 40, 7 * 50 * 40, 10**9])
+def test_slab_measures_give_the_losses_global_ncc_and_mse(slab_voxels):
+    """The global NCC and MSE that come with the local NCC's slab pass (float64 sums, one-row
+    and uneven slabs too) equal ``losses.global_ncc`` and ``losses.mse`` of the whole images."""
     from voxreg import losses
-    from voxreg.metrics.similarity import pearson_and_mse
+    from voxreg.metrics.similarity import slab_measures
 
     g = torch.Generator().manual_seed(2)
     fixed = torch.rand(1, 1, 60, 50, 40, generator=g) + 3.0  # an offset: centring matters
     others = [fixed * 0.7 + 0.2 * torch.rand(fixed.shape, generator=g), torch.rand(fixed.shape, generator=g)]
-    got = pearson_and_mse(fixed, [*others, torch.full_like(fixed, 2.0)])
-    for (ncc, mse), other in zip(got, others):
-        assert ncc == pytest.approx(float(losses.global_ncc(fixed, other)), abs=2e-6)
-        assert mse == pytest.approx(float(losses.mse(fixed, other)), rel=1e-5)
-    assert got[0][0] > 0.7 and abs(got[1][0]) < 0.02  # correlated vs independent: not trivial
-    assert got[2] == (0.0, pytest.approx(float(((fixed - 2.0) ** 2).mean()), rel=1e-5))  # constant: NCC 0
+    names = {"correlated": others[0], "independent": others[1], "flat": torch.full_like(fixed, 2.0)}
+    got = slab_measures(fixed, names, 9, slab_voxels=slab_voxels)
+    for name, other in zip(names, others):
+        assert got[name]["ncc"] == pytest.approx(float(losses.global_ncc(fixed, other)), abs=2e-6)
+        assert got[name]["mse"] == pytest.approx(float(losses.mse(fixed, other)), rel=1e-5)
+        assert got[name]["local_ncc"] == pytest.approx(float(losses.local_ncc(fixed, other, 9)), abs=1e-6)
+    assert got["correlated"]["ncc"] > 0.7 and abs(got["independent"]["ncc"]) < 0.02  # not trivial
+    assert got["flat"]["ncc"] == 0.0  # a constant image
+    assert got["flat"]["mse"] == pytest.approx(float(((fixed - 2.0) ** 2).mean()), rel=1e-5)
+    assert slab_measures(fixed, {"same": fixed.clone()}, 9, slab_voxels=slab_voxels)["same"]["mse"] == 0.0
 
 
 def test_dice_counts_chunk_by_chunk_as_in_one_piece(monkeypatch):

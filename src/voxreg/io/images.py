@@ -552,7 +552,11 @@ def normalize_intensity(
         low, high = robust_range(values, low_pct, high_pct)
     if not high > low:
         return np.zeros_like(values)
-    return np.clip((values - low) / (high - low), 0.0, 1.0).astype(np.float32)
+    # one new array, scaled and clipped in place: the whole-array temporaries of
+    # ``np.clip((values - low) / (high - low), 0, 1)`` cost a 1 mm scan 3 fresh 42 MB buffers
+    scaled = np.subtract(values, np.float32(low), dtype=np.float32)
+    scaled /= np.float32(high - low)
+    return np.clip(scaled, 0.0, 1.0, out=scaled)
 
 
 def robust_range(values: np.ndarray, low_pct: float, high_pct: float) -> tuple[float, float]:

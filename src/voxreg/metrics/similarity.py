@@ -37,18 +37,10 @@ def similarities(
 def _similarity_values(
     fixed: Tensor, other: Tensor, window: int, bins: int, max_voxels: int | None
 ) -> dict[str, float]:
-    """The four measures of ``other`` against ``fixed`` (local NCC by :func:`slab_local_ncc`)."""
-    local = slab_local_ncc(fixed, {"other": other}, window)["other"]
-    return _global_values(fixed, other, bins, max_voxels) | {"local_ncc": local}
-
-
-def _global_values(fixed: Tensor, other: Tensor, bins: int, max_voxels: int | None) -> dict[str, float]:
-    """Global NCC, MI (nats, on at most ``max_voxels`` voxels) and MSE of ``other`` against ``fixed``."""
-    return {
-        "ncc": float(losses.global_ncc(fixed, other)),
-        "mi": float(losses.mutual_information(fixed, other, bins, max_voxels=max_voxels)),
-        "mse": float(losses.mse(fixed, other)),
-    }
+    """The four measures of ``other`` against ``fixed`` (NCC, local NCC and MSE in one slab
+    pass: :func:`slab_measures`)."""
+    measures = slab_measures(fixed, {"other": other}, window)["other"]
+    return measures | {"mi": float(losses.mutual_information(fixed, other, bins, max_voxels=max_voxels))}
 
 
 def _moments(image: Tensor) -> tuple[Tensor, Tensor]:
@@ -62,12 +54,24 @@ def _moments(image: Tensor) -> tuple[Tensor, Tensor]:
 def slab_local_ncc(
     fixed: Tensor, others: dict[str, Tensor], window: int = 9, eps: float = 1e-5, slab_voxels: int = REPORT_SLAB_VOXELS
 ) -> dict[str, float]:
-    """Squared local NCC (mean over every voxel, as ``losses.local_ncc(fixed, other, window)``)
-    of each of ``others`` against ``fixed`` (batch-1 single-channel images on one grid),
-    computed slab by slab along the first spatial axis with a halo of the window's radius, so
-    that memory stays at a few slabs whatever the image's size; the fixed image's moments are
-    computed once per slab for all of ``others``. Same values as the whole-image computation
-    up to float32 rounding (the sum is accumulated in float64)."""
+    """Squared local NCC of each of ``others`` against ``fixed`` (:func:`slab_measures`'s
+    ``local_ncc``)."""
+    measures = slab_measures(fixed, others, window, eps, slab_voxels)
+    return {name: values["local_ncc"] for name, values in measures.items()}
+
+
+def slab_measures(
+    fixed: Tensor, others: dict[str, Tensor], window: int = 9, eps: float = 1e-5, slab_voxels: int = REPORT_SLAB_VOXELS
+) -> dict[str, dict[str, float]]:
+    """``local_ncc`` (squared, mean over every voxel, as ``losses.local_ncc(fixed, other,
+    window)``), ``ncc`` (global Pearson, as ``losses.global_ncc``) and ``mse`` (as
+    ``losses.mse``) of each of ``others`` against ``fixed`` (batch-1 single-channel images on
+    one grid), in one pass slab by slab along the first spatial axis with a halo of the
+    window's radius, so that memory stays at a few slabs whatever the image's size. The fixed
+    image's moments are computed once per slab for all of ``others``; the global NCC comes from
+    float64 sums of the products the local NCC forms anyway, and the MSE from float64 sums of
+    each slab's squared differences: the same values as the whole-image computations up to
+    float32 rounding, without their full-size temporaries."""
     shape = tuple(int(n) for n in fixed.shape[2:])
     sizes = clip_window(window_sizes(window, spatial_ndim(fixed)), shape)
     radius = sizes[0] // 2
@@ -75,25 +79,50 @@ def slab_local_ncc(
     step = max(1, slab_voxels // plane)
     fixed_mean, fixed_std = _moments(fixed)
     stats = {name: _moments(image) for name, image in others.items()}
-    totals = dict.fromkeys(others, 0.0)
+    local = dict.fromkeys(others, 0.0)
+    fixed_sums = torch.zeros(2, dtype=torch.float64)  # sum of a, a*a (a: the standardised fixed image)
+    sums = {name: torch.zeros(4, dtype=torch.float64) for name in others}  # b, b*b, a*b, (fixed - other)^2
     for start in range(0, shape[0], step):
         stop = min(shape[0], start + step)
         low, high = max(0, start - radius), min(shape[0], stop + radius)
         keep = slice(start - low, stop - low)
         inv_count = inverse_box_counts(shape, sizes, fixed.device, fixed.dtype, rows=slice(low, high))
         a = (fixed[:, :, low:high] - fixed_mean) / fixed_std
-        mu_a, aa = box_sum(torch.cat([a, a * a]), sizes).mul_(inv_count).unbind(0)
+        moments_a = torch.cat([a, a * a])
+        fixed_sums += _row_sums(moments_a, keep)
+        mu_a, aa = box_sum(moments_a, sizes).mul_(inv_count).unbind(0)
         var_a_eps = (aa - mu_a * mu_a).clamp_min_(0.0).add_(eps)
         for name, image in others.items():
             mean, std = stats[name]
             b = (image[:, :, low:high] - mean) / std
-            mu_b, bb, ab = box_sum(torch.cat([b, b * b, a * b]), sizes).mul_(inv_count).unbind(0)
+            moments_b = torch.cat([b, b * b, a * b])
+            difference = fixed[:, :, start:stop] - image[:, :, start:stop]
+            sums[name] += torch.cat([_row_sums(moments_b, keep), _row_sums(difference.square_()[None], slice(None))])
+            mu_b, bb, ab = box_sum(moments_b, sizes).mul_(inv_count).unbind(0)
             cov = ab.sub_(mu_a * mu_b).add_(eps)
             var_b_eps = bb.sub_(mu_b * mu_b).clamp_min_(0.0).add_(eps)
             ncc = cov.mul_(torch.rsqrt(var_a_eps * var_b_eps))
-            totals[name] += float(ncc[0, keep].double().square().sum())
+            local[name] += float(ncc[0, keep].double().square().sum())
     voxels = float(fixed.numel())
-    return {name: total / voxels for name, total in totals.items()}
+    return {
+        name: {"local_ncc": local[name] / voxels, **_pearson_and_mse(fixed_sums, sums[name], voxels)} for name in others
+    }
+
+
+def _row_sums(channels: Tensor, keep: slice) -> Tensor:
+    """Sum of each channel of ``channels`` ``(C, 1, rows, ...)`` over the rows ``keep``: torch's
+    pairwise float32 sum within the slab (no copy), as float64 to be accumulated across slabs."""
+    return channels[:, :, keep].sum(dim=tuple(range(1, channels.ndim))).double()
+
+
+def _pearson_and_mse(fixed_sums: Tensor, sums: Tensor, voxels: float) -> dict[str, float]:
+    """Global NCC and MSE from :func:`slab_measures`' float64 sums (standardised images: NCC is
+    their Pearson correlation, unchanged by the standardisation; a constant image has NCC 0)."""
+    mean_a, mean_aa = (float(v) / voxels for v in fixed_sums)
+    mean_b, mean_bb, mean_ab, squared = (float(v) / voxels for v in sums)
+    var_a, var_b = mean_aa - mean_a * mean_a, mean_bb - mean_b * mean_b
+    ncc = (mean_ab - mean_a * mean_b) / math.sqrt(var_a * var_b) if var_a > 1e-12 and var_b > 1e-12 else 0.0
+    return {"ncc": ncc, "mse": squared}
 
 
 def similarity_report(
@@ -112,7 +141,8 @@ def similarity_report(
     ``bins``, on at most ``max_voxels`` voxels with a fixed seed) and ``mse``, each with
     the suffix ``_before`` / ``_after`` (/ ``_raw``). The images must already be on the fixed
     grid; MI expects intensities in [0, 1]. The local NCCs are computed together, slab by
-    slab (:func:`slab_local_ncc`: the fixed image's moments once per slab for all of them).
+    slab with the global NCC and MSE (:func:`slab_measures`: the fixed image's moments once per
+    slab for all of them).
     """
     f, m, w = as_image(fixed), as_image(moving), as_image(warped)
     others = {"before": m, "after": w, **({"raw": as_image(raw)} if raw is not None else {})}
@@ -121,41 +151,12 @@ def similarity_report(
         raise ValueError(f"fixed, moving and warped (and raw) differ in shape: {shapes}")
     report: dict[str, float] = {}
     with torch.no_grad():
-        local = slab_local_ncc(f, others, window)
+        measures = slab_measures(f, others, window)
         mi = losses.mutual_information_many(f, list(others.values()), bins, max_voxels=max_voxels)
-        ncc_mse = pearson_and_mse(f, list(others.values()))
-        for suffix, mi_value, (ncc, mse) in zip(others, mi, ncc_mse):
-            values = {"ncc": ncc, "local_ncc": local[suffix], "mi": float(mi_value), "mse": mse}
-            report.update({f"{key}_{suffix}": value for key, value in values.items()})
+        for suffix, mi_value in zip(others, mi):
+            values = {**measures[suffix], "mi": float(mi_value)}
+            report.update({f"{key}_{suffix}": values[key] for key in ("ncc", "local_ncc", "mi", "mse")})
     return report
-
-
-def pearson_and_mse(fixed: Tensor, others: list[Tensor]) -> list[tuple[float, float]]:
-    """(global NCC, MSE) of each of ``others`` against ``fixed`` (batch-1 single-channel images
-    on one grid), as ``losses.global_ncc`` and ``losses.mse`` give them to float32 rounding, from
-    sums of products of the centred images (pairwise summation: a BLAS float32 dot product is
-    off by ~3e-4 over 10 M voxels): the fixed image is centred once for all of them, and the
-    products reuse two buffers instead of ~10 fresh temporaries per comparison. A constant
-    image has NCC 0."""
-    a = fixed.reshape(-1)
-    centred_a = a - a.mean()
-    product = torch.empty_like(centred_a)
-    var_a = _sum_of_products(centred_a, centred_a, product)
-    values = []
-    for other in others:
-        b = other.reshape(-1)
-        centred_b = b - b.mean()
-        var_b = _sum_of_products(centred_b, centred_b, product)
-        cov = _sum_of_products(centred_a, centred_b, product)
-        ncc = cov / math.sqrt(var_a * var_b) if var_a > 0 and var_b > 0 else 0.0
-        difference = torch.sub(a, b, out=centred_b)  # reuses the buffer
-        values.append((ncc, _sum_of_products(difference, difference, product) / max(1, a.numel())))
-    return values
-
-
-def _sum_of_products(x: Tensor, y: Tensor, buffer: Tensor) -> float:
-    """``sum(x * y)`` of two flat tensors through ``buffer`` (torch's pairwise summation)."""
-    return float(torch.mul(x, y, out=buffer).sum())
 
 
 def global_similarity(fixed: ArrayLike, other: ArrayLike) -> tuple[float, float]:
