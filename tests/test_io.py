@@ -711,3 +711,19 @@ def test_fields_written_chunk_by_chunk_are_the_bytes_nibabel_writes(tmp_path, mo
     back, back_affine = io.load_field(tmp_path / f"back{suffix}")
     np.testing.assert_array_equal(back, field)
     np.testing.assert_allclose(back_affine, affine)
+
+
+def test_resample_onto_its_own_grid_copies_unless_told_not_to() -> None:
+    """On its own grid resample_to returns the values unchanged: a copy by default (the caller
+    may write into it), the array itself with ``copy=False`` (a reader's saving of a full-size
+    copy); a shifted grid is resampled either way."""
+    array = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    image = Image(array, np.diag([2.0, 2.0, 2.0, 1.0]))
+    copied = io.resample_to(image, image)
+    assert copied.array is not array and np.array_equal(copied.array, array)
+    assert io.resample_to(image, image, copy=False).array is array
+    shifted = Image(
+        np.zeros_like(array), image.affine @ np.array([[1, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+    )
+    moved = io.resample_to(image, shifted, copy=False)
+    assert moved.array is not array and np.allclose(moved.array[:3], array[1:], atol=1e-4)

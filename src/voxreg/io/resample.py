@@ -23,6 +23,7 @@ def resample_to(
     nearest: bool | None = None,
     device: str | torch.device = "cpu",
     field: np.ndarray | torch.Tensor | None = None,
+    copy: bool = True,
 ) -> Image:
     """Resample ``moving`` onto ``fixed``'s grid in world coordinates.
 
@@ -32,7 +33,9 @@ def resample_to(
     ``world_matrix`` maps fixed world points to moving world points (identity when None);
     ``field`` is a displacement in fixed voxels applied first, so a fixed voxel ``x`` samples
     the moving scan at ``world_matrix(fixed_affine (x + field(x)))`` with ONE interpolation.
-    The result carries the fixed affine.
+    The result carries the fixed affine. When ``moving`` already lies on that grid (and no
+    ``field``), the result holds a copy of its array, or the array itself when ``copy`` is False
+    (for a caller that only reads it: no full-size copy).
     """
     if moving.ndim != fixed.ndim:
         raise VoxregError(
@@ -45,7 +48,7 @@ def resample_to(
         check_affine(world_matrix, "the affine transform")
     matrix = voxel_matrix(fixed.affine, moving.affine, ndim, world_matrix)
     if field is None and np.allclose(matrix, np.eye(ndim + 1), atol=1e-6) and moving.shape == fixed.shape:
-        return Image(moving.array.copy(), fixed.affine.copy(), moving.path, moving.kind)
+        return Image(moving.array.copy() if copy else moving.array, fixed.affine.copy(), moving.path, moving.kind)
     use_nearest = moving.is_label if nearest is None else nearest
     displacement = None if field is None else _displacement(field, ndim, device)
     sample = _nearest if use_nearest else _linear

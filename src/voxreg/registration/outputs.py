@@ -186,7 +186,7 @@ def dice_metrics(
         fixed_labels = io.resample_to(fixed_labels, fixed, device=device)
     name, moving = next(iter(moving_labels.items()))
     labels = sorted(set(np.unique(fixed_labels.array)) & set(np.unique(moving.array)) - {0})
-    stages = {"before": io.resample_to(moving, fixed, device=device), "after": warped_labels[name]}
+    stages = {"before": io.resample_to(moving, fixed, device=device, copy=False), "after": warped_labels[name]}
     if world_matrix is not None:
         stages["affine"] = io.resample_to(moving, fixed, world_matrix, device=device)
     scores = {stage: metrics.dice_per_label(fixed_labels.array, img.array, labels) for stage, img in stages.items()}
@@ -211,7 +211,9 @@ def measure_registration(
     stage ran), and Dice when ``fixed_labels`` and the original ``moving_labels`` are given."""
     fixed_t = _normalised(result.fixed, device)
     values: dict[str, Any] = dict(metrics.jacobian_stats(result.field))
-    raw_t = None if source is None else _normalised(io.resample_to(source, result.fixed, device=device), device)
+    raw_t = (
+        None if source is None else _normalised(io.resample_to(source, result.fixed, device=device, copy=False), device)
+    )
     values["similarity"] = similarity_metrics(fixed_t, _normalised(result.moving, device), result.field, raw_t)
     if fixed_labels is not None and moving_labels:
         values.update(
