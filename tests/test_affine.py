@@ -381,3 +381,34 @@ def test_mattes_mi_properties():
     assert abs(float(mattes_mi(a, 1.0 - a, bins=16)) - float(mattes_mi(a, a, bins=16))) < 0.05
     x = torch.rand(60, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda m: mattes_mi(a[:60], m, None, 8), (x,))
+
+
+def test_pyramids_use_the_callers_threads_and_the_optimiser_one(monkeypatch):
+    """The pyramids and samples are prepared on the caller's torch threads (whole-image work),
+    the optimiser runs on ``config.threads`` (1), the caller's setting is back afterwards, and
+    the transform is the same as with everything on one thread."""
+    from voxreg.registration import affine
+
+    fixed = phantom(seed=1)
+    moving = Image(np.roll(fixed.array, 2, axis=0), fixed.affine)
+    seen: dict[str, list[int]] = {"prepare": [], "optimise": []}
+    for name in seen:
+        original = getattr(affine, f"_{name}")
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            seen[_name].append(torch.get_num_threads())
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(affine, f"_{name}", spy)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = affine_register(fixed, moving)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        one = affine_register(fixed, moving)
+    finally:
+        torch.set_num_threads(previous)
+    assert seen["prepare"] == [2, 1] and set(seen["optimise"]) == {1}
+    np.testing.assert_allclose(two.world_matrix, one.world_matrix, atol=1e-5)
+    assert abs(two.world_matrix[0, 3] - one.world_matrix[0, 3]) < 1e-4 and not np.allclose(two.world_matrix, np.eye(4))

@@ -344,6 +344,27 @@ def test_symmetric_inference_is_inverse_consistent(variant):
     assert float(round_trip.abs().mean()) < 0.5 * float(plain_trip.abs().mean())
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_symmetric_inference_runs_the_flow_heads_once_per_pair(bf16):
+    """The flow heads are linear, so symmetric inference runs them on the half difference of
+    the two directions' features: each head sees one item per pair (not two), and the velocity
+    is still the average of the two directions (to float32 rounding, or bfloat16's)."""
+    model = _randomised(VoxelMorph(tiny(3, int_steps=5, half_res=True, fine_features=(4,))))
+    batches: list[int] = []
+    for head in (model.flow, model.fine["flow"]):
+        convolve = head._conv_forward
+        head._conv_forward = lambda x, *rest, _convolve=convolve: batches.append(x.shape[0]) or _convolve(x, *rest)
+    generator = torch.Generator().manual_seed(2)
+    moving, fixed = (torch.rand(2, 1, 16, 16, 16, generator=generator) for _ in range(2))
+    with torch.no_grad():
+        plain = [model(moving, fixed, bf16=bf16).velocity, model(fixed, moving, bf16=bf16).velocity]
+        batches.clear()
+        symmetric = model(moving, fixed, symmetric=True, bf16=bf16).velocity
+    assert batches == [2, 2]  # the 2 pairs, not the 4 directions (coarse head, then the fine branch's)
+    tolerance = 0.02 * float(symmetric.abs().max()) if bf16 else 1e-5
+    torch.testing.assert_close(symmetric, (plain[0] - plain[1]) / 2, atol=tolerance, rtol=0)
+
+
 def test_symmetric_inference_needs_a_diffeomorphic_network():
     model = VoxelMorph(tiny(2, int_steps=0))
     with pytest.raises(ValueError, match="diffeomorphic"):
