@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
+import torch
+
 
 def test_memory_is_released_between_stages_only_for_large_registrations():
     """Below the threshold nothing is released (the freed blocks stay for speed); above it
@@ -114,3 +117,52 @@ def test_the_network_runs_in_bfloat16_only_where_the_cpu_has_it(tmp_path, monkey
     monkeypatch.setenv(runtime.PRECISION_VARIABLE, "half")
     with pytest.raises(VoxregError, match="VOXREG_NETWORK_PRECISION='half': use auto, float32 or bfloat16"):
         runtime.network_precision(cpu)
+
+
+def test_torch_threads_sets_the_block_and_threads_started_in_it_then_restores():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from voxreg.core.runtime import torch_threads
+
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch_threads(1):
+            assert torch.get_num_threads() == 1
+            with ThreadPoolExecutor(1) as pool:  # a job's thread takes the block's setting
+                assert pool.submit(torch.get_num_threads).result() == 1
+        assert torch.get_num_threads() == 2
+        with torch_threads(None):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_the_output_jobs_run_on_one_torch_thread_each(tmp_path, monkeypatch):
+    """write_outputs runs the metrics beside the inverse and the writes with one torch thread
+    per job, and gives the caller its threads back."""
+    from voxreg.core.image import Image
+    from voxreg.core.synthetic import smooth_random_field
+    from voxreg.registration import outputs, pipeline
+
+    image = torch.rand(1, 1, 24, 20, 16, generator=torch.Generator().manual_seed(0))[0, 0].numpy()
+    fixed = Image(image, np.eye(4))
+    moving = Image(np.roll(image, 1, axis=0), np.eye(4))
+    result = pipeline.register(fixed, moving, engine="instance", affine=False, defer_metrics=True, device="cpu")
+    result.field = torch.as_tensor(smooth_random_field((24, 20, 16), max_displacement=1.0, seed=1))
+    seen = []
+    finish = result.finish_metrics
+
+    def spy():
+        seen.append(torch.get_num_threads())
+        return finish()
+
+    monkeypatch.setattr(result, "finish_metrics", spy)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        outputs.write_outputs(result, tmp_path, figure=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+    assert seen == [1] and (tmp_path / "metrics.json").exists()

@@ -10,10 +10,12 @@ afresh). It is applied once, on Linux/glibc only, and can be disabled with ``VOX
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -113,6 +115,23 @@ def release_memory_above(voxels: int, threshold: int = RELEASE_ABOVE_VOXELS) -> 
     kept after the affine stage alone). Smaller images keep them, since faulting the pages
     in again costs more time than the memory is worth. True when memory was released."""
     return int(voxels) > threshold and release_memory()
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``count`` inside the block (None or 0: unchanged) and the
+    caller's setting restored after it. Threads that start their first parallel torch operation
+    inside the block take ``count`` too (torch initialises a thread's pool from the last
+    setting): jobs run side by side on their own threads each get one core's worth instead of
+    every job asking for all the cores (OpenMP teams oversubscribing a small machine)."""
+    previous = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count:
+            torch.set_num_threads(previous)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

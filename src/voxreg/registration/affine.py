@@ -540,17 +540,13 @@ def affine_register(
     config = config or AffineConfig()
     runtime.configure_allocator()
     previous = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
     rotation = _plane_rotation(fixed)
     if rotation is not None:  # a 2D slice outside the x-y plane: register within its own plane
         fixed, moving, fixed_mask, moving_mask = (
             _rotated(item, rotation) for item in (fixed, moving, fixed_mask, moving_mask)
         )
-    try:
+    with runtime.torch_threads(config.threads):
         result = _register(fixed, moving, config, fixed_mask, moving_mask, progress, prepare_threads=previous)
-    finally:
-        torch.set_num_threads(previous)
     if rotation is not None:
         result.world_matrix = rotation.T @ result.world_matrix @ rotation
     return result
@@ -625,13 +621,8 @@ def _register(
     names = (_check_image(fixed, "fixed"), _check_image(moving, "moving"))
     if fixed.ndim != moving.ndim:
         raise VoxregError(f"{names[1]} is {moving.ndim}D but {names[0]} is {fixed.ndim}D")
-    optimiser_threads = torch.get_num_threads()
-    with torch.no_grad():
-        try:
-            torch.set_num_threads(prepare_threads or optimiser_threads)
-            problem = _prepare(fixed, moving, names, config, (fixed_mask, moving_mask))
-        finally:
-            torch.set_num_threads(optimiser_threads)
+    with torch.no_grad(), runtime.torch_threads(prepare_threads):
+        problem = _prepare(fixed, moving, names, config, (fixed_mask, moving_mask))
     plan = _stage_plan(config)
     total = len(problem.candidates) * config.init_iterations + sum(config.iterations[index] for _, index in plan)
     done = [0]
