@@ -106,6 +106,22 @@ def test_the_register_path_imports_only_torch_before_its_first_line_of_work():
     assert json.loads(_python("-c", code).stdout.strip().splitlines()[-1]) == ["torch"]
 
 
+def test_dice_never_imports_scipy_ndimage():
+    """Dice (every registration with label maps) counts labels with numpy alone; scipy.ndimage,
+    0.2 s to import, loads only for HD95's bounding boxes."""
+    code = (
+        "import sys, json\n"
+        "import numpy as np\n"
+        "from voxreg.metrics.overlap import dice_per_label, hd95\n"
+        "a = np.zeros((8, 8, 8), np.int16); a[2:6, 2:6, 2:6] = 3\n"
+        "dice = dice_per_label(a, np.roll(a, 1, axis=0))\n"
+        "before = 'scipy.ndimage' in sys.modules\n"
+        "hd95(a == 3, np.roll(a, 1, axis=0) == 3, (1.0, 1.0, 1.0))\n"
+        "print(json.dumps([dice[3], before, 'scipy.ndimage' in sys.modules]))\n"
+    )
+    assert json.loads(_python("-c", code).stdout.strip().splitlines()[-1]) == [0.75, False, True]
+
+
 def test_reading_nifti_and_training_never_import_simpleitk(tmp_path):
     """SimpleITK loads where it is used (NRRD/MetaImage/DICOM, ITK transform files): reading and
     writing NIfTI and importing the trainer leave it out (a GPU image without SimpleITK can train;

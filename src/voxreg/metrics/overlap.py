@@ -7,7 +7,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from voxreg.metrics._arrays import ArrayLike, as_numpy
 
@@ -111,6 +110,8 @@ def hd95(fixed_mask: ArrayLike, warped_mask: ArrayLike, spacing: Sequence[float]
 
 
 def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+    from scipy import ndimage  # here, not at import: Dice alone never needs it (0.2 s of scipy)
+
     box = ndimage.find_objects(mask.astype(np.uint8))[0]
     return tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(box, mask.shape))
 
@@ -164,6 +165,8 @@ def structure_scores(
 def _label_boxes(array: np.ndarray, labels: Sequence[int]) -> dict[int, tuple[slice, ...]]:
     """Bounding box of each of ``labels`` present in ``array`` (positive codes below 2^20 in
     one ``find_objects`` pass, any others one by one)."""
+    from scipy import ndimage
+
     fast = [int(v) for v in labels if 0 < int(v) < 1 << 20]
     found: dict[int, tuple[slice, ...]] = {}
     if fast:
