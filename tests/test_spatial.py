@@ -393,3 +393,49 @@ def test_first_axis_slabs_cover_the_axis_once():
     slabs = spatial.first_axis_slabs((10, 4, 4), voxels=48)  # 3 rows of 16 voxels each
     assert [(s.start, s.stop) for s in slabs] == [(0, 3), (3, 6), (6, 9), (9, 10)]
     assert spatial.first_axis_slabs((2, 100), voxels=10) == [slice(0, 1), slice(1, 2)]
+
+
+@pytest.mark.parametrize("shape", [(30, 26, 22), (40, 34)])
+def test_sampling_only_the_reached_box_gives_the_same_bits(shape, monkeypatch):
+    """A scan with a zero margin (a brain-extracted one) is sampled only in the box of the
+    output grid that can reach its nonzero voxels: the same bits as sampling every voxel, for
+    linear and nearest interpolation, through an affine map and a displacement field."""
+    from voxreg import io
+    from voxreg.core.image import Image
+    from voxreg.core.synthetic import smooth_random_field
+
+    ndim = len(shape)
+    g = np.random.default_rng(0)
+    values = np.zeros(shape, np.float32)
+    inner = tuple(slice(n // 4, 3 * n // 4) for n in shape)
+    values[inner] = g.random([s.stop - s.start for s in inner]).astype(np.float32) + 0.5
+    labels = (values * 4).astype(np.int16)
+    affine = np.diag([1.2, 1.2, 1.2, 1.0])  # moving voxels of 1.2 mm, shifted 3 mm along the first axis
+    affine[0, 3] = 3.0
+    fixed = Image(np.zeros(shape, np.float32), np.eye(4))
+    field = smooth_random_field(shape, max_displacement=2.0, seed=1)
+    to_moving = np.eye(ndim + 1)  # fixed voxel -> moving voxel
+    to_moving[:ndim, :ndim] = np.eye(ndim) / 1.2
+    to_moving[0, ndim] = -3.0 / 1.2
+    box = spatial.reached_box(torch.from_numpy(values)[None, None], to_moving, torch.as_tensor(field), shape)
+    assert box is not None and np.prod([b.stop - b.start for b in box]) < 0.8 * np.prod(shape)  # a real crop
+    results = []
+    for crop in (True, False):
+        if not crop:
+            monkeypatch.setattr(spatial, "reached_box", lambda *args: None)
+        linear = io.resample_to(Image(values, affine), fixed, field=field)
+        nearest = io.resample_to(Image(labels, affine, kind="label"), fixed, field=field)
+        results.append((linear.array, nearest.array))
+    assert np.array_equal(results[0][0], results[1][0]) and np.array_equal(results[0][1], results[1][1])
+    assert results[1][0].any() and not results[1][0][tuple(slice(0, b.start) for b in box[:1])].any()
+
+
+def test_reached_box_is_none_without_a_zero_margin_and_empty_for_a_zero_image():
+    field = torch.zeros(1, 3, 8, 8, 8)
+    assert spatial.reached_box(torch.rand(1, 1, 8, 8, 8) + 0.1, np.eye(4), field, (8, 8, 8)) is None
+    assert spatial.reached_box(torch.zeros(1, 1, 8, 8, 8), np.eye(4), field, (8, 8, 8)) == (slice(0, 0),) * 3
+    field[0, 0, 0, 0, 0] = float("nan")
+    margin = torch.zeros(1, 1, 8, 8, 8)
+    margin[..., 3:5, 3:5, 3:5] = 1.0
+    assert spatial.reached_box(margin, np.eye(4), field, (8, 8, 8)) is None  # a non-finite field: no crop
+    assert spatial.reached_box(margin, np.eye(4), torch.zeros(1, 3, 8, 8, 8), (8, 8, 8)) == (slice(1, 7),) * 3

@@ -197,22 +197,25 @@ def mapped_points(
     shape: Sequence[int],
     field: Tensor | None = None,
     device: torch.device | str | None = None,
-    first: int = 0,
+    first: int | Sequence[int] = 0,
 ) -> Tensor:
     """``matrix @ [x + field(x), 1]`` for every voxel ``x`` of a grid of ``shape`` (``field``
     ``(1, ndim, *shape)`` in voxels, or None), as ``(rows, voxels)`` float32 for the first
     ``rows <= ndim`` rows of ``matrix``: one ``addmm`` (no coordinate, flip or permute copies of
     a full-size grid). ``first``: the grid is the slab of a larger one starting at that index
-    of the first axis (the same float32 values as for those voxels of the whole grid)."""
+    of the first axis, or the box of a larger one starting at those indices (one per axis);
+    the same float32 values as for those voxels of the whole grid."""
     ndim = len(shape)
     device = field.device if field is not None else torch.device(device or "cpu")
     rows = np.asarray(matrix, dtype=np.float64)[:ndim]
     linear = torch.as_tensor(rows[:, :ndim].copy(), dtype=torch.float32, device=device)
     offset = torch.as_tensor(rows[:, ndim:].copy(), dtype=torch.float32, device=device)
     points = identity_grid(shape, device).reshape(ndim, -1)
-    if first:
+    starts = [int(first)] if isinstance(first, int | np.integer) else [int(v) for v in first]
+    if any(starts):
         points = points.clone()
-        points[0] += first
+        for axis, start in enumerate(starts):
+            points[axis] += start
     if field is not None:
         points = points + field.reshape(ndim, -1)
     return torch.addmm(offset, linear, points)
@@ -239,13 +242,62 @@ def sample_displaced(
     to_grid[:ndim, :ndim] = np.diag(2.0 / np.maximum(sizes - 1.0, 1.0))
     to_grid[:ndim, ndim] = -1.0
     reversed_rows = (to_grid @ np.asarray(matrix, dtype=np.float64))[:ndim][::-1]  # grid_sample's axis order
-    out = image.new_empty((image.shape[0], image.shape[1], *shape))
-    for rows in first_axis_slabs(shape):
-        slab = (rows.stop - rows.start, *shape[1:])
-        part = None if field is None else field[:, :, rows]
-        grid = mapped_points(reversed_rows, slab, part, image.device, first=rows.start)
-        out[:, :, rows] = grid_sample(image, grid.t().reshape(1, *slab, ndim).to(image.dtype), padding)
+    box = reached_box(image, matrix, field, shape) if padding == "zeros" else None
+    if box is None:
+        out = image.new_empty((image.shape[0], image.shape[1], *shape))
+        box = tuple(slice(0, n) for n in shape)
+    else:  # every sample outside the box is exactly 0
+        out = image.new_zeros((image.shape[0], image.shape[1], *shape))
+    inner = tuple(b.stop - b.start for b in box)
+    if 0 in inner:
+        return out
+    for rows in first_axis_slabs(inner):
+        slab = (rows.stop - rows.start, *inner[1:])
+        region = (slice(box[0].start + rows.start, box[0].start + rows.stop), *box[1:])
+        part = None if field is None else field[(slice(None), slice(None), *region)]
+        grid = mapped_points(reversed_rows, slab, part, image.device, first=[r.start for r in region])
+        out[(slice(None), slice(None), *region)] = grid_sample(
+            image, grid.t().reshape(1, *slab, ndim).to(image.dtype), padding
+        )
     return out
+
+
+def reached_box(
+    image: Tensor, matrix: np.ndarray, field: Tensor | None, shape: Sequence[int]
+) -> tuple[slice, ...] | None:
+    """The box of the output grid ``shape`` outside which every zero-padded linear (or
+    nearest) sample of ``image`` ``(N, C, *S_in)`` at ``matrix @ [x + field(x), 1]`` is exactly
+    0, or None when that box is the whole grid. A sample reads the voxels within one voxel of
+    its point, so a point outside the image's nonzero voxels' box widened by one voxel reads
+    zeros only; the output voxels whose point can land inside are those of that box mapped
+    back through ``matrix`` and widened by the field's largest displacement per axis (+1
+    voxel for rounding). A brain-extracted scan's box is about a third of a 1 mm grid. The
+    check is skipped (None) when no face of the image is all zero, or the field is not finite."""
+    ndim = len(shape)
+    sizes = tuple(int(n) for n in image.shape[2:])
+    if not any(not bool(image.select(2 + axis, index).any()) for axis in range(ndim) for index in (0, sizes[axis] - 1)):
+        return None  # no zero margin (e.g. a head with noise in the air)
+    occupied = image.ne(0).reshape(-1, *sizes).any(0)
+    spans = []
+    for axis in range(ndim):
+        found = torch.nonzero(occupied.any(dim=tuple(a for a in range(ndim) if a != axis))).reshape(-1)
+        if found.numel() == 0:
+            return tuple(slice(0, 0) for _ in shape)  # an all-zero image: every sample is 0
+        spans.append((int(found[0]) - 1.0, int(found[-1]) + 1.0))
+    reach = np.zeros(ndim)
+    if field is not None:
+        reach = field.detach().abs().reshape(field.shape[1], -1).amax(dim=1).double().cpu().numpy()
+        if not np.all(np.isfinite(reach)):
+            return None
+    corners = np.array(np.meshgrid(*spans, indexing="ij")).reshape(ndim, -1)
+    inverse = np.linalg.inv(np.asarray(matrix, dtype=np.float64))
+    back = inverse[:ndim, :ndim] @ corners + inverse[:ndim, ndim:]
+    low = np.floor(back.min(axis=1) - reach - 1.0)
+    high = np.ceil(back.max(axis=1) + reach + 1.0)
+    box = tuple(slice(int(np.clip(lo, 0, n)), int(np.clip(hi + 1, 0, n))) for lo, hi, n in zip(low, high, shape))
+    if all(b.start == 0 and b.stop == n for b, n in zip(box, shape)):
+        return None
+    return tuple(b if b.stop > b.start else slice(0, 0) for b in box)
 
 
 #: output voxels per slab of the slab-wise samplers: the temporaries (coordinates, gathers) of

@@ -87,15 +87,23 @@ def _nearest(
     dtype = array.dtype
     work = array.astype(np.int64) if dtype in _WIDENED else array
     tensor = torch.from_numpy(np.ascontiguousarray(work))[None, None].to(device)
-    out = torch.empty(tuple(shape), dtype=tensor.dtype, device=tensor.device)
-    for rows in spatial.first_axis_slabs(shape):
-        slab = (rows.stop - rows.start, *shape[1:])
+    box = spatial.reached_box(tensor, matrix, displacement, shape) if displacement is not None else None
+    if box is None:
+        out = torch.empty(tuple(shape), dtype=tensor.dtype, device=tensor.device)
+        box = tuple(slice(0, n) for n in shape)
+    else:  # every sample outside the box is 0
+        out = torch.zeros(tuple(shape), dtype=tensor.dtype, device=tensor.device)
+    inner = tuple(b.stop - b.start for b in box)
+    for rows in spatial.first_axis_slabs(inner) if 0 not in inner else []:
+        slab = (rows.stop - rows.start, *inner[1:])
+        region = (slice(box[0].start + rows.start, box[0].start + rows.stop), *box[1:])
         if displacement is None:
             coords = mapped_coords(spatial.shift_first_axis(matrix, rows.start), slab, device)
         else:
-            part = displacement[:, :, rows]
-            coords = spatial.mapped_points(matrix, slab, part, first=rows.start).reshape(1, len(shape), *slab)
-        out[rows] = spatial.sample_nearest(tensor, coords, padding="zeros")[0, 0]
+            part = displacement[(slice(None), slice(None), *region)]
+            starts = [r.start for r in region]
+            coords = spatial.mapped_points(matrix, slab, part, first=starts).reshape(1, len(shape), *slab)
+        out[region] = spatial.sample_nearest(tensor, coords, padding="zeros")[0, 0]
     return out.cpu().numpy().astype(dtype, copy=False)
 
 
