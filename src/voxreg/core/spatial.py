@@ -243,23 +243,28 @@ def sample_displaced(
     to_grid[:ndim, ndim] = -1.0
     reversed_rows = (to_grid @ np.asarray(matrix, dtype=np.float64))[:ndim][::-1]  # grid_sample's axis order
     box = reached_box(image, matrix, field, shape) if padding == "zeros" else None
-    if box is None:
-        out = image.new_empty((image.shape[0], image.shape[1], *shape))
-        box = tuple(slice(0, n) for n in shape)
-    else:  # every sample outside the box is exactly 0
-        out = image.new_zeros((image.shape[0], image.shape[1], *shape))
-    inner = tuple(b.stop - b.start for b in box)
-    if 0 in inner:
-        return out
-    for rows in first_axis_slabs(inner):
-        slab = (rows.stop - rows.start, *inner[1:])
-        region = (slice(box[0].start + rows.start, box[0].start + rows.stop), *box[1:])
+    out = (image.new_empty if box is None else image.new_zeros)((image.shape[0], image.shape[1], *shape))
+    for region, slab in box_slabs(box, shape):
         part = None if field is None else field[(slice(None), slice(None), *region)]
         grid = mapped_points(reversed_rows, slab, part, image.device, first=[r.start for r in region])
         out[(slice(None), slice(None), *region)] = grid_sample(
             image, grid.t().reshape(1, *slab, ndim).to(image.dtype), padding
         )
     return out
+
+
+def box_slabs(box: tuple[slice, ...] | None, shape: Sequence[int]) -> list[tuple[tuple[slice, ...], tuple[int, ...]]]:
+    """(region, its shape) of each slab (:func:`first_axis_slabs`) of ``box`` in a grid of
+    ``shape`` (the whole grid when None; nothing for an empty box): what a slab-wise sampler
+    fills, the rest of a :func:`reached_box` crop being 0."""
+    box = box if box is not None else tuple(slice(0, int(n)) for n in shape)
+    inner = tuple(b.stop - b.start for b in box)
+    if 0 in inner:
+        return []
+    return [
+        ((slice(box[0].start + rows.start, box[0].start + rows.stop), *box[1:]), (rows.stop - rows.start, *inner[1:]))
+        for rows in first_axis_slabs(inner)
+    ]
 
 
 def reached_box(
@@ -271,7 +276,7 @@ def reached_box(
     its point, so a point outside the image's nonzero voxels' box widened by one voxel reads
     zeros only; the output voxels whose point can land inside are those of that box mapped
     back through ``matrix`` and widened by the field's largest displacement per axis (+1
-    voxel for rounding). A brain-extracted scan's box is about a third of a 1 mm grid. The
+    voxel for rounding). On 1 mm Mindboggle brains the box is 61-66 % of the grid. The
     check is skipped (None) when no face of the image is all zero, or the field is not finite."""
     ndim = len(shape)
     sizes = tuple(int(n) for n in image.shape[2:])

@@ -88,17 +88,10 @@ def _nearest(
     work = array.astype(np.int64) if dtype in _WIDENED else array
     tensor = torch.from_numpy(np.ascontiguousarray(work))[None, None].to(device)
     box = spatial.reached_box(tensor, matrix, displacement, shape) if displacement is not None else None
-    if box is None:
-        out = torch.empty(tuple(shape), dtype=tensor.dtype, device=tensor.device)
-        box = tuple(slice(0, n) for n in shape)
-    else:  # every sample outside the box is 0
-        out = torch.zeros(tuple(shape), dtype=tensor.dtype, device=tensor.device)
-    inner = tuple(b.stop - b.start for b in box)
-    for rows in spatial.first_axis_slabs(inner) if 0 not in inner else []:
-        slab = (rows.stop - rows.start, *inner[1:])
-        region = (slice(box[0].start + rows.start, box[0].start + rows.stop), *box[1:])
-        if displacement is None:
-            coords = mapped_coords(spatial.shift_first_axis(matrix, rows.start), slab, device)
+    out = (torch.empty if box is None else torch.zeros)(tuple(shape), dtype=tensor.dtype, device=tensor.device)
+    for region, slab in spatial.box_slabs(box, shape):
+        if displacement is None:  # no box: the region is a slab of whole rows
+            coords = mapped_coords(spatial.shift_first_axis(matrix, region[0].start), slab, device)
         else:
             part = displacement[(slice(None), slice(None), *region)]
             starts = [r.start for r in region]

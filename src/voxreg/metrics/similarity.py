@@ -16,7 +16,7 @@ from voxreg.metrics._arrays import ArrayLike, as_image
 #: voxels (a fixed-seed random subset) the reported MI is estimated from: at 2^18 its value
 #: moves by under 0.002 nats from the 2^20 estimate on 1 mm brain pairs, at a quarter of the cost
 REPORT_MI_VOXELS = 1 << 18
-#: voxels per slab of the reported local NCC (:func:`slab_local_ncc`): its memory no longer
+#: voxels per slab of the reported local NCC (:func:`slab_measures`): its memory no longer
 #: grows with the image (a 0.7 mm 512x512x300 CT held ~27 float32 volumes for it at once), and
 #: a slab's channels stay closer to the CPU caches through the box sums' passes (three images
 #: of a 1 mm brain's grid on 2 cores: 1.0-1.35 s with 2^22 voxels, 0.56 s with 2^20, 0.67 s with
@@ -49,15 +49,6 @@ def _moments(image: Tensor) -> tuple[Tensor, Tensor]:
     mean = image.mean()
     std = image.std(correction=0)
     return mean, torch.where(std > 1e-12, std, torch.ones_like(std))
-
-
-def slab_local_ncc(
-    fixed: Tensor, others: dict[str, Tensor], window: int = 9, eps: float = 1e-5, slab_voxels: int = REPORT_SLAB_VOXELS
-) -> dict[str, float]:
-    """Squared local NCC of each of ``others`` against ``fixed`` (:func:`slab_measures`'s
-    ``local_ncc``)."""
-    measures = slab_measures(fixed, others, window, eps, slab_voxels)
-    return {name: values["local_ncc"] for name, values in measures.items()}
 
 
 def slab_measures(
@@ -97,7 +88,7 @@ def slab_measures(
             b = (image[:, :, low:high] - mean) / std
             moments_b = torch.cat([b, b * b, a * b])
             difference = fixed[:, :, start:stop] - image[:, :, start:stop]
-            sums[name] += torch.cat([_row_sums(moments_b, keep), _row_sums(difference.square_()[None], slice(None))])
+            sums[name] += torch.cat([_row_sums(moments_b, keep), difference.square_().sum().double().reshape(1)])
             mu_b, bb, ab = box_sum(moments_b, sizes).mul_(inv_count).unbind(0)
             cov = ab.sub_(mu_a * mu_b).add_(eps)
             var_b_eps = bb.sub_(mu_b * mu_b).clamp_min_(0.0).add_(eps)

@@ -93,10 +93,16 @@ class _InTurn(Executor):
         return future
 
 
+def side_by_side(voxels: int) -> bool:
+    """Whether the outputs of a grid of ``voxels`` are made side by side (on threads), not in turn:
+    up to :data:`SERIAL_OUTPUTS_ABOVE` voxels."""
+    return voxels <= SERIAL_OUTPUTS_ABOVE
+
+
 def output_executor(voxels: int, jobs: int) -> Executor:
-    """Threads for ``jobs`` output writes of a grid of ``voxels`` (one per core), or, above
-    :data:`SERIAL_OUTPUTS_ABOVE` voxels, the calling thread in turn (bounded peak memory)."""
-    if voxels > SERIAL_OUTPUTS_ABOVE:
+    """Threads for ``jobs`` output writes of a grid of ``voxels`` (one per core), or, when not
+    :func:`side_by_side`, the calling thread in turn (bounded peak memory)."""
+    if not side_by_side(voxels):
         return _InTurn()
     return ThreadPoolExecutor(max_workers=max(1, min(jobs + 3, os.cpu_count() or 1)))
 
@@ -277,9 +283,9 @@ def write_outputs(
     if result.world_matrix is not None:
         names["affine"] = "affine.txt"
         writes.append(functools.partial(io.write_itk_affine, folder / "affine.txt", result.world_matrix))
-    side_by_side = result.fixed.array.size <= SERIAL_OUTPUTS_ABOVE
+    parallel = side_by_side(result.fixed.array.size)
     with (
-        torch_threads(1 if side_by_side else None),  # the jobs share the cores, one torch thread each
+        torch_threads(1 if parallel else None),  # the jobs share the cores, one torch thread each
         output_executor(result.fixed.array.size, len(writes)) as pool,
         ThreadPoolExecutor(1) as drawing,
         ThreadPoolExecutor(1) as measuring,
@@ -287,21 +293,21 @@ def write_outputs(
         futures = [pool.submit(write) for write in writes]
         metrics_done: Future = Future()
         try:
-            if side_by_side:  # the metrics and the figure meanwhile, the figure's title (the metrics) last
+            if parallel:  # the metrics and the figure meanwhile, the figure's title (the metrics) last
                 result.moving  # noqa: B018 - made here, not by two threads at once
                 measured = measuring.submit(result.finish_metrics)
                 if figure:
                     title = functools.partial(_title_when_done, metrics_done)
                     futures.append(drawing.submit(_save_figure, result, field, folder / "figure.png", title))
             payload_inverse = _write_inverse(result, pool, folder, itk, names, futures) if files.inverse else None
-            metrics_done.set_result(measured.result() if side_by_side else result.finish_metrics())
+            metrics_done.set_result(measured.result() if parallel else result.finish_metrics())
         except BaseException as exc:
             if not metrics_done.done():
                 metrics_done.set_exception(exc)  # the figure stops waiting
             raise
         if figure:
             names["figure"] = "figure.png"
-        if figure and not side_by_side:  # in turn: after the metrics
+        if figure and not parallel:  # in turn: after the metrics
             futures.append(pool.submit(_save_figure, result, field, folder / "figure.png"))
     for future in futures:
         future.result()
