@@ -1,12 +1,14 @@
 """Prepare OpenNeuro ds002748 T1w heads (CC0) as training data for the shipped brain model.
 
-    python scripts/prepare_ds002748.py FOLDER -o OUT [--holdout 65-72]
+    python scripts/prepare_ds002748.py FOLDER -o OUT [--holdout 65-72] [--voxel-mm 2.07 --crop 80x96x80]
 
 FOLDER holds ``sub-XX_T1w.nii.gz``, flat or in BIDS ``sub-XX/anat/`` folders (e.g. extracted from the GitHub repository
 aaronsossin/DepressionMRI_AI, DEVELOPERS guide). Each scan is aligned (affine) to the MNI152
 template of the nilearn wheel and resampled at the model's 2.07 mm voxel size
 (``voxreg.training.preprocess``), then cropped to an 80x96x80 grid centred on the template's
-brain and written to ``OUT/brains/<name>.nii.gz``.
+brain and written to ``OUT/brains/<name>.nii.gz``. ``--voxel-mm 1.035 --crop 160x192x160`` makes the
+same brains at twice the resolution, for training with the similarity scored on a finer grid than
+the network's (``voxreg train --similarity-scale 2``).
 
 The copies in that repository are already brain-extracted (checked on 2026-12-04: every scan's
 nonzero voxels span about 135x165x133 mm, a brain, not a head), so there are no head versions
@@ -75,18 +77,23 @@ def main() -> None:
         action="store_true",
         help="scans with skull (e.g. OpenfMRI ds000011, --holdout 11-14): keep every voxel, write OUT/heads/",
     )
+    parser.add_argument("--voxel-mm", type=float, default=VOXEL_MM, help="voxel size of the output grid (mm)")
+    parser.add_argument("--crop", default="x".join(map(str, CROP)), help="output grid around the brain, e.g. 80x96x80")
     args = parser.parse_args()
+    crop_shape = tuple(int(v) for v in args.crop.split("x"))
     kind = "heads" if args.heads else "brains"
     low, high = (int(v) for v in args.holdout.split("-"))
     scans = sorted(args.folder.rglob("sub-*_T1w.nii*"), key=lambda p: p.name)  # flat or BIDS (sub-XX/anat/)
     if not scans:
         raise SystemExit(f"{args.folder}: no sub-*_T1w.nii(.gz) files")
     with tempfile.TemporaryDirectory() as tmp:
-        result = preprocess(scans, tmp, atlas="mni152", spacing=VOXEL_MM, progress=None)
+        result = preprocess(scans, tmp, atlas="mni152", spacing=args.voxel_mm, progress=None)
         grid = result.grid
         mask = io.resample_to(templates.mni152_brain_mask(2), grid).array > 0
-        mask = ndimage.binary_dilation(mask, iterations=DILATE_VOXELS)
-        box = crop_box(mask, CROP)
+        mask = ndimage.binary_dilation(
+            mask, iterations=round(DILATE_VOXELS * VOXEL_MM / args.voxel_mm)
+        )  # the same 4.1 mm
+        box = crop_box(mask, crop_shape)
         rows = {"train": [], "heldout": []}
         for record in result.outputs:
             if record.status != "ok":
@@ -108,7 +115,7 @@ def main() -> None:
     for split, names in rows.items():
         (args.output / f"{split}.csv").write_text("scan\n" + "\n".join(names) + "\n")
     print(
-        f"{len(rows['train'])} training and {len(rows['heldout'])} held-out files in {args.output} (grid {CROP} at {VOXEL_MM} mm)"
+        f"{len(rows['train'])} training and {len(rows['heldout'])} held-out files in {args.output} (grid {crop_shape} at {args.voxel_mm} mm)"
     )
 
 

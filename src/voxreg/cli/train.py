@@ -54,6 +54,7 @@ _OPTION_FIELDS = {
     "fine_features": "fine_features",
     "pairs_within_folders": "pairs_within_folders",
     "synth_fraction": "synth_fraction",
+    "similarity_scale": "similarity_scale",
 }
 if set(_OPTION_FIELDS.values()) != set(_DEFAULTS):  # pragma: no cover - caught by any test importing the CLI
     raise RuntimeError(
@@ -254,6 +255,11 @@ def train(
         "--synth-fraction",
         help="With --synth and training scans: share of steps on synthetic pairs (similarity + Dice); the rest are real scan pairs (similarity only).",
     ),
+    similarity_scale: int = typer.Option(
+        _DEFAULTS["similarity_scale"],
+        "--similarity-scale",
+        help="Score the similarity on a grid this many times finer than the model's (scans loaded at voxel size / N; the network sees N-voxel block means).",
+    ),
 ) -> None:
     """Train a VoxelMorph network without labels (scan-to-scan pairs), on CPU or GPU."""
     from voxreg import training
@@ -324,7 +330,7 @@ def _training_data(
             cache=cache,
             atlas=atlas,
             atlas_labels=atlas_labels,
-            voxel_size=config.voxel_size,
+            voxel_size=config.scan_voxel_size,
         )
         return data.grouped_by([path.parent for path in train_scans]) if config.pairs_within_folders else data
     ndim = len(config.synth_shape) if config.synth_shape else 3
@@ -346,7 +352,9 @@ def _mixed_data(config: TrainConfig, scans: list[str], grid: tuple[int, ...] | N
     if "user" in parse_synth_sources(config.synth or ""):
         raise VoxregError("--synth-fraction below 1 takes the scans as real training scans: drop the 'user' source")
     train_scans, _ = training.scan_list(scans)
-    real = training.TrainingSet.from_paths(train_scans, None, shape=grid, cache=cache, voxel_size=config.voxel_size)
+    real = training.TrainingSet.from_paths(
+        train_scans, None, shape=grid, cache=cache, voxel_size=config.scan_voxel_size
+    )
     if config.pairs_within_folders:
         real = real.grouped_by([path.parent for path in train_scans])
     ndim = len(config.synth_shape) if config.synth_shape else real.ndim

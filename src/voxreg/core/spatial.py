@@ -540,6 +540,24 @@ def box_variance(factors: Sequence[int], spacing: Sequence[float] | np.ndarray) 
     return (np.asarray(factors, dtype=np.float64) ** 2 - 1.0) / 12.0 * np.asarray(spacing, dtype=np.float64) ** 2
 
 
+def upsample_field(field: Tensor, factor: int) -> Tensor:
+    """A displacement field of a grid whose voxels are ``factor``-wide blocks of a finer grid
+    (block averages, as ``F.interpolate(mode="area")`` makes them), resampled linearly onto the
+    finer grid and in its voxels."""
+    if factor == 1:
+        return field
+    mode = "bilinear" if spatial_ndim(field) == 2 else "trilinear"
+    return F.interpolate(field, scale_factor=factor, mode=mode, align_corners=False) * factor
+
+
+def block_mean(image: Tensor, factor: int) -> Tensor:
+    """Means of ``factor``-wide blocks of an ``(N, C, *S)`` image (the coarse grid of
+    :func:`upsample_field`)."""
+    if factor == 1:
+        return image
+    return F.interpolate(image, scale_factor=1 / factor, mode="area")
+
+
 def resize_image(image: Tensor, shape: Sequence[int]) -> Tensor:
     """Linearly resample an ``(N, C, *S)`` image to ``shape`` over the same extent."""
     ndim = spatial_ndim(image)

@@ -88,6 +88,9 @@ class TrainConfig:
     # with ``synth`` and real scans: the share of steps drawing a synthetic pair (similarity +
     # Dice), the others a real scan pair (similarity only); 1 = synthetic pairs only
     synth_fraction: float = 1.0
+    # the similarity is scored on the training scans' grid while the network sees them as
+    # means of blocks this many voxels wide and its field is upsampled back (1: the same grid)
+    similarity_scale: int = 1
 
     def __post_init__(self) -> None:
         check_choice("similarity", self.similarity, ("ncc", "mse", "mi"))
@@ -126,6 +129,9 @@ class TrainConfig:
         self.synth_fraction = float(check_number("synth_fraction", self.synth_fraction, low=0.0, high=1.0))
         if self.synth_fraction < 1.0 and self.synth is None:
             raise ValueError("synth_fraction < 1 mixes synthetic pairs with real ones: give synth (--synth) too")
+        check_int("similarity_scale", self.similarity_scale, 1, 4)
+        if self.similarity_scale > 1 and (self.synth is not None or self.schedule):
+            raise ValueError("similarity_scale > 1 takes real training scans without a resolution schedule")
         if self.init is not None and (not isinstance(self.init, str) or not self.init.strip()):
             raise ValueError(f"init must be a checkpoint path or a shipped model name, got {self.init!r}")
 
@@ -133,6 +139,12 @@ class TrainConfig:
     def lambda_conditional(self) -> bool:
         """True when the network takes lambda as an input (``lam_range`` set)."""
         return self.lam_range is not None
+
+    @property
+    def scan_voxel_size(self) -> float | None:
+        """Voxel size (mm) the training scans are loaded at: the model's, divided by
+        ``similarity_scale``."""
+        return None if self.voxel_size is None else self.voxel_size / self.similarity_scale
 
     @property
     def validation_lambda(self) -> float:

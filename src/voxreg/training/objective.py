@@ -58,15 +58,18 @@ class Objective:
         lam: Tensor,
         labels: tuple[Tensor, Tensor, Tensor] | None = None,
         inverse: Tensor | None = None,
+        network_field: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Loss of one batch; ``inverse`` (bidirectional) also scores ``fixed`` warped back."""
+        """Loss of one batch; ``inverse`` (bidirectional) also scores ``fixed`` warped back;
+        ``network_field`` (on the network's coarser grid) is the one regularised when given."""
         if self.similarity_weight > 0:
             sim = self.similarity(fixed, spatial.warp(moving, field_))
             if inverse is not None:  # bidirectional: fixed warped back onto moving, weights 1/2 each
                 sim = 0.5 * (sim + self.similarity(moving, spatial.warp(fixed, inverse)))
         else:  # label-only (synthetic) training: no image similarity at all
             sim = field_.new_zeros(())
-        regs = torch.stack([self.regularizer(field_[i : i + 1]) for i in range(field_.shape[0])])
+        smooth = field_ if network_field is None else network_field
+        regs = torch.stack([self.regularizer(smooth[i : i + 1]) for i in range(smooth.shape[0])])
         reg_term = (lam.to(regs) * regs).mean()
         total = self.similarity_weight * sim + reg_term
         if labels is not None and self.dice_weight > 0:

@@ -410,12 +410,20 @@ def _train_step(
     """One optimiser step on one batch; returns the loss terms."""
     moving, fixed, lam, labels = _batch(data, config, session.generator, device, session.step)
     dtype = _amp_dtype(config, device)
+    scale = config.similarity_scale
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        output = session.net(moving, fixed, lam if config.lambda_conditional else None)
+        output = session.net(
+            spatial.block_mean(moving, scale),
+            spatial.block_mean(fixed, scale),
+            lam if config.lambda_conditional else None,
+        )
+    field_ = output.field.float()
     inverse = None
     if config.bidirectional:
-        inverse = spatial.integrate_velocity(-output.velocity.float(), config.int_steps)
-    loss, sim, reg = objective(moving, fixed, output.field.float(), lam, labels, inverse)
+        inverse = spatial.upsample_field(spatial.integrate_velocity(-output.velocity.float(), config.int_steps), scale)
+    loss, sim, reg = objective(
+        moving, fixed, spatial.upsample_field(field_, scale), lam, labels, inverse, network_field=field_
+    )
     session.optimizer.zero_grad(set_to_none=True)
     if session.scaler is not None:
         session.scaler.scale(loss).backward()
@@ -467,6 +475,10 @@ def _check_inputs(config: Any, training_set: Any, validation_set: Any) -> None:
         )
     if isinstance(training_set, TrainingSet) and config.dice_weight > 0:
         check_dice_labels(training_set.has_labels.tolist(), training_set.atlas)
+    scale = config.similarity_scale
+    for name, data in (("training", training_set), ("validation", validation_set)):
+        if isinstance(data, TrainingSet) and any(size % scale for size in data.shape):
+            raise VoxregError(f"--similarity-scale {scale}: the {name} grid {data.shape} is not a multiple of {scale}")
     if validation_set is not None and validation_set.ndim != training_set.ndim:
         raise VoxregError("validation_set and training_set must have the same dimensionality")
 
@@ -604,8 +616,14 @@ def validate(
     for m, f in data.validation_pairs():
         moving, fixed = data.images[m : m + 1].to(device), data.images[f : f + 1].to(device)
         lam = torch.full((1,), lam_value, device=device)
-        field_ = model(moving, fixed, lam if config.lambda_conditional else None).field
-        losses.append(float(objective(moving, fixed, field_, lam)[0]))
+        scale = config.similarity_scale
+        coarse = model(
+            spatial.block_mean(moving, scale),
+            spatial.block_mean(fixed, scale),
+            lam if config.lambda_conditional else None,
+        ).field
+        field_ = spatial.upsample_field(coarse, scale)
+        losses.append(float(objective(moving, fixed, field_, lam, network_field=coarse)[0]))
         if data.labels is not None and bool(data.has_labels[m] & data.has_labels[f]):
             warped = spatial.warp(data.labels[m : m + 1].to(device).float(), field_, mode="nearest")
             dices.append(label_dice(data.labels[f : f + 1].to(device), warped.long()))
