@@ -5,7 +5,9 @@ output folders and atomic writes (a temporary name in the target folder, renamed
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
+import mmap
 import os
 import secrets
 import tempfile
@@ -140,6 +142,89 @@ def write_nifti_chunks(image: Any, path: Path, chunks: Iterable[np.ndarray]) -> 
             out.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
 
 
+#: bytes an uncached write hands to the kernel at once (a multiple of :data:`DIRECT_ALIGN`)
+DIRECT_CHUNK = 4 << 20
+#: alignment of an ``O_DIRECT`` write's buffer, length and file offset (the page size: any
+#: logical block size up to it)
+DIRECT_ALIGN = 4096
+
+
+class UncachedFile(io.RawIOBase):
+    """A new file written around the page cache (Linux ``O_DIRECT``): bytes are gathered in a
+    page-aligned buffer and written :data:`DIRECT_CHUNK` at a time; the last block is padded
+    and the file cut back to its length on ``close``. On a virtual machine that backs its
+    memory lazily every fresh page-cache page is a page fault on the host (a 1 mm brain's
+    61 MB compressed field: ~0.3-0.6 s of system time through the page cache, 0.01 s
+    around it). A file system that refuses a direct write midway gets the rest buffered."""
+
+    def __init__(self, path: PathLike) -> None:
+        super().__init__()
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT | os.O_CLOEXEC, 0o666)
+        self._buffer = mmap.mmap(-1, DIRECT_CHUNK)
+        self._filled = 0
+        self._length = 0
+
+    def writable(self) -> bool:
+        """Always: the file is write-only."""
+        return True
+
+    def write(self, data: Any) -> int:
+        """Append ``data`` (any bytes-like object); returns its length in bytes."""
+        with memoryview(data) as given, given.cast("B") as view:
+            done = 0
+            while done < len(view):
+                take = min(len(view) - done, DIRECT_CHUNK - self._filled)
+                self._buffer[self._filled : self._filled + take] = view[done : done + take]
+                self._filled += take
+                done += take
+                if self._filled == DIRECT_CHUNK:
+                    self._write_buffer(DIRECT_CHUNK)
+            self._length += len(view)
+            return len(view)
+
+    def _write_buffer(self, size: int) -> None:
+        """Write the buffer's first ``size`` bytes (a multiple of :data:`DIRECT_ALIGN`) and empty it."""
+        with memoryview(self._buffer) as whole:
+            written = 0
+            while written < size:
+                try:
+                    written += os.write(self._fd, whole[written:size])
+                except OSError as exc:
+                    import fcntl  # POSIX only, as O_DIRECT
+
+                    if exc.errno != errno.EINVAL or not fcntl.fcntl(self._fd, fcntl.F_GETFL) & os.O_DIRECT:
+                        raise
+                    fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self._filled = 0
+
+    def close(self) -> None:
+        """Write the last block (padded with zeros), cut the file to its length and close it."""
+        if self.closed:
+            return
+        try:
+            padded = -(-self._filled // DIRECT_ALIGN) * DIRECT_ALIGN
+            self._buffer[self._filled : padded] = bytes(padded - self._filled)
+            self._write_buffer(padded)
+            os.ftruncate(self._fd, self._length)
+        finally:
+            os.close(self._fd)
+            self._buffer.close()
+            super().close()
+
+
+def open_uncached(path: PathLike) -> Any:
+    """A new binary file at ``path`` to write, around the page cache where the system allows
+    (:class:`UncachedFile`), else an ordinary buffered one."""
+    if not hasattr(os, "O_DIRECT"):
+        return open(path, "wb")  # noqa: SIM115 - the caller closes it
+    try:
+        return UncachedFile(path)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # EINVAL: this file system takes no direct writes (tmpfs)
+            raise
+        return open(path, "wb")  # noqa: SIM115 - the caller closes it
+
+
 def _isal_gzip() -> Any:
     """python-isal's ``igzip`` module, or None when it is not installed (optional speed-up)."""
     try:
@@ -151,14 +236,19 @@ def _isal_gzip() -> Any:
 
 @contextlib.contextmanager
 def _nifti_stream(path: Path) -> Iterator[Any]:
-    """A binary stream writing ``path``: ISA-L gzip (level 1, mtime 0, no file name) for a
-    ``.gz`` path when installed, else nibabel's own opener (its gzip settings, or a plain file)."""
+    """A binary stream writing ``path`` around the page cache (:func:`open_uncached`): ISA-L gzip
+    (level 1, mtime 0, no file name) for a ``.gz`` path when installed, or the plain bytes of a
+    ``.nii``; a ``.gz`` without ISA-L: nibabel's own gzip opener."""
     igzip = _isal_gzip()
     if igzip is not None and str(path).endswith(".gz"):
         with (
-            open(path, "wb") as raw,
+            open_uncached(path) as raw,
             igzip.IGzipFile(filename="", mode="wb", compresslevel=1, fileobj=raw, mtime=0) as out,
         ):
+            yield out
+        return
+    if not str(path).endswith(".gz"):
+        with open_uncached(path) as out:
             yield out
         return
     from nibabel.openers import Opener
