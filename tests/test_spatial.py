@@ -439,3 +439,11 @@ def test_reached_box_is_none_without_a_zero_margin_and_empty_for_a_zero_image():
     margin[..., 3:5, 3:5, 3:5] = 1.0
     assert spatial.reached_box(margin, np.eye(4), field, (8, 8, 8)) is None  # a non-finite field: no crop
     assert spatial.reached_box(margin, np.eye(4), torch.zeros(1, 3, 8, 8, 8), (8, 8, 8)) == (slice(1, 7),) * 3
+
+
+def test_vector_length_is_the_euclidean_norm_along_the_axis():
+    vectors = torch.tensor([[3.0, 0.0, 1.0], [4.0, 0.0, 2.0], [12.0, 0.0, 2.0]])  # components along dim 0
+    torch.testing.assert_close(spatial.vector_length(vectors, dim=0), torch.tensor([13.0, 0.0, 3.0]))
+    rng = torch.Generator().manual_seed(0)
+    field = torch.randn(2, 3, 5, 6, 7, generator=rng)
+    torch.testing.assert_close(spatial.vector_length(field, dim=1), torch.linalg.vector_norm(field, dim=1))

@@ -689,7 +689,13 @@ def _fixed_point_inverse(field: Tensor, inverse: Tensor, iterations: int, step: 
 
 
 def fit_inverse(
-    field: Tensor, inverse: Tensor, index: Tensor, sweeps: int = 4, damping: float = 0.5, inplace: bool = False
+    field: Tensor,
+    inverse: Tensor,
+    index: Tensor,
+    sweeps: int = 4,
+    damping: float = 0.5,
+    inplace: bool = False,
+    weight: Tensor | None = None,
 ) -> Tensor:
     """``inverse`` (batch 1) corrected so that ``inverse(x + field(x)) = -field(x)`` holds, in
     the least-squares sense of linear interpolation, at the voxels ``index`` (flat indices):
@@ -700,7 +706,9 @@ def fit_inverse(
     pairs ``x + field(x) -> x``); from a fixed-point inverse (:func:`invert_displacement`) it
     reduces the residual where the map stretches strongly and the fixed-point iteration,
     whose error shrinks by the local gradient per step, cannot (tests/test_inverse.py).
-    ``inplace``: ``inverse`` itself is corrected and returned (no full-size copy)."""
+    ``inplace``: ``inverse`` itself is corrected and returned (no full-size copy); ``weight``:
+    :func:`mapped_weight` of ``field`` and ``index`` when the caller has it already (it is
+    changed in place)."""
     if sweeps < 0 or damping <= 0:
         raise ValueError(f"sweeps must be >= 0 and damping > 0, got {sweeps} and {damping}")
     ndim = spatial_ndim(field)
@@ -711,7 +719,7 @@ def fit_inverse(
         return grid_sample(image, grid).reshape(image.shape[1], -1)
 
     fitted = inverse.detach() if inplace else inverse.detach().clone()
-    weight = _splat(torch.ones_like(target[:1]), grid, field).add_(damping)
+    weight = (_splat(torch.ones_like(target[:1]), grid, field) if weight is None else weight).add_(damping)
     for _ in range(sweeps):
         fitted += _splat(target - sample(fitted), grid, field).div_(weight)
     return fitted
@@ -740,12 +748,19 @@ def _splat(values: Tensor, grid: Tensor, like: Tensor) -> Tensor:
     return spread
 
 
-def reached_nodes(field: Tensor, index: Tensor) -> Tensor:
+def mapped_weight(field: Tensor, index: Tensor) -> Tensor:
+    """Each grid node's total linear-interpolation weight from the mapped voxels ``x + field(x)``
+    of the flat voxel indices ``index`` (batch 1): ``(1, 1, *S)``, 0 where none of them falls."""
+    ones = torch.ones(1, index.numel(), dtype=field.dtype, device=field.device)
+    return _splat(ones, _mapped_grid(field, index), field)
+
+
+def reached_nodes(field: Tensor, index: Tensor, weight: Tensor | None = None) -> Tensor:
     """Flat indices of the grid nodes between which the mapped voxels ``x + field(x)`` of the
     flat voxel indices ``index`` (batch 1) fall: where an inverse of ``field`` is read when it
-    maps those voxels back (the corners linear interpolation weighs)."""
-    grid = _mapped_grid(field, index)
-    weight = _splat(torch.ones(1, index.numel(), dtype=field.dtype, device=field.device), grid, field)
+    maps those voxels back (the corners linear interpolation weighs); ``weight``:
+    :func:`mapped_weight` of the same when the caller has it already."""
+    weight = mapped_weight(field, index) if weight is None else weight
     return torch.nonzero(weight.reshape(-1) > 0).squeeze(1)
 
 
@@ -844,7 +859,15 @@ def inverse_residual(field: Tensor, inverse: Tensor, index: Tensor | None = None
     itself after the map and its inverse: ``(N, *S)``, or only at the flat voxel indices
     ``index`` (batch 1) as ``(len(index),)`` (:func:`warp_at`: the cost scales with them)."""
     if index is None:
-        return torch.linalg.vector_norm(compose(inverse, field), dim=1)
+        return vector_length(compose(inverse, field), dim=1)
     ndim = spatial_ndim(field)
     at_index = field.reshape(ndim, -1).index_select(1, index)
-    return torch.linalg.vector_norm(at_index + warp_at(inverse, field, index)[0], dim=0)
+    return vector_length(at_index.add_(warp_at(inverse, field, index)[0]), dim=0)
+
+
+def vector_length(vectors: Tensor, dim: int) -> Tensor:
+    """Euclidean length of ``vectors`` along ``dim`` (its components): the square root of the
+    summed squares, elementwise (``torch.linalg.vector_norm`` reduces such a short, strided axis
+    15-30x slower on CPU: 0.128 against 0.008 s for 1.36 M 3D vectors on one thread; the
+    lengths agree to float32 rounding)."""
+    return vectors.square().sum(dim).sqrt_()

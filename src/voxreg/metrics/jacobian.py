@@ -8,7 +8,7 @@ import math
 import numpy as np
 import torch
 
-from voxreg.core.spatial import jacobian_determinant_slabs
+from voxreg.core.spatial import jacobian_determinant_slabs, vector_length
 from voxreg.metrics._arrays import ArrayLike, as_field, spatial_mask
 
 _LOG_JAC_CLIP = (1e-9, 1e9)  # as Learn2Reg, without its "+3" offset
@@ -78,7 +78,7 @@ def endpoint_error(field_a: ArrayLike, field_b: ArrayLike, mask: ArrayLike | Non
     a, b = as_field(field_a), as_field(field_b)
     if a.shape != b.shape:
         raise ValueError(f"fields differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
-    dist = torch.linalg.vector_norm(a - b, dim=1)[0].cpu().numpy()
+    dist = vector_length(a - b, dim=1)[0].cpu().numpy()
     mask = spatial_mask(mask, dist.shape)
     values = dist if mask is None else dist[mask]
     if values.size == 0:

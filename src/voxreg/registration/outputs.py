@@ -427,9 +427,10 @@ def polish_inverse(
     mapped voxels reach (forward after inverse: ``voxreg warp --inverse``), then
     :data:`FIT_SWEEPS` least-squares sweep(s) at the voxels (inverse after forward); on one
     copy of ``inverse``, or on ``inverse`` itself when ``inplace``."""
-    nodes = spatial.reached_nodes(field, index)
+    weight = spatial.mapped_weight(field, index)  # where the mapped voxels fall: both stages use it
+    nodes = spatial.reached_nodes(field, index, weight)
     polished = spatial.newton_inverse(field, inverse, nodes, newton_steps, inplace=inplace)
-    return spatial.fit_inverse(field, polished, index, FIT_SWEEPS, inplace=True)
+    return spatial.fit_inverse(field, polished, index, FIT_SWEEPS, inplace=True, weight=weight)
 
 
 def foreground_index(image: Image, fraction: float = 0.05) -> torch.Tensor:
