@@ -92,3 +92,10 @@ def test_nifti_written_around_the_cache_reads_back(tmp_path, ext):
     back = io.load_image(path)
     np.testing.assert_array_equal(back.array, image.array)
     np.testing.assert_allclose(back.affine, image.affine)
+
+
+def test_buffered_writes_when_asked(tmp_path, monkeypatch):
+    monkeypatch.setenv("VOXREG_BUFFERED_WRITES", "1")
+    data = b"x" * 10_000
+    assert _write(tmp_path / "f.bin", data) is not files.UncachedFile
+    assert (tmp_path / "f.bin").read_bytes() == data

@@ -214,8 +214,10 @@ class UncachedFile(io.RawIOBase):
 
 def open_uncached(path: PathLike) -> Any:
     """A new binary file at ``path`` to write, around the page cache where the system allows
-    (:class:`UncachedFile`), else an ordinary buffered one."""
-    if not hasattr(os, "O_DIRECT"):
+    (:class:`UncachedFile`), else an ordinary buffered one; always buffered with
+    ``VOXREG_BUFFERED_WRITES=1`` (e.g. outputs on a slow disk, where a direct write waits for
+    the disk and a buffered one does not)."""
+    if not hasattr(os, "O_DIRECT") or os.environ.get("VOXREG_BUFFERED_WRITES"):
         return open(path, "wb")  # noqa: SIM115 - the caller closes it
     try:
         return UncachedFile(path)
