@@ -404,20 +404,26 @@ def _synth_batch(
     return pairs.moving.to(device), pairs.fixed.to(device), lam.to(device), labels
 
 
+def _network_output(net: Any, config: TrainConfig, moving: Tensor, fixed: Tensor, lam: Tensor) -> Any:
+    """The network on a pair of training scans: on their ``similarity_scale``-voxel block
+    means (the scans themselves at scale 1), with ``lam`` when it is lambda-conditional."""
+    scale = config.similarity_scale
+    return net(
+        spatial.block_mean(moving, scale),
+        spatial.block_mean(fixed, scale),
+        lam if config.lambda_conditional else None,
+    )
+
+
 def _train_step(
     session: _Session, config: TrainConfig, data: TrainingData, objective: Objective, device: torch.device
 ) -> dict[str, float]:
     """One optimiser step on one batch; returns the loss terms."""
     moving, fixed, lam, labels = _batch(data, config, session.generator, device, session.step)
     dtype = _amp_dtype(config, device)
-    scale = config.similarity_scale
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        output = session.net(
-            spatial.block_mean(moving, scale),
-            spatial.block_mean(fixed, scale),
-            lam if config.lambda_conditional else None,
-        )
-    field_ = output.field.float()
+        output = _network_output(session.net, config, moving, fixed, lam)
+    field_, scale = output.field.float(), config.similarity_scale
     inverse = None
     if config.bidirectional:
         inverse = spatial.upsample_field(spatial.integrate_velocity(-output.velocity.float(), config.int_steps), scale)
@@ -616,13 +622,8 @@ def validate(
     for m, f in data.validation_pairs():
         moving, fixed = data.images[m : m + 1].to(device), data.images[f : f + 1].to(device)
         lam = torch.full((1,), lam_value, device=device)
-        scale = config.similarity_scale
-        coarse = model(
-            spatial.block_mean(moving, scale),
-            spatial.block_mean(fixed, scale),
-            lam if config.lambda_conditional else None,
-        ).field
-        field_ = spatial.upsample_field(coarse, scale)
+        coarse = _network_output(model, config, moving, fixed, lam).field
+        field_ = spatial.upsample_field(coarse, config.similarity_scale)
         losses.append(float(objective(moving, fixed, field_, lam, network_field=coarse)[0]))
         if data.labels is not None and bool(data.has_labels[m] & data.has_labels[f]):
             warped = spatial.warp(data.labels[m : m + 1].to(device).float(), field_, mode="nearest")
