@@ -53,8 +53,9 @@ def evaluate(
     pairs: list[tuple[Path, Path, Path, Path, np.ndarray]],
     refine: int,
     symmetric: bool = False,
-) -> dict[str, float]:
-    """Mean Dice, % folding and seconds per pair of ``model`` (+ ``refine`` steps), or of
+) -> dict[str, float | str]:
+    """Mean Dice, % folding and seconds per pair (and each pair's Dice, ``dice_pairs``) of
+    ``model`` (+ ``refine`` steps), or of
     instance optimisation when ``model`` is None; seconds = loading, the network (+
     refinement) or the optimisation, and warping scan and labels, with the affine given;
     ``symmetric``: the network averages both directions (``register(symmetric=True)``)."""
@@ -77,7 +78,13 @@ def evaluate(
         warped = next(iter(result.warped_labels.values())).array
         dice.append(mean_dice(io.load_image(fixed_labels, label=True).array, warped))
         folding.append(float(metrics.jacobian_stats(result.field)["folding_percent"]))
-    return {"dice": float(np.mean(dice)), "folding": float(np.mean(folding)), "seconds": float(np.mean(seconds))}
+    scores = {"dice": float(np.mean(dice)), "folding": float(np.mean(folding)), "seconds": float(np.mean(seconds))}
+    return scores | {"dice_pairs": " ".join(f"{value:.4f}" for value in dice)}
+
+
+def _rounded(value: float | str) -> float | str:
+    """A score to 4 decimals (text as it is)."""
+    return round(value, 4) if isinstance(value, float) else value
 
 
 def plot_curve(rows: list[dict[str, str]], path: Path, references: dict[str, float]) -> None:
@@ -158,7 +165,7 @@ def main() -> None:
     if args.instance:
         scores = evaluate(None, pairs, 0)
         print(
-            {"method": "instance-optimisation", **{key: round(value, 4) for key, value in scores.items()}}, flush=True
+            {"method": "instance-optimisation", **{key: _rounded(value) for key, value in scores.items()}}, flush=True
         )
     for path in args.checkpoints:
         step, hours = checkpoint_info(path)
@@ -167,7 +174,7 @@ def main() -> None:
         row["symmetric"] = args.symmetric
         for name, refine in [("model", 0)] + [(f"refine{n}", n) for n in args.refine]:
             scores = evaluate(path, pairs, refine, args.symmetric)
-            row.update({f"{name}_{key}": round(value, 4) for key, value in scores.items()})
+            row.update({f"{name}_{key}": _rounded(value) for key, value in scores.items()})
         print(row, flush=True)
         if args.csv:
             new = not args.csv.exists()
