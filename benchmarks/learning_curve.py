@@ -99,7 +99,8 @@ def plot_curve(rows: list[dict[str, str]], path: Path, references: dict[str, flo
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     on_gpu = [row for row in rows if row.get("device") == "gpu"]
-    rows_cpu = [row for row in rows if row.get("device") != "gpu"]
+    fine = [row for row in rows if row.get("device") == "cpu-1mm"]  # similarity scored at 1 mm
+    rows_cpu = [row for row in rows if row.get("device") not in ("gpu", "cpu-1mm")]
     both_ways = [row for row in rows_cpu if row.get("symmetric") == "True"]
     one_way = [row for row in rows_cpu if row.get("symmetric") != "True"]
     ax.plot([int(r["step"]) for r in one_way], [float(r["model_dice"]) for r in one_way], "o-", label="model alone")
@@ -114,6 +115,14 @@ def plot_curve(rows: list[dict[str, str]], path: Path, references: dict[str, flo
             [float(r["model_dice"]) for r in gpu_rows],
             "^-",
             label="symmetric, GPU segment (batch 4)",
+        )
+    if fine:
+        start = [(on_gpu or both_ways)[-1]] if (on_gpu or both_ways) else []
+        ax.plot(
+            [int(r["step"]) for r in start + fine],
+            [float(r["model_dice"]) for r in start + fine],
+            "v-",
+            label="symmetric, CPU, similarity at 1 mm (--similarity-scale 2)",
         )
     for (name, value), style in zip(references.items(), ("--", ":", "-.")):
         ax.axhline(value, linestyle=style, color="grey", label=f"{name} {value:.3f}")

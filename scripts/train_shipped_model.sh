@@ -11,14 +11,16 @@
 #                                                    committed) and metrics.csv.gz (gzip: the whole run, earlier
 #                                                    segments' rows, then this one's with steps and
 #                                                    seconds offset to follow them)
-# DATA (default /work/data/ds002748_prep) is the output folder of prepare_ds002748.py; never committed.
+# DATA is the output folder of prepare_ds002748.py; never committed.
 # work/ (full checkpoints with optimiser state) is not committed.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup_env.sh"
 RUN="$ROOT/runs/brain-real-v2"
 WORK="$RUN/work"
-DATA="${VOXREG_TRAIN_DATA:-/work/data/ds002748_prep}"
+# since the thirteenth session the similarity is scored at 1.035 mm (--similarity-scale 2): DATA is
+# prepare_ds002748.py's output with --voxel-mm 1.035 --crop 160x192x160
+DATA="${VOXREG_TRAIN_DATA:-/work/data/ds002748_fine}"
 mkdir -p "$WORK"
 if [ "${1:-}" = "--handover" ]; then
   "$VENV_PY" -c "import sys; from voxreg.nn.checkpoint import save_weights_only; save_weights_only(sys.argv[1], sys.argv[2])" \
@@ -56,6 +58,6 @@ else
   START=(--init brain)   # the shipped model (synthetic-data brain-synth-v1 step 13,387 before this run shipped)
 fi
 exec "$(dirname "$VENV_PY")/voxreg" train "$DATA/train.csv" --val "$DATA/heldout.csv" \
-    --half-res --fine-features 16 --int-steps 5 --network vm2 --similarity ncc --lambda 1 --lr 1e-4 \
+    --half-res --fine-features 16 --int-steps 5 --network vm2 --similarity ncc --lambda 1 --lr 1e-4 --similarity-scale 2 \
     --steps 100000 --checkpoint-every 50 --validate-every 250 --seed 0 --device auto \
     -o "$WORK" "${START[@]}" "$@"
