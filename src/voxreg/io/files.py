@@ -153,10 +153,10 @@ class UncachedFile(io.RawIOBase):
     """A new file written around the page cache (Linux ``O_DIRECT``): bytes are gathered in a
     page-aligned buffer of :data:`DIRECT_CHUNK` bytes (256 fresh pages per file) and written
     when it is full; the last block is padded and the file cut back to its length on
-    ``close``. On a virtual machine that backs its
-    memory lazily every fresh page-cache page is a page fault on the host (a 1 mm brain's
-    61 MB compressed field: ~0.3-0.6 s of system time through the page cache, 0.01 s
-    around it). A file system that refuses a direct write midway gets the rest buffered."""
+    ``close``. On a virtual machine that backs its memory lazily every fresh page-cache page
+    is a page fault on the host (a 1 mm brain's 61 MB compressed field: ~0.3-0.6 s of system
+    time through the page cache, 0.01 s around it). A file system that refuses a direct write
+    midway gets the rest buffered."""
 
     def __init__(self, path: PathLike) -> None:
         super().__init__()
@@ -193,9 +193,10 @@ class UncachedFile(io.RawIOBase):
                 except OSError as exc:
                     import fcntl  # POSIX only, as O_DIRECT
 
-                    if exc.errno != errno.EINVAL or not fcntl.fcntl(self._fd, fcntl.F_GETFL) & os.O_DIRECT:
+                    flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+                    if exc.errno != errno.EINVAL or not flags & os.O_DIRECT:
                         raise
-                    fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                    fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
         self._filled = 0
 
     def close(self) -> None:
