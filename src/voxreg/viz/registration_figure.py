@@ -15,13 +15,19 @@ Display convention (one rule for every panel and every image):
   image, over the Jacobian determinant of the full field (blue < 1 < red, <= 0 folding).
 
 The figure is drawn fast: all panels are composed into one RGB mosaic (numpy, colormap
-lookup tables, nearest-neighbour resampling to square millimetre pixels) shown on one
-matplotlib Figure without Axes; only grid lines and text are vector artists. Matplotlib is
-used through its object API with the Agg canvas (no pyplot state); Pillow encodes the PNG.
+lookup tables, nearest-neighbour resampling to square millimetre pixels); the grid lines
+(anti-aliased by drawing them at 4x and averaging) and the text (FreeType, matplotlib's
+DejaVu Sans) are drawn over it with Pillow, which encodes the PNG. Matplotlib is not
+imported (its import and first draw cost ~0.4 s of a fresh process): the colormaps are
+its lookup tables (:mod:`voxreg.viz._colormaps`) and the colour-bar ticks its
+``MaxNLocator(5)`` choice (:func:`nice_ticks`).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -222,16 +228,61 @@ _FOLD_COLOUR = (0, 255, 0)
 
 
 def _lut(name: str) -> np.ndarray:
-    """``(256, 3)`` uint8 lookup table of the matplotlib colormap ``name``."""
+    """``(256, 3)`` uint8 lookup table of the matplotlib colormap ``name`` (gray, RdBu_r and
+    coolwarm stored in :mod:`voxreg.viz._colormaps`; any other from matplotlib)."""
     lut = _LUTS.get(name)
     if lut is None:
-        from matplotlib import colormaps
+        from voxreg.viz._colormaps import LUT_HEX
 
-        lut = _LUTS[name] = colormaps[name](np.linspace(0.0, 1.0, 256), bytes=True)[:, :3]
+        if name in LUT_HEX:
+            lut = np.frombuffer(bytes.fromhex(LUT_HEX[name]), dtype=np.uint8).reshape(256, 3)
+        else:
+            from matplotlib import colormaps
+
+            lut = colormaps[name](np.linspace(0.0, 1.0, 256), bytes=True)[:, :3]
+        _LUTS[name] = lut
     return lut
 
 
 _LUTS: dict[str, np.ndarray] = {}
+
+#: matplotlib ``MaxNLocator``'s default steps (1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10), extended a
+#: decade down and up as it does
+_STEPS = np.array([1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0])
+_TICK_STEPS = np.concatenate([0.1 * _STEPS[:-1], _STEPS, [10.0 * _STEPS[1]]])
+
+
+def nice_ticks(vmin: float, vmax: float, bins: int = 5) -> np.ndarray:
+    """Tick values at round steps (1, 1.5, 2, 2.5, 3, 4, 5, 6 or 8 times a power of ten) covering ``vmin`` ..
+    ``vmax`` in at most ``bins`` intervals, at least two inside the range: matplotlib's
+    ``MaxNLocator(bins).tick_values(vmin, vmax)`` for ranges not far from zero (what a
+    colour bar of figure.png shows), without importing matplotlib."""
+    span = vmax - vmin
+    scale = 10.0 ** math.floor(math.log10(span / bins))
+    steps = _TICK_STEPS * scale
+    large = np.flatnonzero(steps >= span / bins)
+    first = int(large[0]) if large.size else len(steps) - 1
+    ticks = np.array([vmin, vmax])
+    for step in steps[: first + 1][::-1]:
+        base = (vmin // step) * step
+        low = _multiple_at_most((vmin - base) / step)
+        high = _multiple_at_least((vmax - base) / step)
+        ticks = np.arange(low, high + 1) * step + base
+        if ((ticks <= vmax) & (ticks >= vmin)).sum() >= 2:
+            break
+    return ticks
+
+
+def _multiple_at_most(ratio: float) -> float:
+    """Largest integer ``n <= ratio``, ``ratio`` within 1e-10 of the next counting as it."""
+    whole, rest = divmod(ratio, 1.0)
+    return whole + 1 if abs(rest - 1.0) < 1e-10 else whole
+
+
+def _multiple_at_least(ratio: float) -> float:
+    """Smallest integer ``n >= ratio``, ``ratio`` within 1e-10 of the one below counting as it."""
+    whole, rest = divmod(ratio, 1.0)
+    return whole if abs(rest) < 1e-10 else whole + 1
 
 
 def _colour(image: np.ndarray, cmap: str, vmin: float, vmax: float) -> np.ndarray:
@@ -318,10 +369,10 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
-def _colour_bar(fig, mosaic: np.ndarray, panel: _Panel, column: int, cmap: str, vmin: float, vmax: float, dpi: int):
-    """Vertical colour bar (5%..95% of the panel height) right of ``column`` with tick labels."""
-    from matplotlib.ticker import MaxNLocator
-
+def _colour_bar(canvas: _Canvas, mosaic: np.ndarray, panel: _Panel, column: int, cmap: str, vmin: float, vmax: float):
+    """Vertical colour bar (5%..95% of the panel height) right of ``column`` with tick labels
+    (the tick marks go into ``mosaic``, the labels onto ``canvas``)."""
+    dpi = canvas.dpi
     left = panel.lefts[column] + panel.width + int(round(0.08 * dpi))
     bar_w = max(int(round(0.11 * dpi)), 3)
     top = panel.top + int(round(0.05 * panel.height))
@@ -329,9 +380,8 @@ def _colour_bar(fig, mosaic: np.ndarray, panel: _Panel, column: int, cmap: str, 
     values = vmax - (np.arange(bar_h) + 0.5) * ((vmax - vmin) / bar_h)  # top = vmax
     mosaic[top : top + bar_h, left : left + bar_w] = _colour(values, cmap, vmin, vmax)[:, None]
     _frame(mosaic, top, left, bar_h, bar_w)
-    height, width = mosaic.shape[:2]
     tick = max(int(round(0.03 * dpi)), 2)
-    ticks = MaxNLocator(5).tick_values(vmin, vmax)
+    ticks = nice_ticks(vmin, vmax)
     ticks = ticks[(ticks >= vmin - 1e-9 * (vmax - vmin)) & (ticks <= vmax + 1e-9 * (vmax - vmin))]
     # one number of decimals for all labels, as matplotlib's colour bars (0.0, 0.4, ..., 2.0)
     decimals = next((d for d in range(7) if np.allclose(np.round(ticks, d), ticks, rtol=0, atol=1e-9)), 6)
@@ -340,7 +390,7 @@ def _colour_bar(fig, mosaic: np.ndarray, panel: _Panel, column: int, cmap: str, 
         row = min(int(y), top + bar_h - 1)
         mosaic[row, left + bar_w : left + bar_w + tick] = 0
         label = f"{0.0 if abs(value) < 1e-12 * (vmax - vmin) else value:.{decimals}f}".replace("-", "\u2212")
-        fig.text((left + bar_w + tick + 2) / width, 1 - y / height, label, fontsize=6.5, va="center", ha="left")
+        canvas.later(left + bar_w + tick + 2, y, label, 6.5, ha="left", va="center")
 
 
 def _render(
@@ -356,24 +406,15 @@ def _render(
 ) -> np.ndarray:
     """The figure's ``(H, W, 3)`` uint8 pixels: the mosaic of every panel with the grid lines
     and text drawn over it (a callable ``title`` is called last, once the panels are drawn)."""
-    from matplotlib.collections import LineCollection
-    from matplotlib.figure import Figure
-    from matplotlib.transforms import Bbox, IdentityTransform
-
     cuts = [{k: _cut(a, p) for k, a in (("fixed", fixed), ("moving", moving), ("warped", warped))} for p in planes]
     image_range = robust_range([c["fixed"] for c in cuts])
     before = [np.abs(c["moving"] - c["fixed"]) for c in cuts]
     diff_range = max(robust_range(before)[1], 1e-6)
     panels, (height, width) = _layout(fixed.shape, spacing, planes, title, dpi)
     mosaic = np.full((height, width, 3), 255, dtype=np.uint8)
-    # + 0.01: the Agg canvas truncates figsize * dpi to whole pixels
-    fig = Figure(figsize=((width + 0.01) / dpi, (height + 0.01) / dpi), dpi=dpi)
-
-    def text(x: float, y: float, label: str, **kwargs) -> None:
-        fig.text(x / width, 1 - y / height, label, **kwargs)
-
+    canvas = _Canvas(dpi)
     step = grid_step or max(int(round(max(fixed.shape) / 24)), 2)
-    collections = []
+    grids = []
     for r, (panel, data, before_abs) in enumerate(zip(panels, cuts, before)):
         plane, top, h_px, w_px = panel.plane, panel.top, panel.height, panel.width
         diff = data["warped"] - data["fixed"]
@@ -391,55 +432,138 @@ def _render(
         for left, rgb in zip(panel.lefts, shown):
             mosaic[top : top + h_px, left : left + w_px] = rgb
             _frame(mosaic, top, left, h_px, w_px)
-        _colour_bar(fig, mosaic, panel, 3, "RdBu_r", -diff_range, diff_range, dpi)
-        _colour_bar(fig, mosaic, panel, 4, "coolwarm", 0.0, 2.0, dpi)
-        # deformed grid over det(J), in figure pixels (y up), clipped to the panel
+        _colour_bar(canvas, mosaic, panel, 3, "RdBu_r", -diff_range, diff_range)
+        _colour_bar(canvas, mosaic, panel, 4, "coolwarm", 0.0, 2.0)
+        # deformed grid over det(J), in mosaic pixels, clipped to the panel
         along_h, along_v = grid_lines(_cut(field[plane.horizontal], plane), _cut(field[plane.vertical], plane), step)
-        segments = [
-            np.column_stack([xy[:, 0], height - xy[:, 1]])
-            for group in (along_h, along_v)
-            for xy in panel.to_pixels(group, 4)
-        ]
-        grid = LineCollection(segments, colors="k", linewidths=0.5, transform=IdentityTransform())
-        left = panel.lefts[4]
-        grid.set_clip_box(Bbox.from_extents(left, height - top - h_px, left + w_px, height - top))
-        collections.append(grid)
-        text(
+        lines = [xy for group in (along_h, along_v) for xy in panel.to_pixels(group, 4)]
+        grids.append((lines, (panel.lefts[4], top, w_px, h_px)))
+        canvas.later(
             panel.lefts[3] + 0.02 * w_px + 2,
             top + h_px - 0.02 * h_px - 2,
             f"MAE {np.abs(diff).mean():.3g} (before {before_abs.mean():.3g})",
-            fontsize=6.5,
-            color="k",
-            backgroundcolor=(1, 1, 1, 0.6),
+            6.5,
             va="bottom",
+            background=0.6,
         )
         if plane.name:
-            text(
-                panel.lefts[0] - 0.1 * dpi, top + h_px / 2, plane.name, fontsize=8, rotation=90, ha="right", va="center"
+            canvas.later(
+                panel.lefts[0] - 0.1 * dpi, top + h_px / 2, plane.name, 8, ha="right", va="center", rotation=90
             )
         if r == 0:
             names = (*_COLUMNS[:4], "grid x+u(x) on det(J)")
             for left, name in zip(panel.lefts, names):
-                text(left + w_px / 2, top - 0.06 * dpi, name, fontsize=9, ha="center", va="bottom")
-    for grid in collections:
-        fig.add_artist(grid)
+                canvas.later(left + w_px / 2, top - 0.06 * dpi, name, 9, ha="center", va="bottom")
+    image = canvas.start(mosaic)
+    for lines, box in grids:
+        canvas.lines(image, lines, box, width_points=0.5)
     if title:
-        text(width / 2, 0.12 * dpi, title() if callable(title) else title, fontsize=11, ha="center", va="top")
-    return _composite(mosaic, fig)
+        canvas.later(width / 2, 0.12 * dpi, title() if callable(title) else title, 11, ha="center", va="top")
+    canvas.texts(image)
+    return np.asarray(image)
 
 
-def _composite(mosaic: np.ndarray, fig) -> np.ndarray:
-    """The vector layer ``fig`` (text and lines on a transparent Agg canvas of the mosaic's
-    size) drawn over ``mosaic``; ``(H, W, 3)`` uint8."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from PIL import Image as PilImage
+#: Pillow's text anchors for matplotlib's horizontal / vertical alignments
+_ANCHOR_H = {"left": "l", "center": "m", "right": "r"}
+_ANCHOR_V = {"top": "t", "center": "m", "bottom": "b", "baseline": "s"}
+#: grid lines are drawn at this many times the resolution and averaged down (anti-aliasing)
+_LINE_SUPERSAMPLING = 4
 
-    fig.patch.set_alpha(0.0)
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    overlay = PilImage.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba(), "raw", "RGBA", 0, 1)
-    base = PilImage.fromarray(mosaic).convert("RGBA")
-    return np.asarray(PilImage.alpha_composite(base, overlay).convert("RGB"))
+
+class _Canvas:
+    """Text and grid lines drawn over the mosaic with Pillow (sizes in points at ``dpi``, as
+    matplotlib's): text is collected by :meth:`later` and drawn by :meth:`texts` once the
+    panels are done (a title may wait for the metrics)."""
+
+    def __init__(self, dpi: int) -> None:
+        self.dpi = dpi
+        self.pending: list[tuple[tuple[float, float, str, float], dict]] = []
+
+    def start(self, mosaic: np.ndarray):
+        """The mosaic as a Pillow RGB image to draw on."""
+        from PIL import Image as PilImage
+
+        return PilImage.fromarray(mosaic)
+
+    def later(self, x: float, y: float, label: str, points: float, **style) -> None:
+        """Queue ``label`` at mosaic pixel ``(x, y)`` (y down), ``points`` tall; ``style``:
+        ``ha``, ``va``, ``rotation`` (0 or 90) and ``background`` (white at this opacity)."""
+        self.pending.append(((x, y, label, points), style))
+
+    def texts(self, image) -> None:
+        """Draw the queued text onto ``image``."""
+        for (x, y, label, points), style in self.pending:
+            self.text(image, x, y, label, points, **style)
+        self.pending = []
+
+    def text(
+        self,
+        image,
+        x: float,
+        y: float,
+        label: str,
+        points: float,
+        ha: str = "left",
+        va: str = "baseline",
+        rotation: int = 0,
+        background: float = 0.0,
+    ) -> None:
+        """Black ``label`` at ``(x, y)`` aligned by ``ha``/``va`` (of the rotated text's box
+        when ``rotation`` is 90, which reads bottom to top)."""
+        from PIL import Image as PilImage
+        from PIL import ImageDraw
+
+        font = _font(points * self.dpi / 72.0)
+        if rotation == 0:
+            anchor = _ANCHOR_H[ha] + _ANCHOR_V[va]
+            if background:
+                left, top, right, bottom = (int(round(v)) for v in font.getbbox(label, anchor=anchor))
+                box = (int(x) + left - 2, int(y) + top - 2, int(x) + right + 2, int(y) + bottom + 2)
+                crop = image.crop(box)
+                image.paste(PilImage.blend(crop, PilImage.new("RGB", crop.size, (255, 255, 255)), background), box[:2])
+            ImageDraw.Draw(image).text((x, y), label, fill=(0, 0, 0), font=font, anchor=anchor)
+            return
+        left, top, right, bottom = font.getbbox(label, anchor="lt")
+        mask = PilImage.new("L", (int(right - left) + 2, int(bottom - top) + 2), 0)
+        ImageDraw.Draw(mask).text((1 - left, 1 - top), label, fill=255, font=font, anchor="lt")
+        mask = mask.rotate(rotation, expand=True)
+        width, height = mask.size
+        left = {"left": x, "center": x - width / 2, "right": x - width}[ha]
+        top = {"top": y, "center": y - height / 2, "bottom": y - height, "baseline": y - height}[va]
+        image.paste((0, 0, 0), (int(round(left)), int(round(top))), mask)
+
+    def lines(
+        self, image, polylines: Sequence[np.ndarray], box: tuple[int, int, int, int], width_points: float
+    ) -> None:
+        """Black ``polylines`` (``(n, 2)`` mosaic pixel ``(x, y)`` each) clipped to ``box``
+        (left, top, width, height), ``width_points`` wide, anti-aliased."""
+        from PIL import Image as PilImage
+        from PIL import ImageDraw
+
+        left, top, width, height = box
+        scale = _LINE_SUPERSAMPLING
+        mask = PilImage.new("L", (width * scale, height * scale), 0)
+        draw = ImageDraw.Draw(mask)
+        stroke = max(int(round(width_points * self.dpi / 72.0 * scale)), 1)
+        offset = np.array([left, top], dtype=np.float64)
+        for xy in polylines:
+            points = ((np.asarray(xy, dtype=np.float64) - offset) * scale).ravel().tolist()
+            draw.line(points, fill=255, width=stroke)
+        image.paste((0, 0, 0), (left, top), mask.reduce(scale))
+
+
+@functools.lru_cache(maxsize=8)
+def _font(pixels: float):
+    """DejaVu Sans (matplotlib's default font, from its installed files; nothing is
+    imported) at ``pixels``, else Pillow's own font."""
+    from PIL import ImageFont
+
+    spec = importlib.util.find_spec("matplotlib")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
+        if path.is_file():
+            return ImageFont.truetype(str(path), pixels)
+    return ImageFont.load_default(pixels)
 
 
 def _save_atomic(rgb: np.ndarray, path: Path, dpi: int) -> None:
