@@ -552,17 +552,25 @@ class _Canvas:
         image.paste((0, 0, 0), (left, top), mask.reduce(scale))
 
 
-@functools.lru_cache(maxsize=8)
 def _font(pixels: float):
     """DejaVu Sans (matplotlib's default font, from its installed files; nothing is
-    imported) at ``pixels``, else Pillow's own font."""
+    imported) about ``pixels`` tall, else Pillow's own font."""
+    return _font_of_size(max(int(round(pixels)), 1))
+
+
+@functools.lru_cache(maxsize=8)
+def _font_of_size(pixels: int):
+    """:func:`_font` at a whole number of pixels (cached)."""
     from PIL import ImageFont
 
     spec = importlib.util.find_spec("matplotlib")
     for folder in (spec.submodule_search_locations or []) if spec else []:
         path = Path(folder) / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
         if path.is_file():
-            return ImageFont.truetype(str(path), pixels)
+            try:
+                return ImageFont.truetype(str(path), pixels)
+            except OSError:  # a Pillow built without FreeType
+                break
     return ImageFont.load_default(pixels)
 
 
