@@ -87,6 +87,11 @@ def _rounded(value: float | str) -> float | str:
     return round(value, 4) if isinstance(value, float) else value
 
 
+#: CSV ``device`` tags of segments plotted as series of their own, each starting at its first
+#: row (the shipped checkpoint the segment continued from)
+LATER_SEGMENTS = {"cpu-1mm-l0.5": "symmetric, CPU, similarity at 1 mm, \u03bb 0.5 (fourteenth session)"}
+
+
 def plot_curve(rows: list[dict[str, str]], path: Path, references: dict[str, float]) -> None:
     """Dice of the model alone against training steps (and CPU hours on a second axis), with
     horizontal reference lines (e.g. ANTs SyN, instance optimisation)."""
@@ -100,7 +105,7 @@ def plot_curve(rows: list[dict[str, str]], path: Path, references: dict[str, flo
     ax = fig.add_subplot(1, 1, 1)
     on_gpu = [row for row in rows if row.get("device") == "gpu"]
     fine = [row for row in rows if row.get("device") == "cpu-1mm"]  # similarity scored at 1 mm
-    rows_cpu = [row for row in rows if row.get("device") not in ("gpu", "cpu-1mm")]
+    rows_cpu = [row for row in rows if row.get("device") not in ("gpu", "cpu-1mm", *LATER_SEGMENTS)]
     both_ways = [row for row in rows_cpu if row.get("symmetric") == "True"]
     one_way = [row for row in rows_cpu if row.get("symmetric") != "True"]
     ax.plot([int(r["step"]) for r in one_way], [float(r["model_dice"]) for r in one_way], "o-", label="model alone")
@@ -124,6 +129,10 @@ def plot_curve(rows: list[dict[str, str]], path: Path, references: dict[str, flo
             "v-",
             label="symmetric, CPU, similarity at 1 mm (--similarity-scale 2)",
         )
+    for tag, label in LATER_SEGMENTS.items():  # each from its own first row (the checkpoint it started from)
+        segment = [row for row in rows if row.get("device") == tag]
+        if segment:
+            ax.plot([int(r["step"]) for r in segment], [float(r["model_dice"]) for r in segment], "D-", label=label)
     for (name, value), style in zip(references.items(), ("--", ":", "-.")):
         ax.axhline(value, linestyle=style, color="grey", label=f"{name} {value:.3f}")
     batch_note = " (batch 1; batch 4 on the GPU)" if on_gpu else ""
