@@ -17,7 +17,7 @@ import typer
 
 from voxreg.cli.batch import register_batch
 from voxreg.cli.evaluate import evaluate, tune_lambda
-from voxreg.cli.options import Device, Engine, Lambda, Model, NoInverse, NoItk, Refine, Similarity
+from voxreg.cli.options import Device, Engine, Lambda, Model, NoInverse, NoItk, Passes, Refine, Similarity
 from voxreg.cli.points import transform_points
 from voxreg.cli.preprocess import preprocess
 from voxreg.cli.progress import console, progress_bar, user_errors
@@ -40,6 +40,7 @@ def register(
     similarity: Similarity = "ncc",
     lam: Lambda = None,
     refine: Refine = None,
+    passes: Passes = None,
     device: Device = "auto",
     moving_labels: list[Path] = typer.Option(
         [], "--moving-labels", help="Label map(s) on the moving scan to carry along."
@@ -68,6 +69,7 @@ def register(
                 similarity=similarity,
                 lam=lam,
                 refine=refine,
+                passes=passes,
                 device=device,
                 moving_labels=moving_labels or None,
                 fixed_labels=fixed_labels,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from voxreg.cli.options import Engine, Lambda, Model, NoInverse, NoItk, Refine, Similarity
+from voxreg.cli.options import Engine, Lambda, Model, NoInverse, NoItk, Passes, Refine, Similarity
 from voxreg.cli.progress import console, progress_bar, user_errors
 
 
@@ -21,6 +21,7 @@ def register_batch(
     similarity: Similarity = "ncc",
     lam: Lambda = None,
     refine: Refine = None,
+    passes: Passes = None,
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N] (under torchrun: one GPU per rank)."),
     workers: int = typer.Option(2, "--workers", help="IO threads reading ahead / writing behind (0: none)."),
     no_affine: bool = typer.Option(False, "--no-affine", help="Skip the affine pre-alignment."),
@@ -55,6 +56,7 @@ def register_batch(
             similarity=similarity,
             lam=lam,
             refine=refine,
+            passes=passes,
             affine=not no_affine,
             affine_only=affine_only,
             on_merged=None if no_report else write_report_quietly,

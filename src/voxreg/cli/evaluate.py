@@ -124,6 +124,11 @@ def evaluate(
         "--refine",
         help="Refinement steps of network-refine (default: the shipped model's own; 50 after a checkpoint).",
     ),
+    passes: int | None = typer.Option(
+        None,
+        "--passes",
+        help="Network passes of network / network-refine (a cascade; default: the shipped model's own, 1 after a checkpoint).",
+    ),
     lam: float | None = typer.Option(
         None, "--lambda", "-l", help="Regularisation weight (instance, refinement, lambda-conditional network)."
     ),
@@ -159,6 +164,7 @@ def evaluate(
         raise VoxregError(f"--iterations takes steps >= 0 per level (at least one > 0), got {iterations!r}")
     _check_number("--lambda", lam, 0.0)
     _check_int("--refine", refine, 1)
+    _check_int("--passes", passes, 1)
     _check_int("--examples", examples, 0)
     _check_int("--ants-threads", ants_threads, 1)
     excluded = _int_list(exclude_labels, "--exclude-labels")
@@ -169,6 +175,7 @@ def evaluate(
             methods,
             model=model,
             refine=refine,
+            passes=passes,
             lam=lam,
             similarity=similarity,
             device=device,

@@ -34,6 +34,14 @@ Refine = Annotated[
         help="Instance-optimisation steps after the network (default: the shipped model's own; 0 after a checkpoint).",
     ),
 ]
+Passes = Annotated[
+    int | None,
+    typer.Option(
+        "--passes",
+        help="Apply the network N times, each pass to the moving scan warped by the passes before "
+        "(default: the shipped model's own; 1 after a checkpoint). brain-real: 2 passes +0.029 Dice for ~0.35 s.",
+    ),
+]
 NoInverse = Annotated[
     bool,
     typer.Option(

@@ -68,6 +68,7 @@ def _run_voxreg(data: PairData, options: EvaluationOptions, **kwargs: Any) -> Me
         "engine": result.metrics["engine"],
         "engine_reason": result.metrics["engine_reason"],
         "model": result.metrics["model"],
+        "network_passes": result.metrics.get("network_passes"),
     }
     return MethodOutput(
         warped=result.warped,
@@ -108,9 +109,11 @@ def run_instance(data: PairData, options: EvaluationOptions) -> MethodOutput:
 
 
 def run_network(data: PairData, options: EvaluationOptions) -> MethodOutput:
-    """Affine stage + one forward pass of the model ``options.model`` (no refinement)."""
+    """Affine stage + the model ``options.model`` (``options.passes`` passes; no refinement)."""
     model = _require_model(options, data.fixed.ndim)
-    return _run_voxreg(data, options, model=model, lam=options.lam, refine=0, config=align_config(options))
+    return _run_voxreg(
+        data, options, model=model, lam=options.lam, refine=0, passes=options.passes, config=align_config(options)
+    )
 
 
 def run_network_refine(data: PairData, options: EvaluationOptions) -> MethodOutput:
@@ -122,7 +125,9 @@ def run_network_refine(data: PairData, options: EvaluationOptions) -> MethodOutp
     refine = options.refine
     if refine is None:
         refine = default_refinement(model, "network", data.fixed.ndim) or CHECKPOINT_REFINE
-    return _run_voxreg(data, options, model=model, lam=options.lam, refine=refine, config=align_config(options))
+    return _run_voxreg(
+        data, options, model=model, lam=options.lam, refine=refine, passes=options.passes, config=align_config(options)
+    )
 
 
 def _require_model(options: EvaluationOptions, ndim: int) -> str | Path:

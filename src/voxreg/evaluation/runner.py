@@ -91,6 +91,7 @@ def evaluate(
     lam: float | None = None,
     similarity: str = "ncc",
     device: str | torch.device = "auto",
+    passes: int | None = None,
     structures: str = "all",
     exclude_labels: Iterable[int] = (0,),
     ants_threads: int | None = None,
@@ -112,6 +113,7 @@ def evaluate(
     options = EvaluationOptions(
         model=model,
         refine=None if refine is None else int(refine),
+        passes=None if passes is None else int(passes),
         lam=lam,
         similarity=similarity,
         device=resolve_device(device),

@@ -73,6 +73,7 @@ class EvaluationOptions:
 
     model: str | Path | None = None  # a checkpoint file or a shipped model's name
     refine: int | None = None  # None: the shipped model's own, 50 after a checkpoint file
+    passes: int | None = None  # network passes (a cascade); None: the shipped model's own, 1 after a checkpoint
     lam: float | None = None
     similarity: str = "ncc"
     device: torch.device = dataclass_field(default_factory=lambda: torch.device("cpu"))

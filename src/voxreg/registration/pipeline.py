@@ -34,6 +34,8 @@ from voxreg.registration.outputs import RegistrationResult, measure_registration
 
 #: deformable engines of :func:`register`: auto (a shipped model when one suits, else instance optimisation)
 ENGINES = ("auto", "network", "instance")
+#: the most passes of a network cascade (``register(passes=...)``): each costs a forward pass and a warp
+MAX_PASSES = 8
 
 __all__ = ["RegistrationResult", "apply_field", "as_image", "measure_registration", "register", "warp_image"]
 
@@ -88,12 +90,14 @@ def _predict_with_model(
     world_matrix: np.ndarray | None = None,
     inverse: bool = False,
     symmetric: bool = False,
+    passes: int = 1,
 ) -> tuple[torch.Tensor, Callable[[], torch.Tensor] | None]:
     """(field, inverse) in voxels of the fixed grid predicted by the checkpoint at
     ``model_path`` for an affine-aligned pair (``moving`` on the fixed grid, or through
-    ``world_matrix``), in the model's space when the checkpoint records one. The inverse (a
-    function computing it on the fixed grid) is the network's own when ``inverse`` and it is
-    diffeomorphic, else None."""
+    ``world_matrix``), in the model's space when the checkpoint records one, by ``passes``
+    passes of the network (a cascade: :func:`voxreg.registration.network.predict_fields`).
+    The inverse (a function computing it on the fixed grid) is the network's own when
+    ``inverse`` and it is diffeomorphic, else None."""
     from voxreg.registration.network import model_space_of, predict_fields
 
     model, extra = loaded_checkpoint(model_path, device)
@@ -101,7 +105,7 @@ def _predict_with_model(
         raise VoxregError(f"{model_path}: model is {model.config.ndim}D but the images are {fixed.ndim}D")
     space = model_space_of(extra, str(model_path))
     lam = _model_lambda(model, extra, lam, model_path)
-    return predict_fields(model, space, fixed, moving, lam, device, world_matrix, inverse, symmetric)
+    return predict_fields(model, space, fixed, moving, lam, device, world_matrix, inverse, symmetric, passes)
 
 
 _CHECKPOINTS: dict[tuple[str, int, int, str], tuple[Any, dict[str, Any]]] = {}
@@ -191,6 +195,16 @@ def symmetric_inference(model: str | Path | None, engine: str, ndim: int, symmet
     return bool(shipped is not None and shipped.card.get("symmetric_inference", False))
 
 
+def network_passes(model: str | Path | None, engine: str, ndim: int, passes: int | None) -> int:
+    """How many times the network is applied (a cascade, each pass to the moving scan warped by
+    the passes before it): ``passes`` when given, else a shipped model's card (``passes``,
+    measured on held-out pairs), else 1."""
+    if passes is not None:
+        return int(passes)
+    shipped = _shipped_choice(model, engine, ndim)
+    return int(shipped.card.get("passes", 1)) if shipped is not None else 1
+
+
 def _extent_mm(image: Image) -> np.ndarray:
     """Field of view of ``image`` per axis in mm (voxels x spacing)."""
     return np.asarray(image.shape, dtype=float) * image.spacing
@@ -276,6 +290,7 @@ def register(
     engine: str = "auto",
     defer_metrics: bool = False,
     symmetric: bool | None = None,
+    passes: int | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` and return a :class:`RegistrationResult`.
 
@@ -292,9 +307,12 @@ def register(
     shipped model for the scans' dimension when one ships (``voxreg models``), else instance
     optimisation; ``'instance'`` never uses a network; ``model`` may name a shipped model.
     ``symmetric``: the network's velocity averaged with the negated velocity of the swapped
-    pair (:func:`symmetric_inference`; None: the shipped model's card decides).
+    pair (:func:`symmetric_inference`; None: the shipped model's card decides). ``passes``:
+    the network applied that many times, each pass to the moving scan warped by the passes
+    before it, the fields composed (:func:`network_passes`; None: the shipped model's card
+    decides, 1 for a checkpoint).
     """
-    _check_options(lam, refine, affine, affine_only, moving_labels, fixed_labels, model)
+    _check_options(lam, refine, affine, affine_only, moving_labels, fixed_labels, model, passes)
     total_start = time.perf_counter()
     configure_allocator()  # before the reading threads start (they then share the main heap)
     # the inputs are read side by side (decompression and casts release the GIL): 4 files of a
@@ -315,6 +333,11 @@ def register(
             raise VoxregError(
                 f"--refine N refines a network's field, but no network runs ({engine_reason}): give --model "
                 "(or a shipped model's name); instance optimisation runs its full schedule without it"
+            )
+        if model is None and passes is not None and passes > 1 and not affine_only:
+            raise VoxregError(
+                f"--passes N applies a network N times, but no network runs ({engine_reason}): give --model "
+                "(or a shipped model's name)"
             )
         label_maps = moving_label_maps.result()
         fixed_label_img = fixed_labels_read.result() if fixed_labels_read is not None else None
@@ -340,9 +363,12 @@ def register(
         inverse: Callable[[], torch.Tensor] | None = None  # the identity: inverse_field's zero-field case
     else:
         symmetric_run = model is not None and symmetric_inference(asked_model, engine, fixed_img.ndim, symmetric)
-        pair = _Pair(fixed_img, moving_img, world_matrix, moving_on_fixed, torch_device, symmetric_run)
+        passes_run = 1 if model is None else network_passes(asked_model, engine, fixed_img.ndim, passes)
+        pair = _Pair(fixed_img, moving_img, world_matrix, moving_on_fixed, torch_device, symmetric_run, passes_run)
         if symmetric_run:
             values["symmetric_inference"] = True
+        if model is not None:
+            values["network_passes"] = passes_run
         engine, field, inverse, notes = _estimate_field(pair, model, config, lam, refine, progress)
         values.update(notes)
         release_memory_above(fixed_img.array.size)
@@ -405,6 +431,7 @@ def _check_options(
     moving_labels: Any,
     fixed_labels: Any,
     model: Any,
+    passes: Any = None,
 ) -> None:
     """Validate the numeric and combined options of :func:`register` (one-line VoxregError)."""
     try:
@@ -412,6 +439,8 @@ def _check_options(
             check_number("--lambda", lam, low=0.0, low_inclusive=model is None)
         if refine is not None:
             check_int("--refine", refine, 0)
+        if passes is not None:
+            check_int("--passes", passes, 1, MAX_PASSES)
     except ValueError as exc:
         raise VoxregError(str(exc)) from None
     if affine_only and not affine:
@@ -463,6 +492,7 @@ class _Pair:
     moving_on_fixed: Callable[[], Image]
     device: torch.device
     symmetric: bool = False  # the network averages both directions (symmetric_inference)
+    passes: int = 1  # the network applied this many times (network_passes)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised fixed and affine-aligned moving ``(1, 1, *S)`` for instance optimisation."""
@@ -489,7 +519,7 @@ def _estimate_field(
         return "instance-optimisation", found.field, None, _scale_note(found, config)
     alone = refine <= 0
     field, inverse = _predict_with_model(
-        model, pair.fixed, pair.moving, lam, pair.device, pair.world_matrix, alone, pair.symmetric
+        model, pair.fixed, pair.moving, lam, pair.device, pair.world_matrix, alone, pair.symmetric, pair.passes
     )
     notes: dict[str, Any] = {"network_precision": network_precision(pair.device)}
     if alone:
