@@ -9,7 +9,7 @@ of the nilearn wheel mapped onto the fixed head by voxreg's affine stage (templa
 Also % folding and seconds (affine + deformable + warp, files excluded), and a figure of
 mid-slices per pair.
 
-    python benchmarks/head_pairs.py FOLDER [--pairs 12:11 14:13] [--methods affine,network,default,instance]
+    python benchmarks/head_pairs.py FOLDER [--pairs 12:11 14:13] [--methods affine,network,default,instance] [--passes N]
                                            [--model brain-real] [--png OUT.png] [--json OUT.json]
     the same score on brain-extracted pairs, for comparison (../shared, validation only):
     python benchmarks/head_pairs.py ../shared/data/brain_mri/mindboggle_oasis_trt20 --pairs 2:1 4:3 6:5 8:7 \
@@ -73,10 +73,16 @@ def brain_local_ncc(fixed: np.ndarray, warped: np.ndarray, mask: np.ndarray) -> 
 
 
 def run_method(
-    method: str, fixed: Path, moving: Path, world: np.ndarray, model: str | None, symmetric: bool | None = None
+    method: str,
+    fixed: Path,
+    moving: Path,
+    world: np.ndarray,
+    model: str | None,
+    symmetric: bool | None = None,
+    passes: int | None = None,
 ) -> api.RegistrationResult:
     """One engine on one pair from the shared affine alignment ``world`` (``symmetric``: the
-    network's inference, None = its card's)."""
+    network's inference, ``passes``: its cascade, None = its card's)."""
     if method == "affine":
         return api.register(fixed, moving, world_matrix=world, affine_only=True, metrics=False)
     if method == "network":
@@ -89,6 +95,7 @@ def run_method(
             refine=0,
             metrics=False,
             symmetric=symmetric,
+            passes=passes,
         )
     if method == "instance":
         return api.register(fixed, moving, world_matrix=world, engine="instance", metrics=False)
@@ -102,6 +109,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--model", default=None, help="network of the 'network' method (default: the shipped one)")
     parser.add_argument("--symmetric", action="store_true", help="run a checkpoint's network both ways")
+    parser.add_argument("--passes", type=int, default=None, help="network passes (register --passes)")
     parser.add_argument("--pattern", default=None, help="scan path in FOLDER with {n} for the subject number")
     parser.add_argument("--png", type=Path, default=Path("head_pairs.png"))
     parser.add_argument("--json", type=Path, default=None)
@@ -120,7 +128,8 @@ def main() -> None:
             figure[label] = {"fixed (brain mask outlined)": fixed_array, "mask": mask}
             for method in methods:
                 start = time.perf_counter()
-                result = run_method(method, fixed, moving, world, args.model, True if args.symmetric else None)
+                symmetric = True if args.symmetric else None
+                result = run_method(method, fixed, moving, world, args.model, symmetric, args.passes)
                 seconds = time.perf_counter() - start
                 row = {
                     "pair": f"{moving_n}->{fixed_n}",

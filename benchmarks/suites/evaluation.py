@@ -43,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/voxreg_eval"), help="voxreg evaluate outputs")
     parser.add_argument("--model", type=Path, help="mindboggle-mni: the trained network")
     parser.add_argument("--lambda", dest="lam", type=float)
+    parser.add_argument("--passes", type=int, help="mindboggle: the network's passes (voxreg evaluate --passes)")
     parser.add_argument("--preprocessed", type=Path, help="mindboggle-mni: `voxreg preprocess` output folder")
     parser.add_argument(
         "--multiphase", type=Path, default=Path("/tmp/multiphase_ct"), help="ct: multiphase_ct.py output"
@@ -155,6 +156,7 @@ def run_set(name: str, args: argparse.Namespace) -> list[tuple[str, str, dict[st
         count = 1 if args.quick else args.pairs
         csv_path = pairs.write_pairs_csv(out / "pairs.csv", pairs.mindboggle_pairs(count, data), all_columns=True)
         extra, methods = ["--exclude-labels", "0,74"], "affine,ants-syn,instance"
+        extra += ["--passes", str(args.passes)] if args.passes is not None else []
         from voxreg.nn.shipped import default_model
 
         if default_model(3) is not None:  # the shipped network alone, and the default (model + refinement)
