@@ -178,3 +178,14 @@ def test_two_passes_of_brain_real_on_a_real_pair():
     assert "then 2 Newton step(s)" in stats["method"]
     assert stats["residual_mean_voxels"] < 0.1 and stats["forward_after_inverse_mean_voxels"] < 0.1
     assert stats["residual_p99_voxels"] < 0.55 and stats["forward_after_inverse_p99_voxels"] < 0.55
+
+
+def test_voxreg_models_lists_a_cards_measured_passes():
+    from voxreg.cli.app import _passes_line
+
+    card = {"passes_dice": {"2": 0.6164, "1": 0.5878}, "passes_measured_on": "8 pairs"}
+    assert (
+        _passes_line(card)
+        == "--passes N (the network applied N times), mean Dice of 8 pairs: 1: 0.588 (default), 2: 0.616"
+    )
+    assert _passes_line(card | {"passes": 2}).endswith("1: 0.588, 2: 0.616 (default)")

@@ -227,6 +227,16 @@ def models() -> None:
         typer.echo("  " + "; ".join(d for d in details if d))
         if covers.get("inputs_measured"):
             typer.echo(f"  inputs measured: {covers['inputs_measured']}")
+        if model.card.get("passes_dice"):
+            typer.echo(f"  {_passes_line(model.card)}")
+
+
+def _passes_line(card: dict) -> str:
+    """`voxreg models`' line on a card's measured cascade (``passes_dice``: Dice by passes)."""
+    default = int(card.get("passes", 1))
+    measured = sorted((int(n), float(dice)) for n, dice in card["passes_dice"].items())
+    scores = ", ".join(f"{n}: {dice:.3f}" + (" (default)" if n == default else "") for n, dice in measured)
+    return f"--passes N (the network applied N times), mean Dice of {card.get('passes_measured_on', 'held-out pairs')}: {scores}"
 
 
 #: commands that run without torch (their start-up imports nothing heavy)
