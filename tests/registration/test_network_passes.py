@@ -189,3 +189,17 @@ def test_voxreg_models_lists_a_cards_measured_passes():
         == "--passes N (the network applied N times), mean Dice of 8 pairs: 1: 0.588 (default), 2: 0.616"
     )
     assert _passes_line(card | {"passes": 2}).endswith("1: 0.588, 2: 0.616 (default)")
+
+
+@pytest.mark.parametrize("space", [None, ModelSpace(voxel_size=(2.0, 2.0), ndim=2, multiple=8)])
+def test_the_cascade_on_2d_scans(space):
+    """The same code path in 2D: a shift of (8, -4) mm, 1 mm pixels -> 4, 6, 7 pixels along the first axis."""
+    y, x = np.meshgrid(np.arange(96) + 0.5, np.arange(96) + 0.5, indexing="ij")
+
+    def blob(centre):
+        return Image(np.exp(-((y - centre[0]) ** 2 + (x - centre[1]) ** 2) / 196).astype(np.float32), np.eye(4))
+
+    fixed, moving = blob((48, 48)), blob((56, 44))
+    for passes, expected in ((1, (4.0, -2.0)), (2, (6.0, -3.0)), (3, (7.0, -3.5))):
+        field = network.predict_fields(HalfCentroidShift(), space, fixed, moving, None, CPU, passes=passes)[0]
+        np.testing.assert_allclose(field[0, :, 48, 48].numpy(), expected, atol=0.02)
