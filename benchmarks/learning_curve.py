@@ -3,7 +3,7 @@
 excluded) and % folding of the network alone, and optionally network + refinement, for each
 checkpoint given. The affine stage is computed once per pair and reused for every checkpoint.
 
-Usage: python benchmarks/learning_curve.py CKPT.pt ... [--refine 10 20 40] [--instance] [--csv OUT.csv] [--pairs 2:1 4:3]
+Usage: python benchmarks/learning_curve.py CKPT.pt ... [--refine 10 20 40] [--passes N] [--instance] [--csv OUT.csv] [--pairs 2:1 4:3]
                                           [--offset STEPS HOURS]   (a segment continued with --init)
        python benchmarks/learning_curve.py --csv CURVE.csv --plot CURVE.png --reference 'ANTs SyN=0.568'   (plot only)
 Appends one row per checkpoint to --csv (step, wall hours of training, Dice, folding);
@@ -53,12 +53,14 @@ def evaluate(
     pairs: list[tuple[Path, Path, Path, Path, np.ndarray]],
     refine: int,
     symmetric: bool = False,
+    passes: int = 1,
 ) -> dict[str, float | str]:
     """Mean Dice, % folding and seconds per pair (and each pair's Dice, ``dice_pairs``) of
     ``model`` (+ ``refine`` steps), or of
     instance optimisation when ``model`` is None; seconds = loading, the network (+
     refinement) or the optimisation, and warping scan and labels, with the affine given;
-    ``symmetric``: the network averages both directions (``register(symmetric=True)``)."""
+    ``symmetric``: the network averages both directions (``register(symmetric=True)``);
+    ``passes``: the network applied that many times (``register(passes=...)``)."""
     dice, folding, seconds = [], [], []
     for fixed, moving, fixed_labels, moving_labels, world in pairs:
         start = time.perf_counter()
@@ -73,6 +75,7 @@ def evaluate(
             engine="network" if model is not None else "instance",
             device="cpu",
             symmetric=symmetric if model is not None else None,
+            passes=passes if model is not None else None,
         )
         seconds.append(time.perf_counter() - start)  # network (+ refinement) + warps; affine given
         warped = next(iter(result.warped_labels.values())).array
@@ -167,6 +170,7 @@ def main() -> None:
         help="added to each checkpoint's step and hours: a run continued with --init counts from 0 again",
     )
     parser.add_argument("--symmetric", action="store_true", help="the network averages both directions")
+    parser.add_argument("--passes", type=int, default=1, help="the network applied N times (register --passes)")
     args = parser.parse_args()
     if args.plot:
         refs = {k: float(v) for k, v in (item.split("=", 1) for item in args.reference)}
@@ -190,8 +194,10 @@ def main() -> None:
         step, hours = step + int(args.offset[0]), hours + args.offset[1]
         row: dict[str, object] = {"checkpoint": path.name, "step": step, "train_hours": round(hours, 3)}
         row["symmetric"] = args.symmetric
+        if args.passes != 1:
+            row["passes"] = args.passes
         for name, refine in [("model", 0)] + [(f"refine{n}", n) for n in args.refine]:
-            scores = evaluate(path, pairs, refine, args.symmetric)
+            scores = evaluate(path, pairs, refine, args.symmetric, args.passes)
             row.update({f"{name}_{key}": _rounded(value) for key, value in scores.items()})
         print(row, flush=True)
         if args.csv:
