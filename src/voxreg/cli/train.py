@@ -55,6 +55,7 @@ _OPTION_FIELDS = {
     "pairs_within_folders": "pairs_within_folders",
     "synth_fraction": "synth_fraction",
     "similarity_scale": "similarity_scale",
+    "cascade_fraction": "cascade_fraction",
 }
 if set(_OPTION_FIELDS.values()) != set(_DEFAULTS):  # pragma: no cover - caught by any test importing the CLI
     raise RuntimeError(
@@ -259,6 +260,11 @@ def train(
         _DEFAULTS["similarity_scale"],
         "--similarity-scale",
         help="Score the similarity on a grid this many times finer than the model's (scans loaded at voxel size / N; the network sees N-voxel block means).",
+    ),
+    cascade_fraction: float = typer.Option(
+        _DEFAULTS["cascade_fraction"],
+        "--cascade-fraction",
+        help="Share of steps trained as a later pass of a cascade (register --passes): the moving scan first warped by the network's own prediction, without gradient.",
     ),
 ) -> None:
     """Train a VoxelMorph network without labels (scan-to-scan pairs), on CPU or GPU."""

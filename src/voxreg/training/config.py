@@ -91,6 +91,10 @@ class TrainConfig:
     # the similarity is scored on the training scans' grid while the network sees them as
     # means of blocks this many voxels wide and its field is upsampled back (1: the same grid)
     similarity_scale: int = 1
+    # the share of real-pair steps trained as a cascade's later pass (``register --passes``):
+    # the moving scan is first warped by the network's own prediction (no gradient), so the
+    # network learns what is left after a pass; 0 = every step on the pair as drawn
+    cascade_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         check_choice("similarity", self.similarity, ("ncc", "mse", "mi"))
@@ -132,6 +136,11 @@ class TrainConfig:
         check_int("similarity_scale", self.similarity_scale, 1, 4)
         if self.similarity_scale > 1 and (self.synth is not None or self.schedule):
             raise ValueError("similarity_scale > 1 takes real training scans without a resolution schedule")
+        self.cascade_fraction = float(check_number("cascade_fraction", self.cascade_fraction, low=0.0, high=1.0))
+        if self.cascade_fraction > 0 and (self.synth is not None or self.lambda_conditional):
+            raise ValueError(
+                "cascade_fraction > 0 takes real training scans and a fixed lambda (no --synth, no --lam-range)"
+            )
         if self.init is not None and (not isinstance(self.init, str) or not self.init.strip()):
             raise ValueError(f"init must be a checkpoint path or a shipped model name, got {self.init!r}")
 

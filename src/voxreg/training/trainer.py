@@ -415,12 +415,27 @@ def _network_output(net: Any, config: TrainConfig, moving: Tensor, fixed: Tensor
     )
 
 
+def _after_a_pass(
+    net: Any, config: TrainConfig, moving: Tensor, fixed: Tensor, lam: Tensor, dtype: torch.dtype | None
+) -> Tensor:
+    """``moving`` warped by the network's own prediction for the pair, without gradient, on
+    the training scans' grid (the similarity's): the input of a cascade's next pass, which at
+    inference is the moving scan warped at the fine grid and then reduced to the model grid
+    (``registration.network.warped_to_model_grid``), as :func:`_network_output` reduces it here."""
+    with torch.no_grad(), torch.autocast(moving.device.type, dtype=dtype, enabled=dtype is not None):
+        output = _network_output(net, config, moving, fixed, lam)
+    field_ = spatial.upsample_field(output.field.float(), config.similarity_scale)
+    return spatial.warp(moving, field_)
+
+
 def _train_step(
     session: _Session, config: TrainConfig, data: TrainingData, objective: Objective, device: torch.device
 ) -> dict[str, float]:
     """One optimiser step on one batch; returns the loss terms."""
     moving, fixed, lam, labels = _batch(data, config, session.generator, device, session.step)
     dtype = _amp_dtype(config, device)
+    if config.cascade_fraction > 0 and float(torch.rand((), generator=session.generator)) < config.cascade_fraction:
+        moving = _after_a_pass(session.net, config, moving, fixed, lam, dtype)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         output = _network_output(session.net, config, moving, fixed, lam)
     field_, scale = output.field.float(), config.similarity_scale
