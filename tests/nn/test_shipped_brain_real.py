@@ -32,6 +32,10 @@ def test_the_real_data_network_ships_for_engine_network():
     # above ANTs SyN on the held-out brain pairs, as measured
     measured = card["measured"]
     assert measured["mindboggle_8pairs_dice_model_alone_symmetric"] > measured["mindboggle_8pairs_dice_ants_syn"]
+    # a cascade (--passes 2) crosses issue 23's 0.60 stretch; one pass is the default
+    passes = {int(n): dice for n, dice in card["passes_dice"].items()}
+    assert passes[1] == measured["mindboggle_8pairs_dice_model_alone_symmetric_4dp"] and passes[2] > 0.60 > passes[1]
+    assert card.get("passes", 1) == 1
 
 
 def test_engine_network_runs_it_both_ways_and_beats_the_affine_stage(demo_pair):
