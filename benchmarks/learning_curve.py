@@ -92,7 +92,10 @@ def _rounded(value: float | str) -> float | str:
 
 #: CSV ``device`` tags of segments plotted as series of their own, each starting at its first
 #: row (the shipped checkpoint the segment continued from)
-LATER_SEGMENTS = {"cpu-1mm-l0.5": "symmetric, CPU, similarity at 1 mm, \u03bb 0.5 (fourteenth session)"}
+LATER_SEGMENTS = {
+    "cpu-1mm-l0.5": "symmetric, CPU, similarity at 1 mm, \u03bb 0.5 (fourteenth session)",
+    "cpu-1mm-l0.5b": "the same recipe rerun (fifteenth session)",
+}
 
 
 def plot_curve(rows: list[dict[str, str]], path: Path, references: dict[str, float]) -> None:
@@ -103,7 +106,7 @@ def plot_curve(rows: list[dict[str, str]], path: Path, references: dict[str, flo
 
     rows = sorted(rows, key=lambda row: int(row["step"]))
     steps = [int(row["step"]) for row in rows]
-    fig = Figure(figsize=(7, 4))
+    fig = Figure(figsize=(7, 5.6))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     on_gpu = [row for row in rows if row.get("device") == "gpu"]
@@ -147,7 +150,7 @@ def plot_curve(rows: list[dict[str, str]], path: Path, references: dict[str, flo
     )
     top.set_xticks(range(int(max(hours)) + 1))  # whole hours within the run (beyond it the mapping is flat)
     top.set_xlabel("hours of this run (CPU: 2 cores, shared" + ("; then the GPU)" if on_gpu else ")"))
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)  # below: the curve stays visible
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
