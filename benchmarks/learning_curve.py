@@ -93,8 +93,9 @@ def _rounded(value: float | str) -> float | str:
 #: CSV ``device`` tags of segments plotted as series of their own, each starting at its first
 #: row (the shipped checkpoint the segment continued from)
 LATER_SEGMENTS = {
-    "cpu-1mm-l0.5": "symmetric, CPU, similarity at 1 mm, \u03bb 0.5 (fourteenth session)",
-    "cpu-1mm-l0.5b": "the same recipe rerun (fifteenth session)",
+    "cpu-1mm-l0.5": "CPU, similarity at 1 mm, \u03bb 0.5 (14th)",
+    "cpu-1mm-l0.5b": "the same recipe rerun (15th)",
+    "cpu-1mm-casc": "trained as a cascade's 2nd pass, half the steps (15th)",
 }
 
 
@@ -106,7 +107,7 @@ def plot_curve(rows: list[dict[str, str]], path: Path, references: dict[str, flo
 
     rows = sorted(rows, key=lambda row: int(row["step"]))
     steps = [int(row["step"]) for row in rows]
-    fig = Figure(figsize=(7, 5.6))
+    fig = Figure(figsize=(8, 5.8))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     on_gpu = [row for row in rows if row.get("device") == "gpu"]
