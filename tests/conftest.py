@@ -36,6 +36,61 @@ def smooth_volume(shape, seed=0) -> np.ndarray:
     return (out / out.max()).astype(np.float32)
 
 
+def gaussian_blob(spacing, centre_mm, extent_mm=(96.0, 96.0, 96.0)):
+    """A 3D Gaussian blob (sigma ~10 mm) centred at ``centre_mm`` on a grid of ``spacing``
+    covering ``extent_mm``, as an Image whose voxel centres sit at (i + 0.5) * spacing - 40 mm:
+    a scan whose centre of mass is known in millimetres at any voxel size."""
+    from voxreg.core.image import Image
+
+    shape = tuple(int(round(e / s)) for e, s in zip(extent_mm, spacing))
+    coords = np.meshgrid(*[(np.arange(n) + 0.5) * s for n, s in zip(shape, spacing)], indexing="ij")
+    r2 = sum((c - m) ** 2 / 14.0**2 for c, m in zip(coords, centre_mm))
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = [0.5 * s - 40.0 for s in spacing]
+    return Image(np.exp(-r2).astype(np.float32), affine)
+
+
+class CentroidShift(torch.nn.Module):
+    """A stand-in network: ``fraction`` of the constant field that moves the moving image's
+    centre of mass onto the fixed one's, in voxels of its input grid (1: what a perfect rigid
+    net predicts), or ``constant`` voxels along the first axis when given; it records the
+    moving images it was given (``seen``)."""
+
+    def __init__(self, fraction: float = 1.0, constant: float | None = None) -> None:
+        super().__init__()
+        self.fraction, self.constant = fraction, constant
+        self.seen: list[torch.Tensor] = []
+
+    @staticmethod
+    def _centroid(image: torch.Tensor) -> torch.Tensor:
+        axes = torch.meshgrid(*[torch.arange(s, dtype=torch.float64) for s in image.shape[2:]], indexing="ij")
+        weight = image[0, 0].double()
+        return torch.stack([(a * weight).sum() / weight.sum() for a in axes])
+
+    def forward(self, moving, fixed, lam=None):
+        from types import SimpleNamespace
+
+        self.seen.append(moving[0, 0].clone())
+        shift = self.fraction * (self._centroid(moving) - self._centroid(fixed)).float()
+        if self.constant is not None:
+            shift = torch.zeros_like(shift)
+            shift[0] = self.constant
+        field = shift.view(1, -1, *([1] * (fixed.dim() - 2))).expand(1, -1, *fixed.shape[2:])
+        return SimpleNamespace(field=field.contiguous())
+
+
+def box_training_set(shape, n=3, seed=0):
+    """A tiny training set: ``n`` noisy boxes of slightly different sizes on a grid of ``shape``."""
+    from voxreg.training import TrainingSet
+
+    rng = np.random.default_rng(seed)
+    images = torch.zeros(n, 1, *shape)
+    for i in range(n):
+        images[i, 0, 4 + i : -4, 5:-5, 4 : -4 - i] = 1.0
+    images += 0.05 * torch.from_numpy(rng.random(images.shape).astype(np.float32))
+    return TrainingSet(images, None, torch.zeros(n, dtype=torch.bool), np.eye(4))
+
+
 def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> Path:
     nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), str(path))
     return path

@@ -6,12 +6,10 @@ shipped ``brain-real`` beat one (issue 23, docs/models.md "Fifteenth session")."
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
-from tests.conftest import shared_path
+from tests.conftest import CentroidShift, gaussian_blob, shared_path
 from typer.testing import CliRunner
 
 from voxreg import io, metrics
@@ -26,39 +24,6 @@ from voxreg.registration.model_space import ModelSpace, model_grid
 CPU = torch.device("cpu")
 
 
-class HalfCentroidShift(torch.nn.Module):
-    """A stand-in network: half of the constant field that moves the moving image's centre of
-    mass onto the fixed one's (voxels of its input grid); it records what it was given."""
-
-    def __init__(self, constant: float | None = None) -> None:
-        super().__init__()
-        self.seen: list[torch.Tensor] = []
-        self.constant = constant  # predict this shift along the first axis instead
-
-    @staticmethod
-    def _centroid(image: torch.Tensor) -> torch.Tensor:
-        axes = torch.meshgrid(*[torch.arange(s, dtype=torch.float64) for s in image.shape[2:]], indexing="ij")
-        weight = image[0, 0].double()
-        return torch.stack([(a * weight).sum() / weight.sum() for a in axes])
-
-    def forward(self, moving, fixed, lam=None):
-        self.seen.append(moving[0, 0].clone())
-        shift = 0.5 * (self._centroid(moving) - self._centroid(fixed)).float()
-        if self.constant is not None:
-            shift = torch.tensor([self.constant, 0.0, 0.0])
-        field = shift.view(1, -1, *([1] * (fixed.dim() - 2))).expand(1, -1, *fixed.shape[2:])
-        return SimpleNamespace(field=field.contiguous())
-
-
-def _blob(spacing, centre_mm, extent_mm=(96.0, 96.0, 96.0)) -> Image:
-    shape = tuple(int(round(e / s)) for e, s in zip(extent_mm, spacing))
-    coords = np.meshgrid(*[(np.arange(n) + 0.5) * s for n, s in zip(shape, spacing)], indexing="ij")
-    r2 = sum((c - m) ** 2 / 14.0**2 for c, m in zip(coords, centre_mm))
-    affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = [0.5 * s - 40.0 for s in spacing]
-    return Image(np.exp(-r2).astype(np.float32), affine)
-
-
 MODEL_SPACE = ModelSpace(voxel_size=(2.0, 2.0, 2.0), multiple=8)
 
 
@@ -67,11 +32,11 @@ MODEL_SPACE = ModelSpace(voxel_size=(2.0, 2.0, 2.0), multiple=8)
 )
 def test_each_pass_takes_half_of_what_is_left_so_the_fields_add_up_to_1_minus_2_to_the_minus_k(space, spacing):
     shift_mm = np.array([8.0, -4.0, 6.0])
-    fixed = _blob(spacing, (48.0, 48.0, 48.0))
-    moving = _blob(spacing, tuple(48.0 + shift_mm))  # moving(x + shift) == fixed(x)
+    fixed = gaussian_blob(spacing, (48.0, 48.0, 48.0))
+    moving = gaussian_blob(spacing, tuple(48.0 + shift_mm))  # moving(x + shift) == fixed(x)
     centre = tuple(s // 2 for s in fixed.shape)
     for passes in (1, 2, 3):
-        net = HalfCentroidShift()
+        net = CentroidShift(0.5)
         field = network.predict_fields(net, space, fixed, moving, None, CPU, passes=passes)[0]
         assert field.shape == (1, 3, *fixed.shape) and len(net.seen) == passes
         got_mm = field[0, :, centre[0], centre[1], centre[2]].numpy() * np.asarray(spacing)
@@ -83,9 +48,9 @@ def test_a_later_pass_sees_the_scan_moved_by_the_passes_before_it():
     whole-voxel shift moves it by exactly that many voxels, up to the normalisation (the warp
     pads with zeros, so its percentiles are taken over other voxels: an affine map of the
     intensities, compared where neither is clipped)."""
-    fixed = _blob((2.0, 2.0, 2.0), (40.0, 40.0, 40.0), extent_mm=(160.0, 96.0, 96.0))
-    moving = _blob((2.0, 2.0, 2.0), (44.0, 40.0, 40.0), extent_mm=(160.0, 96.0, 96.0))
-    net = HalfCentroidShift(constant=2.0)
+    fixed = gaussian_blob((2.0, 2.0, 2.0), (40.0, 40.0, 40.0), extent_mm=(160.0, 96.0, 96.0))
+    moving = gaussian_blob((2.0, 2.0, 2.0), (44.0, 40.0, 40.0), extent_mm=(160.0, 96.0, 96.0))
+    net = CentroidShift(0.5, constant=2.0)
     field = network.predict_fields(net, None, fixed, moving, None, CPU, passes=2)[0]
     assert torch.allclose(field[:, 0], torch.tensor(4.0)) and not field[:, 1:].any()
     first, second = (seen.numpy() for seen in net.seen)
@@ -98,8 +63,8 @@ def test_a_later_pass_sees_the_scan_moved_by_the_passes_before_it():
 
 
 def test_the_first_pass_sees_what_one_pass_sees_and_a_zero_field_warps_nothing():
-    fixed = _blob((1.0, 1.0, 1.0), (48.0, 48.0, 48.0))
-    moving = _blob((1.0, 1.0, 1.0), (52.0, 46.0, 48.0))
+    fixed = gaussian_blob((1.0, 1.0, 1.0), (48.0, 48.0, 48.0))
+    moving = gaussian_blob((1.0, 1.0, 1.0), (52.0, 46.0, 48.0))
     grid = model_grid(fixed.grid, ModelSpace(voxel_size=(2.0, 2.0, 2.0), multiple=8))
     zero = torch.zeros(1, 3, *grid.shape)
     warped = network.warped_to_model_grid(moving, fixed.grid, grid, zero)
@@ -201,5 +166,5 @@ def test_the_cascade_on_2d_scans(space):
 
     fixed, moving = blob((48, 48)), blob((56, 44))
     for passes, expected in ((1, (4.0, -2.0)), (2, (6.0, -3.0)), (3, (7.0, -3.5))):
-        field = network.predict_fields(HalfCentroidShift(), space, fixed, moving, None, CPU, passes=passes)[0]
+        field = network.predict_fields(CentroidShift(0.5), space, fixed, moving, None, CPU, passes=passes)[0]
         np.testing.assert_allclose(field[0, :, 48, 48].numpy(), expected, atol=0.02)

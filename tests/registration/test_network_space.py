@@ -1,48 +1,21 @@
 """registration.network: predictions in the model's space map back to the same world shift
 whatever the scan's voxel size (1 mm, 2 mm, 1x1x3 mm)."""
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
+from tests.conftest import CentroidShift, gaussian_blob
 
 from voxreg.core.image import Image
 from voxreg.registration.model_space import ModelSpace
 from voxreg.registration.network import model_space_of, predict_fields
 
 
-class CentroidShift(torch.nn.Module):
-    """A stand-in network: the constant field that moves the moving image's centre of mass
-    onto the fixed one's, in voxels of its input grid (what a perfect rigid net predicts)."""
-
-    @staticmethod
-    def _centroid(image):
-        spatial = image.shape[2:]
-        axes = torch.meshgrid(*[torch.arange(s, dtype=torch.float64) for s in spatial], indexing="ij")
-        weight = image[0, 0].double()
-        return torch.stack([(a * weight).sum() / weight.sum() for a in axes])
-
-    def forward(self, moving, fixed, lam=None):
-        shift = (self._centroid(moving) - self._centroid(fixed)).float()
-        field = shift.view(1, -1, *([1] * (fixed.dim() - 2))).expand(1, -1, *fixed.shape[2:])
-        return SimpleNamespace(field=field.contiguous())
-
-
-def _blob(spacing, centre_mm, extent_mm=(96.0, 96.0, 96.0)):
-    shape = tuple(int(round(e / s)) for e, s in zip(extent_mm, spacing))
-    coords = np.meshgrid(*[(np.arange(n) + 0.5) * s for n, s in zip(shape, spacing)], indexing="ij")
-    r2 = sum((c - m) ** 2 / 14.0**2 for c, m in zip(coords, centre_mm))
-    affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = [0.5 * s - 40.0 for s in spacing]
-    return Image(np.exp(-r2).astype(np.float32), affine)
-
-
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (2.0, 2.0, 2.0), (1.0, 1.0, 3.0)])
 def test_known_shift_in_mm_recovered_at_any_voxel_size(spacing):
     shift_mm = np.array([6.0, -4.0, 3.0])
-    fixed = _blob(spacing, (48.0, 48.0, 48.0))
-    moving = _blob(spacing, tuple(48.0 + shift_mm))  # moving(x + shift) == fixed(x)
+    fixed = gaussian_blob(spacing, (48.0, 48.0, 48.0))
+    moving = gaussian_blob(spacing, tuple(48.0 + shift_mm))  # moving(x + shift) == fixed(x)
     space = ModelSpace(voxel_size=(2.0, 2.0, 2.0), multiple=8)
     field = predict_fields(CentroidShift(), space, fixed, moving, None, torch.device("cpu"))[0]
     assert field.shape == (1, 3, *fixed.shape)
@@ -52,8 +25,8 @@ def test_known_shift_in_mm_recovered_at_any_voxel_size(spacing):
 
 
 def test_checkpoint_without_space_predicts_on_the_fixed_grid():
-    fixed = _blob((2.0, 2.0, 2.0), (48.0, 48.0, 48.0))
-    moving = _blob((2.0, 2.0, 2.0), (52.0, 48.0, 48.0))
+    fixed = gaussian_blob((2.0, 2.0, 2.0), (48.0, 48.0, 48.0))
+    moving = gaussian_blob((2.0, 2.0, 2.0), (52.0, 48.0, 48.0))
     field = predict_fields(CentroidShift(), None, fixed, moving, None, torch.device("cpu"))[0]
     np.testing.assert_allclose(field[0, :, 24, 24, 24].numpy(), [2.0, 0.0, 0.0], atol=0.05)
     assert model_space_of({}) is None
@@ -67,8 +40,8 @@ def test_moving_scan_through_a_world_matrix_gives_the_field_of_the_resampled_sca
     # resampling it onto the fixed grid first
     from voxreg import io
 
-    fixed = _blob((1.0, 1.0, 1.0), (48.0, 48.0, 48.0))
-    moving = _blob((1.5, 1.5, 1.5), (48.0 + 6.0, 48.0, 48.0 - 9.0))
+    fixed = gaussian_blob((1.0, 1.0, 1.0), (48.0, 48.0, 48.0))
+    moving = gaussian_blob((1.5, 1.5, 1.5), (48.0 + 6.0, 48.0, 48.0 - 9.0))
     world_matrix = np.eye(4)
     world_matrix[2, 3] = -9.0  # fixed world -> moving world: the moving blob sits 9 mm lower
     direct = predict_fields(

@@ -6,8 +6,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from tests.conftest import box_training_set
 
-from voxreg.training import TrainConfig, TrainingSet, train
+from voxreg.training import TrainConfig, train
 from voxreg.training.trainer import _after_a_pass
 
 
@@ -38,17 +39,8 @@ def test_the_next_pass_sees_the_moving_scan_warped_by_the_network_on_the_fine_gr
     assert not warped.requires_grad
 
 
-def _scans(shape, n=3, seed=0):
-    rng = np.random.default_rng(seed)
-    images = torch.zeros(n, 1, *shape)
-    for i in range(n):
-        images[i, 0, 4 + i : -4, 5:-5, 4 : -4 - i] = 1.0
-    images += 0.05 * torch.from_numpy(rng.random(images.shape).astype(np.float32))
-    return TrainingSet(images, None, torch.zeros(n, dtype=torch.bool), np.eye(4))
-
-
 def test_training_with_every_step_a_later_pass_runs_the_network_twice_per_step(tmp_path):
-    data = _scans((32, 32, 32))
+    data = box_training_set((32, 32, 32))
     calls = []
     original = torch.nn.Module.__call__
 

@@ -4,6 +4,7 @@ its field is upsampled back, and the similarity is scored on the scans' own (fin
 import numpy as np
 import pytest
 import torch
+from tests.conftest import box_training_set
 
 from voxreg.core import spatial
 from voxreg.core.errors import VoxregError
@@ -62,17 +63,8 @@ def test_objective_regularises_the_network_field_when_given():
     assert abs(float(reg_fine) - float(reg)) > 1e-3
 
 
-def _scans(shape, n=3, seed=0):
-    rng = np.random.default_rng(seed)
-    images = torch.zeros(n, 1, *shape)
-    for i in range(n):
-        images[i, 0, 4 + i : -4, 5:-5, 4 : -4 - i] = 1.0
-    images += 0.05 * torch.from_numpy(rng.random(images.shape).astype(np.float32))
-    return TrainingSet(images, None, torch.zeros(n, dtype=torch.bool), np.eye(4))
-
-
 def test_training_feeds_the_network_block_means_and_scores_the_fine_grid(tmp_path):
-    data = _scans((32, 32, 32))
+    data = box_training_set((32, 32, 32))
     config = TrainConfig(similarity_scale=2, steps=2, device="cpu", validate_every=2, checkpoint_every=2)
     seen = []
     original = torch.nn.Module.__call__
@@ -95,7 +87,7 @@ def test_similarity_scale_refusals(tmp_path):
     with pytest.raises(ValueError, match="similarity_scale > 1 takes real training scans"):
         TrainConfig(similarity_scale=2, synth="shapes", dice_weight=1.0)
     with pytest.raises(VoxregError, match=r"grid \(31, 32, 32\) is not a multiple of 2"):
-        train(TrainConfig(similarity_scale=2, steps=1, device="cpu"), _scans((31, 32, 32)), tmp_path / "x")
+        train(TrainConfig(similarity_scale=2, steps=1, device="cpu"), box_training_set((31, 32, 32)), tmp_path / "x")
     assert TrainConfig(voxel_size=2.07, similarity_scale=2).scan_voxel_size == pytest.approx(1.035)
 
 
