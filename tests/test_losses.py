@@ -368,3 +368,26 @@ def test_mutual_information_many_is_mutual_information_pair_by_pair(shape, max_v
     single = [L.mutual_information(fixed, other, 16, max_voxels=max_voxels) for other in others]
     assert [float(v) for v in many] == [float(v) for v in single]
     assert float(single[1]) > float(single[2]) + 0.1  # the pairs differ: the comparison is not trivial
+
+
+@pytest.mark.parametrize(("bins", "sigma_ratio"), [(32, 0.5), (64, 0.5), (16, 1.0), (8, 2.0)])
+def test_banded_parzen_weights_are_the_gaussian_weights(bins, sigma_ratio):
+    """Only the centres within reach of each value's nearest are computed (7 of 32 bins at
+    the report's width); the rest are zero. Every row equals the normalised Gaussian of all
+    the centres, computed here in float64, to float32 rounding, also at 0, 1 and between two
+    centres; a width too large for a band computes every centre (the last case)."""
+    import voxreg.losses.similarity as S
+
+    x = torch.cat(
+        [torch.rand(2000, generator=torch.Generator().manual_seed(2)), torch.tensor([0.0, 1.0, 0.5 / (bins - 1)])]
+    )
+    centers, sigma = S._parzen_centres(bins, sigma_ratio, x)
+    weights = S._parzen_weights(x, centers, sigma, torch.empty(x.numel(), bins))
+    exact = torch.exp(-((x.double()[:, None] - centers.double()[None, :]) ** 2) / (2 * sigma**2))
+    exact /= exact.sum(dim=1, keepdim=True)
+    assert torch.allclose(weights.double(), exact, rtol=0, atol=3e-7)
+    assert torch.allclose(weights.sum(dim=1), torch.ones(x.numel()), atol=1e-6)
+    reach = S.parzen_reach(sigma * (bins - 1))
+    assert reach == {0.5: 3, 1.0: 6, 2.0: 13}[sigma_ratio]
+    computed = (weights > 0).sum(dim=1)
+    assert int(computed.max()) == (2 * reach + 1 if 2 * reach + 1 < bins else bins)

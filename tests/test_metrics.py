@@ -135,6 +135,64 @@ def test_slab_local_ncc_is_the_whole_image_local_ncc(shape):
     assert expected[0] > expected[1] + 0.2  # the two images differ: the comparison is not trivial
 
 
+def _brain_like(shape, seed, offset=(0, 0, 0)):
+    """Noise inside an off-centre ellipsoid, a constant (0) outside: flat windows along every
+    border, corner and between (a skull-stripped scan)."""
+    g = torch.Generator().manual_seed(seed)
+    axes = torch.meshgrid(*[torch.linspace(-1, 1, n) for n in shape], indexing="ij")
+    inside = sum(((x - 0.3 * o) / 0.55) ** 2 for x, o in zip(axes, offset)) < 1
+    return (torch.rand(1, 1, *shape, generator=g) * inside)[:, :, ...]
+
+
+@pytest.mark.parametrize(
+    ("shape", "slab_voxels"),
+    [((40, 36, 30), 36 * 30 * 3), ((40, 36, 30), 10**9), ((50, 44), 44 * 5), ((9, 11, 30), 11 * 30), ((7, 9, 8), 50)],
+)
+def test_flat_windows_skipped_give_the_values_of_every_window(shape, slab_voxels):
+    """Windows where fixed and every other image are constant are not box summed: their local
+    NCC comes from a small constant image clipped alike. The measures equal those of summing
+    every window to float64 summation order (float32 values identical), for images flat on
+    their borders, an image flat everywhere but not zero (a different flat value), one without
+    any flat window (noise everywhere), axes shorter than 2r + 2, and slabs of a few rows."""
+    from voxreg.losses.similarity import clip_window, window_sizes
+    from voxreg.metrics.similarity import _FlatWindows, slab_measures
+
+    offsets = [(1, -1, 0.5), (-1, 0.5, 1)][: len(shape)] if len(shape) == 3 else [(1, -1), (-1, 0.5)]
+    fixed = _brain_like(shape, 1, offsets[0])
+    others = {
+        "moved": _brain_like(shape, 2, offsets[1]),
+        "shifted": fixed.roll(2, -1),
+        "constant": torch.full_like(fixed, 0.25),
+        "noise": torch.rand(fixed.shape, generator=torch.Generator().manual_seed(3)),
+    }
+    for chosen in (["moved", "shifted", "constant"], ["moved"], ["noise", "moved"]):
+        images = {name: others[name] for name in chosen}
+        dense = slab_measures(fixed, images, 9, slab_voxels=slab_voxels, skip_flat=False)
+        skipped = slab_measures(fixed, images, 9, slab_voxels=slab_voxels)
+        for name in chosen:
+            assert skipped[name]["local_ncc"] == pytest.approx(dense[name]["local_ncc"], rel=1e-13, abs=0)
+            assert skipped[name]["ncc"] == pytest.approx(dense[name]["ncc"], abs=1e-7)
+            assert skipped[name]["mse"] == pytest.approx(dense[name]["mse"], rel=1e-6)
+        values = [dense[name]["local_ncc"] for name in chosen]
+        assert max(values) - min(values) > 1e-3 or len(chosen) == 1  # the images differ: not trivial
+    sizes = clip_window(window_sizes(9, len(shape)), shape)
+    flat = _FlatWindows(fixed, {"moved": others["moved"]}, sizes, 1e-5, (0.0, 1.0), {"moved": (0.0, 1.0)})
+    boxes = flat.boxes(0, shape[0])
+    if min(shape) > 9:  # some windows lie wholly outside the ellipsoids: skipped
+        assert boxes is not None and math.prod(p.stop - p.start for p in boxes[0]) < math.prod(shape)
+
+
+def test_flat_windows_of_a_constant_pair():
+    """Two constant images: every window is flat (nothing box summed), and the value is the
+    one every window gives when summed (eps / eps = 1 up to rounding)."""
+    from voxreg.metrics.similarity import slab_measures
+
+    fixed, other = torch.full((1, 1, 20, 18, 16), 3.0), torch.zeros(1, 1, 20, 18, 16)
+    dense = slab_measures(fixed, {"o": other}, 9, skip_flat=False)["o"]["local_ncc"]
+    assert slab_measures(fixed, {"o": other}, 9)["o"]["local_ncc"] == pytest.approx(dense, rel=1e-13)
+    assert dense == pytest.approx(1.0, abs=1e-3)
+
+
 def test_similarities_of_an_image_with_itself_and_a_flat_one():
     image = torch.rand(1, 1, 12, 13, 14, generator=torch.Generator().manual_seed(3))
     same = M.similarities(image, image.clone())
@@ -200,3 +258,26 @@ def test_dice_counts_chunk_by_chunk_as_in_one_piece(monkeypatch):
     for label in (1, 20, 39):
         a, b = fixed == label, warped == label
         assert whole[label] == pytest.approx(2 * (a & b).sum() / (a.sum() + b.sum()))
+
+
+def test_dice_of_several_maps_at_once_is_each_map_alone(monkeypatch):
+    """The fixed map converted and counted once for three maps (float codes, chunks of 1,000
+    voxels, a label absent from one map, and negative labels through the unique-values path)
+    gives each map's own Dice, hand-checked on one label."""
+    import voxreg.metrics.overlap as O
+
+    monkeypatch.setattr(O, "COUNT_CHUNK", 1000)
+    g = np.random.default_rng(4)
+    fixed = g.integers(0, 6, size=(30, 20, 11)).astype(np.float32) * 1000
+    maps = [np.where(g.random(fixed.shape) < p, fixed, 2000.0).astype(np.float32) for p in (0.9, 0.5, 0.1)]
+    maps[1][maps[1] == 3000] = 0
+    many = O.dice_per_label_many(fixed, maps, [1000, 2000, 3000, 7000])
+    np.testing.assert_equal(many, [O.dice_per_label(fixed, m, [1000, 2000, 3000, 7000]) for m in maps])  # NaN == NaN
+    both, f, w = ((fixed == 1000) & (maps[0] == 1000)).sum(), (fixed == 1000).sum(), (maps[0] == 1000).sum()
+    assert many[0][1000] == pytest.approx(2 * both / (f + w), rel=1e-12)
+    assert many[1][3000] == 0.0 and math.isnan(many[0][7000])
+    assert many[0][1000] > many[1][1000] > many[2][1000]  # the maps differ
+    negative = [fixed - 1, *(m - 1 for m in maps)]
+    assert O.dice_per_label_many(negative[0], negative[1:], [999, 1999]) == [
+        {999: d[1000], 1999: d[2000]} for d in many
+    ]

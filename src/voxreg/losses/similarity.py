@@ -10,6 +10,7 @@ on flat sample vectors, used by the affine stage).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -235,16 +236,21 @@ def inverse_box_counts(
     device: torch.device,
     dtype: torch.dtype,
     rows: slice | None = None,
+    box: Sequence[slice] | None = None,
 ) -> Tensor:
     """``1 / (number of voxels inside the image in each voxel's box)``, shape ``(1, 1, *shape)``,
-    or only for the voxels of ``rows`` along the first spatial axis (a slab of the image)."""
-    first = range(int(shape[0]))[rows] if rows is not None else range(int(shape[0]))
-    inverse = torch.ones((1, 1, len(first), *shape[1:]), device=device, dtype=dtype)
-    for axis, (n, size) in enumerate(zip(shape, window)):
-        index = torch.arange(n, device=device)
+    or only for the voxels of ``rows`` along the first spatial axis (a slab of the image), or
+    of ``box`` (a slice per spatial axis)."""
+    box = (
+        list(box) if box is not None else [rows if rows is not None else slice(None)] + [slice(None)] * (len(shape) - 1)
+    )
+    counts = []
+    for n, size, part in zip(shape, window, box):
+        index = torch.arange(int(n), device=device)
         radius = size // 2
-        count = (index + radius).clamp_max(n - 1) - (index - radius).clamp_min(0) + 1
-        count = count[rows] if axis == 0 and rows is not None else count
+        counts.append(((index + radius).clamp_max(n - 1) - (index - radius).clamp_min(0) + 1)[part])
+    inverse = torch.ones((1, 1, *(count.numel() for count in counts)), device=device, dtype=dtype)
+    for axis, count in enumerate(counts):
         view = [1] * (len(shape) + 2)
         view[2 + axis] = count.numel()
         inverse = inverse / count.to(dtype).view(view)
@@ -384,15 +390,39 @@ def mse(fixed: Tensor, warped: Tensor, mask: Tensor | None = None) -> Tensor:
 # --------------------------------------------------------------------------- MI
 
 
+#: a Parzen weight below this fraction of the nearest centre's is left out (zero): far below
+#: float32's resolution of a row summing to 1, so the histograms keep their values
+_PARZEN_TAIL = 2.0**-30
+
+
+def parzen_reach(sigma_bins: float) -> int:
+    """Bins on each side of a value's nearest centre whose Gaussian Parzen weight (std
+    ``sigma_bins`` bins) can exceed :data:`_PARZEN_TAIL` times the nearest one's."""
+    return int(math.floor(sigma_bins * math.sqrt(-2.0 * math.log(_PARZEN_TAIL)) + 0.5))
+
+
 def _parzen_weights(x: Tensor, centers: Tensor, sigma: float, out: Tensor) -> Tensor:
     """Gaussian Parzen weights ``(M, B)`` of values ``x`` (M,) in [0, 1], rows summing to 1,
-    written into ``out`` (a reused buffer: fresh 32 MB allocations dominate on CPU)."""
-    spacing = 1.0 / (centers.numel() - 1)  # centres are linspace(0, 1, bins)
-    nearest = torch.round(x / spacing) * spacing
-    offset = (x - nearest).square_()  # squared distance to the nearest centre: keeps exp > 0
-    w = torch.sub(x[:, None], centers[None, :], out=out)
-    w.square_().sub_(offset[:, None]).mul_(-0.5 / sigma**2).exp_()
-    return w.div_(w.sum(dim=1, keepdim=True))
+    written into ``out`` (a reused buffer: fresh 32 MB allocations dominate on CPU). Only the
+    :func:`parzen_reach` centres each side of a value's nearest are computed (7 of 32 bins at
+    the default width: 4.6x fewer exponentials); the rest, relatively below
+    :data:`_PARZEN_TAIL`, are zero."""
+    bins = centers.numel()
+    spacing = 1.0 / (bins - 1)  # centres are linspace(0, 1, bins)
+    reach = parzen_reach(sigma / spacing)
+    nearest = torch.round(x / spacing)
+    offset = (x - nearest * spacing).square_()  # squared distance to the nearest centre: keeps exp > 0
+    if 2 * reach + 1 >= bins:
+        w = torch.sub(x[:, None], centers[None, :], out=out)
+        w.square_().sub_(offset[:, None]).mul_(-0.5 / sigma**2).exp_()
+        return w.div_(w.sum(dim=1, keepdim=True))
+    index = nearest.long()[:, None] + torch.arange(-reach, reach + 1, device=x.device)
+    inside = (index >= 0) & (index < bins)
+    index.clamp_(0, bins - 1)
+    band = torch.sub(x[:, None], centers[index])
+    band.square_().sub_(offset[:, None]).mul_(-0.5 / sigma**2).exp_().mul_(inside)
+    band.div_(band.sum(dim=1, keepdim=True))
+    return out.zero_().scatter_add_(1, index, band)
 
 
 def _parzen_backward(x: Tensor, weights: Tensor, upstream: Tensor, centers: Tensor, sigma: float) -> Tensor:

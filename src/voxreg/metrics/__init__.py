@@ -11,7 +11,7 @@ from voxreg._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from voxreg.metrics.jacobian import endpoint_error, jacobian_stats, mean_distance
-    from voxreg.metrics.overlap import common_labels, dice_per_label, hd95, structure_scores
+    from voxreg.metrics.overlap import common_labels, dice_per_label, dice_per_label_many, hd95, structure_scores
     from voxreg.metrics.similarity import global_similarity, similarities, similarity_report
 
 __getattr__, __dir__ = lazy_exports(
@@ -22,6 +22,7 @@ __getattr__, __dir__ = lazy_exports(
         "mean_distance": "voxreg.metrics.jacobian",
         "common_labels": "voxreg.metrics.overlap",
         "dice_per_label": "voxreg.metrics.overlap",
+        "dice_per_label_many": "voxreg.metrics.overlap",
         "hd95": "voxreg.metrics.overlap",
         "structure_scores": "voxreg.metrics.overlap",
         "global_similarity": "voxreg.metrics.similarity",
@@ -33,6 +34,7 @@ __getattr__, __dir__ = lazy_exports(
 __all__ = [
     "common_labels",
     "dice_per_label",
+    "dice_per_label_many",
     "endpoint_error",
     "global_similarity",
     "hd95",

@@ -20,31 +20,44 @@ HD_MARGIN = 2  # voxels of background kept around each structure's bounding box
 COUNT_CHUNK = 1 << 20
 
 
-def _label_counts(fixed: np.ndarray, warped: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(sorted label values, voxels of each in ``fixed``, in ``warped``, in both at the same
-    voxel). Small non-negative integer labels are counted by value a chunk of
-    :data:`COUNT_CHUNK` voxels at a time; others (floats are rounded first) through their
-    unique values."""
-    if np.issubdtype(fixed.dtype, np.floating) or np.issubdtype(warped.dtype, np.floating):
-        fixed, warped = np.rint(fixed).astype(np.int64), np.rint(warped).astype(np.int64)
-    fixed, warped = fixed.ravel(), warped.ravel()
-    low = min(int(fixed.min()), int(warped.min()))
-    high = max(int(fixed.max()), int(warped.max()))
-    if low >= 0 and high < 1 << 24:  # small non-negative labels: index by value directly
-        k = high + 1
-        counts = np.zeros((3, k), dtype=np.int64)
-        for start in range(0, fixed.size, COUNT_CHUNK):
-            part_f = fixed[start : start + COUNT_CHUNK].astype(np.intp, copy=False)
-            part_w = warped[start : start + COUNT_CHUNK].astype(np.intp, copy=False)
-            counts[0] += np.bincount(part_f, minlength=k)
-            counts[1] += np.bincount(part_w, minlength=k)
-            counts[2] += np.bincount(part_f[part_f == part_w], minlength=k)
-        return np.arange(k), counts[0], counts[1], counts[2]
-    values, inverse = np.unique(np.concatenate([fixed, warped]), return_inverse=True)
-    index_f, index_w = inverse[: fixed.size], inverse[fixed.size :]
-    k = values.size
-    overlap = np.bincount(index_f[index_f == index_w], minlength=k)
-    return values, np.bincount(index_f, minlength=k), np.bincount(index_w, minlength=k), overlap
+def _as_labels(array: np.ndarray) -> np.ndarray:
+    """Integer label values of a flat map (floats rounded first)."""
+    return np.rint(array).astype(np.int64) if np.issubdtype(array.dtype, np.floating) else array
+
+
+def _label_counts(
+    fixed: np.ndarray, warped_maps: Sequence[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[np.ndarray]]:
+    """(sorted label values, voxels of each in ``fixed``, in each of ``warped_maps``, in both
+    ``fixed`` and that map at the same voxel). Small non-negative integer labels are counted by
+    value a chunk of :data:`COUNT_CHUNK` voxels at a time, ``fixed``'s chunk converted and
+    counted once for every map; others (floats are rounded first) through their unique values."""
+    flat_f = fixed.ravel()
+    flats = [warped.ravel() for warped in warped_maps]
+    low = min(float(flat.min()) for flat in [flat_f, *flats])
+    high = max(float(flat.max()) for flat in [flat_f, *flats])
+    if low >= -0.5 and high < (1 << 24) - 0.5:  # small non-negative labels: index by value directly
+        k = int(np.rint(high)) + 1
+        count_f = np.zeros(k, dtype=np.int64)
+        counts_w = [np.zeros(k, dtype=np.int64) for _ in flats]
+        overlaps = [np.zeros(k, dtype=np.int64) for _ in flats]
+        for start in range(0, flat_f.size, COUNT_CHUNK):
+            part_f = _as_labels(flat_f[start : start + COUNT_CHUNK]).astype(np.intp, copy=False)
+            count_f += np.bincount(part_f, minlength=k)
+            for flat, count_w, overlap in zip(flats, counts_w, overlaps):
+                part_w = _as_labels(flat[start : start + COUNT_CHUNK]).astype(np.intp, copy=False)
+                count_w += np.bincount(part_w, minlength=k)
+                overlap += np.bincount(part_f[part_f == part_w], minlength=k)
+        return np.arange(k), count_f, counts_w, overlaps
+    values, inverse = np.unique(np.concatenate([_as_labels(flat_f), *map(_as_labels, flats)]), return_inverse=True)
+    k, n = values.size, flat_f.size
+    index_f = inverse[:n]
+    counts_w, overlaps = [], []
+    for i in range(len(flats)):
+        index_w = inverse[n * (i + 1) : n * (i + 2)]
+        counts_w.append(np.bincount(index_w, minlength=k))
+        overlaps.append(np.bincount(index_f[index_f == index_w], minlength=k))
+    return values, np.bincount(index_f, minlength=k), counts_w, overlaps
 
 
 def dice_per_label(
@@ -56,12 +69,28 @@ def dice_per_label(
     A requested label absent from both maps gives NaN. Counts come from ``np.bincount``
     (:func:`_label_counts`; no loop over voxels).
     """
-    fixed, warped = as_numpy(fixed_labels), as_numpy(warped_labels)
-    if fixed.shape != warped.shape:
-        raise ValueError(f"label maps differ in shape: {fixed.shape} vs {warped.shape}")
+    return dice_per_label_many(fixed_labels, [warped_labels], labels)[0]
+
+
+def dice_per_label_many(
+    fixed_labels: ArrayLike, warped_maps: Sequence[ArrayLike], labels: Sequence[int] | None = None
+) -> list[dict[int, float]]:
+    """:func:`dice_per_label` of each of ``warped_maps`` against ``fixed_labels`` (the fixed
+    map converted and counted once for all of them; the same values)."""
+    fixed, maps = as_numpy(fixed_labels), [as_numpy(warped) for warped in warped_maps]
+    for warped in maps:
+        if fixed.shape != warped.shape:
+            raise ValueError(f"label maps differ in shape: {fixed.shape} vs {warped.shape}")
     if fixed.size == 0:
-        return {}
-    values, count_f, count_w, overlap = _label_counts(fixed, warped)
+        return [{} for _ in maps]
+    values, count_f, counts_w, overlaps = _label_counts(fixed, maps)
+    return [_dice_of_counts(values, count_f, count_w, overlap, labels) for count_w, overlap in zip(counts_w, overlaps)]
+
+
+def _dice_of_counts(
+    values: np.ndarray, count_f: np.ndarray, count_w: np.ndarray, overlap: np.ndarray, labels: Sequence[int] | None
+) -> dict[int, float]:
+    """Dice per label from :func:`_label_counts`' counts (labels present in both, not 0, by default)."""
     k = values.size
     if labels is None:
         present = (count_f > 0) & (count_w > 0) & (values != 0)

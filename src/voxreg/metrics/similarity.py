@@ -4,6 +4,7 @@ images on one grid (the maths are :mod:`voxreg.losses`; here they give plain flo
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -52,7 +53,12 @@ def _moments(image: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def slab_measures(
-    fixed: Tensor, others: dict[str, Tensor], window: int = 9, eps: float = 1e-5, slab_voxels: int = REPORT_SLAB_VOXELS
+    fixed: Tensor,
+    others: dict[str, Tensor],
+    window: int = 9,
+    eps: float = 1e-5,
+    slab_voxels: int = REPORT_SLAB_VOXELS,
+    skip_flat: bool = True,
 ) -> dict[str, dict[str, float]]:
     """``local_ncc`` (squared, mean over every voxel, as ``losses.local_ncc(fixed, other,
     window)``), ``ncc`` (global Pearson, as ``losses.global_ncc``) and ``mse`` (as
@@ -60,16 +66,185 @@ def slab_measures(
     one grid), in one pass slab by slab along the first spatial axis with a halo of the
     window's radius, so that memory stays at a few slabs whatever the image's size. The fixed
     image's moments are computed once per slab for all of ``others``; the global NCC comes from
-    float64 sums of the products the local NCC forms anyway, and the MSE from float64 sums of
-    each slab's squared differences: the same values as the whole-image computations up to
-    float32 rounding, without their full-size temporaries."""
+    float64 sums of the standardised images and their products, and the MSE from float64 sums
+    of each slab's squared differences: the same values as the whole-image computations up to
+    float32 rounding, without their full-size temporaries.
+
+    ``skip_flat``: the windows where every image is constant (its first voxel's value: the
+    zero background of a skull-stripped brain, ~60 % of a 1 mm grid's windows) are not box
+    summed; their local NCC, the same float for every window clipped alike by the image's
+    border, comes from a constant image of (2r + 2) voxels per axis (:class:`_FlatWindows`):
+    the same value to float64 summation order, at about half the cost."""
     shape = tuple(int(n) for n in fixed.shape[2:])
     sizes = clip_window(window_sizes(window, spatial_ndim(fixed)), shape)
-    radius = sizes[0] // 2
     plane = max(1, int(fixed[0, 0, 0].numel()))
     step = max(1, slab_voxels // plane)
-    fixed_mean, fixed_std = _moments(fixed)
+    fixed_moments = _moments(fixed)
     stats = {name: _moments(image) for name, image in others.items()}
+    if not skip_flat:
+        return _slab_measures_dense(fixed, others, sizes, eps, step, fixed_moments, stats)
+    flat = _FlatWindows(fixed, others, sizes, eps, fixed_moments, stats)
+    local = dict.fromkeys(others, 0.0)
+    fixed_sums = torch.zeros(2, dtype=torch.float64)  # sum of a, a*a (a: the standardised fixed image)
+    sums = {name: torch.zeros(4, dtype=torch.float64) for name in others}  # b, b*b, a*b, (fixed - other)^2
+    for start in range(0, shape[0], step):
+        stop = min(shape[0], start + step)
+        rows = slice(start, stop)
+        a = _standardised(fixed, (rows,), fixed_moments)
+        fixed_sums += _row_sums(torch.cat([a, a * a]), slice(None))
+        for name, image in others.items():
+            b = _standardised(image, (rows,), stats[name])
+            difference = fixed[:, :, rows] - image[:, :, rows]
+            sums[name] += torch.cat(
+                [_row_sums(torch.cat([b, b * b, a * b]), slice(None)), difference.square_().sum().double().reshape(1)]
+            )
+        boxes = flat.boxes(start, stop)
+        if boxes is not None:
+            need, compute = boxes
+            for name, ncc in _local_ncc_maps(fixed, others, sizes, eps, compute, fixed_moments, stats).items():
+                kept = tuple(slice(n.start - c.start, n.stop - c.start) for n, c in zip(need, compute))
+                local[name] += float(ncc[(0, *kept)].double().square().sum())
+        for name in others:
+            local[name] += flat.square_sum(name, start, stop, None if boxes is None else boxes[0])
+    voxels = float(fixed.numel())
+    return {
+        name: {"local_ncc": local[name] / voxels, **_pearson_and_mse(fixed_sums, sums[name], voxels)} for name in others
+    }
+
+
+def _standardised(image: Tensor, box: tuple[slice, ...], moments: tuple[Tensor, Tensor]) -> Tensor:
+    """``(image[box] - mean) / std`` for a batch-1 single-channel image."""
+    mean, std = moments
+    return (image[(slice(None), slice(None), *box)] - mean) / std
+
+
+def _local_ncc_maps(
+    fixed: Tensor,
+    others: dict[str, Tensor],
+    sizes: Sequence[int],
+    eps: float,
+    box: tuple[slice, ...],
+    fixed_moments: tuple[Tensor, Tensor],
+    stats: dict[str, tuple[Tensor, Tensor]],
+) -> dict[str, Tensor]:
+    """Local NCC ``(1, *box shape)`` of each of ``others`` against ``fixed`` over ``box`` (the
+    windows of the voxels further than the window's radius inside the box, or at the image's
+    border, are whole: their values are those of the whole image)."""
+    shape = tuple(int(n) for n in fixed.shape[2:])
+    inv_count = inverse_box_counts(shape, sizes, fixed.device, fixed.dtype, box=box)
+    a = _standardised(fixed, box, fixed_moments)
+    mu_a, aa = box_sum(torch.cat([a, a * a]), sizes).mul_(inv_count).unbind(0)
+    var_a_eps = (aa - mu_a * mu_a).clamp_min_(0.0).add_(eps)
+    maps = {}
+    for name, image in others.items():
+        b = _standardised(image, box, stats[name])
+        mu_b, bb, ab = box_sum(torch.cat([b, b * b, a * b]), sizes).mul_(inv_count).unbind(0)
+        cov = ab.sub_(mu_a * mu_b).add_(eps)
+        var_b_eps = bb.sub_(mu_b * mu_b).clamp_min_(0.0).add_(eps)
+        maps[name] = cov.mul_(torch.rsqrt(var_a_eps * var_b_eps))
+    return maps
+
+
+class _FlatWindows:
+    """The windows of a report's local NCC where the fixed image and every other one hold
+    their first voxel's value throughout. Such a window's box sums are the same adds of the
+    same floats wherever the image's border clips the window alike, so its local NCC is that
+    of a constant image of ``min(n, 2r + 2)`` voxels per axis (``r``: the window's radius) at
+    the voxel clipped the same way (:meth:`_pattern`)."""
+
+    def __init__(
+        self,
+        fixed: Tensor,
+        others: dict[str, Tensor],
+        sizes: Sequence[int],
+        eps: float,
+        fixed_moments: tuple[Tensor, Tensor],
+        stats: dict[str, tuple[Tensor, Tensor]],
+    ) -> None:
+        self.shape = tuple(int(n) for n in fixed.shape[2:])
+        self.radii = [int(size) // 2 for size in sizes]
+        corner = (0, 0) + (0,) * len(self.shape)
+        varying = fixed[0, 0] != fixed[corner]
+        for image in others.values():
+            varying |= image[0, 0] != image[corner]
+        self.varying = varying
+        found = torch.nonzero(varying.flatten(1).any(dim=1)).flatten()
+        self.rows = None if found.numel() == 0 else (int(found[0]), int(found[-1]))
+        self.patterns = [self._pattern(n, r) for n, r in zip(self.shape, self.radii)]
+        small = tuple(int(p.max()) + 1 for p in self.patterns)
+        constant = {"fixed": torch.full((1, 1, *small), float(fixed[corner]), dtype=fixed.dtype)}
+        images = {
+            name: torch.full((1, 1, *small), float(image[corner]), dtype=image.dtype) for name, image in others.items()
+        }
+        box = tuple(slice(0, n) for n in small)
+        maps = _local_ncc_maps(constant["fixed"], images, sizes, eps, box, fixed_moments, stats)
+        self.squares = {name: ncc[0].double().square() for name, ncc in maps.items()}
+        self._small = small
+
+    @staticmethod
+    def _pattern(n: int, radius: int) -> Tensor:
+        """The index in a constant image of ``min(n, 2 radius + 2)`` voxels whose window the
+        image's border clips as it clips voxel ``i``'s, for each ``i`` of an axis of ``n``."""
+        index = torch.arange(n)
+        if n <= 2 * radius + 2:
+            return index
+        small = 2 * radius + 2
+        return torch.where(index < radius, index, torch.where(n - 1 - index < radius, small - n + index, radius))
+
+    def boxes(self, start: int, stop: int) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
+        """(need, compute) for the rows ``start:stop``: the box of the voxels whose windows
+        reach a varying voxel and the box it needs for their windows (a radius more, clipped);
+        None when every window of these rows is flat."""
+        if self.rows is None:
+            return None
+        r0, n0 = self.radii[0], self.shape[0]
+        first, last = max(start, self.rows[0] - r0), min(stop, self.rows[1] + r0 + 1)
+        if first >= last:
+            return None
+        plane = self.varying[max(0, first - r0) : min(n0, last + r0)].any(dim=0)
+        need = [slice(first, last)]
+        for axis in range(plane.dim()):
+            along = plane.any(dim=tuple(d for d in range(plane.dim()) if d != axis)) if plane.dim() > 1 else plane
+            found = torch.nonzero(along).flatten()
+            if found.numel() == 0:
+                return None
+            r, n = self.radii[axis + 1], self.shape[axis + 1]
+            need.append(slice(max(0, int(found[0]) - r), min(n, int(found[-1]) + r + 1)))
+        compute = tuple(
+            slice(max(0, part.start - r), min(n, part.stop + r)) for part, r, n in zip(need, self.radii, self.shape)
+        )
+        return tuple(need), compute
+
+    def square_sum(self, name: str, start: int, stop: int, need: tuple[slice, ...] | None) -> float:
+        """Sum of the squared local NCC of the flat windows of rows ``start:stop`` (every voxel
+        there outside ``need``)."""
+        every = [slice(start, stop)] + [slice(None)] * (len(self.shape) - 1)
+        total = self._contract(self.squares[name], every)
+        return total - (self._contract(self.squares[name], need) if need is not None else 0.0)
+
+    def _contract(self, squares: Tensor, box: Sequence[slice]) -> float:
+        """Sum of ``squares`` at the patterns of the voxels of ``box``: per axis a histogram
+        of the patterns, contracted with ``squares`` one axis at a time (float64)."""
+        value = squares
+        for pattern, part, size in zip(self.patterns, box, self._small):
+            counts = torch.bincount(pattern[part], minlength=size).double()
+            value = torch.tensordot(counts, value, dims=([0], [0]))
+        return float(value)
+
+
+def _slab_measures_dense(
+    fixed: Tensor,
+    others: dict[str, Tensor],
+    sizes: Sequence[int],
+    eps: float,
+    step: int,
+    fixed_moments: tuple[Tensor, Tensor],
+    stats: dict[str, tuple[Tensor, Tensor]],
+) -> dict[str, dict[str, float]]:
+    """:func:`slab_measures` box summing every window (``skip_flat=False``)."""
+    shape = tuple(int(n) for n in fixed.shape[2:])
+    radius = sizes[0] // 2
+    fixed_mean, fixed_std = fixed_moments
     local = dict.fromkeys(others, 0.0)
     fixed_sums = torch.zeros(2, dtype=torch.float64)  # sum of a, a*a (a: the standardised fixed image)
     sums = {name: torch.zeros(4, dtype=torch.float64) for name in others}  # b, b*b, a*b, (fixed - other)^2

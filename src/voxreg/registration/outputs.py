@@ -210,7 +210,8 @@ def dice_metrics(
     stages = {"before": io.resample_to(moving, fixed, device=device, copy=False), "after": warped_labels[name]}
     if world_matrix is not None:
         stages["affine"] = io.resample_to(moving, fixed, world_matrix, device=device)
-    scores = {stage: metrics.dice_per_label(fixed_labels.array, img.array, labels) for stage, img in stages.items()}
+    many = metrics.dice_per_label_many(fixed_labels.array, [img.array for img in stages.values()], labels)
+    scores = dict(zip(stages, many))
     values: dict[str, Any] = {"dice_labels": name}
     for stage, per_label in scores.items():
         values[f"dice_mean_{stage}"] = float(np.nanmean(list(per_label.values()))) if per_label else float("nan")
