@@ -108,7 +108,19 @@ def field_chunks(field: torch.Tensor, linear: torch.Tensor | None = None) -> Ite
                 values = part[row]
             else:  # the row's vectors, mapped in the field's own voxel order
                 values = torch.mm(linear[row : row + 1], part.reshape(ndim, -1)).view(part.shape[1:])
-            yield values.permute(reverse).contiguous().numpy()
+            yield _axes_reversed(values, reverse)
+
+
+def _axes_reversed(values: torch.Tensor, reverse: tuple[int, ...]) -> np.ndarray:
+    """``values`` with its axes reversed, C-contiguous. A 3D slab is copied one plane of its
+    middle axis at a time (2D transposes): 2.5x faster than one 3D permute, whose reads or
+    writes stride across the whole slab (a 1 mm brain's field component: 0.09 -> 0.035 s)."""
+    if values.dim() != 3:
+        return values.permute(reverse).contiguous().numpy()
+    out = torch.empty(values.shape[::-1], dtype=values.dtype)
+    for j in range(values.shape[1]):
+        out[:, j, :].copy_(values[:, j, :].t())
+    return out.numpy()
 
 
 def load_field(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
