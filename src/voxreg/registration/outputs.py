@@ -12,6 +12,7 @@ import functools
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -132,6 +133,8 @@ class RegistrationResult:
     inverse_source: torch.Tensor | Callable[[], torch.Tensor] | None = None
     # measures still to compute into ``metrics`` (``register(..., defer_metrics=True)``)
     pending_metrics: Callable[[], dict[str, Any]] | None = None
+    # guards the first use of ``moving`` (the metrics and the figure threads ask at once)
+    _moving_lock: threading.Lock = dataclass_field(default_factory=threading.Lock, repr=False, compare=False)
 
     def finish_metrics(self) -> dict[str, Any]:
         """Compute the deferred measures into ``metrics`` (once); returns ``metrics``."""
@@ -150,10 +153,12 @@ class RegistrationResult:
     @property
     def moving(self) -> Image:
         """The moving scan on the fixed grid after the affine stage (made on first use when
-        the registration did not need it, e.g. a network alone)."""
-        if callable(self.moving_source):
-            self.moving_source = self.moving_source()
-        return self.moving_source
+        the registration did not need it, e.g. a network alone; by one thread, the others
+        that ask meanwhile wait for it)."""
+        with self._moving_lock:
+            if callable(self.moving_source):
+                self.moving_source = self.moving_source()
+            return self.moving_source
 
     def save(self, outdir: str | Path, figure: bool = True, files: OutputFiles | None = None) -> dict[str, Path]:
         """Write the standard outputs into ``outdir`` (see :func:`save_outputs`)."""
@@ -315,7 +320,6 @@ def write_outputs(
         metrics_done: Future = Future()
         try:
             if parallel:  # the metrics and the figure meanwhile, the figure's title (the metrics) last
-                result.moving  # noqa: B018 - made here, not by two threads at once
                 measured = measuring.submit(result.finish_metrics)
                 if figure:
                     title = functools.partial(_title_when_done, metrics_done)
