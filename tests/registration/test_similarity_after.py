@@ -41,3 +41,28 @@ def test_after_keeps_the_moving_scans_intensity_scale():
     halved = np.clip((ramp / 2 - low) / (high - low), 0, 1)
     assert similarity["mse_after"] == pytest.approx(float(((normalised - halved) ** 2).mean()), rel=1e-5)
     assert similarity["mse_before"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_the_moving_scan_is_made_once_when_two_threads_ask():
+    """The metrics and the figure threads both ask for the moving scan on the fixed grid when
+    a network ran alone (made on first use): it is made once, the second thread waiting for it
+    (a slow maker keeps both inside at the same time), and both get the same image."""
+    import threading
+    import time
+
+    made = []
+
+    def make() -> Image:
+        made.append(threading.get_ident())
+        time.sleep(0.2)
+        return Image(np.ones((4, 5, 6), np.float32), np.eye(4))
+
+    image = Image(np.zeros((4, 5, 6), np.float32), np.eye(4))
+    result = RegistrationResult(image, make, image, torch.zeros(1, 3, 4, 5, 6))
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(result.moving)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(made) == 1 and got[0] is got[1] and float(got[0].array.sum()) == 120.0
