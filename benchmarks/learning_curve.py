@@ -96,6 +96,8 @@ LATER_SEGMENTS = {
     "cpu-1mm-l0.5": "CPU, similarity at 1 mm, \u03bb 0.5 (14th)",
     "cpu-1mm-l0.5b": "the same recipe rerun (15th)",
     "cpu-1mm-casc": "trained as a cascade's 2nd pass, half the steps (15th)",
+    "cpu-1mm-lr": "lr 1.5e-4, as a cascade's 2nd pass half the steps (16th)",
+    "cpu-1mm-w5": "NCC window 5 at 1.035 mm (16th)",
 }
 
 
