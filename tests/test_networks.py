@@ -369,3 +369,32 @@ def test_symmetric_inference_needs_a_diffeomorphic_network():
     model = VoxelMorph(tiny(2, int_steps=0))
     with pytest.raises(ValueError, match="diffeomorphic"):
         model(torch.rand(1, 1, 16, 16), torch.rand(1, 1, 16, 16), symmetric=True)
+
+
+def test_bfloat16_is_not_used_where_a_deepest_level_axis_keeps_one_voxel():
+    """oneDNN's bfloat16 convolution returned different values on every call (some NaN) for a
+    thin model grid whose last axis keeps one voxel at the deepest level: such an input runs
+    in float32 (the same values as asking for float32, recorded in ``last_precision``), one
+    that keeps two voxels per axis in bfloat16."""
+    model = _randomised(VoxelMorph(tiny(3, int_steps=5, half_res=True, fine_features=(4,))))  # 3 levels: 8 per voxel
+    thin_m, thin_f = pair((24, 24, 8))
+    with torch.no_grad():
+        asked = model(thin_m, thin_f, symmetric=True, bf16=True).velocity
+        assert model.last_precision == "float32" and not model.bf16_suits((24, 24, 8))
+        assert torch.equal(asked, model(thin_m, thin_f, symmetric=True).velocity)
+        model(*pair((16, 16, 16)), bf16=True)
+        assert model.last_precision == "bfloat16" and model.bf16_suits((16, 16, 9))
+
+
+def test_the_shipped_network_on_a_thin_grid_gives_the_same_finite_field_every_call():
+    """The case that failed (the reliability matrix's 64x64x6 scan, a 48x48x16 model grid):
+    three calls asking for bfloat16 give one finite field."""
+    from voxreg.nn.shipped import default_model
+    from voxreg.registration.pipeline import loaded_checkpoint
+
+    model, _ = loaded_checkpoint(default_model(3, engine="network").path, torch.device("cpu"))
+    moving, fixed = pair((48, 48, 16), seed=3)
+    with torch.inference_mode():
+        fields = [model(moving, fixed, symmetric=True, bf16=True).field.clone() for _ in range(3)]
+    assert all(bool(torch.isfinite(field).all()) for field in fields)
+    assert all(torch.equal(field, fields[0]) for field in fields[1:])

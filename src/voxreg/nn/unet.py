@@ -199,8 +199,20 @@ class VoxelMorph(nn.Module):
         #: recompute each conv block's activations in the backward pass instead of storing
         #: them (training only): less memory for large volumes, ~30 % more time. Runtime switch.
         self.grad_checkpoint = False
+        #: the precision of the convs in the last forward pass ("bfloat16" or "float32"), for
+        #: reports: a bfloat16 request on a grid it does not suit runs in float32
+        self.last_precision = "float32"
 
     # ---- architecture helpers
+
+    def bf16_suits(self, shape: Sequence[int]) -> bool:
+        """Whether bfloat16 autocast suits an input of spatial ``shape``: every axis of the padded
+        grid keeps at least 2 voxels at the deepest level. Where one keeps 1 (a thin scan: a
+        model grid of 48x48x16 with 4 levels), oneDNN's bfloat16 CPU convolution of the last
+        stride-2 conv returned different values on every call, some NaN or ~1e35 (torch 2.13,
+        AVX512-BF16/AMX; float32 is deterministic there, and 32x32x16 or 16x48x48 were fine)."""
+        multiple = 2**self.config.levels
+        return all(-(-int(n) // multiple) >= 2 for n in shape)
 
     def _fine_branch(self, coarse_channels: int) -> nn.ModuleDict:
         """Full-resolution correction: convs over [upsampled features, moving, fixed], then a
@@ -334,6 +346,8 @@ class VoxelMorph(nn.Module):
         log_lam = self._log_lambda(lam, moving.shape[0], moving)
         film = self.film(log_lam) if self.film is not None else None
         x = _pad_to_multiple(torch.cat([moving, fixed], dim=1), 2**self.config.levels)
+        bf16 = bf16 and self.bf16_suits(x.shape[2:])
+        self.last_precision = "bfloat16" if bf16 else "float32"
         if not bf16:
             return self._unet(x, film, antisymmetric), tuple(x.shape[2:])
         with torch.autocast(x.device.type, dtype=torch.bfloat16):

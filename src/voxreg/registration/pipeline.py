@@ -521,13 +521,20 @@ def _estimate_field(
     field, inverse = _predict_with_model(
         model, pair.fixed, pair.moving, lam, pair.device, pair.world_matrix, alone, pair.symmetric, pair.passes
     )
-    notes: dict[str, Any] = {"network_precision": network_precision(pair.device)}
+    notes: dict[str, Any] = {"network_precision": _precision_used(model, pair.device)}
     if alone:
         return "network", field, inverse, notes
     fixed, moving = pair.tensors()
     schedule = config.refinement(refine)
     refined = align(fixed, moving, schedule, initial_field=field.to(fixed.device), progress=progress)
     return f"network+refine{refine}", refined.field, None, {**notes, **_scale_note(refined, schedule)}
+
+
+def _precision_used(model_path: str | Path, device: torch.device) -> str:
+    """The precision the (cached) network's convolutions ran in on its last forward pass
+    (a voxreg network records it; :func:`voxreg.core.runtime.network_precision` otherwise)."""
+    model, _ = loaded_checkpoint(model_path, device)
+    return str(getattr(model, "last_precision", network_precision(device)))
 
 
 def _scale_note(found: Any, config: AlignConfig) -> dict[str, Any]:
