@@ -405,17 +405,13 @@ def _parzen_weights(x: Tensor, centers: Tensor, sigma: float, out: Tensor) -> Te
     """Gaussian Parzen weights ``(M, B)`` of values ``x`` (M,) in [0, 1], rows summing to 1,
     written into ``out`` (a reused buffer: fresh 32 MB allocations dominate on CPU). Only the
     :func:`parzen_reach` centres each side of a value's nearest are computed (7 of 32 bins at
-    the default width: 4.6x fewer exponentials); the rest, relatively below
-    :data:`_PARZEN_TAIL`, are zero."""
+    the default width: 4.6x fewer exponentials; every bin for a kernel that wide); the rest,
+    relatively below :data:`_PARZEN_TAIL`, are zero."""
     bins = centers.numel()
     spacing = 1.0 / (bins - 1)  # centres are linspace(0, 1, bins)
-    reach = parzen_reach(sigma / spacing)
+    reach = min(parzen_reach(sigma / spacing), bins - 1)
     nearest = torch.round(x / spacing)
     offset = (x - nearest * spacing).square_()  # squared distance to the nearest centre: keeps exp > 0
-    if 2 * reach + 1 >= bins:
-        w = torch.sub(x[:, None], centers[None, :], out=out)
-        w.square_().sub_(offset[:, None]).mul_(-0.5 / sigma**2).exp_()
-        return w.div_(w.sum(dim=1, keepdim=True))
     index = nearest.long()[:, None] + torch.arange(-reach, reach + 1, device=x.device)
     inside = (index >= 0) & (index < bins)
     index.clamp_(0, bins - 1)

@@ -70,7 +70,7 @@ def slab_measures(
     of each slab's squared differences: the same values as the whole-image computations up to
     float32 rounding, without their full-size temporaries.
 
-    ``skip_flat``: the windows where every image is constant (its first voxel's value: the
+    ``skip_flat`` (False: every window box summed, for comparison): the windows where every image is constant (its first voxel's value: the
     zero background of a skull-stripped brain: 44 % of a 1 mm Mindboggle grid's voxels) are not box
     summed; their local NCC, the same float for every window clipped alike by the image's
     border, comes from a constant image of (2r + 2) voxels per axis (:class:`_FlatWindows`):
@@ -81,9 +81,7 @@ def slab_measures(
     step = max(1, slab_voxels // plane)
     fixed_moments = _moments(fixed)
     stats = {name: _moments(image) for name, image in others.items()}
-    if not skip_flat:
-        return _slab_measures_dense(fixed, others, sizes, eps, step, fixed_moments, stats)
-    flat = _FlatWindows(fixed, others, sizes, eps, fixed_moments, stats)
+    flat = _FlatWindows(fixed, others, sizes, eps, fixed_moments, stats) if skip_flat else None
     local = dict.fromkeys(others, 0.0)
     fixed_sums = torch.zeros(2, dtype=torch.float64)  # sum of a, a*a (a: the standardised fixed image)
     sums = {name: torch.zeros(4, dtype=torch.float64) for name in others}  # b, b*b, a*b, (fixed - other)^2
@@ -98,18 +96,27 @@ def slab_measures(
             sums[name] += torch.cat(
                 [_row_sums(torch.cat([b, b * b, a * b]), slice(None)), difference.square_().sum().double().reshape(1)]
             )
-        boxes = flat.boxes(start, stop)
+        boxes = flat.boxes(start, stop) if flat is not None else _every_window(start, stop, shape, sizes)
         if boxes is not None:
             need, compute = boxes
             for name, ncc in _local_ncc_maps(fixed, others, sizes, eps, compute, fixed_moments, stats).items():
                 kept = tuple(slice(n.start - c.start, n.stop - c.start) for n, c in zip(need, compute))
                 local[name] += float(ncc[(0, *kept)].double().square().sum())
-        for name in others:
+        for name in others if flat is not None else ():
             local[name] += flat.square_sum(name, start, stop, None if boxes is None else boxes[0])
     voxels = float(fixed.numel())
     return {
         name: {"local_ncc": local[name] / voxels, **_pearson_and_mse(fixed_sums, sums[name], voxels)} for name in others
     }
+
+
+def _every_window(
+    start: int, stop: int, shape: Sequence[int], sizes: Sequence[int]
+) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """(need, compute) boxes of :func:`slab_measures` that box-sum every window of the rows
+    ``start:stop`` (``skip_flat=False``): the rows, and the rows with a halo of the window's radius."""
+    radius, rest = sizes[0] // 2, tuple(slice(0, int(n)) for n in shape[1:])
+    return (slice(start, stop), *rest), (slice(max(0, start - radius), min(int(shape[0]), stop + radius)), *rest)
 
 
 def _standardised(image: Tensor, box: tuple[slice, ...], moments: tuple[Tensor, Tensor]) -> Tensor:
@@ -172,12 +179,12 @@ class _FlatWindows:
         self.rows = None if found.numel() == 0 else (int(found[0]), int(found[-1]))
         self.patterns = [self._pattern(n, r) for n, r in zip(self.shape, self.radii)]
         small = tuple(int(p.max()) + 1 for p in self.patterns)
-        constant = {"fixed": torch.full((1, 1, *small), float(fixed[corner]), dtype=fixed.dtype)}
+        constant = torch.full((1, 1, *small), float(fixed[corner]), dtype=fixed.dtype)
         images = {
             name: torch.full((1, 1, *small), float(image[corner]), dtype=image.dtype) for name, image in others.items()
         }
         box = tuple(slice(0, n) for n in small)
-        maps = _local_ncc_maps(constant["fixed"], images, sizes, eps, box, fixed_moments, stats)
+        maps = _local_ncc_maps(constant, images, sizes, eps, box, fixed_moments, stats)
         self.squares = {name: ncc[0].double().square() for name, ncc in maps.items()}
         self._small = small
 
@@ -230,49 +237,6 @@ class _FlatWindows:
             counts = torch.bincount(pattern[part], minlength=size).double()
             value = torch.tensordot(counts, value, dims=([0], [0]))
         return float(value)
-
-
-def _slab_measures_dense(
-    fixed: Tensor,
-    others: dict[str, Tensor],
-    sizes: Sequence[int],
-    eps: float,
-    step: int,
-    fixed_moments: tuple[Tensor, Tensor],
-    stats: dict[str, tuple[Tensor, Tensor]],
-) -> dict[str, dict[str, float]]:
-    """:func:`slab_measures` box summing every window (``skip_flat=False``)."""
-    shape = tuple(int(n) for n in fixed.shape[2:])
-    radius = sizes[0] // 2
-    fixed_mean, fixed_std = fixed_moments
-    local = dict.fromkeys(others, 0.0)
-    fixed_sums = torch.zeros(2, dtype=torch.float64)  # sum of a, a*a (a: the standardised fixed image)
-    sums = {name: torch.zeros(4, dtype=torch.float64) for name in others}  # b, b*b, a*b, (fixed - other)^2
-    for start in range(0, shape[0], step):
-        stop = min(shape[0], start + step)
-        low, high = max(0, start - radius), min(shape[0], stop + radius)
-        keep = slice(start - low, stop - low)
-        inv_count = inverse_box_counts(shape, sizes, fixed.device, fixed.dtype, rows=slice(low, high))
-        a = (fixed[:, :, low:high] - fixed_mean) / fixed_std
-        moments_a = torch.cat([a, a * a])
-        fixed_sums += _row_sums(moments_a, keep)
-        mu_a, aa = box_sum(moments_a, sizes).mul_(inv_count).unbind(0)
-        var_a_eps = (aa - mu_a * mu_a).clamp_min_(0.0).add_(eps)
-        for name, image in others.items():
-            mean, std = stats[name]
-            b = (image[:, :, low:high] - mean) / std
-            moments_b = torch.cat([b, b * b, a * b])
-            difference = fixed[:, :, start:stop] - image[:, :, start:stop]
-            sums[name] += torch.cat([_row_sums(moments_b, keep), difference.square_().sum().double().reshape(1)])
-            mu_b, bb, ab = box_sum(moments_b, sizes).mul_(inv_count).unbind(0)
-            cov = ab.sub_(mu_a * mu_b).add_(eps)
-            var_b_eps = bb.sub_(mu_b * mu_b).clamp_min_(0.0).add_(eps)
-            ncc = cov.mul_(torch.rsqrt(var_a_eps * var_b_eps))
-            local[name] += float(ncc[0, keep].double().square().sum())
-    voxels = float(fixed.numel())
-    return {
-        name: {"local_ncc": local[name] / voxels, **_pearson_and_mse(fixed_sums, sums[name], voxels)} for name in others
-    }
 
 
 def _row_sums(channels: Tensor, keep: slice) -> Tensor:
