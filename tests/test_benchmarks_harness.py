@@ -138,3 +138,16 @@ def test_refine_schedule_parses_register_refinements_and_lambda():
     assert (fine.scales, fine.iterations, fine.field_scale, fine.lr, fine.lam) == ((2,), (20,), 1, 0.25, 0.5)
     with pytest.raises(ValueError, match="unknown schedule suffix /x"):
         align_config("r20/x")
+
+
+def test_refine_schedule_chains_a_start_from_the_affine_alignment_and_its_refinement():
+    from benchmarks.suites.refine_schedule import schedule_stages
+
+    stages, alone = schedule_stages("4:60,2:30>1:4/s0.25")
+    assert alone and [(s.scales, s.iterations) for s in stages] == [((4, 2), (60, 30)), ((1,), (4,))]
+    assert stages[1].lr == 0.25 and stages[0].lr == 0.35
+    stages, alone = schedule_stages("4:60,2:30>")  # the start alone
+    assert alone and len(stages) == 1
+    stages, alone = schedule_stages("r20")  # after the network
+    assert not alone and stages[0].iterations == (16, 4)
+    assert schedule_stages("instance")[1]

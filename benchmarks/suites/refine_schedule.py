@@ -8,7 +8,10 @@ A schedule is a comma list of pyramid-scale:steps, coarse to fine, or rN (what `
 --refine N`` runs); "instance" = the default instance optimisation from the affine alignment.
 Suffixes: /iN for N scaling-and-squaring steps, /v for the velocity at every level, /lX for
 lambda X, /fN for a velocity grid N times coarser than each level's image (2 by default), /sX
-for step size (learning rate) X. ``--quick``: pair 2->1, schedule 2:2,1:1.
+for step size (learning rate) X. ``A>B``: schedule A from the affine alignment (no network),
+then schedule B (if any) refining A's field, e.g. ``4:60,2:30>1:4/s0.25``: instance optimisation
+without its full-resolution level (the best a ~2 mm field reaches; ``4:60,2:30>`` alone), then 4
+full-resolution steps: how good a network's start must be for a short refinement. ``--quick``: pair 2->1, schedule 2:2,1:1.
 """
 
 from __future__ import annotations
@@ -55,6 +58,15 @@ def align_config(schedule: str) -> Any:
         return AlignConfig(**extra).refinement(int(schedule[1:]))
     levels = [level.split(":") for level in schedule.split(",")]
     return AlignConfig(scales=tuple(int(s) for s, _ in levels), iterations=tuple(int(n) for _, n in levels), **extra)
+
+
+def schedule_stages(schedule: str) -> tuple[list[Any], bool]:
+    """(the AlignConfigs run one after the other, whether the first starts from the affine
+    alignment instead of the network): ``"A>B"`` is A from the affine alignment, then B from
+    A's field (``"A>"``: A alone); ``"instance..."`` starts from the affine alignment too."""
+    first, after, then = schedule.partition(">")
+    stages = [align_config(first)] + ([align_config(then)] if then else [])
+    return stages, first.startswith("instance") or bool(after)
 
 
 def inverse_residual(field: Any, fixed: Any) -> dict[str, float]:
@@ -114,9 +126,11 @@ def compare(
         network_s = time.perf_counter() - start
         score("network", network, network_s)
         for schedule in schedules:
-            alone = schedule.startswith("instance")
+            stages, alone = schedule_stages(schedule)
             start = time.perf_counter()
-            field = align(*tensors, align_config(schedule), initial_field=None if alone else network).field
+            field = None if alone else network
+            for stage in stages:
+                field = align(*tensors, stage, initial_field=field).field
             seconds = time.perf_counter() - start + (0.0 if alone else network_s)
             score(schedule if alone else f"network + {schedule}", field, seconds)
     return rows
