@@ -98,6 +98,7 @@ LATER_SEGMENTS = {
     "cpu-1mm-casc": "trained as a cascade's 2nd pass, half the steps (15th)",
     "cpu-1mm-lr": "lr 1.5e-4, as a cascade's 2nd pass half the steps (16th)",
     "cpu-1mm-w5": "NCC window 5 at 1.035 mm (16th)",
+    "cpu-1mm-b4": "batch 4, lr 1e-4 on the CPU (17th)",
 }
 
 

@@ -11,7 +11,8 @@ lambda X, /fN for a velocity grid N times coarser than each level's image (2 by 
 for step size (learning rate) X. ``A>B``: schedule A from the affine alignment (no network),
 then schedule B (if any) refining A's field, e.g. ``4:60,2:30>1:4/s0.25``: instance optimisation
 without its full-resolution level (the best a ~2 mm field reaches; ``4:60,2:30>`` alone), then 4
-full-resolution steps: how good a network's start must be for a short refinement. ``--quick``: pair 2->1, schedule 2:2,1:1.
+full-resolution steps: how good a network's start must be for a short refinement.
+``--quick``: pair 2->1, schedule 2:2,1:1.
 """
 
 from __future__ import annotations
