@@ -145,7 +145,7 @@ def plot_curve(rows: list[dict[str, str]], path: Path, references: dict[str, flo
             ax.plot([int(r["step"]) for r in segment], [float(r["model_dice"]) for r in segment], "D-", label=label)
     for (name, value), style in zip(references.items(), ("--", ":", "-.")):
         ax.axhline(value, linestyle=style, color="grey", label=f"{name} {value:.3f}")
-    batch_note = " (batch 1; batch 4 on the GPU)" if on_gpu else ""
+    batch_note = " (batch 1 except the series marked batch 4)" if on_gpu else ""
     ax.set_xlabel(f"training steps of this run{batch_note}")
     ax.set_ylabel("mean Dice, 8 Mindboggle pairs")
     hours = [float(row["train_hours"]) for row in rows]
